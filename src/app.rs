@@ -1,0 +1,102 @@
+//! Composition root: loads the config and host key, builds the container backend, reconciles
+//! with the containers labgate already manages, binds the listener and serves until a
+//! shutdown signal.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::config::{self, Config, ConfigError};
+use crate::runtime::ContainerRuntime;
+use crate::runtime::docker::DockerRuntime;
+use crate::session::Context;
+use crate::ssh;
+
+/// Errors that stop the gateway from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The config is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The host key cannot be loaded or created.
+    #[error(transparent)]
+    HostKey(#[from] ssh::hostkey::HostKeyError),
+    /// The container backend cannot be set up.
+    #[error(transparent)]
+    Runtime(#[from] crate::runtime::RuntimeError),
+    /// The listen address cannot be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The configured address.
+        addr: std::net::SocketAddr,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Runs the gateway with the config at `path` until `shutdown` resolves.
+pub async fn run(
+    path: &Path,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), StartError> {
+    let config = config::load(path)?;
+    serve(config, shutdown).await
+}
+
+/// Runs the gateway with an already loaded config until `shutdown` resolves.
+pub async fn serve(
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), StartError> {
+    let host_key = ssh::hostkey::load_or_create(&config.server.host_key)?;
+    let runtime = Arc::new(DockerRuntime::new(&config.docker)?);
+    let russh_config = Arc::new(ssh::russh_config(&config.server, host_key));
+    let server = config.server.clone();
+    let listener = TcpListener::bind(server.listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: server.listen,
+            source,
+        })?;
+    let bound = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: server.listen,
+        source,
+    })?;
+    tokio::spawn(reconcile(runtime.clone()));
+    let (_config_tx, config_rx) = watch::channel(Arc::new(config));
+    let ctx = Arc::new(Context {
+        config: config_rx,
+        runtime,
+    });
+    info!(addr = %bound, "labgate listening");
+    // Tests and scripts read the bound address (port 0 picks one) from this line.
+    println!("labgate listening on {bound}");
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let server_task = tokio::spawn(ssh::serve(listener, ctx, russh_config, server, stop_rx));
+    shutdown.await;
+    info!("shutting down");
+    let _ = stop_tx.send(true);
+    let _ = server_task.await;
+    Ok(())
+}
+
+/// Finds the containers labgate manages, so a restarted gateway knows them.
+async fn reconcile(runtime: Arc<DockerRuntime>) {
+    match runtime.list_managed().await {
+        Ok(list) => {
+            let running = list.iter().filter(|c| c.state == "running").count();
+            info!(
+                managed = list.len(),
+                running, "reconciled with the containers labgate manages"
+            );
+            for c in &list {
+                tracing::debug!(user = %c.user, id = %c.id, state = %c.state, "managed container");
+            }
+        }
+        Err(e) => warn!("cannot list managed containers: {e}; logins will fail until Docker is reachable"),
+    }
+}

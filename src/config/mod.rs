@@ -1,0 +1,535 @@
+//! The admin's TOML config: parsing, validation, and per-user quota resolution.
+//!
+//! Owns the file format (`[server]`, `[docker]`, `[defaults]`, `[users.NAME]`), its units,
+//! and the rule that a config is either wholly valid or rejected with `file:line:column` and a
+//! message. Raw serde structs (`deny_unknown_fields`) are turned into the validated [`Config`];
+//! nothing downstream ever sees an unvalidated value. Relative paths are resolved against the
+//! directory of the config file.
+
+pub mod units;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+use toml::Spanned;
+
+use crate::auth::Username;
+pub use units::{ByteSize, HumanDuration};
+
+/// Default path of the config file, relative to the working directory.
+pub const DEFAULT_PATH: &str = "config/labgate.toml";
+
+/// Environment variables a client may never set, whatever `accept_env` says.
+const NEVER_ACCEPTED: [&str; 2] = ["PATH", "LD_*"];
+
+/// Errors loading a config. `Display` gives `file:line:column: message` where a position is known.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: cannot read config: {source}", path = path.display())]
+    Io {
+        /// The config file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, or a value has the wrong type or an invalid value.
+    #[error("{path}:{line}:{column}: {message}", path = path.display())]
+    At {
+        /// The config file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// A problem that has no single position (a required key that is missing).
+    #[error("{path}: {message}", path = path.display())]
+    Invalid {
+        /// The config file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was loaded from (absolute), for messages and reload.
+    pub source: PathBuf,
+    /// Listener, host key, keys directory.
+    pub server: ServerConfig,
+    /// How to reach the Docker Engine.
+    pub docker: DockerConfig,
+    /// The quota of every user without a `[users.NAME]` table.
+    pub defaults: Quota,
+    /// Fully resolved quotas of users with their own table.
+    users: BTreeMap<Username, Quota>,
+}
+
+impl Config {
+    /// The quota that applies to `user`: their own table merged over `[defaults]`.
+    pub fn quota_for(&self, user: &Username) -> &Quota {
+        self.users.get(user).unwrap_or(&self.defaults)
+    }
+
+    /// Users with their own `[users.NAME]` table.
+    pub fn configured_users(&self) -> impl Iterator<Item = &Username> {
+        self.users.keys()
+    }
+}
+
+/// `[server]`.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address the SSH listener binds (port 0 picks a free port; the bound address is logged
+    /// and printed).
+    pub listen: SocketAddr,
+    /// Host key file; an ed25519 key is generated there (mode 0600) if it does not exist.
+    pub host_key: PathBuf,
+    /// Directory of `NAME.pub` key files: one file per user.
+    pub keys_dir: PathBuf,
+    /// Connections served at once; more wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// Time a client has to authenticate before it is disconnected.
+    pub login_grace: Duration,
+    /// Interval of SSH keepalives to an otherwise silent client; three missed answers end it.
+    pub keepalive: Duration,
+}
+
+/// `[docker]`.
+#[derive(Debug, Clone)]
+pub struct DockerConfig {
+    /// Unix socket of the Docker Engine API.
+    pub socket: PathBuf,
+    /// Bound on each Docker API call (not on a running exec).
+    pub timeout: Duration,
+}
+
+/// What a user's container gets: `[defaults]` with `[users.NAME]` merged over it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Quota {
+    /// Image reference the container is created from.
+    pub image: String,
+    /// Memory limit in bytes.
+    pub memory: Option<ByteSize>,
+    /// CPU limit in cores (fractional).
+    pub cpus: Option<f64>,
+    /// Size of `/dev/shm`.
+    pub shm: Option<ByteSize>,
+    /// Limit on processes in the container.
+    pub pids: Option<i64>,
+    /// GPUs to attach (a count; allocation is the GPU module's job).
+    pub gpus: u32,
+    /// Host path of the home directory; `{user}` is replaced by the user name.
+    pub home: String,
+    /// Extra bind mounts.
+    pub mounts: Vec<Mount>,
+    /// Login shell; `None` picks `/bin/bash` if the image has it, else `/bin/sh`.
+    pub shell: Option<String>,
+    /// Fixed environment variables.
+    pub env: BTreeMap<String, String>,
+    /// User id the shell runs as (`None`: the image's default user, usually root).
+    pub uid: Option<u32>,
+    /// Group id the shell runs as (defaults to `uid` when only that is given).
+    pub gid: Option<u32>,
+    /// Patterns of environment variables a client may send (`LC_*` matches a prefix).
+    pub accept_env: Vec<String>,
+}
+
+impl Quota {
+    /// The home directory on the host for `user`.
+    pub fn home_for(&self, user: &Username) -> PathBuf {
+        PathBuf::from(self.home.replace("{user}", user.as_str()))
+    }
+
+    /// Whether a client may set the variable `name`.
+    pub fn accepts_env(&self, name: &str) -> bool {
+        !NEVER_ACCEPTED.iter().any(|p| env_pattern_matches(p, name))
+            && self.accept_env.iter().any(|p| env_pattern_matches(p, name))
+    }
+}
+
+/// A host directory bound into every container of a user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    /// Host path (absolute).
+    pub source: PathBuf,
+    /// Path inside the container (absolute).
+    pub target: String,
+    /// Read-write when true; read-only by default.
+    pub writable: bool,
+}
+
+fn env_pattern_matches(pattern: &str, name: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => name.starts_with(prefix),
+        None => pattern == name,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw file format.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    docker: RawDocker,
+    defaults: Spanned<RawQuota>,
+    #[serde(default)]
+    users: BTreeMap<Username, Spanned<RawQuota>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<SocketAddr>,
+    host_key: Option<PathBuf>,
+    keys_dir: Option<PathBuf>,
+    max_connections: Option<Positive>,
+    login_grace: Option<HumanDuration>,
+    keepalive: Option<HumanDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDocker {
+    socket: Option<PathBuf>,
+    timeout: Option<HumanDuration>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQuota {
+    image: Option<Image>,
+    memory: Option<Memory>,
+    cpus: Option<Cpus>,
+    shm: Option<ByteSize>,
+    pids: Option<Positive>,
+    gpus: Option<u32>,
+    home: Option<Spanned<String>>,
+    mounts: Option<Vec<RawMount>>,
+    shell: Option<ContainerPath>,
+    env: Option<BTreeMap<EnvName, String>>,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    accept_env: Option<Vec<EnvPattern>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMount {
+    source: Spanned<PathBuf>,
+    target: ContainerPath,
+    #[serde(default)]
+    writable: bool,
+}
+
+/// A value that can only be valid or rejected at parse time, with the reason; each newtype
+/// below checks one field so serde reports the field's own position.
+macro_rules! checked {
+    ($name:ident, $inner:ty, $check:expr) => {
+        checked!($name, $inner, [], $check);
+    };
+    ($name:ident, $inner:ty, [$($derive:ident),*], $check:expr) => {
+        #[derive(Debug, Clone, PartialEq, PartialOrd $(, $derive)*)]
+        struct $name($inner);
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let v = <$inner>::deserialize(d)?;
+                let check: fn(&$inner) -> Result<(), String> = $check;
+                check(&v).map_err(serde::de::Error::custom)?;
+                Ok($name(v))
+            }
+        }
+    };
+}
+
+checked!(Image, String, |s| {
+    if s.is_empty() || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        Err(format!("invalid image reference {s:?}"))
+    } else {
+        Ok(())
+    }
+});
+checked!(Memory, ByteSize, |m| {
+    // Docker refuses less than 6 MiB.
+    if m.0 < 6 << 20 {
+        Err(format!("memory {m} is below Docker's minimum of 6M"))
+    } else {
+        Ok(())
+    }
+});
+checked!(Cpus, f64, |c| {
+    if c.is_finite() && *c > 0.0 && *c <= 1024.0 {
+        Ok(())
+    } else {
+        Err(format!("cpus must be a number of cores above 0 (e.g. 1.5), not {c}"))
+    }
+});
+checked!(Positive, i64, |n| {
+    if *n >= 1 {
+        Ok(())
+    } else {
+        Err(format!("must be at least 1, not {n}"))
+    }
+});
+checked!(ContainerPath, String, |p| {
+    if !p.starts_with('/') || p == "/" || p.contains('\0') || p.split('/').any(|c| c == "..") {
+        Err(format!("{p:?} must be an absolute path inside the container, not / and without .."))
+    } else {
+        Ok(())
+    }
+});
+checked!(EnvName, String, [Eq, Ord], |n| {
+    let mut chars = n.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+    if first_ok && chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        Ok(())
+    } else {
+        Err(format!("invalid environment variable name {n:?}"))
+    }
+});
+checked!(EnvPattern, String, |p| {
+    let name = p.strip_suffix('*').unwrap_or(p);
+    let name_ok = name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !name_ok {
+        return Err(format!("invalid accept_env pattern {p:?}: a name, or a prefix ending in *"));
+    }
+    if NEVER_ACCEPTED
+        .iter()
+        .any(|never| env_pattern_matches(p, never.trim_end_matches('*')) || env_pattern_matches(never, name))
+    {
+        return Err(format!(
+            "accept_env pattern {p:?} would let clients set PATH or LD_*, which is never allowed"
+        ));
+    }
+    Ok(())
+});
+
+impl RawQuota {
+    /// Fields of `self` where set, else those of `base`.
+    fn over(self, base: &RawQuota) -> RawQuota {
+        RawQuota {
+            image: self.image.or_else(|| base.image.clone()),
+            memory: self.memory.or_else(|| base.memory.clone()),
+            cpus: self.cpus.or_else(|| base.cpus.clone()),
+            shm: self.shm.or(base.shm),
+            pids: self.pids.or_else(|| base.pids.clone()),
+            gpus: self.gpus.or(base.gpus),
+            home: self.home.or_else(|| base.home.clone()),
+            mounts: self.mounts.or_else(|| base.mounts.clone()),
+            shell: self.shell.or_else(|| base.shell.clone()),
+            env: self.env.or_else(|| base.env.clone()),
+            uid: self.uid.or(base.uid),
+            gid: self.gid.or(base.gid),
+            accept_env: self.accept_env.or_else(|| base.accept_env.clone()),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading and validation.
+
+/// Reads and validates the config file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let abs = std::path::absolute(path).map_err(|source| ConfigError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(&abs, &text)
+}
+
+/// Validates config `text` as if read from `path` (absolute; relative paths in the file are
+/// resolved against its directory).
+pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    let base = path.parent().unwrap_or(Path::new("/")).to_owned();
+    let v = Validator { path, text };
+    let raw: RawConfig = toml::from_str(text).map_err(|e| {
+        let span = e.span().unwrap_or(0..0);
+        v.at(span, e.message().to_owned())
+    })?;
+    let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+
+    let server = ServerConfig {
+        listen: raw
+            .server
+            .listen
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 2222))),
+        host_key: resolve(
+            raw.server
+                .host_key
+                .unwrap_or_else(|| PathBuf::from("host_ed25519_key")),
+        ),
+        keys_dir: resolve(raw.server.keys_dir.unwrap_or_else(|| PathBuf::from("keys"))),
+        max_connections: raw.server.max_connections.map_or(1024, |n| n.0 as usize),
+        login_grace: raw
+            .server
+            .login_grace
+            .map_or(Duration::from_secs(60), |d| d.0),
+        keepalive: raw
+            .server
+            .keepalive
+            .map_or(Duration::from_secs(30), |d| d.0),
+    };
+    let docker = DockerConfig {
+        socket: raw
+            .docker
+            .socket
+            .unwrap_or_else(|| PathBuf::from("/var/run/docker.sock")),
+        timeout: raw.docker.timeout.map_or(Duration::from_secs(60), |d| d.0),
+    };
+
+    let defaults_span = raw.defaults.span();
+    let raw_defaults = raw.defaults.into_inner();
+    if let Some(home) = &raw_defaults.home
+        && !home.get_ref().contains("{user}")
+    {
+        return Err(v.at(
+            home.span(),
+            "defaults.home must contain {user}, or every user would share one home".into(),
+        ));
+    }
+    let defaults = v.quota(raw_defaults.clone(), defaults_span, &base, &docker)?;
+    let mut users = BTreeMap::new();
+    for (name, q) in raw.users {
+        let span = q.span();
+        let quota = v.quota(q.into_inner().over(&raw_defaults), span, &base, &docker)?;
+        users.insert(name, quota);
+    }
+    Ok(Config {
+        source: path.to_owned(),
+        server,
+        docker,
+        defaults,
+        users,
+    })
+}
+
+struct Validator<'a> {
+    path: &'a Path,
+    text: &'a str,
+}
+
+impl Validator<'_> {
+    fn at(&self, span: Range<usize>, message: String) -> ConfigError {
+        let start = span.start.min(self.text.len());
+        let before = &self.text[..start];
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        ConfigError::At {
+            path: self.path.to_owned(),
+            line,
+            column,
+            message,
+        }
+    }
+
+    fn quota(
+        &self,
+        raw: RawQuota,
+        table: Range<usize>,
+        base: &Path,
+        docker: &DockerConfig,
+    ) -> Result<Quota, ConfigError> {
+        let image = raw.image.ok_or_else(|| {
+            self.at(
+                table.clone(),
+                "no image: set `image` in [defaults] or in this user's table".into(),
+            )
+        })?;
+        let home = match raw.home {
+            Some(h) => {
+                let p = PathBuf::from(h.get_ref());
+                let p = if p.is_absolute() { p } else { base.join(p) };
+                p.to_string_lossy().into_owned()
+            }
+            None => "/var/lib/labgate/home/{user}".to_owned(),
+        };
+        let mut mounts = Vec::new();
+        for m in raw.mounts.unwrap_or_default() {
+            let span = m.source.span();
+            let source = m.source.into_inner();
+            let source = if source.is_absolute() {
+                source
+            } else {
+                base.join(source)
+            };
+            if is_docker_socket(&source, &docker.socket) {
+                return Err(self.at(
+                    span,
+                    format!(
+                        "mount source {} is the Docker socket: containers never see it",
+                        source.display()
+                    ),
+                ));
+            }
+            mounts.push(Mount {
+                source,
+                target: m.target.0,
+                writable: m.writable,
+            });
+        }
+        let accept_env = raw.accept_env.map_or_else(
+            || {
+                ["TERM", "LANG", "LC_*", "GIT_PROTOCOL"]
+                    .map(String::from)
+                    .to_vec()
+            },
+            |v| v.into_iter().map(|p| p.0).collect(),
+        );
+        Ok(Quota {
+            image: image.0,
+            memory: raw.memory.map(|m| m.0),
+            cpus: raw.cpus.map(|c| c.0),
+            shm: raw.shm,
+            pids: raw.pids.map(|p| p.0),
+            gpus: raw.gpus.unwrap_or(0),
+            home,
+            mounts,
+            shell: raw.shell.map(|s| s.0),
+            env: raw
+                .env
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k.0, v))
+                .collect(),
+            gid: raw.gid.or(raw.uid),
+            uid: raw.uid,
+            accept_env,
+        })
+    }
+}
+
+fn is_docker_socket(source: &Path, socket: &Path) -> bool {
+    let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned());
+    let source = canon(source);
+    [
+        canon(socket),
+        canon(Path::new("/var/run/docker.sock")),
+        canon(Path::new("/run/docker.sock")),
+    ]
+    .iter()
+    .any(|s| source == *s || s.starts_with(&source) && source != Path::new("/"))
+        || source == Path::new("/")
+}
+
+#[cfg(test)]
+mod tests;

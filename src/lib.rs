@@ -1,0 +1,32 @@
+//! labgate: an SSH gateway that gives every member of a GPU lab their own container behind one
+//! SSH address.
+//!
+//! `ssh alice@lab` authenticates alice by public key, starts or resumes her container (created
+//! on first login from the image and quota the admin configured), and bridges the session to a
+//! process in it through the Docker Engine API.
+//!
+//! # Layout
+//!
+//! - [`config`]: the admin's TOML file: parsing, validation with `file:line:column` errors,
+//!   per-user quota resolution.
+//! - [`auth`]: user names, key files (`keys/NAME.pub`), the key check.
+//! - [`ssh`]: host key, russh server settings, accept loop, and the russh `Handler` that only
+//!   translates protocol events.
+//! - [`session`]: per-login state and the task that bridges one session channel to a process.
+//! - [`runtime`]: the container backend seam ([`runtime::ContainerRuntime`]) and its Docker
+//!   implementation, plus host-side process signalling.
+//! - [`demo`]: the embedded demo setup (locally built busybox image, demo user and key).
+//! - [`app`]: the composition root: wires config, backend and server, runs until a signal.
+//!
+//! See ARCHITECTURE.md for the flow and the invariants.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod demo;
+pub mod runtime;
+pub mod session;
+pub mod ssh;

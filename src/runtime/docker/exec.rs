@@ -1,0 +1,283 @@
+//! Starting an exec and carrying its bytes: the Engine's hijacked HTTP connection, read raw.
+//!
+//! bollard's exec-start decoder guesses stream headers from the first byte even on a TTY
+//! exec, and drops bytes of binary output. labgate therefore does the upgrade itself (hyper
+//! over the unix socket): a TTY exec's stream is passed through untouched, and a non-TTY
+//! exec's multiplexed stream (8-byte frame headers) is decoded by [`Demux`].
+
+use std::io;
+use std::path::Path;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bollard::Docker;
+use bytes::{Buf, Bytes, BytesMut};
+use futures::StreamExt;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, StatusCode, header};
+use hyper_util::rt::TokioIo;
+use nix::sys::signal::Signal;
+use tokio::net::UnixStream;
+use tokio_util::codec::{Decoder, FramedRead};
+use tokio_util::io::ReaderStream;
+
+use crate::runtime::process::HostProcess;
+use crate::runtime::{Exec, ExecControl, ExecOutput, ExitStatus, RuntimeError, TtySize};
+
+/// Starts exec `exec_id` attached, over a fresh connection to `socket`, and returns its
+/// output stream and stdin.
+pub(super) async fn start_attached(
+    socket: &Path,
+    api_version: &str,
+    exec_id: &str,
+    tty: bool,
+) -> Result<(futures::stream::BoxStream<'static, io::Result<ExecOutput>>, tokio::io::WriteHalf<TokioIo<hyper::upgrade::Upgraded>>), RuntimeError> {
+    let err = |what: &str, e: &dyn std::fmt::Display| RuntimeError::Exec(format!("{what}: {e}"));
+    let stream = UnixStream::connect(socket)
+        .await
+        .map_err(|e| RuntimeError::Unavailable(format!("{}: {e}", socket.display())))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| err("engine handshake", &e))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!("exec connection ended: {e}");
+        }
+    });
+    let body = serde_json_body(tty);
+    let req = Request::post(format!("/{api_version}/exec/{exec_id}/start"))
+        .header(header::HOST, "docker")
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONNECTION, "Upgrade")
+        .header(header::UPGRADE, "tcp")
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| err("request", &e))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| err("exec start", &e))?;
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        let status = resp.status();
+        let text = resp
+            .into_body()
+            .collect()
+            .await
+            .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+            .unwrap_or_default();
+        return Err(RuntimeError::Exec(format!("engine answered {status}: {}", text.trim())));
+    }
+    let upgraded = hyper::upgrade::on(resp)
+        .await
+        .map_err(|e| err("upgrade", &e))?;
+    let (read, write) = tokio::io::split(TokioIo::new(upgraded));
+    let output = if tty {
+        ReaderStream::with_capacity(read, 32 * 1024)
+            .map(|r| r.map(ExecOutput::Stdout))
+            .boxed()
+    } else {
+        FramedRead::with_capacity(read, Demux::default(), 64 * 1024).boxed()
+    };
+    Ok((output, write))
+}
+
+fn serde_json_body(tty: bool) -> String {
+    format!("{{\"Detach\":false,\"Tty\":{tty}}}")
+}
+
+/// Decoder of the Engine's multiplexed stdout/stderr stream: frames of
+/// `[stream, 0, 0, 0, len (u32 big-endian)]` followed by `len` bytes.
+#[derive(Debug, Default)]
+pub struct Demux;
+
+impl Decoder for Demux {
+    type Item = ExecOutput;
+    type Error = io::Error;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<ExecOutput>, io::Error> {
+        loop {
+            let Some(header) = src.get(..8) else {
+                return Ok(None);
+            };
+            let stream = header[0];
+            let len = u32::from_be_bytes([header[4], header[5], header[6], header[7]]) as usize;
+            if src.len() < 8 + len {
+                src.reserve(8 + len - src.len());
+                return Ok(None);
+            }
+            src.advance(8);
+            let payload = src.split_to(len).freeze();
+            match stream {
+                1 => return Ok(Some(ExecOutput::Stdout(payload))),
+                2 => return Ok(Some(ExecOutput::Stderr(payload))),
+                0 => continue, // stdin echo: never requested, skip
+                other => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("unknown exec stream type {other}"),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// Controls of one Docker exec.
+pub(super) struct DockerExecControl {
+    pub(super) docker: Docker,
+    pub(super) exec_id: String,
+    /// Host process of the exec, looked up when first needed: the engine reports the PID a
+    /// moment after the exec starts, and most execs never need it.
+    pub(super) process: tokio::sync::OnceCell<HostProcess>,
+    /// The last signal labgate delivered (0: none), to tell `128 + n` exit codes caused by
+    /// labgate's own signals from ordinary exit codes.
+    pub(super) delivered: Arc<AtomicI32>,
+    pub(super) grace: Duration,
+}
+
+impl DockerExecControl {
+    /// The exec's host process while it runs; `None` once it has ended or when its PID is
+    /// not visible here (the gateway is outside the host PID namespace).
+    async fn process(&self) -> Option<HostProcess> {
+        if let Some(p) = self.process.get() {
+            return Some(*p);
+        }
+        for _ in 0..50 {
+            let info = self.docker.inspect_exec(&self.exec_id).await.ok()?;
+            if info.running != Some(true) {
+                return None;
+            }
+            if let Some(pid) = info.pid.and_then(|p| i32::try_from(p).ok()).filter(|p| *p > 0) {
+                let found = HostProcess::identify(pid)?;
+                return Some(*self.process.get_or_init(|| async { found }).await);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        None
+    }
+}
+
+#[async_trait]
+impl ExecControl for DockerExecControl {
+    async fn resize(&self, size: TtySize) -> Result<(), RuntimeError> {
+        let opts = bollard::query_parameters::ResizeExecOptions {
+            h: i32::from(size.rows),
+            w: i32::from(size.cols),
+        };
+        self.docker
+            .resize_exec(&self.exec_id, opts)
+            .await
+            .map_err(|e| RuntimeError::Engine(e.to_string()))
+    }
+
+    async fn signal(&self, signal: i32) -> Result<(), RuntimeError> {
+        let sig = Signal::try_from(signal).map_err(|e| RuntimeError::Exec(e.to_string()))?;
+        let process = self
+            .process()
+            .await
+            .ok_or_else(|| RuntimeError::Exec("process not visible from the gateway".into()))?;
+        self.delivered.store(signal, Ordering::SeqCst);
+        process
+            .signal_group(sig)
+            .map_err(|e| RuntimeError::Exec(format!("signal {sig}: {e}")))
+    }
+
+    async fn wait(&self) -> Result<ExitStatus, RuntimeError> {
+        // The engine can report the exec as running for a moment after its stream ended.
+        let mut delay = Duration::from_millis(2);
+        for _ in 0..60 {
+            let info = self
+                .docker
+                .inspect_exec(&self.exec_id)
+                .await
+                .map_err(|e| RuntimeError::Engine(e.to_string()))?;
+            if info.running != Some(true) {
+                let code = info.exit_code.unwrap_or(255);
+                let delivered = self.delivered.load(Ordering::SeqCst);
+                if delivered > 0 && code == 128 + i64::from(delivered) {
+                    return Ok(ExitStatus::Signal(delivered));
+                }
+                return Ok(ExitStatus::Code(u32::try_from(code).unwrap_or(255)));
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(200));
+        }
+        Err(RuntimeError::Engine(
+            "the process's output ended but the engine still reports it running".into(),
+        ))
+    }
+
+    async fn hangup(&self) {
+        let Some(process) = self.process().await else {
+            tracing::warn!(exec = %self.exec_id, "cannot hang up: exec process not visible (is the gateway outside the host PID namespace?)");
+            return;
+        };
+        self.delivered.store(Signal::SIGHUP as i32, Ordering::SeqCst);
+        let grace = self.grace;
+        let _ = tokio::task::spawn_blocking(move || process.hangup_blocking(grace)).await;
+    }
+}
+
+/// Assembles an [`Exec`] from its parts.
+pub(super) fn assemble(
+    output: futures::stream::BoxStream<'static, io::Result<ExecOutput>>,
+    stdin: tokio::io::WriteHalf<TokioIo<hyper::upgrade::Upgraded>>,
+    control: DockerExecControl,
+) -> Exec {
+    Exec {
+        output,
+        stdin: Box::pin(stdin),
+        control: Box::new(control),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(stream: u8, payload: &[u8]) -> Vec<u8> {
+        let mut v = vec![stream, 0, 0, 0];
+        v.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        v.extend_from_slice(payload);
+        v
+    }
+
+    #[test]
+    fn demux_splits_stdout_and_stderr_and_keeps_binary_bytes() {
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(&frame(1, b"\x01\x02\x03abc"));
+        buf.extend_from_slice(&frame(2, b"oops\n"));
+        let mut d = Demux;
+        assert_eq!(
+            d.decode(&mut buf).unwrap(),
+            Some(ExecOutput::Stdout(Bytes::from_static(b"\x01\x02\x03abc")))
+        );
+        assert_eq!(
+            d.decode(&mut buf).unwrap(),
+            Some(ExecOutput::Stderr(Bytes::from_static(b"oops\n")))
+        );
+        assert_eq!(d.decode(&mut buf).unwrap(), None);
+    }
+
+    #[test]
+    fn demux_waits_for_whole_frames() {
+        let all = frame(1, b"hello world");
+        let mut buf = BytesMut::from(&all[..5]);
+        let mut d = Demux;
+        assert_eq!(d.decode(&mut buf).unwrap(), None);
+        buf.extend_from_slice(&all[5..12]);
+        assert_eq!(d.decode(&mut buf).unwrap(), None);
+        buf.extend_from_slice(&all[12..]);
+        assert_eq!(
+            d.decode(&mut buf).unwrap(),
+            Some(ExecOutput::Stdout(Bytes::from_static(b"hello world")))
+        );
+    }
+
+    #[test]
+    fn demux_rejects_garbage_stream_ids() {
+        let mut buf = BytesMut::from(&frame(7, b"x")[..]);
+        assert!(Demux.decode(&mut buf).is_err());
+    }
+}

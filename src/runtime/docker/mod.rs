@@ -1,0 +1,374 @@
+//! The Docker Engine backend: one bollard client over the unix socket, API version negotiated
+//! once (lazily, so the gateway starts and says something useful while the daemon is down),
+//! per-user locks so concurrent first logins create exactly one container.
+
+pub mod exec;
+pub mod spec;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicI32;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bollard::Docker;
+use bollard::errors::Error as BollardError;
+use bollard::exec::{CreateExecOptions, StartExecOptions};
+use bollard::query_parameters::{
+    CreateContainerOptions, InspectContainerOptions, ListContainersOptions,
+};
+use tokio::sync::OnceCell;
+
+use crate::config::DockerConfig;
+use crate::runtime::{
+    ContainerHandle, ContainerRuntime, ContainerSpec, EnsureOutcome, Exec, ExecRequest,
+    LABEL_MANAGED, LABEL_USER, ManagedContainer, RuntimeError,
+};
+
+/// How long an exec's processes get between SIGHUP and SIGKILL after a hangup.
+const HANGUP_GRACE: Duration = Duration::from_secs(2);
+
+/// The Docker backend.
+pub struct DockerRuntime {
+    /// Client before version negotiation; cheap to clone, never connects by itself.
+    raw: Docker,
+    /// Negotiated client, made on first use (and retried until the daemon answers).
+    client: OnceCell<(Docker, String)>,
+    /// Socket path, for the hijacked exec connections.
+    socket: PathBuf,
+    /// One lock per container name: creating and starting are serialized per user.
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Resolved login shell per container id (probed once per container).
+    shells: Mutex<HashMap<String, String>>,
+}
+
+impl DockerRuntime {
+    /// A backend talking to the engine at `cfg.socket`. Does no I/O.
+    pub fn new(cfg: &DockerConfig) -> Result<Self, RuntimeError> {
+        let socket = cfg.socket.to_string_lossy().into_owned();
+        let raw = Docker::connect_with_unix(
+            &socket,
+            cfg.timeout.as_secs().max(1),
+            bollard::API_DEFAULT_VERSION,
+        )
+        .map_err(|e| RuntimeError::Unavailable(e.to_string()))?;
+        Ok(Self {
+            raw,
+            client: OnceCell::new(),
+            socket: cfg.socket.clone(),
+            locks: Mutex::new(HashMap::new()),
+            shells: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The negotiated client and its API version prefix (`v1.41`).
+    async fn client(&self) -> Result<&(Docker, String), RuntimeError> {
+        self.client
+            .get_or_try_init(|| async {
+                let docker = self.raw.clone().negotiate_version().await.map_err(engine)?;
+                let v = docker.client_version();
+                let version = format!("v{}.{}", v.major_version, v.minor_version);
+                tracing::info!(api = %version, socket = %self.socket.display(), "connected to the Docker Engine");
+                Ok((docker, version))
+            })
+            .await
+    }
+
+    /// Checks the engine answers (for `labgate check` and start-up logs).
+    pub async fn ping(&self) -> Result<(), RuntimeError> {
+        let (docker, _) = self.client().await?;
+        docker.ping().await.map(|_| ()).map_err(engine)
+    }
+
+    fn lock_for(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.entry(name.to_owned()).or_default().clone()
+    }
+
+    async fn create(&self, docker: &Docker, spec: &ContainerSpec) -> Result<String, RuntimeError> {
+        let opts = CreateContainerOptions {
+            name: Some(spec.name.clone()),
+            ..Default::default()
+        };
+        let t0 = Instant::now();
+        match docker.create_container(Some(opts), spec::create_body(spec)).await {
+            Ok(r) => {
+                tracing::info!(container = %spec.name, image = %spec.image, ms = t0.elapsed().as_millis() as u64, "container created");
+                Ok(r.id)
+            }
+            Err(BollardError::DockerResponseServerError {
+                status_code: 404,
+                message,
+            }) if message.contains("image") => Err(RuntimeError::ImageMissing(spec.image.clone())),
+            Err(BollardError::DockerResponseServerError {
+                status_code: 409, ..
+            }) => {
+                // Someone else (another gateway) created it meanwhile: use theirs.
+                let info = docker
+                    .inspect_container(&spec.name, None::<InspectContainerOptions>)
+                    .await
+                    .map_err(engine)?;
+                Ok(info.id.unwrap_or_else(|| spec.name.clone()))
+            }
+            Err(BollardError::DockerResponseServerError { message, .. }) => {
+                Err(RuntimeError::Create(message))
+            }
+            Err(e) => Err(engine(e)),
+        }
+    }
+
+    async fn start(&self, docker: &Docker, id: &str, name: &str) -> Result<(), RuntimeError> {
+        let t0 = Instant::now();
+        match docker.start_container(id, None).await {
+            Ok(()) => {}
+            Err(BollardError::DockerResponseServerError { message, .. }) => {
+                return Err(RuntimeError::Start(message));
+            }
+            Err(e) => return Err(engine(e)),
+        }
+        // A container can start and die at once (no /bin/sh in the image, say).
+        let info = docker
+            .inspect_container(id, None::<InspectContainerOptions>)
+            .await
+            .map_err(engine)?;
+        let state = info.state.unwrap_or_default();
+        if state.running != Some(true) {
+            let code = state.exit_code.unwrap_or(-1);
+            let err = state.error.filter(|e| !e.is_empty());
+            return Err(RuntimeError::Start(match err {
+                Some(e) => e,
+                None => format!("it exited at once with code {code} (does the image have /bin/sh?)"),
+            }));
+        }
+        tracing::info!(container = %name, ms = t0.elapsed().as_millis() as u64, "container started");
+        Ok(())
+    }
+
+    async fn shell_of(
+        &self,
+        docker: &Docker,
+        id: &str,
+        spec: &ContainerSpec,
+    ) -> Result<String, RuntimeError> {
+        if let Some(shell) = &spec.shell {
+            return Ok(shell.clone());
+        }
+        if let Some(s) = self
+            .shells
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+        {
+            return Ok(s.clone());
+        }
+        let probe = CreateExecOptions::<String> {
+            cmd: Some(vec!["/bin/sh".into(), "-c".into(), "test -x /bin/bash".into()]),
+            ..Default::default()
+        };
+        let created = docker.create_exec(id, probe).await.map_err(engine)?;
+        docker
+            .start_exec(
+                &created.id,
+                Some(StartExecOptions {
+                    detach: true,
+                    ..Default::default()
+                }),
+            )
+            .await
+            .map_err(engine)?;
+        let control = exec::DockerExecControl {
+            docker: docker.clone(),
+            exec_id: created.id,
+            process: tokio::sync::OnceCell::new(),
+            delivered: Arc::default(),
+            grace: HANGUP_GRACE,
+        };
+        let status = crate::runtime::ExecControl::wait(&control).await?;
+        let shell = if status == crate::runtime::ExitStatus::Code(0) {
+            "/bin/bash"
+        } else {
+            "/bin/sh"
+        };
+        self.shells
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_owned(), shell.to_owned());
+        Ok(shell.to_owned())
+    }
+}
+
+/// Wraps `argv` so the terminal has its size before the program starts. Engine API 1.41 has
+/// no console size on exec create, and a resize after start races with the program (`stty
+/// size` would print `0 0`). The wrapper execs `argv`, so the process tree is unchanged.
+fn sized_terminal(size: crate::runtime::TtySize, argv: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = vec![
+        "/bin/sh".into(),
+        "-c".into(),
+        "stty rows \"$1\" cols \"$2\" 2>/dev/null; shift 2; exec \"$@\"".into(),
+        "labgate".into(),
+        size.rows.to_string(),
+        size.cols.to_string(),
+    ];
+    out.extend(argv.iter().cloned());
+    out
+}
+
+/// Creates the home directory if missing, owned by the configured uid:gid.
+async fn prepare_home(spec: &ContainerSpec) -> Result<(), RuntimeError> {
+    let home = spec.home_source.clone();
+    let owner = spec.uid_gid;
+    tokio::task::spawn_blocking(move || create_home(&home, owner))
+        .await
+        .map_err(|e| RuntimeError::Home(e.to_string()))?
+}
+
+fn create_home(home: &Path, owner: Option<(u32, u32)>) -> Result<(), RuntimeError> {
+    use std::os::unix::fs::PermissionsExt;
+    let fail = |e: std::io::Error| RuntimeError::Home(format!("{}: {e}", home.display()));
+    if home.is_dir() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(home).map_err(fail)?;
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::chown(home, Some(uid), Some(gid)).map_err(fail)?;
+        std::fs::set_permissions(home, std::fs::Permissions::from_mode(0o700)).map_err(fail)?;
+    }
+    tracing::info!(home = %home.display(), "home directory created");
+    Ok(())
+}
+
+/// Maps a bollard error: engine answers stay engine errors, the rest means unreachable.
+fn engine(e: BollardError) -> RuntimeError {
+    match e {
+        BollardError::DockerResponseServerError { message, .. } => RuntimeError::Engine(message),
+        other => RuntimeError::Unavailable(other.to_string()),
+    }
+}
+
+#[async_trait]
+impl ContainerRuntime for DockerRuntime {
+    async fn ensure_running(&self, spec: &ContainerSpec) -> Result<ContainerHandle, RuntimeError> {
+        let lock = self.lock_for(&spec.name);
+        let _guard = lock.lock().await;
+        let (docker, _) = self.client().await?;
+        prepare_home(spec).await?;
+        let (id, outcome) = match docker
+            .inspect_container(&spec.name, None::<InspectContainerOptions>)
+            .await
+        {
+            Ok(info) => {
+                let labels = info
+                    .config
+                    .as_ref()
+                    .and_then(|c| c.labels.clone())
+                    .unwrap_or_default();
+                if labels.get(LABEL_MANAGED).map(String::as_str) != Some("true")
+                    || labels.get(LABEL_USER) != Some(&spec.user.to_string())
+                {
+                    return Err(RuntimeError::NameTaken(spec.name.clone()));
+                }
+                let id = info.id.unwrap_or_else(|| spec.name.clone());
+                let state = info.state.unwrap_or_default();
+                if state.paused == Some(true) {
+                    docker.unpause_container(&id).await.map_err(engine)?;
+                    (id, EnsureOutcome::Started)
+                } else if state.running == Some(true) {
+                    (id, EnsureOutcome::Running)
+                } else {
+                    self.start(docker, &id, &spec.name).await?;
+                    (id, EnsureOutcome::Started)
+                }
+            }
+            Err(BollardError::DockerResponseServerError {
+                status_code: 404, ..
+            }) => {
+                let id = self.create(docker, spec).await?;
+                self.start(docker, &id, &spec.name).await?;
+                (id, EnsureOutcome::Created)
+            }
+            Err(e) => return Err(engine(e)),
+        };
+        let shell = self.shell_of(docker, &id, spec).await?;
+        Ok(ContainerHandle {
+            id,
+            name: spec.name.clone(),
+            shell,
+            outcome,
+        })
+    }
+
+    async fn exec(
+        &self,
+        container: &ContainerHandle,
+        req: ExecRequest,
+    ) -> Result<Exec, RuntimeError> {
+        let (docker, version) = self.client().await?;
+        let t0 = Instant::now();
+        let opts = CreateExecOptions::<String> {
+            attach_stdin: Some(true),
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            tty: Some(req.tty.is_some()),
+            env: Some(req.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+            cmd: Some(match req.tty {
+                Some(size) => sized_terminal(size, &req.argv),
+                None => req.argv.clone(),
+            }),
+            user: req.user.map(|(u, g)| format!("{u}:{g}")),
+            working_dir: Some(req.workdir.clone()),
+            ..Default::default()
+        };
+        let created = match docker.create_exec(&container.id, opts).await {
+            Ok(c) => c,
+            Err(BollardError::DockerResponseServerError { message, .. }) => {
+                return Err(RuntimeError::Exec(message));
+            }
+            Err(e) => return Err(engine(e)),
+        };
+        let (output, stdin) =
+            exec::start_attached(&self.socket, version, &created.id, req.tty.is_some()).await?;
+        let control = exec::DockerExecControl {
+            docker: docker.clone(),
+            exec_id: created.id,
+            process: tokio::sync::OnceCell::new(),
+            delivered: Arc::new(AtomicI32::new(0)),
+            grace: HANGUP_GRACE,
+        };
+        if let Some(size) = req.tty
+            && let Err(e) = crate::runtime::ExecControl::resize(&control, size).await
+        {
+            // A short command can be gone before its terminal is sized: not an error.
+            tracing::debug!("initial resize: {e}");
+        }
+        tracing::debug!(container = %container.name, ms = t0.elapsed().as_millis() as u64, "exec started");
+        Ok(exec::assemble(output, stdin, control))
+    }
+
+    async fn list_managed(&self) -> Result<Vec<ManagedContainer>, RuntimeError> {
+        let (docker, _) = self.client().await?;
+        let filters = HashMap::from([(
+            "label".to_owned(),
+            vec![format!("{LABEL_MANAGED}=true")],
+        )]);
+        let list = docker
+            .list_containers(Some(ListContainersOptions {
+                all: true,
+                filters: Some(filters),
+                ..Default::default()
+            }))
+            .await
+            .map_err(engine)?;
+        Ok(list
+            .into_iter()
+            .map(|c| ManagedContainer {
+                id: c.id.unwrap_or_default(),
+                user: c
+                    .labels
+                    .and_then(|l| l.get(LABEL_USER).cloned())
+                    .unwrap_or_default(),
+                state: c.state.map(|s| s.to_string()).unwrap_or_default(),
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,148 @@
+//! Pure translation of a [`ContainerSpec`] into the Engine API's container-create body.
+//!
+//! Every security rule of a user container is visible here in one place: not privileged,
+//! `no-new-privileges`, an init process, no published ports, no Docker socket, binds only of
+//! the home and the admin's mounts.
+
+use std::collections::HashMap;
+
+use bollard::models::{ContainerCreateBody, HostConfig, Mount, MountType, RestartPolicy};
+use bollard::models::RestartPolicyNameEnum;
+
+use crate::runtime::{ContainerSpec, LABEL_MANAGED, LABEL_USER};
+
+/// The container's main process: waits forever, and exits at once on SIGTERM (so a stop takes
+/// milliseconds, not Docker's 10 s timeout). Plain POSIX sh, so any image with a shell works.
+pub const KEEPALIVE: &str = "trap 'exit 0' TERM INT HUP; while :; do sleep 3600 & wait $!; done";
+
+/// The create body for `spec`.
+pub fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
+    let mut mounts = vec![Mount {
+        typ: Some(MountType::BIND),
+        source: Some(spec.home_source.to_string_lossy().into_owned()),
+        target: Some(spec.home_target.clone()),
+        read_only: Some(false),
+        ..Default::default()
+    }];
+    mounts.extend(spec.mounts.iter().map(|m| Mount {
+        typ: Some(MountType::BIND),
+        source: Some(m.source.to_string_lossy().into_owned()),
+        target: Some(m.target.clone()),
+        read_only: Some(!m.writable),
+        ..Default::default()
+    }));
+    let labels = HashMap::from([
+        (LABEL_MANAGED.to_owned(), "true".to_owned()),
+        (LABEL_USER.to_owned(), spec.user.to_string()),
+    ]);
+    let env = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    ContainerCreateBody {
+        image: Some(spec.image.clone()),
+        hostname: Some(spec.name.clone()),
+        labels: Some(labels),
+        env: Some(env),
+        entrypoint: Some(vec!["/bin/sh".into(), "-c".into(), KEEPALIVE.into()]),
+        cmd: Some(vec![]),
+        working_dir: Some(spec.home_target.clone()),
+        user: spec.uid_gid.map(|(u, g)| format!("{u}:{g}")),
+        tty: Some(false),
+        open_stdin: Some(false),
+        exposed_ports: None,
+        host_config: Some(HostConfig {
+            memory: spec.memory.map(|m| i64::try_from(m.0).unwrap_or(i64::MAX)),
+            nano_cpus: spec.cpus.map(|c| (c * 1e9).round() as i64),
+            shm_size: spec.shm.map(|s| i64::try_from(s.0).unwrap_or(i64::MAX)),
+            pids_limit: spec.pids,
+            init: Some(true),
+            privileged: Some(false),
+            security_opt: Some(vec!["no-new-privileges".into()]),
+            publish_all_ports: Some(false),
+            port_bindings: None,
+            mounts: Some(mounts),
+            restart_policy: Some(RestartPolicy {
+                name: Some(RestartPolicyNameEnum::NO),
+                maximum_retry_count: None,
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Username;
+    use crate::config::{ByteSize, Mount as CfgMount};
+    use std::path::PathBuf;
+
+    fn spec() -> ContainerSpec {
+        ContainerSpec {
+            user: Username::parse("alice").unwrap(),
+            name: "labgate-alice".into(),
+            image: "lab/img:1".into(),
+            memory: Some(ByteSize(512 << 20)),
+            cpus: Some(1.5),
+            shm: Some(ByteSize(64 << 20)),
+            pids: Some(256),
+            home_source: PathBuf::from("/srv/home/alice"),
+            home_target: "/home/alice".into(),
+            mounts: vec![
+                CfgMount {
+                    source: "/data".into(),
+                    target: "/data".into(),
+                    writable: false,
+                },
+                CfgMount {
+                    source: "/scratch".into(),
+                    target: "/scratch".into(),
+                    writable: true,
+                },
+            ],
+            shell: None,
+            env: [("OMP_NUM_THREADS".to_string(), "2".to_string())].into(),
+            uid_gid: Some((1000, 100)),
+        }
+    }
+
+    #[test]
+    fn quotas_become_engine_limits() {
+        let body = create_body(&spec());
+        let hc = body.host_config.unwrap();
+        assert_eq!(hc.memory, Some(512 << 20));
+        assert_eq!(hc.nano_cpus, Some(1_500_000_000));
+        assert_eq!(hc.shm_size, Some(64 << 20));
+        assert_eq!(hc.pids_limit, Some(256));
+        assert_eq!(body.user.as_deref(), Some("1000:100"));
+        assert_eq!(body.env.unwrap(), vec!["OMP_NUM_THREADS=2".to_string()]);
+    }
+
+    #[test]
+    fn containers_are_confined() {
+        let body = create_body(&spec());
+        let hc = body.host_config.unwrap();
+        assert_eq!(hc.privileged, Some(false));
+        assert_eq!(hc.init, Some(true));
+        assert_eq!(hc.security_opt.unwrap(), vec!["no-new-privileges".to_string()]);
+        assert!(hc.port_bindings.is_none() && body.exposed_ports.is_none());
+        assert_eq!(hc.publish_all_ports, Some(false));
+        assert!(hc.binds.is_none());
+        let mounts = hc.mounts.unwrap();
+        assert!(mounts.iter().all(|m| !m.source.as_deref().unwrap().contains("docker.sock")));
+        let by_target = |t: &str| mounts.iter().find(|m| m.target.as_deref() == Some(t)).unwrap();
+        assert_eq!(by_target("/home/alice").source.as_deref(), Some("/srv/home/alice"));
+        assert_eq!(by_target("/home/alice").read_only, Some(false));
+        assert_eq!(by_target("/data").read_only, Some(true), "mounts are read-only unless marked");
+        assert_eq!(by_target("/scratch").read_only, Some(false));
+    }
+
+    #[test]
+    fn containers_are_labelled_and_named_for_their_user() {
+        let body = create_body(&spec());
+        let labels = body.labels.unwrap();
+        assert_eq!(labels.get(LABEL_USER).map(String::as_str), Some("alice"));
+        assert_eq!(labels.get(LABEL_MANAGED).map(String::as_str), Some("true"));
+        assert_eq!(body.working_dir.as_deref(), Some("/home/alice"));
+        assert_eq!(body.image.as_deref(), Some("lab/img:1"));
+    }
+}

@@ -1,0 +1,228 @@
+//! The container backend seam: what the SSH side needs from "a place to run a user's shell".
+//!
+//! [`ContainerRuntime`] is deliberately narrow (ensure a user's container runs, start a process
+//! in it, list what we manage) so another backend (Kubernetes) could sit beside Docker without
+//! the SSH side changing. [`ContainerSpec`] is the backend-neutral description built from a
+//! user's quota; [`docker`] turns it into Engine API calls.
+
+pub mod docker;
+pub mod process;
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::PathBuf;
+use std::pin::Pin;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use tokio::io::AsyncWrite;
+
+use crate::auth::Username;
+use crate::config::{ByteSize, Mount, Quota};
+
+/// Label on every container labgate manages.
+pub const LABEL_MANAGED: &str = "labgate.managed";
+/// Label naming the user a container belongs to.
+pub const LABEL_USER: &str = "labgate.user";
+
+/// Everything a backend needs to create a user's container. Built from a quota snapshot taken
+/// at login; later config changes do not alter a login in progress.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContainerSpec {
+    /// Owner of the container.
+    pub user: Username,
+    /// Container name (`labgate-NAME`): one container per user.
+    pub name: String,
+    /// Image reference.
+    pub image: String,
+    /// Memory limit.
+    pub memory: Option<ByteSize>,
+    /// CPU limit in cores.
+    pub cpus: Option<f64>,
+    /// `/dev/shm` size.
+    pub shm: Option<ByteSize>,
+    /// Process limit.
+    pub pids: Option<i64>,
+    /// Host directory bound at [`ContainerSpec::home_target`].
+    pub home_source: PathBuf,
+    /// `/home/NAME` inside the container: `$HOME` and the working directory.
+    pub home_target: String,
+    /// Extra binds.
+    pub mounts: Vec<Mount>,
+    /// Configured shell, or `None` to pick bash if present, else sh.
+    pub shell: Option<String>,
+    /// Fixed environment of every process.
+    pub env: BTreeMap<String, String>,
+    /// `uid:gid` processes run as, if configured.
+    pub uid_gid: Option<(u32, u32)>,
+}
+
+impl ContainerSpec {
+    /// The spec for `user` under `quota`.
+    pub fn new(user: &Username, quota: &Quota) -> Self {
+        ContainerSpec {
+            name: format!("labgate-{user}"),
+            user: user.clone(),
+            image: quota.image.clone(),
+            memory: quota.memory,
+            cpus: quota.cpus,
+            shm: quota.shm,
+            pids: quota.pids,
+            home_source: quota.home_for(user),
+            home_target: format!("/home/{user}"),
+            mounts: quota.mounts.clone(),
+            shell: quota.shell.clone(),
+            env: quota.env.clone(),
+            uid_gid: quota.uid.map(|u| (u, quota.gid.unwrap_or(u))),
+        }
+    }
+}
+
+/// A running container, as the session needs it.
+#[derive(Debug, Clone)]
+pub struct ContainerHandle {
+    /// Backend id.
+    pub id: String,
+    /// Name (`labgate-NAME`).
+    pub name: String,
+    /// Resolved login shell.
+    pub shell: String,
+    /// Whether this call created it (first login), started it (resume) or found it running.
+    pub outcome: EnsureOutcome,
+}
+
+/// What `ensure_running` had to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnsureOutcome {
+    /// It was running already.
+    Running,
+    /// It existed stopped and was started.
+    Started,
+    /// It did not exist and was created and started.
+    Created,
+}
+
+/// A container labgate manages, as listed at start.
+#[derive(Debug, Clone)]
+pub struct ManagedContainer {
+    /// Backend id.
+    pub id: String,
+    /// Owner, from the user label.
+    pub user: String,
+    /// Backend state (`running`, `exited`, ...).
+    pub state: String,
+}
+
+/// A terminal's size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TtySize {
+    /// Columns.
+    pub cols: u16,
+    /// Rows.
+    pub rows: u16,
+}
+
+/// A process to start in a container.
+#[derive(Debug, Clone)]
+pub struct ExecRequest {
+    /// argv (`[shell, "-l"]` or `[shell, "-c", command]`).
+    pub argv: Vec<String>,
+    /// Environment on top of the container's.
+    pub env: Vec<(String, String)>,
+    /// A terminal of this size, or plain pipes when `None`.
+    pub tty: Option<TtySize>,
+    /// `uid:gid` to run as.
+    pub user: Option<(u32, u32)>,
+    /// Working directory.
+    pub workdir: String,
+}
+
+/// A chunk of a process's output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecOutput {
+    /// Standard output (everything, for a terminal).
+    Stdout(Bytes),
+    /// Standard error (never for a terminal).
+    Stderr(Bytes),
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    /// Exited with this code.
+    Code(u32),
+    /// Killed by this signal (number), which labgate itself delivered.
+    Signal(i32),
+}
+
+/// A started process: its output, its stdin, and its controls.
+pub struct Exec {
+    /// Output chunks until the process (and everything holding its output) is gone.
+    pub output: BoxStream<'static, io::Result<ExecOutput>>,
+    /// Standard input; shutting it down delivers EOF (non-terminal processes).
+    pub stdin: Pin<Box<dyn AsyncWrite + Send>>,
+    /// Resize, signal, wait, hang up.
+    pub control: Box<dyn ExecControl>,
+}
+
+/// Controls of a started process.
+#[async_trait]
+pub trait ExecControl: Send + Sync {
+    /// Resizes the process's terminal.
+    async fn resize(&self, size: TtySize) -> Result<(), RuntimeError>;
+    /// Sends `signal` to the process's group (as a terminal would).
+    async fn signal(&self, signal: i32) -> Result<(), RuntimeError>;
+    /// The exit status, once the output has ended.
+    async fn wait(&self) -> Result<ExitStatus, RuntimeError>;
+    /// The client is gone: SIGHUP to the process's session and group, then SIGKILL for what
+    /// did not exit and did not ignore SIGHUP (so `nohup` and `setsid` jobs survive).
+    async fn hangup(&self);
+}
+
+/// What can go wrong in a backend, phrased for the user where they will see it.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The container engine cannot be reached.
+    #[error("the container engine is not reachable ({0}); please tell your admin")]
+    Unavailable(String),
+    /// The configured image is not on this host.
+    #[error("image {0} not found on this host; ask your admin")]
+    ImageMissing(String),
+    /// A container with our name exists but is not ours.
+    #[error("a container named {0} exists but is not managed by labgate; ask your admin")]
+    NameTaken(String),
+    /// The engine refused to create the container (for example an invalid quota).
+    #[error("your container could not be created: {0}")]
+    Create(String),
+    /// The engine refused to start the container, or it died at once.
+    #[error("your container failed to start: {0}")]
+    Start(String),
+    /// The process could not be started in the container.
+    #[error("could not start a process in your container: {0}")]
+    Exec(String),
+    /// The home directory could not be prepared.
+    #[error("your home directory could not be prepared: {0}")]
+    Home(String),
+    /// Anything else the engine said.
+    #[error("container engine error: {0}")]
+    Engine(String),
+}
+
+/// A backend that runs users' containers.
+#[async_trait]
+pub trait ContainerRuntime: Send + Sync + 'static {
+    /// Finds or creates the container of `spec.user` and makes sure it runs. Safe to call
+    /// concurrently for the same user: exactly one container results.
+    async fn ensure_running(&self, spec: &ContainerSpec) -> Result<ContainerHandle, RuntimeError>;
+
+    /// Starts a process in a running container.
+    async fn exec(
+        &self,
+        container: &ContainerHandle,
+        req: ExecRequest,
+    ) -> Result<Exec, RuntimeError>;
+
+    /// The containers labgate manages (by label), for reconciling at start.
+    async fn list_managed(&self) -> Result<Vec<ManagedContainer>, RuntimeError>;
+}

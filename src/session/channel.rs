@@ -1,0 +1,438 @@
+//! One session channel, from open to close, in three phases:
+//!
+//! 1. **Setup**: collect `pty-req`, `env` and window changes until `shell` or `exec`.
+//! 2. **Starting**: ensure the container runs and start the process, while still draining the
+//!    channel (stdin typed early is buffered, up to [`EARLY_INPUT_LIMIT`]; a close is noted).
+//! 3. **Running**: stdin → process, output → channel (through russh's window-respecting
+//!    writers), resizes and signals → process. When the output ends, the exit status is sent
+//!    and the channel closed. When the client goes away first, the process is hung up.
+//!
+//! The handler has already answered each request; this task never replies to one.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use russh::server::{Handle, Msg};
+use russh::{Channel, ChannelId, ChannelMsg, Sig};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tracing::{Instrument, debug, info, warn};
+
+use super::{Context, Login};
+use crate::runtime::{
+    ContainerSpec, ExecControl, ExecOutput, ExecRequest, ExitStatus, RuntimeError, TtySize,
+};
+
+/// Bytes of stdin kept while the container starts; beyond this the channel is not read (the
+/// client is slowed by SSH flow control instead).
+pub const EARLY_INPUT_LIMIT: usize = 4 << 20;
+
+/// Exit status reported when the command never ran (the container could not be started...).
+pub const EXIT_NOT_STARTED: u32 = 255;
+
+/// What the client asked to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Program {
+    /// Interactive login shell.
+    Shell,
+    /// `SHELL -c command`.
+    Command(String),
+}
+
+/// The pty the client asked for.
+#[derive(Debug, Clone)]
+struct Pty {
+    term: String,
+    size: TtySize,
+}
+
+/// Requests seen before the program starts.
+#[derive(Debug, Default)]
+struct Setup {
+    pty: Option<Pty>,
+    env: Vec<(String, String)>,
+}
+
+/// Client input that arrived while the program was starting.
+#[derive(Debug, Default)]
+struct EarlyInput {
+    data: Vec<Bytes>,
+    len: usize,
+    eof: bool,
+    closed: bool,
+    size: Option<TtySize>,
+}
+
+/// Serves one session channel until it closes. `handle` sends exit-signal, which the channel
+/// half has no method for.
+pub async fn run(channel: Channel<Msg>, login: Arc<Login>, ctx: Arc<Context>, handle: Handle) {
+    let id = channel.id();
+    let span = tracing::info_span!("channel", channel = %id);
+    serve(channel, login, ctx, handle).instrument(span).await
+}
+
+async fn serve(channel: Channel<Msg>, login: Arc<Login>, ctx: Arc<Context>, handle: Handle) {
+    let id = channel.id();
+    let (mut rx, tx) = channel.split();
+
+    // Phase 1: setup.
+    let mut setup = Setup::default();
+    let program = loop {
+        match rx.wait().await {
+            None | Some(ChannelMsg::Close) => return,
+            Some(ChannelMsg::RequestPty {
+                term,
+                col_width,
+                row_height,
+                ..
+            }) => {
+                setup.pty = Some(Pty {
+                    term,
+                    size: tty_size(col_width, row_height),
+                })
+            }
+            Some(ChannelMsg::WindowChange {
+                col_width,
+                row_height,
+                ..
+            }) => {
+                if let Some(pty) = &mut setup.pty {
+                    pty.size = tty_size(col_width, row_height);
+                }
+            }
+            Some(ChannelMsg::SetEnv {
+                variable_name,
+                variable_value,
+                ..
+            }) => {
+                if login.quota.accepts_env(&variable_name) {
+                    setup.env.push((variable_name, variable_value));
+                } else {
+                    debug!(name = %variable_name, "env request refused by accept_env");
+                }
+            }
+            Some(ChannelMsg::RequestShell { .. }) => break Program::Shell,
+            Some(ChannelMsg::Exec { command, .. }) => {
+                break Program::Command(String::from_utf8_lossy(&command).into_owned());
+            }
+            // Refused by the handler (sftp arrives with the files issue); wait for another.
+            Some(ChannelMsg::RequestSubsystem { .. }) => {}
+            Some(_) => {}
+        }
+    };
+    match &program {
+        Program::Shell => info!(target: "audit", user = %login.user, pty = setup.pty.is_some(), "shell"),
+        Program::Command(c) => {
+            info!(target: "audit", user = %login.user, pty = setup.pty.is_some(), command = %c, "exec")
+        }
+    }
+
+    // Phase 2: starting, while draining the channel.
+    let mut early = EarlyInput::default();
+    let start = start(&ctx, &login, &setup, &program);
+    tokio::pin!(start);
+    let started = loop {
+        tokio::select! {
+            result = &mut start => break result,
+            msg = rx.wait(), if early.len < EARLY_INPUT_LIMIT && !early.closed => match msg {
+                None | Some(ChannelMsg::Close) => early.closed = true,
+                Some(ChannelMsg::Data { data }) => {
+                    early.len += data.len();
+                    early.data.push(data);
+                }
+                Some(ChannelMsg::Eof) => early.eof = true,
+                Some(ChannelMsg::WindowChange { col_width, row_height, .. }) => {
+                    early.size = Some(tty_size(col_width, row_height));
+                }
+                Some(_) => {}
+            },
+        }
+    };
+    let mut exec = match started {
+        Ok(exec) => exec,
+        Err(e) => {
+            warn!(user = %login.user, error = %e, "session not started");
+            if !early.closed {
+                let mut stderr = tx.make_writer_ext(Some(1));
+                let line = if setup.pty.is_some() {
+                    format!("labgate: {e}\r\n")
+                } else {
+                    format!("labgate: {e}\n")
+                };
+                let _ = stderr.write_all(line.as_bytes()).await;
+                let _ = stderr.flush().await;
+                let _ = tx.exit_status(EXIT_NOT_STARTED).await;
+                let _ = tx.eof().await;
+                let _ = tx.close().await;
+            }
+            return;
+        }
+    };
+    let control: Arc<dyn ExecControl> = Arc::from(exec.control);
+    if early.closed {
+        control.hangup().await;
+        return;
+    }
+    let is_tty = setup.pty.is_some();
+    if let Some(size) = early.size.filter(|_| is_tty) {
+        let _ = control.resize(size).await;
+    }
+    for chunk in early.data.drain(..) {
+        if exec.stdin.write_all(&chunk).await.is_err() {
+            break;
+        }
+    }
+    if early.eof && !is_tty {
+        let _ = exec.stdin.shutdown().await;
+    }
+
+    // Phase 3: running.
+    let stdout = tx.make_writer();
+    let stderr = tx.make_writer_ext(Some(1));
+    let mut pump = tokio::spawn(
+        pump_output(exec.output, stdout, stderr, control.clone()).in_current_span(),
+    );
+    let mut stdin = Some(exec.stdin);
+    let status = loop {
+        tokio::select! {
+            status = &mut pump => break status.ok().flatten(),
+            msg = rx.wait() => match msg {
+                None | Some(ChannelMsg::Close) => {
+                    debug!("client closed the channel: hanging up");
+                    control.hangup().await;
+                    pump.abort();
+                    return;
+                }
+                Some(ChannelMsg::Data { data }) => {
+                    if let Some(w) = stdin.as_mut()
+                        && w.write_all(&data).await.is_err()
+                    {
+                        stdin = None;
+                    }
+                }
+                // On a terminal, EOF is ignored as sshd does: half-closing a TTY exec's
+                // stdin makes the engine end its output.
+                Some(ChannelMsg::Eof) if !is_tty => {
+                    if let Some(mut w) = stdin.take() {
+                        let _ = w.shutdown().await;
+                    }
+                }
+                Some(ChannelMsg::WindowChange { col_width, row_height, .. }) if is_tty => {
+                    if let Err(e) = control.resize(tty_size(col_width, row_height)).await {
+                        debug!("resize failed: {e}");
+                    }
+                }
+                Some(ChannelMsg::Signal { signal }) => match signal_number(&signal) {
+                    Some(n) => {
+                        if let Err(e) = control.signal(n).await {
+                            debug!("signal {signal:?} not delivered: {e}");
+                        }
+                    }
+                    None => debug!("unknown signal {signal:?} ignored"),
+                },
+                Some(_) => {}
+            },
+        }
+    };
+    drop(stdin);
+    finish(&tx, &handle, id, status).await;
+}
+
+/// Ensures the container runs and starts the program in it.
+async fn start(
+    ctx: &Context,
+    login: &Login,
+    setup: &Setup,
+    program: &Program,
+) -> Result<crate::runtime::Exec, RuntimeError> {
+    if login.quota.gpus > 0 {
+        return Err(RuntimeError::Create(format!(
+            "your quota asks for {} GPU(s), but this gateway has no GPU support enabled; ask your admin",
+            login.quota.gpus
+        )));
+    }
+    let spec = ContainerSpec::new(&login.user, &login.quota);
+    let container = ctx.runtime.ensure_running(&spec).await?;
+    let argv = match program {
+        Program::Shell => vec![container.shell.clone(), "-l".into()],
+        Program::Command(cmd) => vec![container.shell.clone(), "-c".into(), cmd.clone()],
+    };
+    let mut env = vec![
+        ("HOME".to_owned(), spec.home_target.clone()),
+        ("USER".to_owned(), login.user.to_string()),
+        ("LOGNAME".to_owned(), login.user.to_string()),
+        ("SHELL".to_owned(), container.shell.clone()),
+        (
+            "SSH_CONNECTION".to_owned(),
+            format!(
+                "{} {} {} {}",
+                login.peer.ip(),
+                login.peer.port(),
+                login.local.ip(),
+                login.local.port()
+            ),
+        ),
+        (
+            "SSH_CLIENT".to_owned(),
+            format!(
+                "{} {} {}",
+                login.peer.ip(),
+                login.peer.port(),
+                login.local.port()
+            ),
+        ),
+    ];
+    if let Some(pty) = &setup.pty {
+        env.push(("TERM".to_owned(), pty.term.clone()));
+    }
+    env.extend(
+        setup
+            .env
+            .iter()
+            .filter(|(k, _)| !(setup.pty.is_some() && k == "TERM"))
+            .cloned(),
+    );
+    let req = ExecRequest {
+        argv,
+        env,
+        tty: setup.pty.as_ref().map(|p| p.size),
+        user: spec.uid_gid,
+        workdir: spec.home_target.clone(),
+    };
+    ctx.runtime.exec(&container, req).await
+}
+
+/// Copies the process's output to the channel; returns the exit status once it ends.
+async fn pump_output(
+    mut output: futures::stream::BoxStream<'static, std::io::Result<ExecOutput>>,
+    mut stdout: impl AsyncWrite + Unpin,
+    mut stderr: impl AsyncWrite + Unpin,
+    control: Arc<dyn ExecControl>,
+) -> Option<ExitStatus> {
+    while let Some(chunk) = output.next().await {
+        let result = match chunk {
+            Ok(ExecOutput::Stdout(b)) => stdout.write_all(&b).await,
+            Ok(ExecOutput::Stderr(b)) => stderr.write_all(&b).await,
+            Err(e) => {
+                debug!("exec output stream error: {e}");
+                break;
+            }
+        };
+        if result.is_err() {
+            // The channel is gone; the main loop hangs the process up.
+            return None;
+        }
+    }
+    let _ = stdout.flush().await;
+    let _ = stderr.flush().await;
+    match control.wait().await {
+        Ok(status) => Some(status),
+        Err(e) => {
+            warn!("exit status unknown: {e}");
+            None
+        }
+    }
+}
+
+/// Sends EOF, the exit status (or signal), and closes, in sshd's order.
+async fn finish(
+    tx: &russh::ChannelWriteHalf<Msg>,
+    handle: &Handle,
+    id: ChannelId,
+    status: Option<ExitStatus>,
+) {
+    let _ = tx.eof().await;
+    match status {
+        Some(ExitStatus::Code(code)) => {
+            let _ = tx.exit_status(code).await;
+        }
+        Some(ExitStatus::Signal(n)) => {
+            let sig = signal_of(n);
+            let _ = handle
+                .exit_signal_request(id, sig, false, String::new(), String::new())
+                .await;
+        }
+        None => {}
+    }
+    let _ = tx.close().await;
+    debug!(?status, "session ended");
+}
+
+fn tty_size(cols: u32, rows: u32) -> TtySize {
+    let clamp = |v: u32, default: u16| match u16::try_from(v) {
+        Ok(0) => default,
+        Ok(v) => v,
+        Err(_) => u16::MAX,
+    };
+    TtySize {
+        cols: clamp(cols, 80),
+        rows: clamp(rows, 24),
+    }
+}
+
+/// RFC 4254 signal names to numbers (Linux).
+fn signal_number(sig: &Sig) -> Option<i32> {
+    Some(match sig {
+        Sig::ABRT => 6,
+        Sig::ALRM => 14,
+        Sig::FPE => 8,
+        Sig::HUP => 1,
+        Sig::ILL => 4,
+        Sig::INT => 2,
+        Sig::KILL => 9,
+        Sig::PIPE => 13,
+        Sig::QUIT => 3,
+        Sig::SEGV => 11,
+        Sig::TERM => 15,
+        Sig::USR1 => 10,
+        Sig::Custom(name) => match name.as_str() {
+            "USR2" => 12,
+            "CONT" => 18,
+            "STOP" => 19,
+            "TSTP" => 20,
+            "WINCH" => 28,
+            _ => return None,
+        },
+    })
+}
+
+fn signal_of(n: i32) -> Sig {
+    match n {
+        6 => Sig::ABRT,
+        14 => Sig::ALRM,
+        8 => Sig::FPE,
+        1 => Sig::HUP,
+        4 => Sig::ILL,
+        2 => Sig::INT,
+        9 => Sig::KILL,
+        13 => Sig::PIPE,
+        3 => Sig::QUIT,
+        11 => Sig::SEGV,
+        15 => Sig::TERM,
+        10 => Sig::USR1,
+        12 => Sig::Custom("USR2".into()),
+        other => Sig::Custom(format!("SIG{other}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signal_names_round_trip() {
+        for sig in [Sig::HUP, Sig::INT, Sig::KILL, Sig::TERM, Sig::USR1, Sig::QUIT] {
+            let n = signal_number(&sig).unwrap();
+            assert_eq!(format!("{:?}", signal_of(n)), format!("{sig:?}"));
+        }
+        assert_eq!(signal_number(&Sig::Custom("USR2".into())), Some(12));
+        assert_eq!(signal_number(&Sig::Custom("BOGUS".into())), None);
+    }
+
+    #[test]
+    fn zero_sizes_get_terminal_defaults() {
+        assert_eq!(tty_size(0, 0), TtySize { cols: 80, rows: 24 });
+        assert_eq!(tty_size(132, 50), TtySize { cols: 132, rows: 50 });
+        assert_eq!(tty_size(u32::MAX, 1).cols, u16::MAX);
+    }
+}

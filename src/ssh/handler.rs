@@ -1,0 +1,250 @@
+//! The russh [`Handler`]: a thin translator from protocol callbacks to session operations.
+//!
+//! It decides authentication (through [`crate::auth`]), answers channel requests in order,
+//! and hands each session channel to its own task. It never awaits Docker: a callback runs
+//! on the connection's read loop, and anything slow would freeze the whole connection.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use russh::keys::PublicKey;
+use russh::server::{Auth, ChannelOpenHandle, Handler, Msg, Session};
+use russh::{Channel, ChannelId, MethodKind, MethodSet};
+use tracing::{debug, info};
+
+use crate::auth::{self, KeyStore};
+use crate::session::{Context, Login, channel};
+
+/// Errors that end a connection.
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    /// The SSH protocol layer failed.
+    #[error(transparent)]
+    Ssh(#[from] russh::Error),
+}
+
+/// One client connection.
+pub struct ConnectionHandler {
+    /// Shared gateway state.
+    ctx: Arc<Context>,
+    /// Client address.
+    peer: SocketAddr,
+    /// Our address, for `SSH_CONNECTION`.
+    local: SocketAddr,
+    /// Connection id, for logs.
+    conn: u64,
+    /// Set once a key is accepted; the connection task reads it for the login grace timer.
+    authenticated: Arc<AtomicBool>,
+    /// The login, once authenticated.
+    login: Option<Arc<Login>>,
+    /// Channels that already run a program: a second shell/exec on them is refused.
+    started: HashSet<ChannelId>,
+}
+
+impl ConnectionHandler {
+    /// A handler for a new connection.
+    pub fn new(
+        ctx: Arc<Context>,
+        peer: SocketAddr,
+        local: SocketAddr,
+        conn: u64,
+        authenticated: Arc<AtomicBool>,
+    ) -> Self {
+        Self {
+            ctx,
+            peer,
+            local,
+            conn,
+            authenticated,
+            login: None,
+            started: HashSet::new(),
+        }
+    }
+
+    fn keys(&self) -> KeyStore {
+        KeyStore::new(self.ctx.config.borrow().server.keys_dir.clone())
+    }
+
+    fn publickey_only() -> Auth {
+        Auth::Reject {
+            proceed_with_methods: Some(MethodSet::from(&[MethodKind::PublicKey][..])),
+            partial_success: false,
+        }
+    }
+
+    /// Marks `channel` as running a program; false if it already was.
+    fn begin_program(&mut self, channel: ChannelId) -> bool {
+        self.started.insert(channel)
+    }
+}
+
+impl Handler for ConnectionHandler {
+    type Error = HandlerError;
+
+    async fn auth_none(&mut self, _user: &str) -> Result<Auth, Self::Error> {
+        Ok(Self::publickey_only())
+    }
+
+    async fn auth_password(&mut self, user: &str, _password: &str) -> Result<Auth, Self::Error> {
+        info!(target: "audit", user, peer = %self.peer, "login refused: password authentication is disabled");
+        Ok(Self::publickey_only())
+    }
+
+    async fn auth_publickey_offered(
+        &mut self,
+        user: &str,
+        offer: russh::server::PublicKeyOffer<'_>,
+    ) -> Result<Auth, Self::Error> {
+        match auth::check_key(&self.keys(), user, offer.public_key).await {
+            Ok(_) => Ok(Auth::Accept),
+            Err(reason) => {
+                debug!(user, peer = %self.peer, %reason, "key offer refused");
+                Ok(Self::publickey_only())
+            }
+        }
+    }
+
+    async fn auth_publickey(
+        &mut self,
+        user: &str,
+        key: russh::server::VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
+        let public: &PublicKey = key.public_key;
+        match auth::check_key(&self.keys(), user, public).await {
+            Ok((user, key)) => {
+                let quota = Arc::new(self.ctx.config.borrow().quota_for(&user).clone());
+                info!(target: "audit", user = %user, peer = %self.peer, fingerprint = %key.fingerprint(), "login accepted");
+                tracing::Span::current().record("user", user.as_str());
+                self.login = Some(Arc::new(Login {
+                    user,
+                    key,
+                    quota,
+                    peer: self.peer,
+                    local: self.local,
+                    conn: self.conn,
+                }));
+                self.authenticated.store(true, Ordering::SeqCst);
+                Ok(Auth::Accept)
+            }
+            Err(reason) => {
+                info!(target: "audit", user = %user.chars().take(64).collect::<String>(), peer = %self.peer, %reason, "login refused");
+                Ok(Self::publickey_only())
+            }
+        }
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: ChannelOpenHandle,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some(login) = self.login.clone() else {
+            return Ok(()); // dropping `reply` refuses the channel
+        };
+        reply.accept().await;
+        tokio::spawn(channel::run(
+            channel,
+            login,
+            self.ctx.clone(),
+            session.handle(),
+        ));
+        Ok(())
+    }
+
+    async fn pty_request(
+        &mut self,
+        channel: ChannelId,
+        _term: &str,
+        _cols: u32,
+        _rows: u32,
+        _pix_width: u32,
+        _pix_height: u32,
+        _modes: &[(russh::Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if self.started.contains(&channel) {
+            session.channel_failure(channel)?;
+        } else {
+            session.channel_success(channel)?;
+        }
+        Ok(())
+    }
+
+    async fn env_request(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+        _value: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let accepted = self
+            .login
+            .as_ref()
+            .is_some_and(|l| l.quota.accepts_env(name))
+            && !self.started.contains(&channel);
+        if accepted {
+            session.channel_success(channel)?;
+        } else {
+            session.channel_failure(channel)?;
+        }
+        Ok(())
+    }
+
+    async fn shell_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if self.begin_program(channel) {
+            session.channel_success(channel)?;
+        } else {
+            session.channel_failure(channel)?;
+        }
+        Ok(())
+    }
+
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        _data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.shell_request(channel, session).await
+    }
+
+    async fn subsystem_request(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        debug!(name, "subsystem refused: not supported yet");
+        session.channel_failure(channel)?;
+        Ok(())
+    }
+
+    async fn window_change_request(
+        &mut self,
+        _channel: ChannelId,
+        _cols: u32,
+        _rows: u32,
+        _pix_width: u32,
+        _pix_height: u32,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        // No reply: window-change never wants one. The channel task applies it.
+        Ok(())
+    }
+
+    async fn channel_close(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.started.remove(&channel);
+        Ok(())
+    }
+}
