@@ -1,32 +1,919 @@
+//! Tests of config parsing, validation, per-user quotas and error positions.
+//!
+//! Error positions are written by hand from the texts below: `line:column`, both 1-based,
+//! the column counted in characters.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
 use super::*;
-use std::path::Path;
+
+/// The path every in-memory config pretends to be read from.
+const PATH: &str = "/etc/labgate/labgate.toml";
+
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+
+fn user(name: &str) -> Username {
+    Username::parse(name).unwrap()
+}
+
+fn ok(text: &str) -> Config {
+    parse(Path::new(PATH), text).unwrap_or_else(|e| panic!("config should parse: {e}\n{text}"))
+}
+
+/// A config error with a position, and its `Display` form.
+#[derive(Debug)]
+struct At {
+    line: usize,
+    column: usize,
+    message: String,
+    display: String,
+}
+
+/// Parses `text`, expecting a positioned error; checks the `file:line:column: ` prefix.
+fn err_at(text: &str) -> At {
+    let e = match parse(Path::new(PATH), text) {
+        Ok(cfg) => panic!("config should be rejected, got {cfg:#?}\n{text}"),
+        Err(e) => e,
+    };
+    let display = e.to_string();
+    match e {
+        ConfigError::At {
+            path,
+            line,
+            column,
+            message,
+        } => {
+            assert_eq!(path, Path::new(PATH));
+            let prefix = format!("{PATH}:{line}:{column}: ");
+            assert!(
+                display.starts_with(&prefix),
+                "{display:?} should start with {prefix:?}"
+            );
+            assert!(display.ends_with(&message), "{display:?}");
+            At {
+                line,
+                column,
+                message,
+                display,
+            }
+        }
+        other => panic!("expected a positioned error, got {other:?}"),
+    }
+}
+
+/// Asserts the error of `text` is at `line:column` and mentions every one of `needles`.
+#[track_caller]
+fn assert_err(text: &str, line: usize, column: usize, needles: &[&str]) {
+    let e = err_at(text);
+    assert_eq!(
+        (e.line, e.column),
+        (line, column),
+        "wrong position for {:?} in\n{text}",
+        e.display
+    );
+    for needle in needles {
+        assert!(
+            e.message.contains(needle),
+            "{:?} should mention {needle:?}",
+            e.message
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Valid configs.
+
+const FULL: &str = r#"# A complete labgate config.
+[server]
+listen = "0.0.0.0:2022"
+host_key = "/var/lib/labgate/host_ed25519_key"
+keys_dir = "/etc/labgate/keys"
+max_connections = 64
+login_grace = "20s"
+keepalive = "1m"
+
+[docker]
+socket = "/var/run/docker.sock"
+timeout = "1m 30s"
+
+[defaults]
+image = "ghcr.io/lab/cuda:12.4"
+memory = "512M"
+cpus = 1.5
+shm = "64MiB"
+pids = 512
+gpus = 1
+home = "/srv/home/{user}"
+shell = "/bin/zsh"
+uid = 1000
+env = { OMP_NUM_THREADS = "2", HF_HOME = "/cache/hf" }
+mounts = [
+  { source = "/srv/datasets", target = "/datasets" },
+  { source = "/scratch", target = "/scratch", writable = true },
+]
+"#;
 
 #[test]
-fn explore() {
-    let cases = [
-        "[server]\nlisten = \"127.0.0.1:22\"\n",
+fn full_config_reads_every_field() {
+    let cfg = ok(FULL);
+    assert_eq!(cfg.source, Path::new(PATH));
+
+    assert_eq!(cfg.server.listen, "0.0.0.0:2022".parse().unwrap());
+    assert_eq!(
+        cfg.server.host_key,
+        Path::new("/var/lib/labgate/host_ed25519_key")
+    );
+    assert_eq!(cfg.server.keys_dir, Path::new("/etc/labgate/keys"));
+    assert_eq!(cfg.server.max_connections, 64);
+    assert_eq!(cfg.server.login_grace, Duration::from_secs(20));
+    assert_eq!(cfg.server.keepalive, Duration::from_secs(60));
+
+    assert_eq!(cfg.docker.socket, Path::new("/var/run/docker.sock"));
+    assert_eq!(cfg.docker.timeout, Duration::from_secs(90));
+
+    let q = &cfg.defaults;
+    assert_eq!(q.image, "ghcr.io/lab/cuda:12.4");
+    // Binary, as `docker run --memory 512M`: 512 MiB, not 512 MB.
+    assert_eq!(q.memory, Some(ByteSize(512 * MIB)));
+    assert_eq!(q.cpus, Some(1.5));
+    assert_eq!(q.shm, Some(ByteSize(64 * MIB)));
+    assert_eq!(q.pids, Some(512));
+    assert_eq!(q.gpus, 1);
+    assert_eq!(q.home, "/srv/home/{user}");
+    assert_eq!(q.home_for(&user("alice")), Path::new("/srv/home/alice"));
+    assert_eq!(q.shell.as_deref(), Some("/bin/zsh"));
+    assert_eq!(
+        q.env,
+        BTreeMap::from([
+            ("HF_HOME".to_owned(), "/cache/hf".to_owned()),
+            ("OMP_NUM_THREADS".to_owned(), "2".to_owned()),
+        ])
+    );
+    assert_eq!(
+        q.mounts,
+        [
+            Mount {
+                source: PathBuf::from("/srv/datasets"),
+                target: "/datasets".to_owned(),
+                writable: false,
+            },
+            Mount {
+                source: PathBuf::from("/scratch"),
+                target: "/scratch".to_owned(),
+                writable: true,
+            },
+        ]
+    );
+    // Only uid given: the shell runs as uid:uid.
+    assert_eq!((q.uid, q.gid), (Some(1000), Some(1000)));
+    // accept_env not given: the safe default list.
+    assert_eq!(q.accept_env, ["TERM", "LANG", "LC_*", "GIT_PROTOCOL"]);
+
+    assert_eq!(cfg.configured_users().count(), 0);
+    assert_eq!(cfg.quota_for(&user("alice")), &cfg.defaults);
+}
+
+#[test]
+fn omitted_fields_get_their_documented_defaults() {
+    let cfg = ok("[defaults]\nimage = \"busybox\"\n");
+    assert_eq!(cfg.server.listen, "127.0.0.1:2222".parse().unwrap());
+    assert_eq!(
+        cfg.server.host_key,
+        Path::new("/etc/labgate/host_ed25519_key")
+    );
+    assert_eq!(cfg.server.keys_dir, Path::new("/etc/labgate/keys"));
+    assert_eq!(cfg.server.max_connections, 1024);
+    assert_eq!(cfg.server.login_grace, Duration::from_secs(60));
+    assert_eq!(cfg.server.keepalive, Duration::from_secs(30));
+    assert_eq!(cfg.docker.socket, Path::new("/var/run/docker.sock"));
+    assert_eq!(cfg.docker.timeout, Duration::from_secs(60));
+
+    let q = &cfg.defaults;
+    assert_eq!(q.image, "busybox");
+    assert_eq!((q.memory, q.cpus, q.shm, q.pids), (None, None, None, None));
+    assert_eq!(q.gpus, 0);
+    assert_eq!(
+        q.home_for(&user("bob")),
+        Path::new("/var/lib/labgate/home/bob")
+    );
+    assert!(q.mounts.is_empty());
+    assert_eq!(q.shell, None);
+    assert!(q.env.is_empty());
+    assert_eq!((q.uid, q.gid), (None, None));
+    assert_eq!(q.accept_env, ["TERM", "LANG", "LC_*", "GIT_PROTOCOL"]);
+}
+
+#[test]
+fn units_and_numbers_in_every_accepted_form() {
+    let cfg = ok(r#"
+[defaults]
+image = "busybox"
+memory = 6291456
+cpus = 8
+shm = "1.5g"
+uid = 1000
+gid = 100
+accept_env = ["TERM", "LC_*", "MY_APP_*"]
+"#);
+    let q = &cfg.defaults;
+    // A plain integer is bytes; 6M is Docker's minimum and is accepted.
+    assert_eq!(q.memory, Some(ByteSize(6 * MIB)));
+    // An integer number of cores is fine.
+    assert_eq!(q.cpus, Some(8.0));
+    assert_eq!(q.shm, Some(ByteSize(3 * GIB / 2)));
+    // An explicit gid wins over uid.
+    assert_eq!((q.uid, q.gid), (Some(1000), Some(100)));
+    assert_eq!(q.accept_env, ["TERM", "LC_*", "MY_APP_*"]);
+}
+
+const USERS: &str = r#"
+[server]
+host_key = "state/host_ed25519_key"
+keys_dir = "keys"
+
+[defaults]
+image = "lab/base:1"
+memory = "2G"
+cpus = 2
+home = "home/{user}"
+uid = 1000
+env = { OMP_NUM_THREADS = "2" }
+mounts = [{ source = "data", target = "/data" }]
+
+[users.alice]
+memory = "16G"
+cpus = 8
+gpus = 2
+
+[users.bob]
+image = "lab/other:2"
+home = "/big/bob"
+uid = 2001
+env = { EXTRA = "1" }
+mounts = [{ source = "/scratch/bob", target = "/scratch", writable = true }]
+"#;
+
+#[test]
+fn user_tables_override_only_the_fields_they_set() {
+    let cfg = ok(USERS);
+    let (alice, bob, carol) = (user("alice"), user("bob"), user("carol"));
+    assert_eq!(cfg.configured_users().collect::<Vec<_>>(), [&alice, &bob]);
+
+    let d = &cfg.defaults;
+    let a = cfg.quota_for(&alice);
+    assert_eq!(a.memory, Some(ByteSize(16 * GIB)));
+    assert_eq!(a.cpus, Some(8.0));
+    assert_eq!(a.gpus, 2);
+    // Everything alice did not set comes from [defaults].
+    assert_eq!(a.image, "lab/base:1");
+    assert_eq!(a.home, d.home);
+    assert_eq!(a.mounts, d.mounts);
+    assert_eq!(a.env, d.env);
+    assert_eq!((a.uid, a.gid), (Some(1000), Some(1000)));
+    assert_eq!(a.accept_env, d.accept_env);
+
+    let b = cfg.quota_for(&bob);
+    assert_eq!(b.image, "lab/other:2");
+    assert_eq!(b.memory, Some(ByteSize(2 * GIB)));
+    assert_eq!(b.cpus, Some(2.0));
+    assert_eq!(b.gpus, 0);
+    // A user's home need not contain {user}: it is theirs alone.
+    assert_eq!(b.home_for(&bob), Path::new("/big/bob"));
+    // A field is replaced as a whole, not merged with the defaults' value.
+    assert_eq!(
+        b.mounts,
+        [Mount {
+            source: PathBuf::from("/scratch/bob"),
+            target: "/scratch".to_owned(),
+            writable: true,
+        }]
+    );
+    assert_eq!(
+        b.env,
+        BTreeMap::from([("EXTRA".to_owned(), "1".to_owned())])
+    );
+    // bob's own uid, and the gid follows it.
+    assert_eq!((b.uid, b.gid), (Some(2001), Some(2001)));
+
+    // No table: exactly the defaults, and the defaults themselves are untouched by the users.
+    assert_eq!(cfg.quota_for(&carol), d);
+    assert_eq!(d.memory, Some(ByteSize(2 * GIB)));
+    assert_eq!(d.cpus, Some(2.0));
+    assert_eq!(d.image, "lab/base:1");
+}
+
+#[test]
+fn relative_paths_resolve_against_the_config_directory() {
+    let cfg = ok(USERS);
+    assert_eq!(
+        cfg.server.host_key,
+        Path::new("/etc/labgate/state/host_ed25519_key")
+    );
+    assert_eq!(cfg.server.keys_dir, Path::new("/etc/labgate/keys"));
+    assert_eq!(
+        cfg.defaults.home_for(&user("carol")),
+        Path::new("/etc/labgate/home/carol")
+    );
+    assert_eq!(
+        cfg.quota_for(&user("alice")).home_for(&user("alice")),
+        Path::new("/etc/labgate/home/alice")
+    );
+    assert_eq!(
+        cfg.defaults.mounts[0].source,
+        Path::new("/etc/labgate/data")
+    );
+    assert_eq!(
+        cfg.quota_for(&user("alice")).mounts[0].source,
+        Path::new("/etc/labgate/data")
+    );
+    // Absolute paths stay as written.
+    assert_eq!(
+        cfg.quota_for(&user("bob")).mounts[0].source,
+        Path::new("/scratch/bob")
+    );
+
+    // Same file elsewhere: the paths follow the file.
+    let moved = parse(Path::new("/opt/lab/conf/gate.toml"), USERS).unwrap();
+    assert_eq!(moved.server.keys_dir, Path::new("/opt/lab/conf/keys"));
+    assert_eq!(
+        moved.defaults.home_for(&user("carol")),
+        Path::new("/opt/lab/conf/home/carol")
+    );
+}
+
+#[test]
+fn load_reads_a_file_and_resolves_paths_next_to_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("labgate.toml");
+    std::fs::write(
+        &file,
+        "[defaults]\nimage = \"busybox\"\nhome = \"h/{user}\"\n",
+    )
+    .unwrap();
+    let cfg = load(&file).unwrap();
+    assert_eq!(cfg.source, file);
+    assert_eq!(cfg.server.keys_dir, dir.path().join("keys"));
+    assert_eq!(
+        cfg.defaults.home_for(&user("alice")),
+        dir.path().join("h/alice")
+    );
+
+    // Errors from a loaded file name that file.
+    std::fs::write(&file, "[defaults]\nimage = \"busybox\"\ncpus = 0\n").unwrap();
+    let e = load(&file).unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with(&format!("{}:3:8: ", file.display())),
+        "{e}"
+    );
+}
+
+#[test]
+fn load_reports_an_unreadable_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope.toml");
+    let e = load(&missing).unwrap_err();
+    assert!(
+        matches!(&e, ConfigError::Io { path, .. } if *path == missing),
+        "{e:?}"
+    );
+    let shown = e.to_string();
+    assert!(
+        shown.starts_with(&format!("{}: cannot read config", missing.display())),
+        "{shown}"
+    );
+}
+
+#[test]
+fn shipped_configs_parse() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut parsed = Vec::new();
+    for name in ["labgate.toml", "demo.toml"] {
+        let path = dir.join(name);
+        let cfg = load(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+        parsed.push((name, cfg));
+    }
+    assert_eq!(parsed.len(), 2, "both shipped configs must be checked");
+    // The default path names the shipped config.
+    assert!(Path::new(DEFAULT_PATH).ends_with("config/labgate.toml"));
+
+    let (_, main) = &parsed[0];
+    assert_eq!(main.server.listen, "127.0.0.1:2222".parse().unwrap());
+    assert_eq!(main.server.keys_dir, dir.join("../keys"));
+    assert_eq!(main.server.host_key, dir.join("../state/host_ed25519_key"));
+    assert_eq!(main.defaults.memory, Some(ByteSize(2 * GIB)));
+    assert_eq!(main.defaults.shm, Some(ByteSize(256 * MIB)));
+    assert_eq!(main.defaults.pids, Some(1024));
+    assert!(main.defaults.accepts_env("TERM"));
+    assert!(!main.defaults.accepts_env("PATH"));
+
+    let (_, demo) = &parsed[1];
+    assert_eq!(demo.server.keys_dir, dir.join("keys"));
+    assert_eq!(demo.defaults.memory, Some(ByteSize(512 * MIB)));
+    assert_eq!(demo.defaults.home_for(&user("demo")), dir.join("home/demo"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors: position and message.
+
+#[test]
+fn unknown_field_in_defaults_points_at_the_key() {
+    // A typo must not be silently ignored (the user would get no memory limit).
+    assert_err(
+        "[defaults]\nimage = \"busybox\"\n  memroy = \"2G\"\n",
+        3,
+        3,
+        &["unknown field `memroy`", "memory"],
+    );
+}
+
+#[test]
+fn unknown_field_in_server_points_at_the_key() {
+    assert_err(
+        "[server]\nlisten = \"127.0.0.1:22\"\nport = 2222\n\n[defaults]\nimage = \"busybox\"\n",
+        3,
+        1,
+        &["unknown field `port`", "listen"],
+    );
+    // Also in an inline table: the column is the key's.
+    assert_err(
+        "server = { listen = \"127.0.0.1:22\", port = 2222 }\n[defaults]\nimage = \"busybox\"\n",
+        1,
+        37,
+        &["unknown field `port`"],
+    );
+}
+
+#[test]
+fn unknown_fields_elsewhere_are_rejected_too() {
+    assert_err(
+        "[defaults]\nimage = \"busybox\"\n\n[users.alice]\nmemory = \"1G\"\ncpu = 4\n",
+        6,
+        1,
+        &["unknown field `cpu`", "cpus"],
+    );
+    assert_err(
+        "[dokcer]\nsocket = \"/run/docker.sock\"\n[defaults]\nimage = \"busybox\"\n",
+        1,
+        2,
+        &["unknown field `dokcer`"],
+    );
+    assert_err(
+        "[defaults]\nimage = \"busybox\"\nmounts = [{ source = \"/srv\", target = \"/srv\", rw = true }]\n",
+        3,
+        47,
+        &["unknown field `rw`", "writable"],
+    );
+}
+
+#[test]
+fn bad_memory_unit_points_at_the_value() {
+    assert_err(
+        "[defaults]\nimage = \"busybox\"\nmemory = \"12Q\"\n",
+        3,
+        10,
+        &["\"12Q\"", "unknown unit"],
+    );
+    assert_err(
+        "[defaults]\nimage = \"busybox\"\nshm = \"lots\"\n",
+        3,
+        7,
+        &["invalid size \"lots\""],
+    );
+}
+
+#[test]
+fn memory_below_docker_minimum_is_rejected() {
+    assert_err(
+        "[defaults]\nimage = \"busybox\"\nmemory = \"5M\"\n",
+        3,
+        10,
+        &["memory 5M", "6M"],
+    );
+    assert_err(
+        "[defaults]\nimage = \"busybox\"\n[users.alice]\nmemory = 1024\n",
+        4,
+        10,
+        &["memory 1K", "6M"],
+    );
+}
+
+#[test]
+fn cpus_must_be_above_zero() {
+    assert_err(
+        "[defaults]\nimage = \"busybox\"\ncpus = 0\n",
+        3,
+        8,
+        &["cpus", "not 0"],
+    );
+    assert_err(
+        "[defaults]\nimage = \"busybox\"\ncpus = -1.5\n",
+        3,
+        8,
+        &["cpus", "not -1.5"],
+    );
+    assert_err(
+        "[defaults]\nimage = \"busybox\"\ncpus = nan\n",
+        3,
+        8,
+        &["cpus", "NaN"],
+    );
+}
+
+#[test]
+fn pids_and_max_connections_must_be_at_least_one() {
+    assert_err(
+        "[defaults]\nimage = \"busybox\"\npids = 0\n",
+        3,
+        8,
+        &["at least 1", "not 0"],
+    );
+    assert_err(
+        "[server]\nmax_connections = 0\n[defaults]\nimage = \"busybox\"\n",
+        2,
+        19,
+        &["at least 1", "not 0"],
+    );
+}
+
+#[test]
+fn invalid_user_name_points_at_the_table_name() {
+    assert_err(
+        "[defaults]\nimage = \"busybox\"\n\n[users.\"Bad Name\"]\nmemory = \"1G\"\n",
+        4,
+        8,
+        &["invalid user name \"Bad Name\""],
+    );
+    assert_err(
+        "[defaults]\nimage = \"busybox\"\n[users.Alice]\n",
+        3,
+        8,
+        &["invalid user name \"Alice\""],
+    );
+}
+
+#[test]
+fn defaults_home_must_contain_the_user_placeholder() {
+    assert_err(
+        "[defaults]\nimage = \"busybox\"\nhome = \"/srv/home\"\n",
+        3,
+        8,
+        &["defaults.home", "{user}"],
+    );
+}
+
+#[test]
+fn mounts_never_expose_the_docker_socket() {
+    // The socket itself, its directories (either spelling), and / are all refused.
+    for source in [
+        "/var/run/docker.sock",
+        "/run/docker.sock",
+        "/var/run",
+        "/run",
+        "/run/",
+        "/",
+    ] {
+        let text = format!(
+            "[defaults]\nimage = \"busybox\"\nmounts = [{{ source = \"{source}\", target = \"/x\" }}]\n"
+        );
+        let e = err_at(&text);
+        assert_eq!((e.line, e.column), (3, 22), "{source}: {}", e.display);
+        assert!(
+            e.message.contains("Docker socket"),
+            "{source}: {}",
+            e.message
+        );
+        assert!(
+            e.message.contains(source.trim_end_matches('/'))
+                || (source == "/" && e.message.contains("source / ")),
+            "{source}: {}",
+            e.message
+        );
+    }
+
+    // A configured socket elsewhere is protected the same way.
+    assert_err(
+        "[docker]\nsocket = \"/srv/docker/engine.sock\"\n[defaults]\nimage = \"busybox\"\nmounts = [{ source = \"/srv/docker\", target = \"/x\" }]\n",
+        5,
+        22,
+        &["/srv/docker", "Docker socket"],
+    );
+    // Also in a user's own table, and as a multi-line array element.
+    assert_err(
+        "[defaults]\nimage = \"busybox\"\n[users.alice]\nmounts = [\n  { source = \"/srv/data\", target = \"/data\" },\n  { source = \"/run\", target = \"/r\" },\n]\n",
+        6,
+        14,
+        &["/run", "Docker socket"],
+    );
+    // Other host directories are fine.
+    let cfg = ok(
+        "[defaults]\nimage = \"busybox\"\nmounts = [{ source = \"/srv/run\", target = \"/run\" }]\n",
+    );
+    assert_eq!(cfg.defaults.mounts[0].source, Path::new("/srv/run"));
+}
+
+#[test]
+fn mount_targets_must_be_absolute_without_dotdot() {
+    for (target, column) in [("data", 39), ("/a/../b", 39), ("/", 39), ("../etc", 39)] {
+        let text = format!(
+            "[defaults]\nimage = \"busybox\"\nmounts = [{{ source = \"/srv\", target = \"{target}\" }}]\n"
+        );
+        let e = err_at(&text);
+        assert_eq!((e.line, e.column), (3, column), "{target}: {}", e.display);
+        assert!(e.message.contains(&format!("{target:?}")), "{}", e.message);
+        assert!(e.message.contains("absolute path"), "{}", e.message);
+    }
+    // The shell is checked the same way.
+    assert_err(
+        "[defaults]\nimage = \"busybox\"\nshell = \"bash\"\n",
+        3,
+        9,
+        &["\"bash\"", "absolute path"],
+    );
+}
+
+#[test]
+fn accept_env_can_never_admit_path_or_ld() {
+    for pattern in [
+        "PATH",
+        "LD_PRELOAD",
+        "LD_LIBRARY_PATH",
+        "LD_*",
+        "LD*",
+        "L*",
+        "P*",
+        "PAT*",
+        "*",
+    ] {
+        let text =
+            format!("[defaults]\nimage = \"busybox\"\naccept_env = [\"TERM\", \"{pattern}\"]\n");
+        let e = err_at(&text);
+        // The position is that of the accept_env value, on line 3.
+        assert_eq!(e.line, 3, "{pattern}: {}", e.display);
+        assert!(e.column >= 14, "{pattern}: {}", e.display);
+        assert!(
+            e.message.contains(&format!("{pattern:?}")),
+            "{pattern}: {}",
+            e.message
+        );
+        assert!(e.message.contains("never allowed"), "{}", e.message);
+    }
+    // In a user's table too.
+    let e = err_at("[defaults]\nimage = \"busybox\"\n[users.alice]\naccept_env = [\"PATH\"]\n");
+    assert_eq!(e.line, 4, "{}", e.display);
+    assert!(e.message.contains("\"PATH\""), "{}", e.message);
+    // A pattern that is not a name or a prefix is rejected.
+    let e = err_at("[defaults]\nimage = \"busybox\"\naccept_env = [\"L*D\"]\n");
+    assert_eq!(e.line, 3, "{}", e.display);
+    assert!(
+        e.message.contains("invalid accept_env pattern \"L*D\""),
+        "{}",
+        e.message
+    );
+}
+
+#[test]
+fn env_names_must_be_valid_variable_names() {
+    assert_err(
+        "[defaults]\nimage = \"busybox\"\nenv = { \"1BAD\" = \"x\" }\n",
+        3,
+        9,
+        &["invalid environment variable name \"1BAD\""],
+    );
+    assert_err(
+        "[defaults]\nimage = \"busybox\"\n[defaults.env]\nOK = \"1\"\n\"A-B\" = \"2\"\n",
+        5,
+        1,
+        &["\"A-B\""],
+    );
+}
+
+#[test]
+fn missing_image_points_at_the_defaults_table() {
+    assert_err(
+        "# lab\n\n[server]\n\n[defaults]\nmemory = \"1G\"\n",
+        5,
+        1,
+        &["no image", "`image`"],
+    );
+    // Every user having one does not help: users without a table get the defaults.
+    assert_err(
+        "[defaults]\nmemory = \"1G\"\n[users.alice]\nimage = \"busybox\"\n",
+        1,
+        1,
+        &["no image"],
+    );
+    assert_err(
+        "[defaults]\nimage = \"bad image\"\n",
+        2,
+        9,
+        &["invalid image reference \"bad image\""],
+    );
+}
+
+#[test]
+fn missing_defaults_table_is_an_error() {
+    let e = parse(Path::new(PATH), "[server]\nlisten = \"127.0.0.1:22\"\n").unwrap_err();
+    let shown = e.to_string();
+    assert!(shown.starts_with(&format!("{PATH}:")), "{shown}");
+    assert!(shown.contains("missing field `defaults`"), "{shown}");
+}
+
+#[test]
+fn toml_syntax_errors_have_a_position() {
+    assert_err(
+        "[defaults]\nimage = \"busybox\"\nmemory = \"1G\n",
+        3,
+        13,
+        &["expected `\"`"],
+    );
+    let e = err_at("[defaults]\nimage = \"busybox\"\nimage = \"other\"\n");
+    assert_eq!((e.line, e.column), (3, 1), "{}", e.display);
+    assert!(e.message.contains("duplicate key"), "{}", e.message);
+    let e = err_at("[server]\nlisten = \"localhost\"\n[defaults]\nimage = \"busybox\"\n");
+    assert_eq!((e.line, e.column), (2, 10), "{}", e.display);
+    let e = err_at("[server]\nkeepalive = \"soon\"\n[defaults]\nimage = \"busybox\"\n");
+    assert_eq!((e.line, e.column), (2, 13), "{}", e.display);
+    assert!(
+        e.message.contains("invalid duration \"soon\""),
+        "{}",
+        e.message
+    );
+}
+
+#[test]
+fn columns_count_characters_and_lines_survive_crlf() {
+    // "données" has a two-byte é before the error on the same line: the column is in characters.
+    assert_err(
+        "[defaults]\nimage = \"busybox\"\nmounts = [{ source = \"/srv/données\", target = \"rel\" }]\n",
+        3,
+        47,
+        &["\"rel\""],
+    );
+    assert_err(
+        "[defaults]\r\nimage = \"busybox\"\r\n\r\n  bogus = 1\r\n",
+        4,
+        3,
+        &["unknown field `bogus`"],
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Quota behaviour.
+
+#[test]
+fn accepts_env_matches_names_and_prefixes() {
+    let q = ok("[defaults]\nimage = \"busybox\"\n").defaults;
+    for yes in ["TERM", "LANG", "LC_ALL", "LC_CTYPE", "LC_", "GIT_PROTOCOL"] {
+        assert!(q.accepts_env(yes), "{yes} should be accepted");
+    }
+    for no in [
+        "PATH",
+        "LD_PRELOAD",
+        "LD_LIBRARY_PATH",
+        "HOME",
+        "SHELL",
+        "TERMINFO",
+        "LANGUAGE",
+        "LC",
+        "term",
         "",
-        "# top\n\n[server]\n\n[defaults]\nmemory = \"1G\"\n",
-        "[defaults]\nimage = \"x\"\n[users.bob]\nimage = \"y\"\n[users.bob.mounts]\n",
-        "[defaults]\r\nimage = \"x\"\r\nbogus = 1\r\n",
-        "[server]\nmax_connections = 0\n[defaults]\nimage = \"x\"\n",
-        "[defaults]\nimage = \"x\"\nimage = \"y\"\n",
-        "[defaults]\nimage = \"x\"\n[users.carol]\nhome = \"/srv/carol\"\nuid = 5\n",
-        "[defaults]\nimage = \"x\"\nmounts = [{ source = \"/srv/../run\", target = \"/r\" }]\n",
-        "[defaults]\nimage = \"x\"\nmounts = [{ source = \"/var/run\", target = \"/r\" }]\n",
-        "[defaults]\nimage = \"x\"\nmounts = [{ source = \"/var\", target = \"/r\" }]\n",
-        "[defaults]\nimage = \"x\"\naccept_env = [\"\"]\n",
-        "[defaults]\nimage = \"x\"\naccept_env = [\"PATH_*\"]\n",
-        "[defaults]\nimage = \"x\"\n[users.alice]\naccept_env = [\"PATH\"]\n",
-        "[defaults]\nimage = \"x\"\nmemory = 0\n",
-        "[defaults]\nimage = \"x\"\nshm = 0\n",
-        "[docker]\nsocket = \"/srv/d.sock\"\n[defaults]\nimage = \"x\"\nmounts = [{ source = \"/srv\", target = \"/r\" }]\n",
-        "[defaults]\nimage = \"x\"\nmounts = [{ source = \"/srv\", target = \"/r\", writable = true, extra = 1 }]\n",
-    ];
-    for c in cases {
-        match parse(Path::new("/etc/labgate/labgate.toml"), c) {
-            Ok(cfg) => println!("OK {:?} {:?}\n", cfg.defaults, cfg.users),
-            Err(e) => println!("{e}\n"),
+    ] {
+        assert!(!q.accepts_env(no), "{no:?} should be refused");
+    }
+
+    let q = ok("[defaults]\nimage = \"busybox\"\naccept_env = [\"MY_APP_*\"]\n").defaults;
+    assert!(q.accepts_env("MY_APP_TOKEN"));
+    assert!(
+        !q.accepts_env("TERM"),
+        "an explicit list replaces the default one"
+    );
+
+    let q = ok("[defaults]\nimage = \"busybox\"\naccept_env = []\n").defaults;
+    assert!(!q.accepts_env("TERM"), "an empty list accepts nothing");
+}
+
+#[test]
+fn accepts_env_refuses_path_and_ld_even_if_a_pattern_slipped_through() {
+    // The parser refuses such patterns (see above); a quota built by hand still never lets
+    // them through.
+    let mut q = ok("[defaults]\nimage = \"busybox\"\n").defaults;
+    q.accept_env = vec!["*".to_owned(), "PATH".to_owned(), "LD_PRELOAD".to_owned()];
+    assert!(q.accepts_env("HOME"));
+    assert!(q.accepts_env("LDFLAGS"), "only LD_* is dangerous");
+    for never in ["PATH", "LD_PRELOAD", "LD_LIBRARY_PATH", "LD_"] {
+        assert!(!q.accepts_env(never), "{never} must never be accepted");
+    }
+}
+
+#[test]
+fn home_for_substitutes_every_user_placeholder() {
+    let cfg = ok("[defaults]\nimage = \"busybox\"\nhome = \"/srv/{user}/home-{user}\"\n");
+    assert_eq!(
+        cfg.defaults.home_for(&user("alice")),
+        Path::new("/srv/alice/home-alice")
+    );
+    assert_eq!(
+        cfg.quota_for(&user("bob")).home_for(&user("bob")),
+        Path::new("/srv/bob/home-bob")
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fixture files.
+
+fn fixtures(kind: &str) -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/config")
+        .join(kind);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|entry| entry.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    files.sort();
+    assert!(
+        files.len() >= 3,
+        "{}: expected at least 3 fixtures, found {}",
+        dir.display(),
+        files.len()
+    );
+    files
+}
+
+#[test]
+fn valid_fixtures_load() {
+    let files = fixtures("valid");
+    for file in &files {
+        let cfg = load(file).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(&cfg.source, file);
+        assert!(!cfg.defaults.image.is_empty(), "{}", file.display());
+        assert!(!cfg.defaults.accepts_env("PATH"), "{}", file.display());
+    }
+}
+
+#[test]
+fn invalid_fixtures_fail_at_a_position_inside_the_file() {
+    let files = fixtures("invalid");
+    for file in &files {
+        let name = file.display();
+        let text = std::fs::read_to_string(file).unwrap();
+        let expect = text
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("# expect: "))
+            .unwrap_or_else(|| panic!("{name}: first line must be `# expect: <message part>`"));
+        // Optional second line `# at: LINE:COLUMN` pins the position exactly.
+        let at = text
+            .lines()
+            .nth(1)
+            .and_then(|l| l.strip_prefix("# at: "))
+            .map(|s| {
+                let (l, c) = s.split_once(':').unwrap();
+                (
+                    l.trim().parse::<usize>().unwrap(),
+                    c.trim().parse::<usize>().unwrap(),
+                )
+            });
+
+        let e = match load(file) {
+            Ok(_) => panic!("{name}: should be rejected"),
+            Err(e) => e,
+        };
+        let shown = e.to_string();
+        let ConfigError::At {
+            path,
+            line,
+            column,
+            message,
+        } = e
+        else {
+            panic!("{name}: expected a positioned error, got {shown}");
+        };
+        assert_eq!(&path, file);
+        assert!(
+            shown.starts_with(&format!("{name}:{line}:{column}: ")),
+            "{shown}"
+        );
+        assert!(
+            message.contains(expect),
+            "{name}: {message:?} should contain {expect:?}"
+        );
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            (1..=lines.len()).contains(&line),
+            "{name}: line {line} is outside the file ({} lines)",
+            lines.len()
+        );
+        let width = lines[line - 1].chars().count();
+        assert!(
+            (1..=width + 1).contains(&column),
+            "{name}: column {column} is outside line {line} ({width} characters)"
+        );
+        if let Some(at) = at {
+            assert_eq!((line, column), at, "{name}: {shown}");
         }
     }
 }

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use russh::keys::PublicKey;
 use russh::server::{Auth, ChannelOpenHandle, Handler, Msg, Session};
 use russh::{Channel, ChannelId, MethodKind, MethodSet};
-use tracing::{debug, info};
+use tracing::{Instrument, debug, info};
 
 use crate::auth::{self, KeyStore};
 use crate::session::{Context, Login, channel};
@@ -41,6 +41,22 @@ pub struct ConnectionHandler {
     login: Option<Arc<Login>>,
     /// Channels that already run a program: a second shell/exec on them is refused.
     started: HashSet<ChannelId>,
+    /// The connection's tracing span; channel tasks run inside it.
+    span: tracing::Span,
+    /// The last refused `(user, reason)`, logged once when an unauthenticated connection
+    /// ends (one line per failed login, as sshd does, not one per offered key).
+    refused: Option<(String, auth::Refusal)>,
+}
+
+impl Drop for ConnectionHandler {
+    fn drop(&mut self) {
+        if self.login.is_none()
+            && let Some((user, reason)) = self.refused.take()
+        {
+            let _e = self.span.enter();
+            info!(target: "audit", user = %user, peer = %self.peer, %reason, "login refused");
+        }
+    }
 }
 
 impl ConnectionHandler {
@@ -51,6 +67,7 @@ impl ConnectionHandler {
         local: SocketAddr,
         conn: u64,
         authenticated: Arc<AtomicBool>,
+        span: tracing::Span,
     ) -> Self {
         Self {
             ctx,
@@ -60,6 +77,8 @@ impl ConnectionHandler {
             authenticated,
             login: None,
             started: HashSet::new(),
+            span,
+            refused: None,
         }
     }
 
@@ -88,7 +107,7 @@ impl Handler for ConnectionHandler {
     }
 
     async fn auth_password(&mut self, user: &str, _password: &str) -> Result<Auth, Self::Error> {
-        info!(target: "audit", user, peer = %self.peer, "login refused: password authentication is disabled");
+        debug!(conn = self.conn, user, peer = %self.peer, "password authentication refused: disabled");
         Ok(Self::publickey_only())
     }
 
@@ -100,7 +119,8 @@ impl Handler for ConnectionHandler {
         match auth::check_key(&self.keys(), user, offer.public_key).await {
             Ok(_) => Ok(Auth::Accept),
             Err(reason) => {
-                debug!(user, peer = %self.peer, %reason, "key offer refused");
+                debug!(conn = self.conn, user, peer = %self.peer, %reason, "key offer refused");
+                self.refused = Some((user.chars().take(64).collect(), reason));
                 Ok(Self::publickey_only())
             }
         }
@@ -115,8 +135,9 @@ impl Handler for ConnectionHandler {
         match auth::check_key(&self.keys(), user, public).await {
             Ok((user, key)) => {
                 let quota = Arc::new(self.ctx.config.borrow().quota_for(&user).clone());
+                self.span.record("user", user.as_str());
+                let _e = self.span.enter();
                 info!(target: "audit", user = %user, peer = %self.peer, fingerprint = %key.fingerprint(), "login accepted");
-                tracing::Span::current().record("user", user.as_str());
                 self.login = Some(Arc::new(Login {
                     user,
                     key,
@@ -129,7 +150,7 @@ impl Handler for ConnectionHandler {
                 Ok(Auth::Accept)
             }
             Err(reason) => {
-                info!(target: "audit", user = %user.chars().take(64).collect::<String>(), peer = %self.peer, %reason, "login refused");
+                self.refused = Some((user.chars().take(64).collect(), reason));
                 Ok(Self::publickey_only())
             }
         }
@@ -145,12 +166,10 @@ impl Handler for ConnectionHandler {
             return Ok(()); // dropping `reply` refuses the channel
         };
         reply.accept().await;
-        tokio::spawn(channel::run(
-            channel,
-            login,
-            self.ctx.clone(),
-            session.handle(),
-        ));
+        tokio::spawn(
+            channel::run(channel, login, self.ctx.clone(), session.handle())
+                .instrument(self.span.clone()),
+        );
         Ok(())
     }
 

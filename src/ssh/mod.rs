@@ -99,8 +99,15 @@ pub async fn serve(
         let local = socket.local_addr().unwrap_or_else(|_| server.listen);
         let conn = next_id.fetch_add(1, Ordering::Relaxed);
         let authenticated = Arc::new(AtomicBool::new(false));
-        let handler = ConnectionHandler::new(ctx.clone(), peer, local, conn, authenticated.clone());
         let span = tracing::info_span!("conn", conn, peer = %peer, user = tracing::field::Empty);
+        let handler = ConnectionHandler::new(
+            ctx.clone(),
+            peer,
+            local,
+            conn,
+            authenticated.clone(),
+            span.clone(),
+        );
         let config = config.clone();
         let grace = server.login_grace;
         let mut shutdown = shutdown.clone();

@@ -1,0 +1,310 @@
+//! Shared harness of the integration tests: a real `labgate serve` process on a free port
+//! (it binds port 0 and prints the address), real OpenSSH clients, the real Docker Engine, and
+//! the busybox image built locally. Every test uses its own user names, so tests run in
+//! parallel without touching each other's containers; each gateway removes its users'
+//! containers when dropped.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, Once};
+use std::time::{Duration, Instant};
+
+/// The test image (built from the host's static busybox when missing).
+pub const IMAGE: &str = labgate::demo::BUSYBOX_IMAGE;
+
+static IMAGE_ONCE: Once = Once::new();
+static NEXT_USER: AtomicUsize = AtomicUsize::new(0);
+
+/// Builds the busybox image once per test binary.
+pub fn ensure_image() {
+    IMAGE_ONCE.call_once(|| {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let docker = bollard::Docker::connect_with_unix(
+                "/var/run/docker.sock",
+                120,
+                bollard::API_DEFAULT_VERSION,
+            )
+            .unwrap()
+            .negotiate_version()
+            .await
+            .expect("Docker Engine must be running for the integration tests");
+            labgate::demo::ensure_busybox_image(&docker, IMAGE)
+                .await
+                .expect("building the busybox test image");
+        });
+    });
+}
+
+/// A user name no other test (or concurrent test run) uses.
+pub fn unique_user(prefix: &str) -> String {
+    let n = NEXT_USER.fetch_add(1, Ordering::SeqCst);
+    format!("{prefix}{}x{n}", std::process::id() % 100_000)
+}
+
+/// A generated ed25519 key pair on disk.
+pub struct KeyPair {
+    /// Private key path (`-i`).
+    pub private: PathBuf,
+    /// Public key line.
+    pub public: String,
+}
+
+/// Generates a key pair with ssh-keygen in `dir`.
+pub fn keygen(dir: &Path, name: &str) -> KeyPair {
+    let private = dir.join(name);
+    let st = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+        .arg(&private)
+        .status()
+        .unwrap();
+    assert!(st.success(), "ssh-keygen failed");
+    let public = std::fs::read_to_string(private.with_extension("pub")).unwrap();
+    KeyPair { private, public }
+}
+
+/// A running gateway with its own directory, config and users.
+pub struct Gateway {
+    /// Temp dir holding config, keys, homes, host key, logs.
+    pub dir: tempfile::TempDir,
+    /// `ip:port` it listens on.
+    pub addr: std::net::SocketAddr,
+    /// The `labgate serve` process.
+    child: Mutex<Option<Child>>,
+    /// Users created for this gateway (containers removed on drop).
+    pub users: Vec<String>,
+    /// Their keys, by index of `users`.
+    pub keys: Vec<KeyPair>,
+    /// Extra config text appended to `[defaults]`... kept for restarts.
+    config_text: String,
+}
+
+impl Gateway {
+    /// Starts a gateway with `n` fresh users; `defaults_extra` is appended inside
+    /// `[defaults]`, `tail` after it (for `[users.X]` tables; `{u0}`, `{u1}`... are replaced
+    /// by the user names).
+    pub fn start(n: usize, defaults_extra: &str, tail: &str) -> Gateway {
+        ensure_image();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("keys")).unwrap();
+        let mut users = Vec::new();
+        let mut keys = Vec::new();
+        for _ in 0..n {
+            let user = unique_user("t");
+            let pair = keygen(dir.path(), &format!("id_{user}"));
+            std::fs::write(dir.path().join(format!("keys/{user}.pub")), &pair.public).unwrap();
+            users.push(user);
+            keys.push(pair);
+        }
+        let mut tail = tail.to_owned();
+        let mut defaults_extra = defaults_extra.to_owned();
+        for (i, u) in users.iter().enumerate() {
+            tail = tail.replace(&format!("{{u{i}}}"), u);
+            defaults_extra = defaults_extra.replace(&format!("{{u{i}}}"), u);
+        }
+        let config_text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nhost_key = \"host_key\"\nkeys_dir = \"keys\"\nlogin_grace = \"20s\"\n\n\
+             [defaults]\nimage = \"{IMAGE}\"\nmemory = \"256M\"\ncpus = 0.5\nshm = \"32M\"\npids = 128\nhome = \"home/{{user}}\"\n{defaults_extra}\n\n{tail}\n"
+        );
+        std::fs::write(dir.path().join("labgate.toml"), &config_text).unwrap();
+        let mut gw = Gateway {
+            dir,
+            addr: "127.0.0.1:1".parse().unwrap(),
+            child: Mutex::new(None),
+            users,
+            keys,
+            config_text,
+        };
+        gw.spawn();
+        gw
+    }
+
+    /// The config file path.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("labgate.toml")
+    }
+
+    /// The gateway's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default()
+    }
+
+    /// Starts (or restarts) the gateway process and waits for its listening line.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("gateway.log"))
+            .unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_labgate"))
+            .args(["serve", "--config"])
+            .arg(self.config_path())
+            .env("LABGATE_LOG", "debug,russh=info,bollard=info,hyper=info")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("labgate listening on ") {
+                    let _ = tx.send(addr.to_owned());
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("gateway did not start; log:\n{}", self.log()));
+        self.addr = addr.parse().unwrap();
+        *self.child.lock().unwrap() = Some(child);
+    }
+
+    /// Stops the gateway process (SIGTERM, then wait).
+    pub fn stop(&self) {
+        if let Some(mut child) = self.child.lock().unwrap().take() {
+            let _ = rustix::process::kill_process(
+                rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
+                rustix::process::Signal::TERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// PID of the gateway process.
+    pub fn pid(&self) -> u32 {
+        self.child.lock().unwrap().as_ref().map(Child::id).unwrap()
+    }
+
+    /// An `ssh` command for user `i` with its key, against this gateway.
+    pub fn ssh(&self, i: usize) -> Command {
+        self.ssh_as(&self.users[i], &self.keys[i].private)
+    }
+
+    /// An `ssh` command for any user name and key.
+    pub fn ssh_as(&self, user: &str, key: &Path) -> Command {
+        let mut c = Command::new("ssh");
+        c.args(["-F", "/dev/null", "-i"])
+            .arg(key)
+            .args([
+                "-p",
+                &self.addr.port().to_string(),
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "IdentitiesOnly=yes",
+                "-o",
+                "LogLevel=ERROR",
+                "-o",
+                "ConnectTimeout=20",
+            ])
+            .arg(format!("{user}@{}", self.addr.ip()));
+        c
+    }
+
+    /// Runs `cmd` as user `i` and returns the output.
+    pub fn run(&self, i: usize, cmd: &str) -> Output {
+        self.ssh(i).arg(cmd).stdin(Stdio::null()).output().unwrap()
+    }
+
+    /// Runs `cmd` as user `i`, asserts success, returns stdout.
+    pub fn ok(&self, i: usize, cmd: &str) -> String {
+        let out = self.run(i, cmd);
+        assert!(
+            out.status.success(),
+            "`{cmd}` failed: {:?}\nstderr: {}\ngateway log:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// The container name of user `i`.
+    pub fn container(&self, i: usize) -> String {
+        format!("labgate-{}", self.users[i])
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.stop();
+        for u in &self.users {
+            let _ = Command::new("docker")
+                .args(["rm", "-f", &format!("labgate-{u}")])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- gateway log ---\n{}", self.log());
+        }
+    }
+}
+
+/// `docker inspect -f FORMAT NAME`, trimmed; `None` if there is no such object.
+pub fn docker_inspect(name: &str, format: &str) -> Option<String> {
+    let out = Command::new("docker")
+        .args(["inspect", "-f", format, name])
+        .output()
+        .unwrap();
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// Host PIDs of processes whose command line is exactly `cmdline` (args joined by spaces).
+pub fn pids_of(cmdline: &str) -> Vec<i32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().filter_map(Result::ok) {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = raw
+            .split(|b| *b == 0)
+            .filter(|s| !s.is_empty())
+            .map(|s| String::from_utf8_lossy(s).into_owned())
+            .collect();
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let zombie = state
+            .rfind(')')
+            .is_some_and(|i| state[i + 1..].trim_start().starts_with('Z'));
+        if args.join(" ") == cmdline && !zombie {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Polls `f` until it returns true or `timeout` passes; returns the last result.
+pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
