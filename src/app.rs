@@ -97,6 +97,8 @@ async fn reconcile(runtime: Arc<DockerRuntime>) {
                 tracing::debug!(user = %c.user, id = %c.id, state = %c.state, "managed container");
             }
         }
-        Err(e) => warn!("cannot list managed containers: {e}; logins will fail until Docker is reachable"),
+        Err(e) => {
+            warn!("cannot list managed containers: {e}; logins will fail until Docker is reachable")
+        }
     }
 }

@@ -63,7 +63,9 @@ pub fn find_static_busybox() -> Option<PathBuf> {
         std::fs::read(p).is_ok_and(|bytes| {
             let head = &bytes[..bytes.len().min(4096)];
             bytes.starts_with(b"\x7fELF")
-                && !head.windows(8).any(|w| w == b"/lib64/l" || w == b"/lib/ld-")
+                && !head
+                    .windows(8)
+                    .any(|w| w == b"/lib64/l" || w == b"/lib/ld-")
         })
     })
 }
@@ -128,7 +130,8 @@ fn busybox_context(busybox: &Path) -> Result<Vec<u8>, DemoError> {
         h.set_entry_type(tar::EntryType::Directory);
         h.set_mode(if dir.ends_with("tmp") { 0o1777 } else { 0o755 });
         h.set_size(0);
-        tar.append_data(&mut h, dir, std::io::empty()).map_err(fail)?;
+        tar.append_data(&mut h, dir, std::io::empty())
+            .map_err(fail)?;
     }
     for (path, data, mode) in files {
         let mut h = tar::Header::new_gnu();

@@ -34,7 +34,11 @@ fn a_user_lands_in_their_own_container_with_home_as_cwd() {
     );
     let name = gw.container(0);
     assert_eq!(
-        docker_inspect(&name, "{{index .Config.Labels \"labgate.user\"}} {{index .Config.Labels \"labgate.managed\"}}").unwrap(),
+        docker_inspect(
+            &name,
+            "{{index .Config.Labels \"labgate.user\"}} {{index .Config.Labels \"labgate.managed\"}}"
+        )
+        .unwrap(),
         format!("{user} true")
     );
 }
@@ -62,7 +66,10 @@ fn quotas_and_confinement_are_applied_on_create() {
         format!("{}:/home/{}", home.display(), gw.users[0])
     );
     // The quota is real inside: the cgroup limits what the user sees.
-    let pids_max = gw.ok(0, "cat /sys/fs/cgroup/pids.max 2>/dev/null || cat /sys/fs/cgroup/pids/pids.max");
+    let pids_max = gw.ok(
+        0,
+        "cat /sys/fs/cgroup/pids.max 2>/dev/null || cat /sys/fs/cgroup/pids/pids.max",
+    );
     assert_eq!(pids_max.trim(), "128");
 }
 
@@ -102,8 +109,14 @@ fn unknown_user_and_wrong_key_are_refused_alike_and_create_nothing() {
     assert_eq!(containers_named("labgate-nosuchuser"), 0);
     let log = gw.log();
     assert!(log.contains("login refused"), "{log}");
-    assert!(log.contains("unknown user") && log.contains("key not authorized"), "{log}");
-    assert!(log.contains("peer=127.0.0.1:"), "refusals are logged with the peer: {log}");
+    assert!(
+        log.contains("unknown user") && log.contains("key not authorized"),
+        "{log}"
+    );
+    assert!(
+        log.contains("peer=127.0.0.1:"),
+        "refusals are logged with the peer: {log}"
+    );
 }
 
 #[test]
@@ -133,16 +146,27 @@ fn first_login_creates_stopped_container_is_resumed_running_one_reused() {
     gw.ok(0, "true");
     let id = docker_inspect(&name, "{{.Id}}").unwrap();
     gw.ok(0, "true");
-    assert_eq!(docker_inspect(&name, "{{.Id}}").unwrap(), id, "reused when running");
+    assert_eq!(
+        docker_inspect(&name, "{{.Id}}").unwrap(),
+        id,
+        "reused when running"
+    );
     let st = Command::new("docker")
         .args(["stop", "-t", "1", &name])
         .stdout(Stdio::null())
         .status()
         .unwrap();
     assert!(st.success());
-    assert_eq!(docker_inspect(&name, "{{.State.Running}}").unwrap(), "false");
+    assert_eq!(
+        docker_inspect(&name, "{{.State.Running}}").unwrap(),
+        "false"
+    );
     assert_eq!(gw.ok(0, "echo back"), "back\n");
-    assert_eq!(docker_inspect(&name, "{{.Id}}").unwrap(), id, "same container resumed");
+    assert_eq!(
+        docker_inspect(&name, "{{.Id}}").unwrap(),
+        id,
+        "same container resumed"
+    );
     assert_eq!(docker_inspect(&name, "{{.State.Running}}").unwrap(), "true");
     assert_eq!(containers_named(&name), 1);
 }
@@ -204,7 +228,11 @@ fn home_survives_removal_of_the_container() {
         .unwrap();
     assert!(st.success());
     assert_eq!(gw.ok(0, "cat ~/notes.txt"), "precious\n");
-    assert_ne!(docker_inspect(&name, "{{.Id}}").unwrap(), old_id, "recreated");
+    assert_ne!(
+        docker_inspect(&name, "{{.Id}}").unwrap(),
+        old_id,
+        "recreated"
+    );
     let on_host = gw
         .dir
         .path()
@@ -221,7 +249,13 @@ fn host_key_is_generated_private_and_stable() {
     assert_eq!(mode, 0o600);
     let scan = || {
         let out = Command::new("ssh-keyscan")
-            .args(["-t", "ed25519", "-p", &gw.addr.port().to_string(), "127.0.0.1"])
+            .args([
+                "-t",
+                "ed25519",
+                "-p",
+                &gw.addr.port().to_string(),
+                "127.0.0.1",
+            ])
             .output()
             .unwrap();
         String::from_utf8_lossy(&out.stdout)
@@ -236,7 +270,13 @@ fn host_key_is_generated_private_and_stable() {
     gw.spawn();
     let after = {
         let out = Command::new("ssh-keyscan")
-            .args(["-t", "ed25519", "-p", &gw.addr.port().to_string(), "127.0.0.1"])
+            .args([
+                "-t",
+                "ed25519",
+                "-p",
+                &gw.addr.port().to_string(),
+                "127.0.0.1",
+            ])
             .output()
             .unwrap();
         String::from_utf8_lossy(&out.stdout)
@@ -258,7 +298,11 @@ fn uid_and_gid_own_the_home_and_the_files() {
     let meta = std::fs::metadata(&home).unwrap();
     assert_eq!((meta.uid(), meta.gid()), (1234, 2345));
     let file = std::fs::metadata(home.join("made-inside")).unwrap();
-    assert_eq!((file.uid(), file.gid()), (1234, 2345), "files on the host are not root's");
+    assert_eq!(
+        (file.uid(), file.gid()),
+        (1234, 2345),
+        "files on the host are not root's"
+    );
 }
 
 #[test]
@@ -278,9 +322,15 @@ fn mounts_are_read_only_unless_marked_and_env_is_set() {
         ),
         "",
     );
-    assert_eq!(gw.ok(0, "cat /datasets/train.csv; echo $LAB_NAME"), "a,b\nvision\n");
+    assert_eq!(
+        gw.ok(0, "cat /datasets/train.csv; echo $LAB_NAME"),
+        "a,b\nvision\n"
+    );
     let out = gw.run(0, "touch /datasets/x");
-    assert!(!out.status.success(), "a read-only mount must refuse writes");
+    assert!(
+        !out.status.success(),
+        "a read-only mount must refuse writes"
+    );
     gw.ok(0, "echo out > /scratch/result");
     assert_eq!(std::fs::read_to_string(rw.join("result")).unwrap(), "out\n");
 }
@@ -290,8 +340,14 @@ fn per_user_quota_overrides_defaults() {
     let gw = Gateway::start(2, "", "[users.{u1}]\nmemory = \"300M\"\npids = 99\n");
     gw.ok(0, "true");
     gw.ok(1, "true");
-    assert_eq!(docker_inspect(&gw.container(0), "{{.HostConfig.PidsLimit}}").unwrap(), "128");
-    assert_eq!(docker_inspect(&gw.container(1), "{{.HostConfig.PidsLimit}}").unwrap(), "99");
+    assert_eq!(
+        docker_inspect(&gw.container(0), "{{.HostConfig.PidsLimit}}").unwrap(),
+        "128"
+    );
+    assert_eq!(
+        docker_inspect(&gw.container(1), "{{.HostConfig.PidsLimit}}").unwrap(),
+        "99"
+    );
     assert_eq!(
         docker_inspect(&gw.container(1), "{{.HostConfig.Memory}}").unwrap(),
         (300u64 << 20).to_string()

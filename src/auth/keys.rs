@@ -92,7 +92,9 @@ impl KeyFile {
 
     /// Finds the entry whose key data equals `key`.
     pub fn find(&self, key: &PublicKey) -> Option<&AuthorizedKey> {
-        self.keys.iter().find(|k| k.key.key_data() == key.key_data())
+        self.keys
+            .iter()
+            .find(|k| k.key.key_data() == key.key_data())
     }
 }
 
@@ -186,14 +188,15 @@ pub struct ScanReport {
 mod tests {
     use super::*;
 
-    const ED: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHn7MrEI7ZE5jvoV0hWr8ya2DvjoZH2sGUTMv7Ur2DPt";
-    const ED2: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKqHT8IYELG2pKnu5yQ1H7j9jZW6cxGIIiCgVNnhWzX/";
+    const ED: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHn7MrEI7ZE5jvoV0hWr8ya2DvjoZH2sGUTMv7Ur2DPt";
+    const ED2: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKqHT8IYELG2pKnu5yQ1H7j9jZW6cxGIIiCgVNnhWzX/";
 
     #[test]
     fn parses_comments_blank_lines_options_and_several_keys() {
-        let text = format!(
-            "# alice's keys\n\n{ED} alice@laptop\nrestrict,no-pty {ED2} ci-bot\n   \n"
-        );
+        let text =
+            format!("# alice's keys\n\n{ED} alice@laptop\nrestrict,no-pty {ED2} ci-bot\n   \n");
         let f = KeyFile::parse(Path::new("alice.pub"), &text);
         assert!(f.errors.is_empty(), "{:?}", f.errors);
         assert_eq!(f.keys.len(), 2);

@@ -275,7 +275,9 @@ checked!(Cpus, f64, |c| {
     if c.is_finite() && *c > 0.0 && *c <= 1024.0 {
         Ok(())
     } else {
-        Err(format!("cpus must be a number of cores above 0 (e.g. 1.5), not {c}"))
+        Err(format!(
+            "cpus must be a number of cores above 0 (e.g. 1.5), not {c}"
+        ))
     }
 });
 checked!(Positive, i64, |n| {
@@ -287,7 +289,9 @@ checked!(Positive, i64, |n| {
 });
 checked!(ContainerPath, String, |p| {
     if !p.starts_with('/') || p == "/" || p.contains('\0') || p.split('/').any(|c| c == "..") {
-        Err(format!("{p:?} must be an absolute path inside the container, not / and without .."))
+        Err(format!(
+            "{p:?} must be an absolute path inside the container, not / and without .."
+        ))
     } else {
         Ok(())
     }
@@ -307,12 +311,13 @@ checked!(EnvPattern, String, |p| {
     let name = p.strip_suffix('*').unwrap_or(p);
     let name_ok = name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
     if !name_ok {
-        return Err(format!("invalid accept_env pattern {p:?}: a name, or a prefix ending in *"));
+        return Err(format!(
+            "invalid accept_env pattern {p:?}: a name, or a prefix ending in *"
+        ));
     }
-    if NEVER_ACCEPTED
-        .iter()
-        .any(|never| env_pattern_matches(p, never.trim_end_matches('*')) || env_pattern_matches(never, name))
-    {
+    if NEVER_ACCEPTED.iter().any(|never| {
+        env_pattern_matches(p, never.trim_end_matches('*')) || env_pattern_matches(never, name)
+    }) {
         return Err(format!(
             "accept_env pattern {p:?} would let clients set PATH or LD_*, which is never allowed"
         ));

@@ -19,9 +19,11 @@ impl ByteSize {
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
             .unwrap_or(s.len());
         let (number, suffix) = s.split_at(digits_end);
-        let value: f64 = number
-            .parse()
-            .map_err(|_| format!("invalid size {text:?}: expected a number with an optional unit such as 512M or 16G"))?;
+        let value: f64 = number.parse().map_err(|_| {
+            format!(
+                "invalid size {text:?}: expected a number with an optional unit such as 512M or 16G"
+            )
+        })?;
         let suffix = suffix.trim().to_ascii_lowercase();
         let unit = suffix
             .strip_suffix("ib")
@@ -53,7 +55,7 @@ impl fmt::Display for ByteSize {
         const UNITS: [(&str, u32); 4] = [("T", 40), ("G", 30), ("M", 20), ("K", 10)];
         for (name, shift) in UNITS {
             let unit = 1u64 << shift;
-            if self.0 >= unit && self.0 % unit == 0 {
+            if self.0 >= unit && self.0.is_multiple_of(unit) {
                 return write!(f, "{}{name}", self.0 / unit);
             }
         }
@@ -85,7 +87,11 @@ impl<'de> Deserialize<'de> for HumanDuration {
         let s = String::deserialize(d)?;
         humantime::parse_duration(&s)
             .map(HumanDuration)
-            .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e} (write e.g. \"30s\", \"30m\", \"8h\")")))
+            .map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "invalid duration {s:?}: {e} (write e.g. \"30s\", \"30m\", \"8h\")"
+                ))
+            })
     }
 }
 

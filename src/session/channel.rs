@@ -121,7 +121,9 @@ async fn serve(channel: Channel<Msg>, login: Arc<Login>, ctx: Arc<Context>, hand
         }
     };
     match &program {
-        Program::Shell => info!(target: "audit", user = %login.user, pty = setup.pty.is_some(), "shell"),
+        Program::Shell => {
+            info!(target: "audit", user = %login.user, pty = setup.pty.is_some(), "shell")
+        }
         Program::Command(c) => {
             info!(target: "audit", user = %login.user, pty = setup.pty.is_some(), command = %c, "exec")
         }
@@ -189,9 +191,8 @@ async fn serve(channel: Channel<Msg>, login: Arc<Login>, ctx: Arc<Context>, hand
     // Phase 3: running.
     let stdout = tx.make_writer();
     let stderr = tx.make_writer_ext(Some(1));
-    let mut pump = tokio::spawn(
-        pump_output(exec.output, stdout, stderr, control.clone()).in_current_span(),
-    );
+    let mut pump =
+        tokio::spawn(pump_output(exec.output, stdout, stderr, control.clone()).in_current_span());
     let mut stdin = Some(exec.stdin);
     let status = loop {
         tokio::select! {
@@ -421,7 +422,14 @@ mod tests {
 
     #[test]
     fn signal_names_round_trip() {
-        for sig in [Sig::HUP, Sig::INT, Sig::KILL, Sig::TERM, Sig::USR1, Sig::QUIT] {
+        for sig in [
+            Sig::HUP,
+            Sig::INT,
+            Sig::KILL,
+            Sig::TERM,
+            Sig::USR1,
+            Sig::QUIT,
+        ] {
             let n = signal_number(&sig).unwrap();
             assert_eq!(format!("{:?}", signal_of(n)), format!("{sig:?}"));
         }
@@ -432,7 +440,13 @@ mod tests {
     #[test]
     fn zero_sizes_get_terminal_defaults() {
         assert_eq!(tty_size(0, 0), TtySize { cols: 80, rows: 24 });
-        assert_eq!(tty_size(132, 50), TtySize { cols: 132, rows: 50 });
+        assert_eq!(
+            tty_size(132, 50),
+            TtySize {
+                cols: 132,
+                rows: 50
+            }
+        );
         assert_eq!(tty_size(u32::MAX, 1).cols, u16::MAX);
     }
 }

@@ -61,10 +61,11 @@ pub fn load_or_create(path: &Path) -> Result<PrivateKey, HostKeyError> {
                 path: path.to_owned(),
                 source,
             })?;
-            let key = PrivateKey::from_openssh(text.as_bytes()).map_err(|e| HostKeyError::Parse {
-                path: path.to_owned(),
-                message: e.to_string(),
-            })?;
+            let key =
+                PrivateKey::from_openssh(text.as_bytes()).map_err(|e| HostKeyError::Parse {
+                    path: path.to_owned(),
+                    message: e.to_string(),
+                })?;
             if key.is_encrypted() {
                 return Err(HostKeyError::Parse {
                     path: path.to_owned(),
@@ -129,7 +130,10 @@ mod tests {
         let path = dir.path().join("k");
         std::fs::write(&path, "not a key").unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(matches!(load_or_create(&path), Err(HostKeyError::Permissions { .. })));
+        assert!(matches!(
+            load_or_create(&path),
+            Err(HostKeyError::Permissions { .. })
+        ));
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         let e = load_or_create(&path).unwrap_err();
         assert!(matches!(e, HostKeyError::Parse { .. }), "{e}");

@@ -96,7 +96,7 @@ pub async fn serve(
             _ = stopped(&mut shutdown) => break,
         };
         let _ = socket.set_nodelay(true);
-        let local = socket.local_addr().unwrap_or_else(|_| server.listen);
+        let local = socket.local_addr().unwrap_or(server.listen);
         let conn = next_id.fetch_add(1, Ordering::Relaxed);
         let authenticated = Arc::new(AtomicBool::new(false));
         let span = tracing::info_span!("conn", conn, peer = %peer, user = tracing::field::Empty);

@@ -21,7 +21,12 @@ static NEXT_USER: AtomicUsize = AtomicUsize::new(0);
 
 /// Builds the busybox image once per test binary.
 pub fn ensure_image() {
-    IMAGE_ONCE.call_once(|| {
+    // On a thread of its own: callers may be inside an async test's runtime.
+    IMAGE_ONCE.call_once(|| std::thread::spawn(build_image).join().unwrap());
+}
+
+fn build_image() {
+    {
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async {
             let docker = bollard::Docker::connect_with_unix(
@@ -37,7 +42,7 @@ pub fn ensure_image() {
                 .await
                 .expect("building the busybox test image");
         });
-    });
+    }
 }
 
 /// A user name no other test (or concurrent test run) uses.

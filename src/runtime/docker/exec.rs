@@ -7,8 +7,8 @@
 
 use std::io;
 use std::path::Path;
-use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -33,7 +33,13 @@ pub(super) async fn start_attached(
     api_version: &str,
     exec_id: &str,
     tty: bool,
-) -> Result<(futures::stream::BoxStream<'static, io::Result<ExecOutput>>, tokio::io::WriteHalf<TokioIo<hyper::upgrade::Upgraded>>), RuntimeError> {
+) -> Result<
+    (
+        futures::stream::BoxStream<'static, io::Result<ExecOutput>>,
+        tokio::io::WriteHalf<TokioIo<hyper::upgrade::Upgraded>>,
+    ),
+    RuntimeError,
+> {
     let err = |what: &str, e: &dyn std::fmt::Display| RuntimeError::Exec(format!("{what}: {e}"));
     let stream = UnixStream::connect(socket)
         .await
@@ -66,7 +72,10 @@ pub(super) async fn start_attached(
             .await
             .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
             .unwrap_or_default();
-        return Err(RuntimeError::Exec(format!("engine answered {status}: {}", text.trim())));
+        return Err(RuntimeError::Exec(format!(
+            "engine answered {status}: {}",
+            text.trim()
+        )));
     }
     let upgraded = hyper::upgrade::on(resp)
         .await
@@ -77,7 +86,7 @@ pub(super) async fn start_attached(
             .map(|r| r.map(ExecOutput::Stdout))
             .boxed()
     } else {
-        FramedRead::with_capacity(read, Demux::default(), 64 * 1024).boxed()
+        FramedRead::with_capacity(read, Demux, 64 * 1024).boxed()
     };
     Ok((output, write))
 }
@@ -148,7 +157,11 @@ impl DockerExecControl {
             if info.running != Some(true) {
                 return None;
             }
-            if let Some(pid) = info.pid.and_then(|p| i32::try_from(p).ok()).filter(|p| *p > 0) {
+            if let Some(pid) = info
+                .pid
+                .and_then(|p| i32::try_from(p).ok())
+                .filter(|p| *p > 0)
+            {
                 let found = HostProcess::identify(pid)?;
                 return Some(*self.process.get_or_init(|| async { found }).await);
             }
@@ -213,7 +226,8 @@ impl ExecControl for DockerExecControl {
             tracing::warn!(exec = %self.exec_id, "cannot hang up: exec process not visible (is the gateway outside the host PID namespace?)");
             return;
         };
-        self.delivered.store(Signal::SIGHUP as i32, Ordering::SeqCst);
+        self.delivered
+            .store(Signal::SIGHUP as i32, Ordering::SeqCst);
         let grace = self.grace;
         let _ = tokio::task::spawn_blocking(move || process.hangup_blocking(grace)).await;
     }

@@ -92,7 +92,10 @@ impl DockerRuntime {
             ..Default::default()
         };
         let t0 = Instant::now();
-        match docker.create_container(Some(opts), spec::create_body(spec)).await {
+        match docker
+            .create_container(Some(opts), spec::create_body(spec))
+            .await
+        {
             Ok(r) => {
                 tracing::info!(container = %spec.name, image = %spec.image, ms = t0.elapsed().as_millis() as u64, "container created");
                 Ok(r.id)
@@ -138,7 +141,9 @@ impl DockerRuntime {
             let err = state.error.filter(|e| !e.is_empty());
             return Err(RuntimeError::Start(match err {
                 Some(e) => e,
-                None => format!("it exited at once with code {code} (does the image have /bin/sh?)"),
+                None => {
+                    format!("it exited at once with code {code} (does the image have /bin/sh?)")
+                }
             }));
         }
         tracing::info!(container = %name, ms = t0.elapsed().as_millis() as u64, "container started");
@@ -163,7 +168,11 @@ impl DockerRuntime {
             return Ok(s.clone());
         }
         let probe = CreateExecOptions::<String> {
-            cmd: Some(vec!["/bin/sh".into(), "-c".into(), "test -x /bin/bash".into()]),
+            cmd: Some(vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "test -x /bin/bash".into(),
+            ]),
             ..Default::default()
         };
         let created = docker.create_exec(id, probe).await.map_err(engine)?;
@@ -347,10 +356,7 @@ impl ContainerRuntime for DockerRuntime {
 
     async fn list_managed(&self) -> Result<Vec<ManagedContainer>, RuntimeError> {
         let (docker, _) = self.client().await?;
-        let filters = HashMap::from([(
-            "label".to_owned(),
-            vec![format!("{LABEL_MANAGED}=true")],
-        )]);
+        let filters = HashMap::from([("label".to_owned(), vec![format!("{LABEL_MANAGED}=true")])]);
         let list = docker
             .list_containers(Some(ListContainersOptions {
                 all: true,

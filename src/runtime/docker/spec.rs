@@ -6,8 +6,8 @@
 
 use std::collections::HashMap;
 
-use bollard::models::{ContainerCreateBody, HostConfig, Mount, MountType, RestartPolicy};
 use bollard::models::RestartPolicyNameEnum;
+use bollard::models::{ContainerCreateBody, HostConfig, Mount, MountType, RestartPolicy};
 
 use crate::runtime::{ContainerSpec, LABEL_MANAGED, LABEL_USER};
 
@@ -123,16 +123,35 @@ mod tests {
         let hc = body.host_config.unwrap();
         assert_eq!(hc.privileged, Some(false));
         assert_eq!(hc.init, Some(true));
-        assert_eq!(hc.security_opt.unwrap(), vec!["no-new-privileges".to_string()]);
+        assert_eq!(
+            hc.security_opt.unwrap(),
+            vec!["no-new-privileges".to_string()]
+        );
         assert!(hc.port_bindings.is_none() && body.exposed_ports.is_none());
         assert_eq!(hc.publish_all_ports, Some(false));
         assert!(hc.binds.is_none());
         let mounts = hc.mounts.unwrap();
-        assert!(mounts.iter().all(|m| !m.source.as_deref().unwrap().contains("docker.sock")));
-        let by_target = |t: &str| mounts.iter().find(|m| m.target.as_deref() == Some(t)).unwrap();
-        assert_eq!(by_target("/home/alice").source.as_deref(), Some("/srv/home/alice"));
+        assert!(
+            mounts
+                .iter()
+                .all(|m| !m.source.as_deref().unwrap().contains("docker.sock"))
+        );
+        let by_target = |t: &str| {
+            mounts
+                .iter()
+                .find(|m| m.target.as_deref() == Some(t))
+                .unwrap()
+        };
+        assert_eq!(
+            by_target("/home/alice").source.as_deref(),
+            Some("/srv/home/alice")
+        );
         assert_eq!(by_target("/home/alice").read_only, Some(false));
-        assert_eq!(by_target("/data").read_only, Some(true), "mounts are read-only unless marked");
+        assert_eq!(
+            by_target("/data").read_only,
+            Some(true),
+            "mounts are read-only unless marked"
+        );
         assert_eq!(by_target("/scratch").read_only, Some(false));
     }
 

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs and starts what labgate's demo and tests need on a fresh Debian machine:
+# the OpenSSH client, a static busybox (the demo/test image is built from it, no registry
+# needed) and a running Docker Engine. Safe to run again: it only acts on what is missing.
+set -euo pipefail
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+missing=()
+command -v ssh >/dev/null 2>&1 || missing+=(openssh-client)
+command -v ssh-keygen >/dev/null 2>&1 || missing+=(openssh-client)
+command -v ssh-keyscan >/dev/null 2>&1 || missing+=(openssh-client)
+file_is_static() { [ -x "$1" ] && ! grep -q -a -m1 '/lib64/ld-linux' "$1"; }
+file_is_static /bin/busybox || missing+=(busybox-static)
+command -v docker >/dev/null 2>&1 || missing+=(docker.io)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "prereqs: installing ${missing[*]}" >&2
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if ! docker info >/dev/null 2>&1; then
+  echo "prereqs: starting dockerd" >&2
+  as_root sh -c 'nohup dockerd >/var/log/dockerd.log 2>&1 &'
+  for _ in $(seq 1 60); do
+    docker info >/dev/null 2>&1 && break
+    sleep 1
+  done
+  docker info >/dev/null 2>&1 || { echo "prereqs: dockerd did not start; see /var/log/dockerd.log" >&2; exit 1; }
+fi

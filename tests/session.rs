@@ -1,0 +1,326 @@
+//! Shell and command sessions as OpenSSH users know them: `SHELL -c`, separate stdout and
+//! stderr, stdin EOF, exit status, terminals (size, resize, binary output), accepted env,
+//! and what happens to processes when the client disappears.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Gateway, eventually, pids_of};
+
+#[test]
+fn commands_run_through_the_shell_with_separate_streams_and_exit_status() {
+    let gw = Gateway::start(1, "", "");
+    let out = gw.run(
+        0,
+        "cd /tmp && echo out | tr a-z A-Z && echo err >&2; ls ~ >/dev/null && exit 42",
+    );
+    assert_eq!(out.status.code(), Some(42));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "OUT\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
+    assert_eq!(gw.run(0, "true").status.code(), Some(0));
+    assert_eq!(gw.run(0, "false").status.code(), Some(1));
+}
+
+#[test]
+fn stdin_reaches_the_command_and_its_eof_too() {
+    let gw = Gateway::start(1, "", "");
+    let mut child = gw
+        .ssh(0)
+        .arg("wc -c")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"abc").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "3");
+}
+
+#[test]
+fn large_binary_data_passes_both_ways_byte_exact() {
+    let gw = Gateway::start(1, "", "");
+    let data: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let mut child = gw
+        .ssh(0)
+        .arg("cat > blob && cat blob")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = {
+        let data = data.clone();
+        std::thread::spawn(move || stdin.write_all(&data).unwrap())
+    };
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    assert!(out.status.success());
+    assert_eq!(out.stdout.len(), data.len());
+    assert!(out.stdout == data, "bytes differ");
+}
+
+#[test]
+fn binary_output_through_a_pty_is_byte_exact() {
+    let gw = Gateway::start(1, "", "");
+    // Bytes 0x00-0x02 first: a stream-header guesser would eat them.
+    let out = gw
+        .ssh(0)
+        .args(["-tt", r"printf '\001\002\003abcdefgh\000\377\376'"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{:?}", out);
+    assert_eq!(out.stdout, b"\x01\x02\x03abcdefgh\x00\xff\xfe");
+}
+
+#[test]
+fn accepted_env_passes_and_everything_else_is_refused() {
+    let gw = Gateway::start(1, "", "");
+    let out = gw
+        .ssh(0)
+        .args([
+            "-o",
+            "SetEnv=LANG=C.UTF-8 LC_ALL=C GIT_PROTOCOL=version=2 FOO=bar LD_PRELOAD=/evil.so PATH=/evil",
+            "echo \"$LANG|$LC_ALL|$GIT_PROTOCOL|$FOO|$LD_PRELOAD\"; echo $PATH",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let mut lines = stdout.lines();
+    assert_eq!(lines.next(), Some("C.UTF-8|C|version=2||"));
+    assert!(!lines.next().unwrap_or("").contains("evil"));
+}
+
+#[test]
+fn the_container_shell_is_sh_when_the_image_has_no_bash() {
+    let gw = Gateway::start(1, "", "");
+    assert_eq!(gw.ok(0, "echo $SHELL; echo $0"), "/bin/sh\n/bin/sh\n");
+}
+
+#[test]
+fn the_configured_shell_is_used() {
+    let gw = Gateway::start(1, "shell = \"/bin/ash\"", "");
+    assert_eq!(gw.ok(0, "echo $SHELL; echo $0"), "/bin/ash\n/bin/ash\n");
+}
+
+/// A real terminal for the client: `ssh -tt` runs with a pty as stdin/stdout, so it sends its
+/// size in pty-req and a window-change on SIGWINCH, as in an interactive session.
+struct Terminal {
+    master: std::fs::File,
+    child: std::process::Child,
+    seen: Vec<u8>,
+}
+
+impl Terminal {
+    fn open(cmd: &mut Command, rows: u16, cols: u16) -> Terminal {
+        let pty = nix::pty::openpty(
+            Some(&nix::pty::Winsize {
+                ws_row: rows,
+                ws_col: cols,
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            }),
+            None,
+        )
+        .unwrap();
+        let slave = std::fs::File::from(pty.slave);
+        let child = cmd
+            .stdin(slave.try_clone().unwrap())
+            .stdout(slave.try_clone().unwrap())
+            .stderr(slave)
+            .spawn()
+            .unwrap();
+        let master = std::fs::File::from(pty.master);
+        let fd = master.as_fd();
+        let flags = rustix::fs::fcntl_getfl(fd).unwrap();
+        rustix::fs::fcntl_setfl(fd, flags | rustix::fs::OFlags::NONBLOCK).unwrap();
+        Terminal {
+            master,
+            child,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Reads until `needle` appears in the output since the last call.
+    fn expect(&mut self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Some(pos) = String::from_utf8_lossy(&self.seen).find(needle) {
+                self.seen.drain(..pos + needle.len());
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "never saw {needle:?}; got {:?}",
+                String::from_utf8_lossy(&self.seen)
+            );
+            match self.master.read(&mut buf) {
+                Ok(n) if n > 0 => self.seen.extend_from_slice(&buf[..n]),
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+
+    fn send(&mut self, text: &str) {
+        self.master.write_all(text.as_bytes()).unwrap();
+    }
+
+    fn resize(&mut self, rows: u16, cols: u16) {
+        rustix::termios::tcsetwinsize(
+            self.master.as_fd(),
+            rustix::termios::Winsize {
+                ws_row: rows,
+                ws_col: cols,
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            },
+        )
+        .unwrap();
+        // ssh is not in the pty's foreground group here, so tell it as the kernel would.
+        rustix::process::kill_process(
+            rustix::process::Pid::from_raw(self.child.id() as i32).unwrap(),
+            rustix::process::Signal::WINCH,
+        )
+        .unwrap();
+    }
+}
+
+impl Drop for Terminal {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_pty_gets_the_clients_term_and_size_and_follows_resizes() {
+    let gw = Gateway::start(1, "", "");
+    let mut ssh = gw.ssh(0);
+    ssh.env("TERM", "xterm-256color").args([
+        "-tt",
+        "echo term=$TERM; stty size | sed 's/^/size=/'; read line; stty size | sed 's/^/size=/'; tty",
+    ]);
+    let mut term = Terminal::open(&mut ssh, 40, 100);
+    term.expect("term=xterm-256color");
+    term.expect("size=40 100");
+    term.resize(50, 132);
+    // Give the window-change a moment to travel before the next `stty size`.
+    std::thread::sleep(Duration::from_millis(500));
+    term.send("\n");
+    term.expect("size=50 132");
+    term.expect("/dev/pts/");
+}
+
+#[test]
+fn an_interactive_login_shell_runs_in_the_home_directory() {
+    let gw = Gateway::start(1, "", "");
+    let mut ssh = gw.ssh(0);
+    ssh.args(["-tt"]);
+    let mut term = Terminal::open(&mut ssh, 24, 80);
+    term.send("echo \"where=$(pwd)\"\n");
+    term.expect(&format!("where=/home/{}", gw.users[0]));
+    term.send("exit 7\n");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = term.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "ssh did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(7), "exit status of the login shell");
+}
+
+/// Spawns `ssh user cmd` in the background and waits until `marker` runs on the host.
+fn spawn_until_running(gw: &Gateway, cmd: &str, marker: &str) -> std::process::Child {
+    let child = gw
+        .ssh(0)
+        .arg(cmd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || !pids_of(marker).is_empty()),
+        "{marker} never started; log:\n{}",
+        gw.log()
+    );
+    child
+}
+
+#[test]
+fn a_vanished_client_takes_its_processes_along_but_detached_ones_survive() {
+    let gw = Gateway::start(1, "", "");
+    let n = std::process::id() % 10_000;
+    let plain = format!("sleep 1{n:04}1");
+    let detached = format!("sleep 1{n:04}2");
+    let nohup = format!("sleep 1{n:04}3");
+    let child_job = format!("sleep 1{n:04}4");
+    let cmd =
+        format!("setsid {detached} & sh -c 'trap \"\" HUP; exec {nohup}' & {child_job} & {plain}");
+    let mut ssh = spawn_until_running(&gw, &cmd, &plain);
+    assert!(eventually(Duration::from_secs(10), || {
+        [&detached, &nohup, &child_job]
+            .iter()
+            .all(|m| !pids_of(m).is_empty())
+    }));
+    ssh.kill().unwrap(); // SIGKILL: the client is gone without a word
+    ssh.wait().unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || pids_of(&plain).is_empty()
+            && pids_of(&child_job).is_empty()),
+        "the session's processes must not linger; log:\n{}",
+        gw.log()
+    );
+    assert!(!pids_of(&detached).is_empty(), "setsid job survives");
+    assert!(
+        !pids_of(&nohup).is_empty(),
+        "a job ignoring SIGHUP (nohup) survives"
+    );
+    for m in [&detached, &nohup] {
+        for pid in pids_of(m) {
+            let _ = Command::new("kill").arg(pid.to_string()).status();
+        }
+    }
+}
+
+#[test]
+fn a_vanished_interactive_client_hangs_up_its_shell() {
+    let gw = Gateway::start(1, "", "");
+    let n = std::process::id() % 10_000;
+    let marker = format!("sleep 2{n:04}1");
+    let mut ssh = gw.ssh(0);
+    ssh.args(["-tt"]);
+    let mut term = Terminal::open(&mut ssh, 24, 80);
+    term.send(&format!("{marker}\n"));
+    assert!(eventually(Duration::from_secs(20), || !pids_of(&marker).is_empty()));
+    term.child.kill().unwrap();
+    term.child.wait().unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || pids_of(&marker).is_empty()),
+        "the foreground job of a hung-up terminal must end"
+    );
+}
+
+#[test]
+fn closing_a_channel_mid_command_ends_it_and_the_connection_stays_usable() {
+    let gw = Gateway::start(1, "", "");
+    let n = std::process::id() % 10_000;
+    let marker = format!("sleep 3{n:04}1");
+    let mut ssh = spawn_until_running(&gw, &marker, &marker);
+    // SIGTERM: the client closes cleanly.
+    let _ = Command::new("kill").arg(ssh.id().to_string()).status();
+    ssh.wait().unwrap();
+    assert!(eventually(Duration::from_secs(10), || pids_of(&marker).is_empty()));
+    assert_eq!(gw.ok(0, "echo still-here"), "still-here\n");
+}
