@@ -50,7 +50,7 @@ pub enum ConfigError {
         /// What is wrong.
         message: String,
     },
-    /// A problem that has no single position (a required key that is missing).
+    /// A problem the TOML parser could not place in the file.
     #[error("{path}: {message}", path = path.display())]
     Invalid {
         /// The config file.
@@ -224,7 +224,7 @@ struct RawQuota {
     env: Option<BTreeMap<EnvName, String>>,
     uid: Option<u32>,
     gid: Option<u32>,
-    accept_env: Option<Vec<EnvPattern>>,
+    accept_env: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -307,7 +307,9 @@ checked!(EnvName, String, [Eq, Ord], |n| {
         Err(format!("invalid environment variable name {n:?}"))
     }
 });
-checked!(EnvPattern, String, |p| {
+/// Checks an `accept_env` pattern: a name or a prefix ending in `*`, never one that could
+/// admit PATH or LD_*.
+fn check_env_pattern(p: &str) -> Result<(), String> {
     let name = p.strip_suffix('*').unwrap_or(p);
     let name_ok = name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
     if !name_ok {
@@ -323,7 +325,7 @@ checked!(EnvPattern, String, |p| {
         ));
     }
     Ok(())
-});
+}
 
 impl RawQuota {
     /// Fields of `self` where set, else those of `base`.
@@ -340,7 +342,10 @@ impl RawQuota {
             shell: self.shell.or_else(|| base.shell.clone()),
             env: self.env.or_else(|| base.env.clone()),
             uid: self.uid.or(base.uid),
-            gid: self.gid.or(base.gid),
+            // A user's own uid brings its own gid unless the table sets one.
+            gid: self
+                .gid
+                .or(if self.uid.is_some() { None } else { base.gid }),
             accept_env: self.accept_env.or_else(|| base.accept_env.clone()),
         }
     }
@@ -367,9 +372,12 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     let base = path.parent().unwrap_or(Path::new("/")).to_owned();
     let v = Validator { path, text };
-    let raw: RawConfig = toml::from_str(text).map_err(|e| {
-        let span = e.span().unwrap_or(0..0);
-        v.at(span, e.message().to_owned())
+    let raw: RawConfig = toml::from_str(text).map_err(|e| match e.span() {
+        Some(span) => v.at(span, e.message().to_owned()),
+        None => ConfigError::Invalid {
+            path: path.to_owned(),
+            message: e.message().to_owned(),
+        },
     })?;
     let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
 
@@ -395,10 +403,11 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             .map_or(Duration::from_secs(30), |d| d.0),
     };
     let docker = DockerConfig {
-        socket: raw
-            .docker
-            .socket
-            .unwrap_or_else(|| PathBuf::from("/var/run/docker.sock")),
+        socket: resolve(
+            raw.docker
+                .socket
+                .unwrap_or_else(|| PathBuf::from("/var/run/docker.sock")),
+        ),
         timeout: raw.docker.timeout.map_or(Duration::from_secs(60), |d| d.0),
     };
 
@@ -481,7 +490,7 @@ impl Validator<'_> {
                 return Err(self.at(
                     span,
                     format!(
-                        "mount source {} is the Docker socket: containers never see it",
+                        "mount source {} is or contains the Docker socket: containers never see it",
                         source.display()
                     ),
                 ));
@@ -492,14 +501,21 @@ impl Validator<'_> {
                 writable: m.writable,
             });
         }
-        let accept_env = raw.accept_env.map_or_else(
-            || {
-                ["TERM", "LANG", "LC_*", "GIT_PROTOCOL"]
-                    .map(String::from)
-                    .to_vec()
-            },
-            |v| v.into_iter().map(|p| p.0).collect(),
-        );
+        let accept_env = match raw.accept_env {
+            None => ["TERM", "LANG", "LC_*", "GIT_PROTOCOL"]
+                .map(String::from)
+                .to_vec(),
+            Some(patterns) => {
+                let mut out = Vec::with_capacity(patterns.len());
+                for p in patterns {
+                    let span = p.span();
+                    let p = p.into_inner();
+                    check_env_pattern(&p).map_err(|m| self.at(span, m))?;
+                    out.push(p);
+                }
+                out
+            }
+        };
         Ok(Quota {
             image: image.0,
             memory: raw.memory.map(|m| m.0),

@@ -498,6 +498,13 @@ fn memory_below_docker_minimum_is_rejected() {
         10,
         &["memory 1K", "6M"],
     );
+    // One byte short of 6 MiB (the limit is binary, like Docker's).
+    assert_err(
+        "[defaults]\nimage = \"busybox\"\nmemory = 6291455\n",
+        3,
+        10,
+        &["memory 6291455", "6M"],
+    );
 }
 
 #[test]
