@@ -24,9 +24,6 @@ pub enum StartError {
     /// The host key cannot be loaded or created.
     #[error(transparent)]
     HostKey(#[from] ssh::hostkey::HostKeyError),
-    /// The container backend cannot be set up.
-    #[error(transparent)]
-    Runtime(#[from] crate::runtime::RuntimeError),
     /// The listen address cannot be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -53,7 +50,7 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), StartError> {
     let host_key = ssh::hostkey::load_or_create(&config.server.host_key)?;
-    let runtime = Arc::new(DockerRuntime::new(&config.docker)?);
+    let runtime = Arc::new(DockerRuntime::new(&config.docker));
     let russh_config = Arc::new(ssh::russh_config(&config.server, host_key));
     let server = config.server.clone();
     let listener = TcpListener::bind(server.listen)

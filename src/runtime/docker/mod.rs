@@ -31,8 +31,8 @@ const HANGUP_GRACE: Duration = Duration::from_secs(2);
 
 /// The Docker backend.
 pub struct DockerRuntime {
-    /// Client before version negotiation; cheap to clone, never connects by itself.
-    raw: Docker,
+    /// Bound on each API call.
+    timeout: Duration,
     /// Negotiated client, made on first use (and retried until the daemon answers).
     client: OnceCell<(Docker, String)>,
     /// Socket path, for the hijacked exec connections.
@@ -44,29 +44,33 @@ pub struct DockerRuntime {
 }
 
 impl DockerRuntime {
-    /// A backend talking to the engine at `cfg.socket`. Does no I/O.
-    pub fn new(cfg: &DockerConfig) -> Result<Self, RuntimeError> {
-        let socket = cfg.socket.to_string_lossy().into_owned();
-        let raw = Docker::connect_with_unix(
-            &socket,
-            cfg.timeout.as_secs().max(1),
-            bollard::API_DEFAULT_VERSION,
-        )
-        .map_err(|e| RuntimeError::Unavailable(e.to_string()))?;
-        Ok(Self {
-            raw,
+    /// A backend talking to the engine at `cfg.socket`. Does no I/O and never fails: the
+    /// socket may appear later (a stopped daemon removes it), and until then each login is
+    /// told the engine is not reachable.
+    pub fn new(cfg: &DockerConfig) -> Self {
+        Self {
+            timeout: cfg.timeout,
             client: OnceCell::new(),
             socket: cfg.socket.clone(),
             locks: Mutex::new(HashMap::new()),
             shells: Mutex::new(HashMap::new()),
-        })
+        }
     }
 
     /// The negotiated client and its API version prefix (`v1.41`).
     async fn client(&self) -> Result<&(Docker, String), RuntimeError> {
         self.client
             .get_or_try_init(|| async {
-                let docker = self.raw.clone().negotiate_version().await.map_err(engine)?;
+                let socket = self.socket.to_string_lossy();
+                let docker = Docker::connect_with_unix(
+                    &socket,
+                    self.timeout.as_secs().max(1),
+                    bollard::API_DEFAULT_VERSION,
+                )
+                .map_err(|e| RuntimeError::Unavailable(e.to_string()))?
+                .negotiate_version()
+                .await
+                .map_err(engine)?;
                 let v = docker.client_version();
                 let version = format!("v{}.{}", v.major_version, v.minor_version);
                 tracing::info!(api = %version, socket = %self.socket.display(), "connected to the Docker Engine");
@@ -131,23 +135,44 @@ impl DockerRuntime {
             Err(e) => return Err(engine(e)),
         }
         // A container can start and die at once (no /bin/sh in the image, say).
+        if let Some(dead) = self.not_running(docker, id).await {
+            return Err(dead);
+        }
+        tracing::info!(container = %name, ms = t0.elapsed().as_millis() as u64, "container started");
+        Ok(())
+    }
+
+    /// Explains a failed exec: a container that died right after starting (an image without
+    /// `/bin/sh`, say) is a start failure with its exit code, not an engine error.
+    async fn exec_failure(&self, docker: &Docker, id: &str, err: BollardError) -> RuntimeError {
+        if let Some(dead) = self.not_running(docker, id).await {
+            return dead;
+        }
+        match err {
+            BollardError::DockerResponseServerError { message, .. } => RuntimeError::Exec(message),
+            other => engine(other),
+        }
+    }
+
+    /// `Some(error)` when the container is not running, describing how it ended.
+    async fn not_running(&self, docker: &Docker, id: &str) -> Option<RuntimeError> {
         let info = docker
             .inspect_container(id, None::<InspectContainerOptions>)
             .await
-            .map_err(engine)?;
+            .ok()?;
         let state = info.state.unwrap_or_default();
-        if state.running != Some(true) {
-            let code = state.exit_code.unwrap_or(-1);
-            let err = state.error.filter(|e| !e.is_empty());
-            return Err(RuntimeError::Start(match err {
+        if state.running == Some(true) {
+            return None;
+        }
+        let code = state.exit_code.unwrap_or(-1);
+        Some(RuntimeError::Start(
+            match state.error.filter(|e| !e.is_empty()) {
                 Some(e) => e,
                 None => {
                     format!("it exited at once with code {code} (does the image have /bin/sh?)")
                 }
-            }));
-        }
-        tracing::info!(container = %name, ms = t0.elapsed().as_millis() as u64, "container started");
-        Ok(())
+            },
+        ))
     }
 
     async fn shell_of(
@@ -175,8 +200,11 @@ impl DockerRuntime {
             ]),
             ..Default::default()
         };
-        let created = docker.create_exec(id, probe).await.map_err(engine)?;
-        docker
+        let created = match docker.create_exec(id, probe).await {
+            Ok(c) => c,
+            Err(e) => return Err(self.exec_failure(docker, id, e).await),
+        };
+        if let Err(e) = docker
             .start_exec(
                 &created.id,
                 Some(StartExecOptions {
@@ -185,7 +213,9 @@ impl DockerRuntime {
                 }),
             )
             .await
-            .map_err(engine)?;
+        {
+            return Err(self.exec_failure(docker, id, e).await);
+        }
         let control = exec::DockerExecControl {
             docker: docker.clone(),
             exec_id: created.id,
@@ -330,10 +360,7 @@ impl ContainerRuntime for DockerRuntime {
         };
         let created = match docker.create_exec(&container.id, opts).await {
             Ok(c) => c,
-            Err(BollardError::DockerResponseServerError { message, .. }) => {
-                return Err(RuntimeError::Exec(message));
-            }
-            Err(e) => return Err(engine(e)),
+            Err(e) => return Err(self.exec_failure(docker, &container.id, e).await),
         };
         let (output, stdin) =
             exec::start_attached(&self.socket, version, &created.id, req.tty.is_some()).await?;
