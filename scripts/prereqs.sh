@@ -13,6 +13,7 @@ command -v ssh-keyscan >/dev/null 2>&1 || missing+=(openssh-client)
 file_is_static() { [ -x "$1" ] && ! grep -q -a -m1 '/lib64/ld-linux' "$1"; }
 file_is_static /bin/busybox || missing+=(busybox-static)
 command -v docker >/dev/null 2>&1 || missing+=(docker.io)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "prereqs: installing ${missing[*]}" >&2
   as_root apt-get update -qq

@@ -10,6 +10,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::config::{self, Config, ConfigError};
+use crate::gpu::pool::GpuPool;
 use crate::runtime::ContainerRuntime;
 use crate::runtime::docker::DockerRuntime;
 use crate::session::Context;
@@ -51,6 +52,7 @@ pub async fn serve(
 ) -> Result<(), StartError> {
     let host_key = ssh::hostkey::load_or_create(&config.server.host_key)?;
     let runtime = Arc::new(DockerRuntime::new(&config.docker));
+    let gpus = Arc::new(GpuPool::open(&config.gpu, runtime.clone()).await);
     let russh_config = Arc::new(ssh::russh_config(&config.server, host_key));
     let server = config.server.clone();
     let listener = TcpListener::bind(server.listen)
@@ -64,10 +66,12 @@ pub async fn serve(
         source,
     })?;
     tokio::spawn(reconcile(runtime.clone()));
+    tokio::spawn(rebuild_gpu_holdings(gpus.clone()));
     let (_config_tx, config_rx) = watch::channel(Arc::new(config));
     let ctx = Arc::new(Context {
         config: config_rx,
         runtime,
+        gpus,
     });
     info!(addr = %bound, "labgate listening");
     // Tests and scripts read the bound address (port 0 picks one) from this line.
@@ -97,5 +101,16 @@ async fn reconcile(runtime: Arc<DockerRuntime>) {
         Err(e) => {
             warn!("cannot list managed containers: {e}; logins will fail until Docker is reachable")
         }
+    }
+}
+
+/// Rebuilds who holds which GPU from the labels of the running containers, so a restarted
+/// gateway never hands out a GPU a running container has. (Until it succeeds, the first login
+/// that involves GPUs does it.)
+async fn rebuild_gpu_holdings(gpus: Arc<GpuPool>) {
+    if let Err(e) = gpus.rebuild().await {
+        warn!(
+            "cannot rebuild GPU holdings from container labels: {e}; retried at the next GPU login"
+        );
     }
 }

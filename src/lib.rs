@@ -15,6 +15,8 @@
 //! - [`session`]: per-login state and the task that bridges one session channel to a process.
 //! - [`runtime`]: the container backend seam ([`runtime::ContainerRuntime`]) and its Docker
 //!   implementation, plus host-side process signalling.
+//! - [`gpu`]: the GPU inventory (NVML), the allocator (exclusive or shared, by UUID, never
+//!   oversubscribed) and the pool that gives a login its GPUs.
 //! - [`demo`]: the embedded demo setup (locally built busybox image, demo user and key).
 //! - [`app`]: the composition root: wires config, backend and server, runs until a signal.
 //!
@@ -27,6 +29,8 @@ pub mod app;
 pub mod auth;
 pub mod config;
 pub mod demo;
+pub mod forward;
+pub mod gpu;
 pub mod runtime;
 pub mod session;
 pub mod ssh;

@@ -34,6 +34,13 @@ enum Command {
         #[arg(long, short, default_value = config::DEFAULT_PATH)]
         config: PathBuf,
     },
+    /// Print the host's GPUs (NVML, from `[gpu] nvml_library`): index, UUID, name, memory,
+    /// utilisation, MIG mode, processes, and the users whose running containers hold each.
+    Gpus {
+        /// Config file.
+        #[arg(long, short, default_value = config::DEFAULT_PATH)]
+        config: PathBuf,
+    },
     /// Run the gateway on the embedded demo config, with a `demo` user and a locally built
     /// busybox image; prints the ssh command to log in.
     Demo {
@@ -58,6 +65,11 @@ fn main() -> ExitCode {
         .init();
     match cli.command {
         Command::Check { config } => check(&config),
+        Command::Gpus { config } => run(async move {
+            let loaded = config::load(&config)?;
+            print!("{}", labgate::gpu::report(&loaded).await?);
+            Ok(())
+        }),
         Command::Serve { config } => run(async move {
             app::run(&config, shutdown_signal()).await?;
             Ok(())

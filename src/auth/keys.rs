@@ -28,6 +28,73 @@ impl AuthorizedKey {
     pub fn fingerprint(&self) -> String {
         self.key.fingerprint(HashAlg::Sha256).to_string()
     }
+
+    /// The forwarding-related options of this key, as sshd reads them.
+    pub fn options(&self) -> KeyOptions {
+        KeyOptions::parse(&self.options)
+    }
+}
+
+/// The `authorized_keys` options labgate honours so far (the operations issue adds the rest).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyOptions {
+    /// False under `no-port-forwarding`, or `restrict` without `port-forwarding`.
+    pub port_forwarding: bool,
+    /// Values of `permitopen="host:port"` options; empty means no restriction.
+    pub permit_open: Vec<String>,
+}
+
+impl KeyOptions {
+    /// Parses an options field (`restrict,permitopen="localhost:8888"`).
+    pub fn parse(field: &str) -> KeyOptions {
+        let mut out = KeyOptions {
+            port_forwarding: true,
+            permit_open: Vec::new(),
+        };
+        let mut restrict = false;
+        let mut reenabled = false;
+        for opt in split_options(field) {
+            let (name, value) = match opt.split_once('=') {
+                Some((n, v)) => (n, Some(v.trim_matches('"'))),
+                None => (opt, None),
+            };
+            match (name.to_ascii_lowercase().as_str(), value) {
+                ("restrict", None) => restrict = true,
+                ("no-port-forwarding", None) => out.port_forwarding = false,
+                ("port-forwarding", None) => reenabled = true,
+                ("permitopen", Some(v)) => out.permit_open.push(v.to_owned()),
+                _ => {}
+            }
+        }
+        if restrict && !reenabled {
+            out.port_forwarding = false;
+        }
+        out
+    }
+}
+
+/// Splits an options field at commas outside double quotes.
+fn split_options(field: &str) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let mut start = 0;
+    let mut quoted = false;
+    let mut escaped = false;
+    for (i, c) in field.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' => escaped = true,
+            '"' => quoted = !quoted,
+            ',' if !quoted => {
+                parts.push(&field[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    if start < field.len() {
+        parts.push(&field[start..]);
+    }
+    parts.into_iter().filter(|p| !p.is_empty()).collect()
 }
 
 /// A line of a key file that could not be parsed.
@@ -205,6 +272,19 @@ mod tests {
         assert_eq!(f.keys[1].options, "restrict,no-pty");
         assert_eq!(f.keys[1].line, 4);
         assert!(f.keys[0].fingerprint().starts_with("SHA256:"));
+    }
+
+    #[test]
+    fn forwarding_options_are_read_like_sshd() {
+        assert!(KeyOptions::parse("").port_forwarding);
+        assert!(!KeyOptions::parse("no-port-forwarding").port_forwarding);
+        assert!(!KeyOptions::parse("restrict").port_forwarding);
+        assert!(KeyOptions::parse("restrict,port-forwarding").port_forwarding);
+        let o = KeyOptions::parse(
+            r#"command="echo a,b",permitopen="localhost:8888",permitopen="[::1]:6006",no-pty"#,
+        );
+        assert!(o.port_forwarding);
+        assert_eq!(o.permit_open, vec!["localhost:8888", "[::1]:6006"]);
     }
 
     #[test]

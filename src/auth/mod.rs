@@ -7,7 +7,7 @@
 pub mod keys;
 pub mod user;
 
-pub use keys::{AuthorizedKey, KeyFile, KeyStore};
+pub use keys::{AuthorizedKey, KeyFile, KeyOptions, KeyStore};
 pub use user::{InvalidUsername, Username};
 
 use russh::keys::PublicKey;

@@ -6,6 +6,7 @@
 //! nothing downstream ever sees an unvalidated value. Relative paths are resolved against the
 //! directory of the config file.
 
+mod gpu;
 pub mod units;
 
 use std::collections::BTreeMap;
@@ -18,6 +19,8 @@ use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
 use crate::auth::Username;
+use crate::forward::policy::{AllowRule, ForwardPolicy};
+pub use gpu::{DEFAULT_NVML_LIBRARY, GpuConfig, GpuMode, GpuPin, GpuRequest};
 pub use units::{ByteSize, HumanDuration};
 
 /// Default path of the config file, relative to the working directory.
@@ -69,6 +72,8 @@ pub struct Config {
     pub server: ServerConfig,
     /// How to reach the Docker Engine.
     pub docker: DockerConfig,
+    /// Where NVML is and how GPUs are shared.
+    pub gpu: GpuConfig,
     /// The quota of every user without a `[users.NAME]` table.
     pub defaults: Quota,
     /// Fully resolved quotas of users with their own table.
@@ -112,6 +117,9 @@ pub struct DockerConfig {
     pub socket: PathBuf,
     /// Bound on each Docker API call (not on a running exec).
     pub timeout: Duration,
+    /// The network user containers join: labgate's own bridge with inter-container traffic
+    /// off (created if missing), so users cannot reach each other's containers.
+    pub network: String,
 }
 
 /// What a user's container gets: `[defaults]` with `[users.NAME]` merged over it.
@@ -127,8 +135,8 @@ pub struct Quota {
     pub shm: Option<ByteSize>,
     /// Limit on processes in the container.
     pub pids: Option<i64>,
-    /// GPUs to attach (a count; allocation is the GPU module's job).
-    pub gpus: u32,
+    /// GPUs to attach: a count or pinned GPUs (allocation is the GPU module's job).
+    pub gpus: GpuRequest,
     /// Host path of the home directory; `{user}` is replaced by the user name.
     pub home: String,
     /// Extra bind mounts.
@@ -143,6 +151,8 @@ pub struct Quota {
     pub gid: Option<u32>,
     /// Patterns of environment variables a client may send (`LC_*` matches a prefix).
     pub accept_env: Vec<String>,
+    /// Which forwards the user may open, and to where beyond their container.
+    pub forwarding: ForwardPolicy,
 }
 
 impl Quota {
@@ -186,9 +196,33 @@ struct RawConfig {
     server: RawServer,
     #[serde(default)]
     docker: RawDocker,
+    #[serde(default)]
+    gpu: gpu::RawGpu,
     defaults: Spanned<RawQuota>,
     #[serde(default)]
     users: BTreeMap<Username, Spanned<RawQuota>>,
+    forwarding: Option<RawForwarding>,
+}
+
+/// `[forwarding]` (everyone) and `[users.NAME.forwarding]` (one user), merged field by field.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawForwarding {
+    local: Option<bool>,
+    remote: Option<bool>,
+    unix: Option<bool>,
+    allow: Option<Vec<Spanned<String>>>,
+}
+
+impl RawForwarding {
+    fn over(self, base: &RawForwarding) -> RawForwarding {
+        RawForwarding {
+            local: self.local.or(base.local),
+            remote: self.remote.or(base.remote),
+            unix: self.unix.or(base.unix),
+            allow: self.allow.or_else(|| base.allow.clone()),
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -207,6 +241,7 @@ struct RawServer {
 struct RawDocker {
     socket: Option<PathBuf>,
     timeout: Option<HumanDuration>,
+    network: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -217,7 +252,7 @@ struct RawQuota {
     cpus: Option<Cpus>,
     shm: Option<ByteSize>,
     pids: Option<Positive>,
-    gpus: Option<u32>,
+    gpus: Option<GpuRequest>,
     home: Option<Spanned<String>>,
     mounts: Option<Vec<RawMount>>,
     shell: Option<ContainerPath>,
@@ -225,6 +260,7 @@ struct RawQuota {
     uid: Option<u32>,
     gid: Option<u32>,
     accept_env: Option<Vec<Spanned<String>>>,
+    forwarding: Option<RawForwarding>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -336,7 +372,7 @@ impl RawQuota {
             cpus: self.cpus.or_else(|| base.cpus.clone()),
             shm: self.shm.or(base.shm),
             pids: self.pids.or_else(|| base.pids.clone()),
-            gpus: self.gpus.or(base.gpus),
+            gpus: self.gpus.or_else(|| base.gpus.clone()),
             home: self.home.or_else(|| base.home.clone()),
             mounts: self.mounts.or_else(|| base.mounts.clone()),
             shell: self.shell.or_else(|| base.shell.clone()),
@@ -347,6 +383,11 @@ impl RawQuota {
                 .gid
                 .or(if self.uid.is_some() { None } else { base.gid }),
             accept_env: self.accept_env.or_else(|| base.accept_env.clone()),
+            forwarding: Some(
+                self.forwarding
+                    .unwrap_or_default()
+                    .over(&base.forwarding.clone().unwrap_or_default()),
+            ),
         }
     }
 }
@@ -409,10 +450,31 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
                 .unwrap_or_else(|| PathBuf::from("/var/run/docker.sock")),
         ),
         timeout: raw.docker.timeout.map_or(Duration::from_secs(60), |d| d.0),
+        network: raw.docker.network.unwrap_or_else(|| "labgate".to_owned()),
     };
+    if docker.network.is_empty()
+        || docker.network == "host"
+        || docker.network.starts_with("container:")
+    {
+        return Err(ConfigError::Invalid {
+            path: path.to_owned(),
+            message: format!(
+                "[docker] network = {:?} is not allowed: user containers need a bridge network of their own (the default \"labgate\" is created if missing)",
+                docker.network
+            ),
+        });
+    }
 
+    let gpu = v.gpu(raw.gpu, &base)?;
     let defaults_span = raw.defaults.span();
-    let raw_defaults = raw.defaults.into_inner();
+    let mut raw_defaults = raw.defaults.into_inner();
+    raw_defaults.forwarding = Some(
+        raw_defaults
+            .forwarding
+            .take()
+            .unwrap_or_default()
+            .over(&raw.forwarding.unwrap_or_default()),
+    );
     if let Some(home) = &raw_defaults.home
         && !home.get_ref().contains("{user}")
     {
@@ -432,6 +494,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         source: path.to_owned(),
         server,
         docker,
+        gpu,
         defaults,
         users,
     })
@@ -522,7 +585,7 @@ impl Validator<'_> {
             cpus: raw.cpus.map(|c| c.0),
             shm: raw.shm,
             pids: raw.pids.map(|p| p.0),
-            gpus: raw.gpus.unwrap_or(0),
+            gpus: raw.gpus.unwrap_or_default(),
             home,
             mounts,
             shell: raw.shell.map(|s| s.0),
@@ -535,6 +598,25 @@ impl Validator<'_> {
             gid: raw.gid.or(raw.uid),
             uid: raw.uid,
             accept_env,
+            forwarding: self.forwarding(raw.forwarding.unwrap_or_default())?,
+        })
+    }
+
+    fn forwarding(&self, raw: RawForwarding) -> Result<ForwardPolicy, ConfigError> {
+        let mut allow = Vec::new();
+        for rule in raw.allow.unwrap_or_default() {
+            let span = rule.span();
+            allow.push(
+                rule.get_ref()
+                    .parse::<AllowRule>()
+                    .map_err(|m| self.at(span, m))?,
+            );
+        }
+        Ok(ForwardPolicy {
+            local: raw.local.unwrap_or(true),
+            remote: raw.remote.unwrap_or(true),
+            unix: raw.unix.unwrap_or(true),
+            allow,
         })
     }
 }

@@ -924,3 +924,146 @@ fn invalid_fixtures_fail_at_a_position_inside_the_file() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// GPUs: the [gpu] section and the gpus quota field.
+
+#[test]
+fn gpu_section_defaults_to_exclusive_and_the_driver_library() {
+    let cfg = ok("[defaults]\nimage = \"busybox\"\n");
+    assert_eq!(cfg.gpu.mode, GpuMode::Exclusive);
+    assert_eq!(cfg.gpu.nvml_library, DEFAULT_NVML_LIBRARY);
+    assert_eq!(cfg.gpu, GpuConfig::default());
+    assert_eq!(cfg.defaults.gpus, GpuRequest::Count(0));
+}
+
+#[test]
+fn gpu_section_reads_library_mode_and_max_per_gpu() {
+    let cfg = ok(
+        "[gpu]\nnvml_library = \"lib/libnvidia-ml.so.1\"\nmode = \"shared\"\nmax_per_gpu = 3\n\n\
+         [defaults]\nimage = \"busybox\"\n",
+    );
+    // A path is resolved against the config directory...
+    assert_eq!(
+        cfg.gpu.nvml_library,
+        Path::new("/etc/labgate/lib/libnvidia-ml.so.1").as_os_str()
+    );
+    assert_eq!(cfg.gpu.mode, GpuMode::Shared { max_per_gpu: 3 });
+    assert_eq!(cfg.gpu.mode.capacity(), 3);
+    // ...a bare name is left to the dynamic loader, and shared mode has a default.
+    let cfg = ok(
+        "[gpu]\nnvml_library = \"libnvidia-ml.so\"\nmode = \"shared\"\n[defaults]\nimage = \"busybox\"\n",
+    );
+    assert_eq!(cfg.gpu.nvml_library, "libnvidia-ml.so");
+    assert_eq!(cfg.gpu.mode, GpuMode::Shared { max_per_gpu: 2 });
+    let cfg = ok(
+        "[gpu]\nnvml_library = \"/usr/lib/x/libnvidia-ml.so.1\"\n[defaults]\nimage = \"busybox\"\n",
+    );
+    assert_eq!(cfg.gpu.nvml_library, "/usr/lib/x/libnvidia-ml.so.1");
+    assert_eq!(cfg.gpu.mode, GpuMode::Exclusive);
+}
+
+#[test]
+fn gpu_section_errors_point_at_the_value() {
+    assert_err(
+        "[gpu]\nmax_per_gpu = 2\n[defaults]\nimage = \"busybox\"\n",
+        2,
+        15,
+        &["max_per_gpu applies only with mode = \"shared\""],
+    );
+    assert_err(
+        "[gpu]\nmode = \"exclusive\"\nmax_per_gpu = 2\n[defaults]\nimage = \"busybox\"\n",
+        3,
+        15,
+        &["max_per_gpu applies only"],
+    );
+    assert_err(
+        "[gpu]\nmode = \"fair\"\n[defaults]\nimage = \"busybox\"\n",
+        2,
+        8,
+        &["unknown variant `fair`", "exclusive", "shared"],
+    );
+    assert_err(
+        "[gpu]\nmode = \"shared\"\nmax_per_gpu = 0\n[defaults]\nimage = \"busybox\"\n",
+        3,
+        15,
+        &["at least 1"],
+    );
+    assert_err(
+        "[gpu]\nnvml = \"x\"\n[defaults]\nimage = \"busybox\"\n",
+        2,
+        1,
+        &["unknown field `nvml`", "nvml_library"],
+    );
+}
+
+#[test]
+fn gpus_is_a_count_or_a_list_of_uuids_and_indices() {
+    let cfg = ok(r#"
+[defaults]
+image = "busybox"
+gpus = 1
+
+[users.alice]
+gpus = ["GPU-8c5a3b1e-0f9d-4d5e-9b1a-2f3c4d5e6f70", 3]
+
+[users.bob]
+gpus = []
+
+[users.carol]
+memory = "1G"
+"#);
+    assert_eq!(cfg.defaults.gpus, GpuRequest::Count(1));
+    assert_eq!(
+        cfg.quota_for(&user("alice")).gpus,
+        GpuRequest::Pinned(vec![
+            GpuPin::Uuid(
+                crate::gpu::GpuUuid::parse("GPU-8c5a3b1e-0f9d-4d5e-9b1a-2f3c4d5e6f70").unwrap()
+            ),
+            GpuPin::Index(3),
+        ])
+    );
+    assert_eq!(cfg.quota_for(&user("alice")).gpus.count(), 2);
+    assert_eq!(cfg.quota_for(&user("alice")).gpus, 2);
+    // An empty list asks for nothing; a table without gpus inherits the default.
+    assert_eq!(cfg.quota_for(&user("bob")).gpus, GpuRequest::Count(0));
+    assert_eq!(cfg.quota_for(&user("carol")).gpus, GpuRequest::Count(1));
+}
+
+#[test]
+fn gpus_errors_point_at_the_value_or_the_entry() {
+    assert_err(
+        "[defaults]\nimage = \"busybox\"\ngpus = -1\n",
+        3,
+        8,
+        &["gpus must be 0 or more, not -1"],
+    );
+    assert_err(
+        "[defaults]\nimage = \"busybox\"\ngpus = 1.5\n",
+        3,
+        8,
+        &["a number of GPUs, or a list of GPU UUIDs"],
+    );
+    // A bad entry is pointed at itself.
+    assert_err(
+        "[defaults]\nimage = \"busybox\"\ngpus = [0, \"gpu0\"]\n",
+        3,
+        12,
+        &["invalid GPU UUID \"gpu0\"", "nvidia-smi -L"],
+    );
+    assert_err(
+        "[defaults]\nimage = \"busybox\"\ngpus = [0, -2]\n",
+        3,
+        12,
+        &["GPU index must be 0 or more"],
+    );
+    let e = err_at("[defaults]\nimage = \"busybox\"\ngpus = [1, 1]\n");
+    assert_eq!(e.line, 3);
+    assert!(e.message.contains("GPU 1 is listed twice"), "{}", e.message);
+    assert_err(
+        "[defaults]\nimage = \"busybox\"\n[users.alice]\ngpus = \"GPU-abc\"\n",
+        4,
+        8,
+        &["a number of GPUs, or a list"],
+    );
+}

@@ -25,6 +25,9 @@ use crate::config::{ByteSize, Mount, Quota};
 pub const LABEL_MANAGED: &str = "labgate.managed";
 /// Label naming the user a container belongs to.
 pub const LABEL_USER: &str = "labgate.user";
+/// Label recording the GPUs (comma-separated UUIDs) a container was created with: what a
+/// restarted gateway rebuilds GPU holdings from.
+pub const LABEL_GPUS: &str = "labgate.gpus";
 
 /// Everything a backend needs to create a user's container. Built from a quota snapshot taken
 /// at login; later config changes do not alter a login in progress.
@@ -56,6 +59,9 @@ pub struct ContainerSpec {
     pub env: BTreeMap<String, String>,
     /// `uid:gid` processes run as, if configured.
     pub uid_gid: Option<(u32, u32)>,
+    /// GPUs to give the container, by UUID: chosen by [`crate::gpu::pool::GpuPool`], never
+    /// from the quota directly (empty from [`ContainerSpec::new`]).
+    pub gpus: Vec<crate::gpu::GpuUuid>,
 }
 
 impl ContainerSpec {
@@ -75,6 +81,7 @@ impl ContainerSpec {
             shell: quota.shell.clone(),
             env: quota.env.clone(),
             uid_gid: quota.uid.map(|u| (u, quota.gid.unwrap_or(u))),
+            gpus: Vec::new(),
         }
     }
 }
@@ -90,6 +97,10 @@ pub struct ContainerHandle {
     pub shell: String,
     /// Whether this call created it (first login), started it (resume) or found it running.
     pub outcome: EnsureOutcome,
+    /// Host PID of the container's init process, when visible: the way into its namespaces.
+    pub pid: Option<i32>,
+    /// The container's own addresses on its networks.
+    pub ips: Vec<std::net::IpAddr>,
 }
 
 /// What `ensure_running` had to do.
@@ -204,6 +215,9 @@ pub enum RuntimeError {
     /// The home directory could not be prepared.
     #[error("your home directory could not be prepared: {0}")]
     Home(String),
+    /// The GPUs the quota asks for cannot be given (none free, no NVML, no GPU runtime).
+    #[error(transparent)]
+    Gpu(#[from] crate::gpu::GpuError),
     /// Anything else the engine said.
     #[error("container engine error: {0}")]
     Engine(String),

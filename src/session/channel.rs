@@ -246,14 +246,9 @@ async fn start(
     setup: &Setup,
     program: &Program,
 ) -> Result<crate::runtime::Exec, RuntimeError> {
-    if login.quota.gpus > 0 {
-        return Err(RuntimeError::Create(format!(
-            "your quota asks for {} GPU(s), but this gateway has no GPU support enabled; ask your admin",
-            login.quota.gpus
-        )));
-    }
     let spec = ContainerSpec::new(&login.user, &login.quota);
-    let container = ctx.runtime.ensure_running(&spec).await?;
+    let started = super::start_container(ctx, login).await?;
+    let container = &started.container;
     let argv = match program {
         Program::Shell => vec![container.shell.clone(), "-l".into()],
         Program::Command(cmd) => vec![container.shell.clone(), "-c".into(), cmd.clone()],
@@ -300,7 +295,18 @@ async fn start(
         user: spec.uid_gid,
         workdir: spec.home_target.clone(),
     };
-    ctx.runtime.exec(&container, req).await
+    let mut exec = ctx.runtime.exec(container, req).await?;
+    // GPU notices (stderr) and, for a login shell, the banner of the user's GPUs (stdout).
+    let greeting = ctx
+        .gpus
+        .greeting(&started, *program == Program::Shell, setup.pty.is_some())
+        .await;
+    if !greeting.is_empty() {
+        exec.output = futures::stream::iter(greeting.into_iter().map(Ok))
+            .chain(exec.output)
+            .boxed();
+    }
+    Ok(exec)
 }
 
 /// Copies the process's output to the channel; returns the exit status once it ends.

@@ -16,7 +16,7 @@ use tokio::sync::watch;
 
 use crate::auth::{AuthorizedKey, Username};
 use crate::config::{Config, Quota};
-use crate::runtime::ContainerRuntime;
+use crate::runtime::{ContainerHandle, ContainerRuntime, ContainerSpec, RuntimeError};
 
 /// What every connection shares: the current config and the container backend.
 pub struct Context {
@@ -24,6 +24,8 @@ pub struct Context {
     pub config: watch::Receiver<Arc<Config>>,
     /// The container backend.
     pub runtime: Arc<dyn ContainerRuntime>,
+    /// The host's GPUs and who holds them; every container start goes through it.
+    pub gpus: Arc<crate::gpu::pool::GpuPool>,
 }
 
 /// An authenticated user on one connection.
@@ -41,4 +43,26 @@ pub struct Login {
     pub local: SocketAddr,
     /// Connection id, for logs.
     pub conn: u64,
+}
+
+/// Makes sure `login`'s container runs (creating or starting it) and returns it. Every way
+/// into a container goes through here: shells, commands and forwards alike.
+pub async fn ensure_container(
+    ctx: &Context,
+    login: &Login,
+) -> Result<ContainerHandle, RuntimeError> {
+    Ok(start_container(ctx, login).await?.container)
+}
+
+/// [`ensure_container`], also saying which GPUs the container has and what the user should be
+/// told about them (recreated with other GPUs...). The GPU pool decides the GPUs and refuses
+/// a quota it cannot serve; it never starts a container without the GPUs the quota asks for.
+pub async fn start_container(
+    ctx: &Context,
+    login: &Login,
+) -> Result<crate::gpu::pool::Started, RuntimeError> {
+    let spec = ContainerSpec::new(&login.user, &login.quota);
+    ctx.gpus
+        .ensure_running(ctx.runtime.as_ref(), spec, &login.quota.gpus)
+        .await
 }

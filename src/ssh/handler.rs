@@ -15,6 +15,7 @@ use russh::{Channel, ChannelId, MethodKind, MethodSet};
 use tracing::{Instrument, debug, info};
 
 use crate::auth::{self, KeyStore};
+use crate::forward::{self, RemoteForwards};
 use crate::session::{Context, Login, channel};
 
 /// Errors that end a connection.
@@ -46,6 +47,8 @@ pub struct ConnectionHandler {
     /// The last refused `(user, reason)`, logged once when an unauthenticated connection
     /// ends (one line per failed login, as sshd does, not one per offered key).
     refused: Option<(String, auth::Refusal)>,
+    /// This connection's `-R` listeners; dropped (closed) with the connection.
+    remote: RemoteForwards,
 }
 
 impl Drop for ConnectionHandler {
@@ -79,6 +82,7 @@ impl ConnectionHandler {
             started: HashSet::new(),
             span,
             refused: None,
+            remote: RemoteForwards::default(),
         }
     }
 
@@ -171,6 +175,96 @@ impl Handler for ConnectionHandler {
                 .instrument(self.span.clone()),
         );
         Ok(())
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        host_to_connect: &str,
+        port_to_connect: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some(login) = self.login.clone() else {
+            return Ok(());
+        };
+        // Connecting may mean starting the container: answer from a task.
+        tokio::spawn(
+            forward::direct_tcpip(
+                self.ctx.clone(),
+                login,
+                channel,
+                reply,
+                host_to_connect.to_owned(),
+                port_to_connect,
+            )
+            .instrument(self.span.clone()),
+        );
+        Ok(())
+    }
+
+    async fn channel_open_direct_streamlocal(
+        &mut self,
+        channel: Channel<Msg>,
+        socket_path: &str,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some(login) = self.login.clone() else {
+            return Ok(());
+        };
+        tokio::spawn(
+            forward::direct_streamlocal(
+                self.ctx.clone(),
+                login,
+                channel,
+                reply,
+                socket_path.to_owned(),
+            )
+            .instrument(self.span.clone()),
+        );
+        Ok(())
+    }
+
+    /// `-R`. The reply must carry the bound port, so this one waits for the container to be
+    /// running (only this connection waits; a client sends it before opening a shell).
+    async fn tcpip_forward(
+        &mut self,
+        address: &str,
+        port: &mut u32,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        let Some(login) = self.login.clone() else {
+            return Ok(false);
+        };
+        let ctx = self.ctx.clone();
+        match self
+            .remote
+            .listen(&ctx, &login, session.handle(), address, *port)
+            .instrument(self.span.clone())
+            .await
+        {
+            Ok(bound) => {
+                *port = bound;
+                Ok(true)
+            }
+            Err(e) => {
+                let _e = self.span.enter();
+                info!(target: "audit", user = %login.user, address, port = *port, error = %e, "remote forward refused");
+                Ok(false)
+            }
+        }
+    }
+
+    async fn cancel_tcpip_forward(
+        &mut self,
+        address: &str,
+        port: u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        Ok(self.remote.cancel(address, port))
     }
 
     async fn pty_request(

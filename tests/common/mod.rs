@@ -200,6 +200,16 @@ impl Gateway {
 
     /// An `ssh` command for any user name and key.
     pub fn ssh_as(&self, user: &str, key: &Path) -> Command {
+        self.ssh_logging(user, key, "ERROR")
+    }
+
+    /// `ssh` for user `i` that also prints the client's INFO messages (channel open
+    /// failures and their reasons).
+    pub fn ssh_info(&self, i: usize) -> Command {
+        self.ssh_logging(&self.users[i], &self.keys[i].private, "INFO")
+    }
+
+    fn ssh_logging(&self, user: &str, key: &Path, level: &str) -> Command {
         let mut c = Command::new("ssh");
         c.args(["-F", "/dev/null", "-i"])
             .arg(key)
@@ -215,7 +225,7 @@ impl Gateway {
                 "-o",
                 "IdentitiesOnly=yes",
                 "-o",
-                "LogLevel=ERROR",
+                &format!("LogLevel={level}"),
                 "-o",
                 "ConnectTimeout=20",
             ])

@@ -3,9 +3,11 @@
 //! per-user locks so concurrent first logins create exactly one container.
 
 pub mod exec;
+mod gpus;
 pub mod spec;
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicI32;
 use std::sync::{Arc, Mutex};
@@ -41,6 +43,10 @@ pub struct DockerRuntime {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Resolved login shell per container id (probed once per container).
     shells: Mutex<HashMap<String, String>>,
+    /// The network containers join, and whether it is known to exist.
+    network: String,
+    /// Its id, once found or created.
+    network_id: OnceCell<String>,
 }
 
 impl DockerRuntime {
@@ -54,7 +60,81 @@ impl DockerRuntime {
             socket: cfg.socket.clone(),
             locks: Mutex::new(HashMap::new()),
             shells: Mutex::new(HashMap::new()),
+            network: cfg.network.clone(),
+            network_id: OnceCell::new(),
         }
+    }
+
+    /// Creates labgate's network if missing (a bridge with inter-container traffic disabled,
+    /// so a user's container cannot reach another's, not even by bridge IP) and returns its id.
+    /// Docker allows two networks of one name: if gateways raced to create it, every gateway
+    /// keeps the oldest and removes the others, so all agree.
+    async fn ensure_network(&self, docker: &Docker) -> Result<String, RuntimeError> {
+        self.network_id
+            .get_or_try_init(|| async {
+                let mut found = self.networks_named(docker).await?;
+                if found.is_empty() {
+                    let req = bollard::models::NetworkCreateRequest {
+                        name: self.network.clone(),
+                        driver: Some("bridge".into()),
+                        options: Some(HashMap::from([(
+                            "com.docker.network.bridge.enable_icc".to_owned(),
+                            "false".to_owned(),
+                        )])),
+                        labels: Some(HashMap::from([(
+                            LABEL_MANAGED.to_owned(),
+                            "true".to_owned(),
+                        )])),
+                        ..Default::default()
+                    };
+                    match docker.create_network(req).await {
+                        Ok(_) => tracing::info!(network = %self.network, "created the isolated container network"),
+                        Err(BollardError::DockerResponseServerError { status_code: 409, .. }) => {}
+                        Err(e) => return Err(engine(e)),
+                    }
+                    found = self.networks_named(docker).await?;
+                }
+                found.sort_by(|a, b| (&a.created, &a.id).cmp(&(&b.created, &b.id)));
+                let Some(keep) = found.first() else {
+                    return Err(RuntimeError::Engine(format!("network {} vanished", self.network)));
+                };
+                for extra in found.iter().skip(1) {
+                    if let Some(id) = &extra.id {
+                        let _ = docker.remove_network(id).await;
+                    }
+                }
+                let icc = keep
+                    .options
+                    .as_ref()
+                    .and_then(|o| o.get("com.docker.network.bridge.enable_icc"))
+                    .map(String::as_str);
+                if icc != Some("false") {
+                    tracing::warn!(network = %self.network, "network allows inter-container traffic: users' containers can reach each other");
+                }
+                keep.id
+                    .clone()
+                    .ok_or_else(|| RuntimeError::Engine("network without id".into()))
+            })
+            .await
+            .cloned()
+    }
+
+    /// Networks whose name is exactly ours (the engine's name filter matches substrings).
+    async fn networks_named(
+        &self,
+        docker: &Docker,
+    ) -> Result<Vec<bollard::models::Network>, RuntimeError> {
+        let filters = HashMap::from([("name".to_owned(), vec![self.network.clone()])]);
+        let list = docker
+            .list_networks(Some(bollard::query_parameters::ListNetworksOptions {
+                filters: Some(filters),
+            }))
+            .await
+            .map_err(engine)?;
+        Ok(list
+            .into_iter()
+            .filter(|n| n.name.as_deref() == Some(self.network.as_str()))
+            .collect())
     }
 
     /// The negotiated client and its API version prefix (`v1.41`).
@@ -95,9 +175,10 @@ impl DockerRuntime {
             name: Some(spec.name.clone()),
             ..Default::default()
         };
+        let network = self.ensure_network(docker).await?;
         let t0 = Instant::now();
         match docker
-            .create_container(Some(opts), spec::create_body(spec))
+            .create_container(Some(opts), spec::create_body(spec, &network))
             .await
         {
             Ok(r) => {
@@ -277,6 +358,29 @@ fn create_home(home: &Path, owner: Option<(u32, u32)>) -> Result<(), RuntimeErro
     Ok(())
 }
 
+/// The host PID of the container's init process and the container's own addresses.
+fn placement(info: &bollard::models::ContainerInspectResponse) -> (Option<i32>, Vec<IpAddr>) {
+    let pid = info
+        .state
+        .as_ref()
+        .and_then(|s| s.pid)
+        .and_then(|p| i32::try_from(p).ok())
+        .filter(|p| *p > 0);
+    let ips = info
+        .network_settings
+        .as_ref()
+        .and_then(|n| n.networks.as_ref())
+        .map(|nets| {
+            nets.values()
+                .flat_map(|n| [n.ip_address.as_deref(), n.global_ipv6_address.as_deref()])
+                .flatten()
+                .filter_map(|a| a.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    (pid, ips)
+}
+
 /// Maps a bollard error: engine answers stay engine errors, the rest means unreachable.
 fn engine(e: BollardError) -> RuntimeError {
     match e {
@@ -292,7 +396,7 @@ impl ContainerRuntime for DockerRuntime {
         let _guard = lock.lock().await;
         let (docker, _) = self.client().await?;
         prepare_home(spec).await?;
-        let (id, outcome) = match docker
+        let (id, outcome, info) = match docker
             .inspect_container(&spec.name, None::<InspectContainerOptions>)
             .await
         {
@@ -307,16 +411,16 @@ impl ContainerRuntime for DockerRuntime {
                 {
                     return Err(RuntimeError::NameTaken(spec.name.clone()));
                 }
-                let id = info.id.unwrap_or_else(|| spec.name.clone());
-                let state = info.state.unwrap_or_default();
+                let id = info.id.clone().unwrap_or_else(|| spec.name.clone());
+                let state = info.state.clone().unwrap_or_default();
                 if state.paused == Some(true) {
                     docker.unpause_container(&id).await.map_err(engine)?;
-                    (id, EnsureOutcome::Started)
+                    (id, EnsureOutcome::Started, None)
                 } else if state.running == Some(true) {
-                    (id, EnsureOutcome::Running)
+                    (id, EnsureOutcome::Running, Some(info))
                 } else {
                     self.start(docker, &id, &spec.name).await?;
-                    (id, EnsureOutcome::Started)
+                    (id, EnsureOutcome::Started, None)
                 }
             }
             Err(BollardError::DockerResponseServerError {
@@ -324,16 +428,26 @@ impl ContainerRuntime for DockerRuntime {
             }) => {
                 let id = self.create(docker, spec).await?;
                 self.start(docker, &id, &spec.name).await?;
-                (id, EnsureOutcome::Created)
+                (id, EnsureOutcome::Created, None)
             }
             Err(e) => return Err(engine(e)),
         };
+        let info = match info {
+            Some(info) => info,
+            None => docker
+                .inspect_container(&id, None::<InspectContainerOptions>)
+                .await
+                .map_err(engine)?,
+        };
+        let (pid, ips) = placement(&info);
         let shell = self.shell_of(docker, &id, spec).await?;
         Ok(ContainerHandle {
             id,
             name: spec.name.clone(),
             shell,
             outcome,
+            pid,
+            ips,
         })
     }
 

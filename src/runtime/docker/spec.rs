@@ -2,21 +2,24 @@
 //!
 //! Every security rule of a user container is visible here in one place: not privileged,
 //! `no-new-privileges`, an init process, no published ports, no Docker socket, binds only of
-//! the home and the admin's mounts.
+//! the home and the admin's mounts, GPUs only by the UUIDs the allocator chose.
 
 use std::collections::HashMap;
 
 use bollard::models::RestartPolicyNameEnum;
-use bollard::models::{ContainerCreateBody, HostConfig, Mount, MountType, RestartPolicy};
+use bollard::models::{
+    ContainerCreateBody, DeviceRequest, HostConfig, Mount, MountType, RestartPolicy,
+};
 
-use crate::runtime::{ContainerSpec, LABEL_MANAGED, LABEL_USER};
+use crate::gpu::GpuUuid;
+use crate::runtime::{ContainerSpec, LABEL_GPUS, LABEL_MANAGED, LABEL_USER};
 
 /// The container's main process: waits forever, and exits at once on SIGTERM (so a stop takes
 /// milliseconds, not Docker's 10 s timeout). Plain POSIX sh, so any image with a shell works.
 pub const KEEPALIVE: &str = "trap 'exit 0' TERM INT HUP; while :; do sleep 3600 & wait $!; done";
 
-/// The create body for `spec`.
-pub fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
+/// The create body for `spec`, joining `network` (labgate's isolated bridge).
+pub fn create_body(spec: &ContainerSpec, network: &str) -> ContainerCreateBody {
     let mut mounts = vec![Mount {
         typ: Some(MountType::BIND),
         source: Some(spec.home_source.to_string_lossy().into_owned()),
@@ -31,10 +34,13 @@ pub fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
         read_only: Some(!m.writable),
         ..Default::default()
     }));
-    let labels = HashMap::from([
+    let mut labels = HashMap::from([
         (LABEL_MANAGED.to_owned(), "true".to_owned()),
         (LABEL_USER.to_owned(), spec.user.to_string()),
     ]);
+    if !spec.gpus.is_empty() {
+        labels.insert(LABEL_GPUS.to_owned(), GpuUuid::join(&spec.gpus));
+    }
     let env = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
     ContainerCreateBody {
         image: Some(spec.image.clone()),
@@ -58,7 +64,9 @@ pub fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
             security_opt: Some(vec!["no-new-privileges".into()]),
             publish_all_ports: Some(false),
             port_bindings: None,
+            network_mode: Some(network.to_owned()),
             mounts: Some(mounts),
+            device_requests: gpu_requests(&spec.gpus),
             restart_policy: Some(RestartPolicy {
                 name: Some(RestartPolicyNameEnum::NO),
                 maximum_retry_count: None,
@@ -67,6 +75,22 @@ pub fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
         }),
         ..Default::default()
     }
+}
+
+/// The device request that gives a container exactly `gpus`: the NVIDIA driver, the `gpu`
+/// capability, the devices by UUID, and never `count` (Docker refuses `count` with ids, and a
+/// count would let the runtime pick GPUs labgate did not allocate). `None` for no GPUs.
+pub fn gpu_requests(gpus: &[GpuUuid]) -> Option<Vec<DeviceRequest>> {
+    if gpus.is_empty() {
+        return None;
+    }
+    Some(vec![DeviceRequest {
+        driver: Some("nvidia".into()),
+        count: None,
+        device_ids: Some(gpus.iter().map(|g| g.as_str().to_owned()).collect()),
+        capabilities: Some(vec![vec!["gpu".into()]]),
+        options: None,
+    }])
 }
 
 #[cfg(test)]
@@ -102,12 +126,13 @@ mod tests {
             shell: None,
             env: [("OMP_NUM_THREADS".to_string(), "2".to_string())].into(),
             uid_gid: Some((1000, 100)),
+            gpus: vec![],
         }
     }
 
     #[test]
     fn quotas_become_engine_limits() {
-        let body = create_body(&spec());
+        let body = create_body(&spec(), "labgate");
         let hc = body.host_config.unwrap();
         assert_eq!(hc.memory, Some(512 << 20));
         assert_eq!(hc.nano_cpus, Some(1_500_000_000));
@@ -119,7 +144,7 @@ mod tests {
 
     #[test]
     fn containers_are_confined() {
-        let body = create_body(&spec());
+        let body = create_body(&spec(), "labgate");
         let hc = body.host_config.unwrap();
         assert_eq!(hc.privileged, Some(false));
         assert_eq!(hc.init, Some(true));
@@ -130,6 +155,7 @@ mod tests {
         assert!(hc.port_bindings.is_none() && body.exposed_ports.is_none());
         assert_eq!(hc.publish_all_ports, Some(false));
         assert!(hc.binds.is_none());
+        assert_eq!(hc.network_mode.as_deref(), Some("labgate"));
         let mounts = hc.mounts.unwrap();
         assert!(
             mounts
@@ -157,11 +183,54 @@ mod tests {
 
     #[test]
     fn containers_are_labelled_and_named_for_their_user() {
-        let body = create_body(&spec());
+        let body = create_body(&spec(), "labgate");
         let labels = body.labels.unwrap();
         assert_eq!(labels.get(LABEL_USER).map(String::as_str), Some("alice"));
         assert_eq!(labels.get(LABEL_MANAGED).map(String::as_str), Some("true"));
         assert_eq!(body.working_dir.as_deref(), Some("/home/alice"));
         assert_eq!(body.image.as_deref(), Some("lab/img:1"));
+    }
+
+    #[test]
+    fn gpus_are_requested_by_uuid_from_the_nvidia_driver_and_labelled() {
+        let mut spec = spec();
+        spec.gpus = vec![
+            GpuUuid::parse("GPU-11111111-2222-3333-4444-555555555555").unwrap(),
+            GpuUuid::parse("GPU-aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee").unwrap(),
+        ];
+        let body = create_body(&spec, "labgate");
+        let requests = body.host_config.unwrap().device_requests.unwrap();
+        assert_eq!(
+            requests,
+            vec![DeviceRequest {
+                driver: Some("nvidia".into()),
+                count: None,
+                device_ids: Some(vec![
+                    "GPU-11111111-2222-3333-4444-555555555555".into(),
+                    "GPU-aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee".into(),
+                ]),
+                capabilities: Some(vec![vec!["gpu".into()]]),
+                options: None,
+            }]
+        );
+        assert_eq!(
+            body.labels.unwrap().get(LABEL_GPUS).map(String::as_str),
+            Some(
+                "GPU-11111111-2222-3333-4444-555555555555,GPU-aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"
+            )
+        );
+        // On the wire: DeviceIDs and never Count (Docker refuses both together).
+        let json = serde_json::to_value(&requests[0]).unwrap();
+        assert!(json.get("Count").is_none(), "{json}");
+        assert_eq!(json["Driver"], "nvidia");
+        assert_eq!(json["Capabilities"], serde_json::json!([["gpu"]]));
+    }
+
+    #[test]
+    fn no_gpus_means_no_device_request_and_no_label() {
+        let body = create_body(&spec(), "labgate");
+        assert!(body.host_config.unwrap().device_requests.is_none());
+        assert!(!body.labels.unwrap().contains_key(LABEL_GPUS));
+        assert_eq!(gpu_requests(&[]), None);
     }
 }

@@ -1,0 +1,226 @@
+//! The GPU parts of the config: the `[gpu]` section and the `gpus` quota field.
+//!
+//! `gpus` is either a count (`gpus = 2`: any two free GPUs) or a list that pins GPUs by UUID
+//! or index (`gpus = ["GPU-8c5a...", 3]`). The section says where NVML is and how GPUs are
+//! shared: `mode = "exclusive"` (one running container per GPU, the default) or `"shared"`
+//! with `max_per_gpu`.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::path::Path;
+
+use serde::de::{self, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer};
+use toml::Spanned;
+
+use super::{ConfigError, Positive, Validator};
+use crate::gpu::GpuUuid;
+
+/// The library name NVIDIA's driver installs (the unversioned `.so` needs the dev package).
+pub const DEFAULT_NVML_LIBRARY: &str = "libnvidia-ml.so.1";
+
+/// `max_per_gpu` when `mode = "shared"` does not set it.
+pub const DEFAULT_MAX_PER_GPU: u32 = 2;
+
+/// `[gpu]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GpuConfig {
+    /// The NVML library: a path (relative ones resolved against the config directory), or a
+    /// bare file name that the dynamic loader searches for.
+    pub nvml_library: OsString,
+    /// How GPUs are shared between running containers.
+    pub mode: GpuMode,
+}
+
+impl Default for GpuConfig {
+    fn default() -> Self {
+        GpuConfig {
+            nvml_library: DEFAULT_NVML_LIBRARY.into(),
+            mode: GpuMode::Exclusive,
+        }
+    }
+}
+
+/// How many running containers may hold one GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GpuMode {
+    /// A GPU belongs to one running container at a time.
+    Exclusive,
+    /// A GPU may be held by up to `max_per_gpu` running containers.
+    Shared {
+        /// Containers per GPU, at least 1.
+        max_per_gpu: u32,
+    },
+}
+
+impl GpuMode {
+    /// Running containers one GPU may serve.
+    pub fn capacity(self) -> usize {
+        match self {
+            GpuMode::Exclusive => 1,
+            GpuMode::Shared { max_per_gpu } => max_per_gpu as usize,
+        }
+    }
+}
+
+/// The `gpus` quota field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GpuRequest {
+    /// This many GPUs, whichever are free (0: none).
+    Count(u32),
+    /// Exactly these GPUs (never empty; an empty list reads as `Count(0)`).
+    Pinned(Vec<GpuPin>),
+}
+
+impl Default for GpuRequest {
+    fn default() -> Self {
+        GpuRequest::Count(0)
+    }
+}
+
+impl GpuRequest {
+    /// How many GPUs this asks for.
+    pub fn count(&self) -> usize {
+        match self {
+            GpuRequest::Count(n) => *n as usize,
+            GpuRequest::Pinned(pins) => pins.len(),
+        }
+    }
+}
+
+/// A request equals a number when it asks for that many GPUs (`quota.gpus == 0`).
+impl PartialEq<u32> for GpuRequest {
+    fn eq(&self, n: &u32) -> bool {
+        self.count() == *n as usize
+    }
+}
+
+/// One pinned GPU.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum GpuPin {
+    /// By UUID: stable across reboots.
+    Uuid(GpuUuid),
+    /// By NVML index, as `nvidia-smi` numbers them.
+    Index(u32),
+}
+
+impl fmt::Display for GpuPin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GpuPin::Uuid(u) => write!(f, "{u}"),
+            GpuPin::Index(i) => write!(f, "GPU {i}"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for GpuPin {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct PinVisitor;
+        impl Visitor<'_> for PinVisitor {
+            type Value = GpuPin;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a GPU UUID (\"GPU-...\") or a GPU index")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<GpuPin, E> {
+                GpuUuid::parse(s).map(GpuPin::Uuid).map_err(E::custom)
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<GpuPin, E> {
+                u32::try_from(n)
+                    .map(GpuPin::Index)
+                    .map_err(|_| E::custom(format!("GPU index must be 0 or more, not {n}")))
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<GpuPin, E> {
+                u32::try_from(n)
+                    .map(GpuPin::Index)
+                    .map_err(|_| E::custom(format!("GPU index {n} is out of range")))
+            }
+        }
+        d.deserialize_any(PinVisitor)
+    }
+}
+
+impl<'de> Deserialize<'de> for GpuRequest {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct RequestVisitor;
+        impl<'de> Visitor<'de> for RequestVisitor {
+            type Value = GpuRequest;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a number of GPUs, or a list of GPU UUIDs (\"GPU-...\") and indices")
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<GpuRequest, E> {
+                u32::try_from(n)
+                    .map(GpuRequest::Count)
+                    .map_err(|_| E::custom(format!("gpus must be 0 or more, not {n}")))
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<GpuRequest, E> {
+                u32::try_from(n)
+                    .map(GpuRequest::Count)
+                    .map_err(|_| E::custom(format!("gpus = {n} is out of range")))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<GpuRequest, A::Error> {
+                let mut pins: Vec<GpuPin> = Vec::new();
+                while let Some(pin) = seq.next_element::<GpuPin>()? {
+                    if pins.contains(&pin) {
+                        return Err(de::Error::custom(format!("{pin} is listed twice in gpus")));
+                    }
+                    pins.push(pin);
+                }
+                Ok(if pins.is_empty() {
+                    GpuRequest::Count(0)
+                } else {
+                    GpuRequest::Pinned(pins)
+                })
+            }
+        }
+        d.deserialize_any(RequestVisitor)
+    }
+}
+
+/// `[gpu]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawGpu {
+    nvml_library: Option<String>,
+    mode: Option<RawMode>,
+    max_per_gpu: Option<Spanned<Positive>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawMode {
+    Exclusive,
+    Shared,
+}
+
+impl Validator<'_> {
+    /// Validates `[gpu]`; `base` is the config file's directory.
+    pub(super) fn gpu(&self, raw: RawGpu, base: &Path) -> Result<GpuConfig, ConfigError> {
+        let max_per_gpu = match (raw.mode, raw.max_per_gpu) {
+            (Some(RawMode::Shared), m) => {
+                let m = m.map_or(i64::from(DEFAULT_MAX_PER_GPU), |m| m.into_inner().0);
+                Some(u32::try_from(m).unwrap_or(u32::MAX))
+            }
+            (_, Some(m)) => {
+                return Err(self.at(
+                    m.span(),
+                    "max_per_gpu applies only with mode = \"shared\" (GPUs are exclusive by default)"
+                        .into(),
+                ));
+            }
+            (_, None) => None,
+        };
+        let nvml_library = match raw.nvml_library {
+            None => DEFAULT_NVML_LIBRARY.into(),
+            // A bare name is for the dynamic loader's search path; a path is a file.
+            Some(lib) if !lib.contains('/') => lib.into(),
+            Some(lib) => base.join(lib).into_os_string(),
+        };
+        Ok(GpuConfig {
+            nvml_library,
+            mode: match max_per_gpu {
+                Some(max_per_gpu) => GpuMode::Shared { max_per_gpu },
+                None => GpuMode::Exclusive,
+            },
+        })
+    }
+}

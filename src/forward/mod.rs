@@ -1,0 +1,307 @@
+//! Port forwarding into the user's container: `-L`/`-D` (direct-tcpip), unix sockets
+//! (direct-streamlocal) and `-R` (tcpip-forward).
+//!
+//! Targets are resolved and reached *inside the user's container*: `localhost` is the
+//! container's loopback, where Jupyter and TensorBoard listen. Sockets are made from inside the
+//! container's namespaces ([`netns`]), no host port is ever published, and [`policy`] refuses
+//! everything outside the container unless the admin allows it. [`pump`] carries the bytes.
+//! The container is started (or created) if a forward arrives before any shell.
+
+pub mod netns;
+pub mod policy;
+pub mod pump;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use russh::server::{ChannelOpenHandle, Handle, Msg};
+use russh::{Channel, ChannelOpenFailure};
+use tokio::task::JoinHandle;
+use tracing::{Instrument, debug, info, warn};
+
+use crate::runtime::ContainerHandle;
+use crate::session::{Context, Login};
+use policy::{Denied, PermitOpen};
+
+/// How long a connect to a forward target may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a forward was not opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    /// Refused by policy (config switch, key option, or a target outside the container).
+    #[error("refused: {0}")]
+    Denied(#[from] Denied),
+    /// The container could not be made ready.
+    #[error("{0}")]
+    Container(#[from] crate::runtime::RuntimeError),
+    /// The container's processes are not visible from the gateway (no host PID namespace).
+    #[error("the container's namespaces are not reachable from the gateway")]
+    NoNamespace,
+    /// The name does not resolve inside the container.
+    #[error("cannot resolve {0} inside the container")]
+    Resolve(String),
+    /// Connecting or binding failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl ForwardError {
+    fn open_failure(&self) -> ChannelOpenFailure {
+        match self {
+            ForwardError::Denied(_) => ChannelOpenFailure::AdministrativelyProhibited,
+            _ => ChannelOpenFailure::ConnectFailed,
+        }
+    }
+}
+
+fn require_port_forwarding(login: &Login) -> Result<(), Denied> {
+    if login.key.options().port_forwarding {
+        Ok(())
+    } else {
+        Err(Denied::Disabled("port (no-port-forwarding key option)"))
+    }
+}
+
+async fn container_pid(
+    ctx: &Context,
+    login: &Login,
+) -> Result<(ContainerHandle, i32), ForwardError> {
+    let container = crate::session::ensure_container(ctx, login).await?;
+    let pid = container.pid.ok_or(ForwardError::NoNamespace)?;
+    Ok((container, pid))
+}
+
+/// Resolves `host` as the container would: `localhost` is its loopback, IP literals are
+/// themselves, other names come from the container's `/etc/hosts`.
+async fn resolve(pid: i32, host: &str) -> Result<Vec<IpAddr>, ForwardError> {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = bare.parse::<IpAddr>() {
+        return Ok(vec![ip]);
+    }
+    let name = bare.to_ascii_lowercase();
+    if name == "localhost" || name == "localhost.localdomain" || name.ends_with(".localhost") {
+        return Ok(vec![
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ]);
+    }
+    let hosts = netns::read_file(pid, PathBuf::from("/etc/hosts"), 1 << 20)
+        .await
+        .unwrap_or_default();
+    let found: Vec<IpAddr> = hosts
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or(""))
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            let ip = words.next()?.parse::<IpAddr>().ok()?;
+            words.any(|w| w.eq_ignore_ascii_case(&name)).then_some(ip)
+        })
+        .collect();
+    if found.is_empty() {
+        Err(ForwardError::Resolve(host.to_owned()))
+    } else {
+        Ok(found)
+    }
+}
+
+/// Opens a direct-tcpip channel (`-L`, `-D`): connects to `host:port` from inside the
+/// container, answers the open request, then carries bytes until both sides are done.
+pub async fn direct_tcpip(
+    ctx: Arc<Context>,
+    login: Arc<Login>,
+    channel: Channel<Msg>,
+    reply: ChannelOpenHandle,
+    host: String,
+    port: u32,
+) {
+    let result: Result<tokio::net::TcpStream, ForwardError> = async {
+        require_port_forwarding(&login)?;
+        if !login.quota.forwarding.local {
+            return Err(Denied::Disabled("local").into());
+        }
+        let port = u16::try_from(port).map_err(|_| {
+            ForwardError::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("port {port} out of range"),
+            ))
+        })?;
+        PermitOpen::parse(login.key.options().permit_open.iter().map(String::as_str))
+            .check(&host, port)?;
+        let (container, pid) = container_pid(&ctx, &login).await?;
+        let ips = resolve(pid, &host).await?;
+        let mut allowed = Vec::new();
+        let mut refusal = None;
+        for ip in ips {
+            match login
+                .quota
+                .forwarding
+                .check(&host, ip, port, &container.ips)
+            {
+                Ok(()) => allowed.push(SocketAddr::new(ip, port)),
+                Err(e) => refusal = Some(e),
+            }
+        }
+        if allowed.is_empty() {
+            return Err(refusal
+                .map(ForwardError::from)
+                .unwrap_or_else(|| ForwardError::Resolve(host.clone())));
+        }
+        Ok(netns::connect_tcp(pid, allowed, CONNECT_TIMEOUT).await?)
+    }
+    .await;
+    match result {
+        Ok(stream) => {
+            info!(target: "audit", user = %login.user, %host, port, "forward opened");
+            reply.accept().await;
+            let moved = pump::pump(channel, stream).await;
+            debug!(%host, port, up = moved.up, down = moved.down, "forward closed");
+        }
+        Err(e) => {
+            info!(target: "audit", user = %login.user, %host, port, error = %e, "forward refused");
+            reply.reject(e.open_failure()).await;
+        }
+    }
+}
+
+/// Opens a direct-streamlocal channel (`-L port:/path.sock`): connects to the unix socket
+/// at `path` as the container sees it (relative paths are relative to the home directory).
+pub async fn direct_streamlocal(
+    ctx: Arc<Context>,
+    login: Arc<Login>,
+    channel: Channel<Msg>,
+    reply: ChannelOpenHandle,
+    path: String,
+) {
+    let result: Result<tokio::net::UnixStream, ForwardError> = async {
+        require_port_forwarding(&login)?;
+        if !login.quota.forwarding.unix {
+            return Err(Denied::Disabled("unix socket").into());
+        }
+        let (_container, pid) = container_pid(&ctx, &login).await?;
+        let mut target = PathBuf::from(format!("/home/{}", login.user));
+        target.push(&path);
+        Ok(netns::connect_unix(pid, target).await?)
+    }
+    .await;
+    match result {
+        Ok(stream) => {
+            info!(target: "audit", user = %login.user, %path, "unix forward opened");
+            reply.accept().await;
+            pump::pump(channel, stream).await;
+        }
+        Err(e) => {
+            info!(target: "audit", user = %login.user, %path, error = %e, "unix forward refused");
+            reply.reject(e.open_failure()).await;
+        }
+    }
+}
+
+/// The `-R` listeners of one connection; they close when it does.
+#[derive(Default)]
+pub struct RemoteForwards {
+    listeners: HashMap<(String, u32), JoinHandle<()>>,
+}
+
+impl RemoteForwards {
+    /// Binds `address:port` inside the container and forwards each connection to the client.
+    /// Returns the bound port (the chosen one when `port` is 0).
+    pub async fn listen(
+        &mut self,
+        ctx: &Context,
+        login: &Arc<Login>,
+        handle: Handle,
+        address: &str,
+        port: u32,
+    ) -> Result<u32, ForwardError> {
+        require_port_forwarding(login)?;
+        if !login.quota.forwarding.remote {
+            return Err(Denied::Disabled("remote").into());
+        }
+        let port16 = u16::try_from(port).map_err(|_| {
+            ForwardError::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "port out of range",
+            ))
+        })?;
+        let (_container, pid) = container_pid(ctx, login).await?;
+        let ip = match address {
+            "" | "*" | "0.0.0.0" => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            "::" => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            "localhost" => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            other => other
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse()
+                .map_err(|_| ForwardError::Resolve(other.to_owned()))?,
+        };
+        let listener = netns::bind_tcp(pid, SocketAddr::new(ip, port16)).await?;
+        let bound = u32::from(listener.local_addr()?.port());
+        let key = (address.to_owned(), if port == 0 { bound } else { port });
+        let address = address.to_owned();
+        let user = login.user.clone();
+        info!(target: "audit", user = %user, %address, port = bound, "remote forward listening");
+        let task = tokio::spawn(
+            async move {
+                loop {
+                    let (stream, peer) = match listener.accept().await {
+                        Ok(x) => x,
+                        Err(e) => {
+                            warn!("remote forward accept failed: {e}");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    };
+                    let handle = handle.clone();
+                    let address = address.clone();
+                    tokio::spawn(
+                        async move {
+                            match handle
+                                .channel_open_forwarded_tcpip(
+                                    address,
+                                    bound,
+                                    peer.ip().to_string(),
+                                    u32::from(peer.port()),
+                                )
+                                .await
+                            {
+                                Ok(channel) => {
+                                    pump::pump(channel, stream).await;
+                                }
+                                Err(e) => debug!("client refused a forwarded connection: {e}"),
+                            }
+                        }
+                        .in_current_span(),
+                    );
+                }
+            }
+            .in_current_span(),
+        );
+        if let Some(old) = self.listeners.insert(key, task) {
+            old.abort();
+        }
+        Ok(bound)
+    }
+
+    /// Stops the listener of `address:port`; false if there was none.
+    pub fn cancel(&mut self, address: &str, port: u32) -> bool {
+        match self.listeners.remove(&(address.to_owned(), port)) {
+            Some(task) => {
+                task.abort();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl Drop for RemoteForwards {
+    fn drop(&mut self) {
+        for task in self.listeners.values() {
+            task.abort();
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! Sockets made inside a container's namespaces, from the host.
+//!
+//! Each operation runs on a fresh thread that enters the namespace of the container's init
+//! process (`/proc/PID/ns/net`, or `ns/mnt` for unix socket paths), makes the socket, hands it
+//! back and exits, so no tokio worker ever changes namespace. A socket keeps the namespace it
+//! was made in: a TCP connection to 127.0.0.1 made this way reaches the container's own
+//! loopback. Needs root (CAP_SYS_ADMIN) and the host PID namespace.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use nix::sched::{CloneFlags, setns, unshare};
+use tokio::sync::oneshot;
+
+/// Runs `f` on a new thread inside namespace `kind` of process `pid`.
+async fn in_namespace<T, F>(pid: i32, kind: Namespace, f: F) -> io::Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> io::Result<T> + Send + 'static,
+{
+    let (tx, rx) = oneshot::channel();
+    std::thread::Builder::new()
+        .name("labgate-ns".into())
+        .spawn(move || {
+            let result = enter(pid, kind).and_then(|()| f());
+            let _ = tx.send(result);
+        })?;
+    rx.await
+        .map_err(|_| io::Error::other("namespace thread ended without an answer"))?
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Namespace {
+    Net,
+    Mount,
+}
+
+fn enter(pid: i32, kind: Namespace) -> io::Result<()> {
+    let (file, flag) = match kind {
+        Namespace::Net => ("net", CloneFlags::CLONE_NEWNET),
+        Namespace::Mount => ("mnt", CloneFlags::CLONE_NEWNS),
+    };
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/{file}"))?;
+    if matches!(kind, Namespace::Mount) {
+        // A thread shares its root and cwd with the process until it unshares them.
+        unshare(CloneFlags::CLONE_FS).map_err(io::Error::from)?;
+    }
+    setns(&ns, flag).map_err(io::Error::from)
+}
+
+/// Connects to the first reachable of `addrs` from inside the network namespace of `pid`.
+pub async fn connect_tcp(
+    pid: i32,
+    addrs: Vec<SocketAddr>,
+    timeout: Duration,
+) -> io::Result<tokio::net::TcpStream> {
+    let std_stream = in_namespace(pid, Namespace::Net, move || {
+        // Report the most telling failure: "connection refused" on 127.0.0.1 says more than
+        // "cannot assign address" on ::1 of a container without IPv6.
+        let mut best: Option<io::Error> = None;
+        for addr in addrs {
+            match std::net::TcpStream::connect_timeout(&addr, timeout) {
+                Ok(s) => return Ok(s),
+                Err(e) => {
+                    if best
+                        .as_ref()
+                        .is_none_or(|b| b.kind() == io::ErrorKind::AddrNotAvailable)
+                    {
+                        best = Some(e);
+                    }
+                }
+            }
+        }
+        Err(best.unwrap_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, "no address to connect to")
+        }))
+    })
+    .await?;
+    std_stream.set_nonblocking(true)?;
+    let _ = std_stream.set_nodelay(true);
+    tokio::net::TcpStream::from_std(std_stream)
+}
+
+/// Binds a TCP listener at `addr` inside the network namespace of `pid`.
+pub async fn bind_tcp(pid: i32, addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
+    let listener = in_namespace(pid, Namespace::Net, move || {
+        std::net::TcpListener::bind(addr)
+    })
+    .await?;
+    listener.set_nonblocking(true)?;
+    tokio::net::TcpListener::from_std(listener)
+}
+
+/// Connects to the unix socket at `path` as the container sees it: the path, and every
+/// symlink on it, resolves inside the container's mount namespace, never on the host.
+pub async fn connect_unix(pid: i32, path: PathBuf) -> io::Result<tokio::net::UnixStream> {
+    let stream = in_namespace(pid, Namespace::Mount, move || {
+        std::os::unix::net::UnixStream::connect(&path)
+    })
+    .await?;
+    stream.set_nonblocking(true)?;
+    tokio::net::UnixStream::from_std(stream)
+}
+
+/// Reads a small file as the container sees it (its `/etc/hosts`, say).
+pub async fn read_file(pid: i32, path: PathBuf, limit: u64) -> io::Result<String> {
+    in_namespace(pid, Namespace::Mount, move || {
+        use std::io::Read;
+        let mut text = String::new();
+        std::fs::File::open(&path)?
+            .take(limit)
+            .read_to_string(&mut text)?;
+        Ok(text)
+    })
+    .await
+}
+
+/// Whether this process can enter other processes' namespaces (root, or CAP_SYS_ADMIN, in
+/// the host PID namespace): the fast path of forwarding.
+pub async fn available(pid: i32) -> bool {
+    in_namespace(pid, Namespace::Net, || Ok(())).await.is_ok()
+}
