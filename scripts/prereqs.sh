@@ -14,6 +14,10 @@ file_is_static() { [ -x "$1" ] && ! grep -q -a -m1 '/lib64/ld-linux' "$1"; }
 file_is_static /bin/busybox || missing+=(busybox-static)
 command -v docker >/dev/null 2>&1 || missing+=(docker.io)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
+# The file-transfer tests drive the real tools from the host side.
+command -v sftp >/dev/null 2>&1 || missing+=(openssh-client)
+command -v rsync >/dev/null 2>&1 || missing+=(rsync)
+command -v git >/dev/null 2>&1 || missing+=(git)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "prereqs: installing ${missing[*]}" >&2
   as_root apt-get update -qq

@@ -72,7 +72,16 @@ pub async fn serve(
         config: config_rx,
         runtime,
         gpus,
+        namespaces: tokio::sync::OnceCell::new(),
     });
+    match ctx.config.borrow().docker.forward_via {
+        crate::config::ForwardVia::Auto => {
+            info!(
+                "forwards: entering containers' namespaces when possible, else the relay exec (decided at the first forward)"
+            )
+        }
+        via => info!(?via, "forwards: path fixed by [docker] forward_via"),
+    }
     info!(addr = %bound, "labgate listening");
     // Tests and scripts read the bound address (port 0 picks one) from this line.
     println!("labgate listening on {bound}");

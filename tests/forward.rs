@@ -552,3 +552,144 @@ fn a_stalled_forward_does_not_freeze_the_shell_on_the_same_connection() {
     let _ = child.wait();
     let _ = pusher.join();
 }
+
+/// Builds the static relay helper once (as `scripts/test` and the deploy files do).
+fn relay_binary() -> std::path::PathBuf {
+    static BUILT: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let target_dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("relay");
+            let st = Command::new(env!("CARGO"))
+                .args([
+                    "build",
+                    "--release",
+                    "-p",
+                    "labgate-relay",
+                    "--target",
+                    "x86_64-unknown-linux-gnu",
+                ])
+                .env("RUSTFLAGS", "-C target-feature=+crt-static")
+                .env("CARGO_TARGET_DIR", &target_dir)
+                .status()
+                .unwrap();
+            assert!(st.success(), "building labgate-relay failed");
+            target_dir.join("x86_64-unknown-linux-gnu/release/labgate-relay")
+        })
+        .clone()
+}
+
+fn relay_tail() -> String {
+    format!(
+        "[docker]\nforward_via = \"exec\"\nrelay_helper = \"{}\"\n",
+        relay_binary().display()
+    )
+}
+
+#[test]
+fn the_exec_relay_path_reaches_the_container_and_keeps_the_same_limits() {
+    let gw = Gateway::start(2, "", &relay_tail());
+    serve_http(&gw, 0, 8000);
+    serve_http(&gw, 1, 8000);
+    assert!(
+        gw.log()
+            .contains("forwards: path fixed by [docker] forward_via"),
+        "{}",
+        gw.log()
+    );
+    let expected = format!("hello-from-{}", gw.container(0));
+    for target in ["localhost:8000", "127.0.0.1:8000"] {
+        let out = via_w(&gw, 0, target, &http_get("/hello.txt"));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains(&expected),
+            "{target}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // The helper is the gateway's, mounted read-only; the image ships nothing.
+    gw.ok(0, "test -x /.labgate/relay");
+    assert!(!gw.run(0, "echo x > /.labgate/relay").status.success());
+    // Same policy: the other container and the host are refused, a closed port fails cleanly.
+    let other_ip = docker_inspect(
+        &gw.container(1),
+        "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+    )
+    .unwrap();
+    let out = via_w(&gw, 0, &format!("{other_ip}:8000"), b"");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("administratively prohibited"));
+    let out = via_w(&gw, 0, "localhost:9", b"");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("connect failed"));
+    // Bulk data through the relay stays byte-exact.
+    gw.ok(0, "head -c 8388608 /dev/urandom > ~/www/blob");
+    let inside = gw.ok(0, "md5sum ~/www/blob | cut -d' ' -f1");
+    let out = via_w(&gw, 0, "localhost:8000", &http_get("/blob"));
+    let at = out
+        .stdout
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap()
+        + 4;
+    let mut md5 = Command::new("md5sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    md5.stdin
+        .take()
+        .unwrap()
+        .write_all(&out.stdout[at..])
+        .unwrap();
+    let got = String::from_utf8(md5.wait_with_output().unwrap().stdout).unwrap();
+    assert_eq!(got.split_whitespace().next(), Some(inside.trim()));
+    // No relay process lingers once the forwards are done.
+    assert!(eventually(Duration::from_secs(10), || !gw
+        .ok(0, "ps")
+        .contains("/.labgate/relay")));
+}
+
+#[test]
+fn the_exec_relay_path_resolves_unix_sockets_inside_the_container() {
+    use std::os::unix::net::UnixListener;
+    let gw = Gateway::start(1, "", &relay_tail());
+    gw.ok(0, "ln -s /var/run/docker.sock ~/docker.sock");
+    let home = gw.dir.path().join(format!("home/{}", gw.users[0]));
+    let listener = UnixListener::bind(home.join("app.sock")).unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.write_all(b"unix-hello\n").unwrap();
+    });
+    for (n, (path, ok)) in [
+        ("./app.sock", true),
+        ("./docker.sock", false),
+        ("/var/run/docker.sock", false),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let local = gw.dir.path().join(format!("relay-{n}.sock"));
+        let mut child = gw
+            .ssh_info(0)
+            .args(["-N", "-L"])
+            .arg(format!("{}:{path}", local.display()))
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        assert!(eventually(Duration::from_secs(20), || local.exists()));
+        let mut s = std::os::unix::net::UnixStream::connect(&local).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut got = String::new();
+        let _ = s.read_to_string(&mut got);
+        let _ = child.kill();
+        let out = child.wait_with_output().unwrap();
+        if ok {
+            assert_eq!(got, "unix-hello\n");
+        } else {
+            assert!(got.is_empty(), "{path}");
+            assert!(
+                String::from_utf8_lossy(&out.stderr).contains("open failed"),
+                "{path}"
+            );
+        }
+    }
+    server.join().unwrap();
+}

@@ -15,6 +15,15 @@ use common::{Gateway, IMAGE, docker_inspect};
 const GPU0: &str = "GPU-6b1e0d2c-0000-4000-8000-000000000000";
 const GPU1: &str = "GPU-6b1e0d2c-0000-4000-8000-000000000001";
 
+/// The fake GPUs have the same UUIDs in every test, and a gateway counts GPUs held by any
+/// labgate container on the engine (as it must on a real host): GPU tests run one at a time.
+/// The guard is declared first in each test, so it outlives (and is released after) the
+/// gateway, whose drop removes the test's containers.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Two A100s; GPU 0 is busy (a process, memory, utilisation), GPU 1 idle.
 fn two_gpus() -> String {
     format!(
@@ -103,6 +112,7 @@ fn assert_refused(gw: &Gateway, out: &Output, needles: &[&str]) {
 
 #[test]
 fn the_inventory_lists_the_fake_gpus_through_nvml() {
+    let _serial = one_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let lib = install_fake(dir.path(), &two_gpus());
     let config = dir.path().join("labgate.toml");
@@ -158,6 +168,7 @@ fn the_inventory_lists_the_fake_gpus_through_nvml() {
 
 #[test]
 fn no_nvml_library_refuses_gpu_logins_clearly_and_serves_everyone_else() {
+    let _serial = one_at_a_time();
     let gw = Gateway::start(
         2,
         "",
@@ -190,6 +201,7 @@ fn no_nvml_library_refuses_gpu_logins_clearly_and_serves_everyone_else() {
 
 #[test]
 fn a_gpu_login_asks_docker_for_the_allocated_uuids_and_explains_the_missing_runtime() {
+    let _serial = one_at_a_time();
     let nvml = tempfile::tempdir().unwrap();
     let lib = install_fake(nvml.path(), &two_gpus());
     let gw = Gateway::start(
@@ -246,6 +258,7 @@ fn running_gpu_container(gw: &Gateway, i: usize, gpu: &str) {
 
 #[test]
 fn exclusive_gpus_refuse_the_second_user_naming_the_holder_until_it_stops() {
+    let _serial = one_at_a_time();
     let nvml = tempfile::tempdir().unwrap();
     let only = format!("{GPU0},NVIDIA A100-SXM4-80GB,81920\n");
     let lib = install_fake(nvml.path(), &only);

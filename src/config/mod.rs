@@ -120,6 +120,24 @@ pub struct DockerConfig {
     /// The network user containers join: labgate's own bridge with inter-container traffic
     /// off (created if missing), so users cannot reach each other's containers.
     pub network: String,
+    /// The static `labgate-relay` binary, bind-mounted read-only into containers for the
+    /// exec forwarding path (absent: that path is unavailable).
+    pub relay_helper: PathBuf,
+    /// How forwards reach into containers.
+    pub forward_via: ForwardVia,
+}
+
+/// How forwards reach into a container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ForwardVia {
+    /// Namespaces when the gateway may enter them, else the relay exec.
+    #[default]
+    Auto,
+    /// Always enter the container's namespaces (needs root and the host PID namespace).
+    Namespace,
+    /// Always relay through an exec of `labgate-relay` in the container.
+    Exec,
 }
 
 /// What a user's container gets: `[defaults]` with `[users.NAME]` merged over it.
@@ -242,6 +260,8 @@ struct RawDocker {
     socket: Option<PathBuf>,
     timeout: Option<HumanDuration>,
     network: Option<String>,
+    relay_helper: Option<PathBuf>,
+    forward_via: Option<ForwardVia>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -451,6 +471,12 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         ),
         timeout: raw.docker.timeout.map_or(Duration::from_secs(60), |d| d.0),
         network: raw.docker.network.unwrap_or_else(|| "labgate".to_owned()),
+        relay_helper: resolve(
+            raw.docker
+                .relay_helper
+                .unwrap_or_else(|| PathBuf::from("/usr/local/lib/labgate/labgate-relay")),
+        ),
+        forward_via: raw.docker.forward_via.unwrap_or_default(),
     };
     if docker.network.is_empty()
         || docker.network == "host"

@@ -10,6 +10,7 @@
 pub mod netns;
 pub mod policy;
 pub mod pump;
+pub mod relay;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -22,6 +23,7 @@ use russh::{Channel, ChannelOpenFailure};
 use tokio::task::JoinHandle;
 use tracing::{Instrument, debug, info, warn};
 
+use crate::config::ForwardVia;
 use crate::runtime::ContainerHandle;
 use crate::session::{Context, Login};
 use policy::{Denied, PermitOpen};
@@ -75,20 +77,88 @@ async fn container_pid(
     Ok((container, pid))
 }
 
+/// The way into a container: `Some(pid)` to enter its namespaces, `None` for the relay exec.
+/// Under `forward_via = "auto"` the first forward probes whether namespaces can be entered
+/// and the gateway logs which path it uses and why.
+async fn way_in(ctx: &Context, container: &ContainerHandle) -> Option<i32> {
+    let via = ctx.config.borrow().docker.forward_via;
+    match via {
+        ForwardVia::Namespace => container.pid,
+        ForwardVia::Exec => None,
+        ForwardVia::Auto => {
+            let pid = container.pid?;
+            let usable = *ctx
+                .namespaces
+                .get_or_init(|| async move {
+                    let ok = netns::available(pid).await;
+                    if ok {
+                        info!("forwards enter containers' network namespaces (fast path)");
+                    } else {
+                        warn!("cannot enter containers' namespaces (not root, or not in the host PID namespace): forwards go through the relay exec");
+                    }
+                    ok
+                })
+                .await;
+            usable.then_some(pid)
+        }
+    }
+}
+
+/// Either kind of connection to a target.
+enum Connected<T> {
+    Direct(T),
+    Relayed(relay::RelayStream),
+}
+
+async fn pump_any<T>(channel: Channel<Msg>, c: Connected<T>) -> pump::Moved
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
+    match c {
+        Connected::Direct(s) => pump::pump(channel, s).await,
+        Connected::Relayed(s) => pump::pump(channel, s).await,
+    }
+}
+
 /// Resolves `host` as the container would: `localhost` is its loopback, IP literals are
-/// themselves, other names come from the container's `/etc/hosts`.
-async fn resolve(pid: i32, host: &str) -> Result<Vec<IpAddr>, ForwardError> {
+/// themselves, other names come from the container's `/etc/hosts` (namespace path) or its own
+/// resolver (relay path).
+async fn resolve(
+    ctx: &Context,
+    login: &Login,
+    container: &ContainerHandle,
+    pid: Option<i32>,
+    host: &str,
+) -> Result<Vec<IpAddr>, ForwardError> {
+    if let Some(ips) = literal(host) {
+        return Ok(ips);
+    }
+    match pid {
+        Some(pid) => hosts_file(pid, host).await,
+        None => relay::resolve(ctx, login, container, host).await,
+    }
+}
+
+/// `localhost` and IP literals, which need no resolver.
+fn literal(host: &str) -> Option<Vec<IpAddr>> {
     let bare = host.trim_start_matches('[').trim_end_matches(']');
     if let Ok(ip) = bare.parse::<IpAddr>() {
-        return Ok(vec![ip]);
+        return Some(vec![ip]);
     }
     let name = bare.to_ascii_lowercase();
-    if name == "localhost" || name == "localhost.localdomain" || name.ends_with(".localhost") {
-        return Ok(vec![
-            IpAddr::V4(Ipv4Addr::LOCALHOST),
-            IpAddr::V6(Ipv6Addr::LOCALHOST),
-        ]);
-    }
+    (name == "localhost" || name == "localhost.localdomain" || name.ends_with(".localhost")).then(
+        || {
+            vec![
+                IpAddr::V4(Ipv4Addr::LOCALHOST),
+                IpAddr::V6(Ipv6Addr::LOCALHOST),
+            ]
+        },
+    )
+}
+
+/// Looks `host` up in the container's `/etc/hosts`.
+async fn hosts_file(pid: i32, host: &str) -> Result<Vec<IpAddr>, ForwardError> {
+    let name = host.to_ascii_lowercase();
     let hosts = netns::read_file(pid, PathBuf::from("/etc/hosts"), 1 << 20)
         .await
         .unwrap_or_default();
@@ -118,7 +188,7 @@ pub async fn direct_tcpip(
     host: String,
     port: u32,
 ) {
-    let result: Result<tokio::net::TcpStream, ForwardError> = async {
+    let result: Result<Connected<tokio::net::TcpStream>, ForwardError> = async {
         require_port_forwarding(&login)?;
         if !login.quota.forwarding.local {
             return Err(Denied::Disabled("local").into());
@@ -131,8 +201,9 @@ pub async fn direct_tcpip(
         })?;
         PermitOpen::parse(login.key.options().permit_open.iter().map(String::as_str))
             .check(&host, port)?;
-        let (container, pid) = container_pid(&ctx, &login).await?;
-        let ips = resolve(pid, &host).await?;
+        let container = crate::session::ensure_container(&ctx, &login).await?;
+        let pid = way_in(&ctx, &container).await;
+        let ips = resolve(&ctx, &login, &container, pid, &host).await?;
         let mut allowed = Vec::new();
         let mut refusal = None;
         for ip in ips {
@@ -150,14 +221,29 @@ pub async fn direct_tcpip(
                 .map(ForwardError::from)
                 .unwrap_or_else(|| ForwardError::Resolve(host.clone())));
         }
-        Ok(netns::connect_tcp(pid, allowed, CONNECT_TIMEOUT).await?)
+        match pid {
+            Some(pid) => Ok(Connected::Direct(
+                netns::connect_tcp(pid, allowed, CONNECT_TIMEOUT).await?,
+            )),
+            None => {
+                let mut last = None;
+                for addr in allowed {
+                    let args = vec!["tcp".into(), addr.ip().to_string(), addr.port().to_string()];
+                    match relay::connect(&ctx, &login, &container, args).await {
+                        Ok(s) => return Ok(Connected::Relayed(s)),
+                        Err(e) => last = Some(e),
+                    }
+                }
+                Err(last.unwrap_or_else(|| ForwardError::Resolve(host.clone())))
+            }
+        }
     }
     .await;
     match result {
         Ok(stream) => {
             info!(target: "audit", user = %login.user, %host, port, "forward opened");
             reply.accept().await;
-            let moved = pump::pump(channel, stream).await;
+            let moved = pump_any(channel, stream).await;
             debug!(%host, port, up = moved.up, down = moved.down, "forward closed");
         }
         Err(e) => {
@@ -176,22 +262,30 @@ pub async fn direct_streamlocal(
     reply: ChannelOpenHandle,
     path: String,
 ) {
-    let result: Result<tokio::net::UnixStream, ForwardError> = async {
+    let result: Result<Connected<tokio::net::UnixStream>, ForwardError> = async {
         require_port_forwarding(&login)?;
         if !login.quota.forwarding.unix {
             return Err(Denied::Disabled("unix socket").into());
         }
-        let (_container, pid) = container_pid(&ctx, &login).await?;
+        let container = crate::session::ensure_container(&ctx, &login).await?;
         let mut target = PathBuf::from(format!("/home/{}", login.user));
         target.push(&path);
-        Ok(netns::connect_unix(pid, target).await?)
+        match way_in(&ctx, &container).await {
+            Some(pid) => Ok(Connected::Direct(netns::connect_unix(pid, target).await?)),
+            None => {
+                let args = vec!["unix".into(), target.to_string_lossy().into_owned()];
+                Ok(Connected::Relayed(
+                    relay::connect(&ctx, &login, &container, args).await?,
+                ))
+            }
+        }
     }
     .await;
     match result {
         Ok(stream) => {
             info!(target: "audit", user = %login.user, %path, "unix forward opened");
             reply.accept().await;
-            pump::pump(channel, stream).await;
+            pump_any(channel, stream).await;
         }
         Err(e) => {
             info!(target: "audit", user = %login.user, %path, error = %e, "unix forward refused");
@@ -227,7 +321,10 @@ impl RemoteForwards {
                 "port out of range",
             ))
         })?;
-        let (_container, pid) = container_pid(ctx, login).await?;
+        let (container, _) = container_pid(ctx, login).await?;
+        let pid = way_in(ctx, &container)
+            .await
+            .ok_or(ForwardError::NoNamespace)?;
         let ip = match address {
             "" | "*" | "0.0.0.0" => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             "::" => IpAddr::V6(Ipv6Addr::UNSPECIFIED),

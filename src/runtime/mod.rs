@@ -23,6 +23,8 @@ use crate::config::{ByteSize, Mount, Quota};
 
 /// Label on every container labgate manages.
 pub const LABEL_MANAGED: &str = "labgate.managed";
+/// Where labgate's static relay helper is mounted (read-only) inside containers.
+pub const RELAY_PATH: &str = "/.labgate/relay";
 /// Label naming the user a container belongs to.
 pub const LABEL_USER: &str = "labgate.user";
 /// Label recording the GPUs (comma-separated UUIDs) a container was created with: what a

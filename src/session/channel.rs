@@ -1,6 +1,7 @@
 //! One session channel, from open to close, in three phases:
 //!
-//! 1. **Setup**: collect `pty-req`, `env` and window changes until `shell` or `exec`.
+//! 1. **Setup**: collect `pty-req`, `env` and window changes until `shell`, `exec` or a
+//!    served `subsystem` (`sftp`, see [`super::subsystem`]).
 //! 2. **Starting**: ensure the container runs and start the process, while still draining the
 //!    channel (stdin typed early is buffered, up to [`EARLY_INPUT_LIMIT`]; a close is noted).
 //! 3. **Running**: stdin → process, output → channel (through russh's window-respecting
@@ -18,7 +19,7 @@ use russh::{Channel, ChannelId, ChannelMsg, Sig};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tracing::{Instrument, debug, info, warn};
 
-use super::{Context, Login};
+use super::{Context, Login, subsystem};
 use crate::runtime::{
     ContainerSpec, ExecControl, ExecOutput, ExecRequest, ExitStatus, RuntimeError, TtySize,
 };
@@ -37,6 +38,8 @@ enum Program {
     Shell,
     /// `SHELL -c command`.
     Command(String),
+    /// A subsystem labgate serves (see [`super::subsystem`]), never on a terminal.
+    Subsystem(String),
 }
 
 /// The pty the client asked for.
@@ -115,8 +118,12 @@ async fn serve(channel: Channel<Msg>, login: Arc<Login>, ctx: Arc<Context>, hand
             Some(ChannelMsg::Exec { command, .. }) => {
                 break Program::Command(String::from_utf8_lossy(&command).into_owned());
             }
-            // Refused by the handler (sftp arrives with the files issue); wait for another.
-            Some(ChannelMsg::RequestSubsystem { .. }) => {}
+            // The handler accepted only the names `subsystem` serves; others were refused.
+            Some(ChannelMsg::RequestSubsystem { name, .. }) if subsystem::is_supported(&name) => {
+                // A subsystem speaks a binary protocol: never through a terminal.
+                setup.pty = None;
+                break Program::Subsystem(name);
+            }
             Some(_) => {}
         }
     };
@@ -126,6 +133,9 @@ async fn serve(channel: Channel<Msg>, login: Arc<Login>, ctx: Arc<Context>, hand
         }
         Program::Command(c) => {
             info!(target: "audit", user = %login.user, pty = setup.pty.is_some(), command = %c, "exec")
+        }
+        Program::Subsystem(name) => {
+            info!(target: "audit", user = %login.user, subsystem = %name, "subsystem")
         }
     }
 
@@ -252,6 +262,8 @@ async fn start(
     let argv = match program {
         Program::Shell => vec![container.shell.clone(), "-l".into()],
         Program::Command(cmd) => vec![container.shell.clone(), "-c".into(), cmd.clone()],
+        Program::Subsystem(name) => subsystem::argv(name)
+            .ok_or_else(|| RuntimeError::Exec(format!("subsystem {name} is not served")))?,
     };
     let mut env = vec![
         ("HOME".to_owned(), spec.home_target.clone()),

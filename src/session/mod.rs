@@ -8,6 +8,7 @@
 //! the [`ContainerRuntime`], and carries bytes, resizes, signals, EOF and the exit status.
 
 pub mod channel;
+pub mod subsystem;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,6 +27,9 @@ pub struct Context {
     pub runtime: Arc<dyn ContainerRuntime>,
     /// The host's GPUs and who holds them; every container start goes through it.
     pub gpus: Arc<crate::gpu::pool::GpuPool>,
+    /// Whether this gateway may enter containers' namespaces (probed once, by the first
+    /// forward); when not, forwards go through the relay exec.
+    pub namespaces: tokio::sync::OnceCell<bool>,
 }
 
 /// An authenticated user on one connection.

@@ -16,7 +16,7 @@ use tracing::{Instrument, debug, info};
 
 use crate::auth::{self, KeyStore};
 use crate::forward::{self, RemoteForwards};
-use crate::session::{Context, Login, channel};
+use crate::session::{Context, Login, channel, subsystem};
 
 /// Errors that end a connection.
 #[derive(Debug, thiserror::Error)]
@@ -334,8 +334,13 @@ impl Handler for ConnectionHandler {
         name: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        debug!(name, "subsystem refused: not supported yet");
-        session.channel_failure(channel)?;
+        // The channel task runs it; only the names it serves are accepted.
+        if subsystem::is_supported(name) && self.begin_program(channel) {
+            session.channel_success(channel)?;
+        } else {
+            debug!(name, "subsystem refused");
+            session.channel_failure(channel)?;
+        }
         Ok(())
     }
 

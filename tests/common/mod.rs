@@ -233,6 +233,32 @@ impl Gateway {
         c
     }
 
+    /// The options of [`Gateway::ssh`] for user `i` in a form every OpenSSH tool takes
+    /// (`sftp`, `scp`, and `ssh` itself inside `rsync -e` or `GIT_SSH_COMMAND`): `-F` and
+    /// `-o` only, the port as `-o Port=`, no destination (see [`Gateway::destination`]).
+    pub fn ssh_options(&self, i: usize) -> Vec<String> {
+        let mut opts = vec!["-F".to_owned(), "/dev/null".to_owned()];
+        for o in [
+            format!("IdentityFile={}", self.keys[i].private.display()),
+            format!("Port={}", self.addr.port()),
+            "StrictHostKeyChecking=no".to_owned(),
+            "UserKnownHostsFile=/dev/null".to_owned(),
+            "BatchMode=yes".to_owned(),
+            "IdentitiesOnly=yes".to_owned(),
+            "LogLevel=ERROR".to_owned(),
+            "ConnectTimeout=20".to_owned(),
+        ] {
+            opts.push("-o".to_owned());
+            opts.push(o);
+        }
+        opts
+    }
+
+    /// `user@ip` of user `i` on this gateway.
+    pub fn destination(&self, i: usize) -> String {
+        format!("{}@{}", self.users[i], self.addr.ip())
+    }
+
     /// Runs `cmd` as user `i` and returns the output.
     pub fn run(&self, i: usize, cmd: &str) -> Output {
         self.ssh(i).arg(cmd).stdin(Stdio::null()).output().unwrap()

@@ -2,6 +2,7 @@
 //! once (lazily, so the gateway starts and says something useful while the daemon is down),
 //! per-user locks so concurrent first logins create exactly one container.
 
+mod account;
 pub mod exec;
 mod gpus;
 pub mod spec;
@@ -43,8 +44,13 @@ pub struct DockerRuntime {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Resolved login shell per container id (probed once per container).
     shells: Mutex<HashMap<String, String>>,
+    /// Containers given a `passwd` entry for the configured uid (sftp-server, scp and ssh
+    /// refuse to run without one).
+    accounts: account::Accounts,
     /// The network containers join, and whether it is known to exist.
     network: String,
+    /// The static relay binary mounted into containers (if the file exists).
+    relay_helper: PathBuf,
     /// Its id, once found or created.
     network_id: OnceCell<String>,
 }
@@ -60,7 +66,9 @@ impl DockerRuntime {
             socket: cfg.socket.clone(),
             locks: Mutex::new(HashMap::new()),
             shells: Mutex::new(HashMap::new()),
+            accounts: account::Accounts::default(),
             network: cfg.network.clone(),
+            relay_helper: cfg.relay_helper.clone(),
             network_id: OnceCell::new(),
         }
     }
@@ -176,11 +184,14 @@ impl DockerRuntime {
             ..Default::default()
         };
         let network = self.ensure_network(docker).await?;
-        let t0 = Instant::now();
-        match docker
-            .create_container(Some(opts), spec::create_body(spec, &network))
-            .await
+        let mut body = spec::create_body(spec, &network);
+        if self.relay_helper.is_file()
+            && let Some(mounts) = body.host_config.as_mut().and_then(|h| h.mounts.as_mut())
         {
+            mounts.push(spec::relay_mount(&self.relay_helper));
+        }
+        let t0 = Instant::now();
+        match docker.create_container(Some(opts), body).await {
             Ok(r) => {
                 tracing::info!(container = %spec.name, image = %spec.image, ms = t0.elapsed().as_millis() as u64, "container created");
                 Ok(r.id)
@@ -441,6 +452,10 @@ impl ContainerRuntime for DockerRuntime {
         };
         let (pid, ips) = placement(&info);
         let shell = self.shell_of(docker, &id, spec).await?;
+        if let Err(e) = self.accounts.ensure(docker, &id, spec, &shell).await {
+            // Shells and commands still work without it; sftp-server and scp do not.
+            tracing::warn!(container = %spec.name, error = %e, "no account entry for the uid");
+        }
         Ok(ContainerHandle {
             id,
             name: spec.name.clone(),

@@ -18,6 +18,17 @@ use crate::runtime::{ContainerSpec, LABEL_GPUS, LABEL_MANAGED, LABEL_USER};
 /// milliseconds, not Docker's 10 s timeout). Plain POSIX sh, so any image with a shell works.
 pub const KEEPALIVE: &str = "trap 'exit 0' TERM INT HUP; while :; do sleep 3600 & wait $!; done";
 
+/// The read-only bind of labgate's static relay helper at [`crate::runtime::RELAY_PATH`].
+pub fn relay_mount(helper: &std::path::Path) -> Mount {
+    Mount {
+        typ: Some(MountType::BIND),
+        source: Some(helper.to_string_lossy().into_owned()),
+        target: Some(crate::runtime::RELAY_PATH.to_owned()),
+        read_only: Some(true),
+        ..Default::default()
+    }
+}
+
 /// The create body for `spec`, joining `network` (labgate's isolated bridge).
 pub fn create_body(spec: &ContainerSpec, network: &str) -> ContainerCreateBody {
     let mut mounts = vec![Mount {

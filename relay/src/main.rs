@@ -1,0 +1,120 @@
+//! labgate's in-container relay, the forwarding path used when the gateway cannot enter a
+//! container's namespaces (it runs rootless, or without the host PID namespace).
+//!
+//! The gateway bind-mounts this static binary read-only into every container and execs it:
+//!
+//! - `labgate-relay tcp ADDR PORT`: connect to `ADDR:PORT` from inside the container;
+//! - `labgate-relay unix PATH`: connect to the unix socket `PATH` as the container sees it;
+//! - `labgate-relay resolve NAME`: print the container's addresses for `NAME`, one a line.
+//!
+//! After connecting it writes `connected` (or `error: REASON`) as one line on stderr, then
+//! joins stdin to the socket and the socket to stdout. Stdin EOF half-closes the socket;
+//! the target's EOF ends the relay.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::os::unix::net::UnixStream;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// A connected socket of either kind.
+trait Socket: Read + Write + Send + 'static {
+    fn try_clone_box(&self) -> io::Result<Box<dyn Socket>>;
+    fn shutdown_write(&self) -> io::Result<()>;
+}
+
+impl Socket for TcpStream {
+    fn try_clone_box(&self) -> io::Result<Box<dyn Socket>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+    fn shutdown_write(&self) -> io::Result<()> {
+        self.shutdown(Shutdown::Write)
+    }
+}
+
+impl Socket for UnixStream {
+    fn try_clone_box(&self) -> io::Result<Box<dyn Socket>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+    fn shutdown_write(&self) -> io::Result<()> {
+        self.shutdown(Shutdown::Write)
+    }
+}
+
+fn connect(args: &[String]) -> io::Result<Box<dyn Socket>> {
+    match args {
+        [kind, addr, port] if kind == "tcp" => {
+            let port: u16 = port
+                .parse()
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "bad port"))?;
+            let ip: std::net::IpAddr = addr
+                .parse()
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "bad address"))?;
+            let s = TcpStream::connect_timeout(&(ip, port).into(), Duration::from_secs(10))?;
+            let _ = s.set_nodelay(true);
+            Ok(Box::new(s))
+        }
+        [kind, path] if kind == "unix" => Ok(Box::new(UnixStream::connect(path)?)),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "usage: labgate-relay tcp ADDR PORT | unix PATH | resolve NAME",
+        )),
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [kind, name] = args.as_slice()
+        && kind == "resolve"
+    {
+        return match (name.as_str(), 0).to_socket_addrs() {
+            Ok(addrs) => {
+                for a in addrs {
+                    println!("{}", a.ip());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let socket = match connect(&args) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    eprintln!("connected");
+    let mut reader = match socket.try_clone_box() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let up = std::thread::spawn(move || {
+        let mut socket = socket;
+        let _ = io::copy(&mut io::stdin().lock(), &mut socket);
+        let _ = socket.shutdown_write();
+    });
+    let mut out = io::stdout().lock();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match reader.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if out.write_all(&buf[..n]).and_then(|()| out.flush()).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    // The target has closed its side. Exiting closes stdout, which the gateway turns into an
+    // EOF for the client; anything the client still sends has nowhere to go (std alone cannot
+    // close fd 1 while the process lives on).
+    drop(up);
+    ExitCode::SUCCESS
+}

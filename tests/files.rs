@@ -1,0 +1,342 @@
+//! Moving files the ways labs do, with the real OpenSSH tools against a realistic Debian image
+//! (`labgate/debian:test`, built by `scripts/debian-image`): the sftp subsystem (`sftp -b`,
+//! `scp`), legacy `scp -O`, `rsync -e ssh`, `git clone`/`push` with `GIT_PROTOCOL`; and the
+//! busybox image, which has no sftp-server, answering sftp with a clear error instead of a hang.
+//! Every transfer is compared byte for byte; files land under the home, owned by the uid:gid.
+
+mod common;
+
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use common::Gateway;
+
+/// The Debian lab image.
+const DEBIAN: &str = "labgate/debian:test";
+
+/// A user table giving user 0 the Debian image and a uid:gid of its own.
+const DEBIAN_USER: &str = "[users.{u0}]\nimage = \"labgate/debian:test\"\nuid = 1000\ngid = 1001\n";
+
+static DEBIAN_ONCE: Once = Once::new();
+
+/// Builds the Debian image if this machine lacks it (minutes, once; cached afterwards).
+fn ensure_debian_image() {
+    DEBIAN_ONCE.call_once(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/debian-image");
+        let st = Command::new(script).status().unwrap();
+        assert!(st.success(), "scripts/debian-image failed: cannot build {DEBIAN}");
+    });
+}
+
+fn debian_gateway() -> Gateway {
+    ensure_debian_image();
+    Gateway::start(1, "", DEBIAN_USER)
+}
+
+/// User 0's home on the host.
+fn home(gw: &Gateway) -> PathBuf {
+    gw.dir.path().join(format!("home/{}", gw.users[0]))
+}
+
+/// `len` bytes that compress badly and differ by `seed`.
+fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// Runs `cmd` with stdin closed; kills it and fails if it takes longer than `limit`.
+fn run_within(mut cmd: Command, limit: Duration) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let out_t = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = out.read_to_end(&mut b);
+        b
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = err.read_to_end(&mut b);
+        b
+    });
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} hung for more than {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: out_t.join().unwrap(),
+        stderr: err_t.join().unwrap(),
+    }
+}
+
+/// Runs `cmd` (2 minutes at most) and asserts it succeeded.
+fn must(gw: &Gateway, cmd: Command) -> Output {
+    let shown = format!("{cmd:?}");
+    let out = run_within(cmd, Duration::from_secs(120));
+    assert!(
+        out.status.success(),
+        "{shown} failed: {:?}\nstdout: {}\nstderr: {}\ngateway log:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        gw.log()
+    );
+    out
+}
+
+/// `sftp -b BATCH` for user `i`.
+fn sftp(gw: &Gateway, i: usize, batch: &str, cwd: &Path) -> Command {
+    let file = cwd.join("batch");
+    std::fs::write(&file, batch).unwrap();
+    let mut c = Command::new("sftp");
+    c.current_dir(cwd)
+        .args(gw.ssh_options(i))
+        .arg("-b")
+        .arg(&file)
+        .arg(gw.destination(i));
+    c
+}
+
+/// The `ssh` command line (one string) for `rsync -e` and `GIT_SSH_COMMAND`.
+fn ssh_command(gw: &Gateway, i: usize) -> String {
+    let mut s = "ssh".to_owned();
+    for o in gw.ssh_options(i) {
+        assert!(!o.contains([' ', '\'', '"']), "option needs quoting: {o}");
+        s.push(' ');
+        s.push_str(&o);
+    }
+    s
+}
+
+fn assert_owned_by_user(path: &Path) {
+    let meta = std::fs::metadata(path).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.gid()),
+        (1000, 1001),
+        "{} is not owned by the configured uid:gid",
+        path.display()
+    );
+}
+
+#[test]
+fn sftp_puts_gets_lists_and_removes_byte_exact_under_the_home() {
+    let gw = debian_gateway();
+    let local = tempfile::tempdir().unwrap();
+    let data = random_bytes(3 << 20, 1);
+    std::fs::write(local.path().join("up.bin"), &data).unwrap();
+
+    // Relative paths are relative to the home.
+    let out = must(
+        &gw,
+        sftp(
+            &gw,
+            0,
+            "mkdir inbox\nput up.bin inbox/data.bin\nls -l inbox\nget inbox/data.bin down.bin\npwd\n",
+            local.path(),
+        ),
+    );
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(listing.contains("data.bin"), "ls: {listing}");
+    assert!(
+        listing.contains(&format!("/home/{}", gw.users[0])),
+        "pwd is the home: {listing}"
+    );
+    let down = std::fs::read(local.path().join("down.bin")).unwrap();
+    assert!(down == data, "downloaded bytes differ");
+
+    let on_host = home(&gw).join("inbox/data.bin");
+    assert!(std::fs::read(&on_host).unwrap() == data, "stored bytes differ");
+    assert_owned_by_user(&on_host);
+    assert_owned_by_user(&home(&gw).join("inbox"));
+    // The container sees the same file.
+    let sum = gw.ok(0, "sha256sum inbox/data.bin | cut -d' ' -f1");
+    let host_sum = Command::new("sha256sum").arg(&on_host).output().unwrap();
+    assert_eq!(
+        sum.trim(),
+        String::from_utf8_lossy(&host_sum.stdout)
+            .split(' ')
+            .next()
+            .unwrap()
+    );
+
+    must(
+        &gw,
+        sftp(&gw, 0, "rm inbox/data.bin\nrmdir inbox\n", local.path()),
+    );
+    assert!(!home(&gw).join("inbox").exists(), "rm/rmdir took effect");
+}
+
+#[test]
+fn scp_over_sftp_and_legacy_scp_copy_both_ways() {
+    let gw = debian_gateway();
+    let local = tempfile::tempdir().unwrap();
+    let dest = gw.destination(0);
+    for (legacy, seed) in [(false, 2u64), (true, 3)] {
+        let data = random_bytes(2 << 20, seed);
+        let name = if legacy { "legacy.bin" } else { "sftp.bin" };
+        let src = local.path().join(name);
+        std::fs::write(&src, &data).unwrap();
+
+        let mut up = Command::new("scp");
+        up.args(gw.ssh_options(0));
+        if legacy {
+            up.arg("-O");
+        }
+        up.arg(&src).arg(format!("{dest}:{name}"));
+        must(&gw, up);
+        let on_host = home(&gw).join(name);
+        assert!(std::fs::read(&on_host).unwrap() == data, "{name}: upload differs");
+        assert_owned_by_user(&on_host);
+
+        let back = local.path().join(format!("{name}.back"));
+        let mut down = Command::new("scp");
+        down.args(gw.ssh_options(0));
+        if legacy {
+            down.arg("-O");
+        }
+        down.arg(format!("{dest}:{name}")).arg(&back);
+        must(&gw, down);
+        assert!(std::fs::read(&back).unwrap() == data, "{name}: download differs");
+    }
+    // Legacy scp really ran `scp -t`/`scp -f` in the container, the default one sftp.
+    let log = gw.log();
+    assert!(log.contains("scp -t") && log.contains("scp -f"), "{log}");
+    assert!(log.contains("subsystem=sftp"), "{log}");
+}
+
+#[test]
+fn rsync_copies_a_tree_and_a_second_run_transfers_nothing() {
+    let gw = debian_gateway();
+    let local = tempfile::tempdir().unwrap();
+    let tree = local.path().join("tree");
+    std::fs::create_dir_all(tree.join("a/b")).unwrap();
+    let files = [
+        ("top.txt", random_bytes(1000, 4)),
+        ("a/mid.bin", random_bytes(300_000, 5)),
+        ("a/b/deep.bin", random_bytes(70_000, 6)),
+        ("a/b/empty", Vec::new()),
+    ];
+    for (name, data) in &files {
+        std::fs::write(tree.join(name), data).unwrap();
+    }
+    let rsync = || {
+        let mut c = Command::new("rsync");
+        c.args(["-a", "-i", "-e", &ssh_command(&gw, 0)])
+            .arg(format!("{}/", tree.display()))
+            .arg(format!("{}:tree/", gw.destination(0)));
+        c
+    };
+    let first = must(&gw, rsync());
+    assert!(
+        String::from_utf8_lossy(&first.stdout).contains("a/b/deep.bin"),
+        "{first:?}"
+    );
+    for (name, data) in &files {
+        let p = home(&gw).join("tree").join(name);
+        assert!(&std::fs::read(&p).unwrap() == data, "{name} differs");
+        assert_owned_by_user(&p);
+    }
+    let second = must(&gw, rsync());
+    assert_eq!(
+        String::from_utf8_lossy(&second.stdout),
+        "",
+        "an unchanged tree transfers nothing"
+    );
+}
+
+#[test]
+fn git_clones_and_pushes_over_ssh_with_protocol_v2() {
+    let gw = debian_gateway();
+    // GIT_PROTOCOL is passed through (accept_env).
+    let mut env = gw.ssh(0);
+    env.args(["-o", "SetEnv=GIT_PROTOCOL=version=2", "echo $GIT_PROTOCOL"]);
+    assert_eq!(
+        String::from_utf8_lossy(&must(&gw, env).stdout),
+        "version=2\n"
+    );
+
+    gw.ok(
+        0,
+        "git init -q --bare repo.git && git init -q work && cd work && echo one > f && git add f \
+         && git -c user.name=lab -c user.email=lab@lab commit -qm first \
+         && git push -q ../repo.git HEAD:refs/heads/main",
+    );
+    let local = tempfile::tempdir().unwrap();
+    let git = |args: &[&str], cwd: &Path| {
+        let mut c = Command::new("git");
+        c.current_dir(cwd)
+            .env("GIT_SSH_COMMAND", ssh_command(&gw, 0))
+            .env("GIT_TRACE_PACKET", "1")
+            .args(["-c", "protocol.version=2", "-c", "user.name=t", "-c", "user.email=t@t"])
+            .args(args);
+        c
+    };
+    let remote = format!("{}:repo.git", gw.destination(0));
+    let clone = must(&gw, git(&["clone", "-b", "main", &remote, "clone"], local.path()));
+    let trace = String::from_utf8_lossy(&clone.stderr);
+    assert!(
+        trace.contains("< version 2"),
+        "the server spoke protocol v2 (GIT_PROTOCOL reached git-upload-pack): {trace}"
+    );
+    let work = local.path().join("clone");
+    assert_eq!(std::fs::read_to_string(work.join("f")).unwrap(), "one\n");
+
+    std::fs::write(work.join("g"), random_bytes(100_000, 7)).unwrap();
+    must(&gw, git(&["add", "g"], &work));
+    must(&gw, git(&["commit", "-qm", "second"], &work));
+    must(&gw, git(&["push", "-q", "origin", "main"], &work));
+    assert_eq!(
+        gw.ok(0, "git -C repo.git log --format=%s main"),
+        "second\nfirst\n"
+    );
+    let ours = must(&gw, git(&["rev-parse", "HEAD:g"], &work));
+    assert_eq!(
+        gw.ok(0, "git -C repo.git rev-parse main:g"),
+        String::from_utf8_lossy(&ours.stdout),
+        "the pushed blob is byte-exact"
+    );
+}
+
+#[test]
+fn sftp_without_an_sftp_server_in_the_image_fails_clearly_and_other_subsystems_are_refused() {
+    // The busybox image has no sftp-server.
+    let gw = Gateway::start(1, "", "");
+    let local = tempfile::tempdir().unwrap();
+    let out = run_within(sftp(&gw, 0, "ls\n", local.path()), Duration::from_secs(60));
+    assert!(!out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("labgate: this image has no sftp-server"), "{err}");
+
+    let mut other = gw.ssh(0);
+    other.args(["-s", "netconf"]);
+    let out = run_within(other, Duration::from_secs(60));
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("subsystem request failed"),
+        "{out:?}"
+    );
+}
