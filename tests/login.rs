@@ -240,6 +240,19 @@ fn home_survives_removal_of_the_container() {
     assert_eq!(std::fs::read_to_string(on_host).unwrap(), "precious\n");
 }
 
+/// The ed25519 host key a server on `port` presents, as ssh-keyscan reports it.
+fn host_key_of(port: u16) -> String {
+    let out = Command::new("ssh-keyscan")
+        .args(["-t", "ed25519", "-p", &port.to_string(), "127.0.0.1"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .last()
+        .unwrap_or_default()
+        .to_owned()
+}
+
 #[test]
 fn host_key_is_generated_private_and_stable() {
     use std::os::unix::fs::PermissionsExt;
@@ -247,44 +260,11 @@ fn host_key_is_generated_private_and_stable() {
     let path = gw.dir.path().join("host_key");
     let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
-    let scan = || {
-        let out = Command::new("ssh-keyscan")
-            .args([
-                "-t",
-                "ed25519",
-                "-p",
-                &gw.addr.port().to_string(),
-                "127.0.0.1",
-            ])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .last()
-            .unwrap_or_default()
-            .to_owned()
-    };
-    let before = scan();
+    let before = host_key_of(gw.addr.port());
     assert!(!before.is_empty());
     gw.stop();
     gw.spawn();
-    let after = {
-        let out = Command::new("ssh-keyscan")
-            .args([
-                "-t",
-                "ed25519",
-                "-p",
-                &gw.addr.port().to_string(),
-                "127.0.0.1",
-            ])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .last()
-            .unwrap_or_default()
-            .to_owned()
-    };
+    let after = host_key_of(gw.addr.port());
     assert_eq!(before, after, "the host key is kept across restarts");
 }
 

@@ -6,9 +6,7 @@ use std::collections::HashMap;
 
 use async_trait::async_trait;
 use bollard::errors::Error as BollardError;
-use bollard::query_parameters::{
-    InspectContainerOptions, ListContainersOptions, RemoveContainerOptions,
-};
+use bollard::query_parameters::{InspectContainerOptions, RemoveContainerOptions};
 
 use super::{DockerRuntime, engine};
 use crate::auth::Username;
@@ -82,16 +80,7 @@ impl GpuContainers for DockerRuntime {
     }
 
     async fn running_gpus(&self) -> Result<Vec<(Username, Vec<GpuUuid>)>, RuntimeError> {
-        let (docker, _) = self.client().await?;
-        let filters = HashMap::from([("label".to_owned(), vec![format!("{LABEL_MANAGED}=true")])]);
-        let list = docker
-            .list_containers(Some(ListContainersOptions {
-                all: false,
-                filters: Some(filters),
-                ..Default::default()
-            }))
-            .await
-            .map_err(engine)?;
+        let list = self.managed_containers(false).await?;
         Ok(list
             .into_iter()
             .filter_map(|c| {

@@ -167,6 +167,23 @@ impl DockerRuntime {
             .await
     }
 
+    /// The containers labgate manages (by label); stopped ones too when `all`.
+    async fn managed_containers(
+        &self,
+        all: bool,
+    ) -> Result<Vec<bollard::models::ContainerSummary>, RuntimeError> {
+        let (docker, _) = self.client().await?;
+        let filters = HashMap::from([("label".to_owned(), vec![format!("{LABEL_MANAGED}=true")])]);
+        docker
+            .list_containers(Some(ListContainersOptions {
+                all,
+                filters: Some(filters),
+                ..Default::default()
+            }))
+            .await
+            .map_err(engine)
+    }
+
     /// Checks the engine answers (for `labgate check` and start-up logs).
     pub async fn ping(&self) -> Result<(), RuntimeError> {
         let (docker, _) = self.client().await?;
@@ -511,16 +528,7 @@ impl ContainerRuntime for DockerRuntime {
     }
 
     async fn list_managed(&self) -> Result<Vec<ManagedContainer>, RuntimeError> {
-        let (docker, _) = self.client().await?;
-        let filters = HashMap::from([("label".to_owned(), vec![format!("{LABEL_MANAGED}=true")])]);
-        let list = docker
-            .list_containers(Some(ListContainersOptions {
-                all: true,
-                filters: Some(filters),
-                ..Default::default()
-            }))
-            .await
-            .map_err(engine)?;
+        let list = self.managed_containers(true).await?;
         Ok(list
             .into_iter()
             .map(|c| ManagedContainer {
