@@ -28,7 +28,10 @@ fn ensure_debian_image() {
     DEBIAN_ONCE.call_once(|| {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/debian-image");
         let st = Command::new(script).status().unwrap();
-        assert!(st.success(), "scripts/debian-image failed: cannot build {DEBIAN}");
+        assert!(
+            st.success(),
+            "scripts/debian-image failed: cannot build {DEBIAN}"
+        );
     });
 }
 
@@ -169,7 +172,10 @@ fn sftp_puts_gets_lists_and_removes_byte_exact_under_the_home() {
     assert!(down == data, "downloaded bytes differ");
 
     let on_host = home(&gw).join("inbox/data.bin");
-    assert!(std::fs::read(&on_host).unwrap() == data, "stored bytes differ");
+    assert!(
+        std::fs::read(&on_host).unwrap() == data,
+        "stored bytes differ"
+    );
     assert_owned_by_user(&on_host);
     assert_owned_by_user(&home(&gw).join("inbox"));
     // The container sees the same file.
@@ -209,7 +215,10 @@ fn scp_over_sftp_and_legacy_scp_copy_both_ways() {
         up.arg(&src).arg(format!("{dest}:{name}"));
         must(&gw, up);
         let on_host = home(&gw).join(name);
-        assert!(std::fs::read(&on_host).unwrap() == data, "{name}: upload differs");
+        assert!(
+            std::fs::read(&on_host).unwrap() == data,
+            "{name}: upload differs"
+        );
         assert_owned_by_user(&on_host);
 
         let back = local.path().join(format!("{name}.back"));
@@ -220,7 +229,10 @@ fn scp_over_sftp_and_legacy_scp_copy_both_ways() {
         }
         down.arg(format!("{dest}:{name}")).arg(&back);
         must(&gw, down);
-        assert!(std::fs::read(&back).unwrap() == data, "{name}: download differs");
+        assert!(
+            std::fs::read(&back).unwrap() == data,
+            "{name}: download differs"
+        );
     }
     // Legacy scp really ran `scp -t`/`scp -f` in the container, the default one sftp.
     let log = gw.log();
@@ -291,12 +303,22 @@ fn git_clones_and_pushes_over_ssh_with_protocol_v2() {
         c.current_dir(cwd)
             .env("GIT_SSH_COMMAND", ssh_command(&gw, 0))
             .env("GIT_TRACE_PACKET", "1")
-            .args(["-c", "protocol.version=2", "-c", "user.name=t", "-c", "user.email=t@t"])
+            .args([
+                "-c",
+                "protocol.version=2",
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@t",
+            ])
             .args(args);
         c
     };
     let remote = format!("{}:repo.git", gw.destination(0));
-    let clone = must(&gw, git(&["clone", "-b", "main", &remote, "clone"], local.path()));
+    let clone = must(
+        &gw,
+        git(&["clone", "-b", "main", &remote, "clone"], local.path()),
+    );
     let trace = String::from_utf8_lossy(&clone.stderr);
     assert!(
         trace.contains("< version 2"),
@@ -329,7 +351,10 @@ fn sftp_without_an_sftp_server_in_the_image_fails_clearly_and_other_subsystems_a
     let out = run_within(sftp(&gw, 0, "ls\n", local.path()), Duration::from_secs(60));
     assert!(!out.status.success(), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("labgate: this image has no sftp-server"), "{err}");
+    assert!(
+        err.contains("labgate: this image has no sftp-server"),
+        "{err}"
+    );
 
     let mut other = gw.ssh(0);
     other.args(["-s", "netconf"]);

@@ -618,6 +618,22 @@ fn the_exec_relay_path_reaches_the_container_and_keeps_the_same_limits() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("administratively prohibited"));
     let out = via_w(&gw, 0, "localhost:9", b"");
     assert!(String::from_utf8_lossy(&out.stderr).contains("connect failed"));
+    // Names resolve as the container would: the other container's name resolves (Docker's
+    // DNS) and is then refused by policy; the container's own name reaches itself.
+    let out = via_w(&gw, 0, &format!("{}:8000", gw.container(1)), b"");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("administratively prohibited"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    gw.ok(0, "httpd -p 0.0.0.0:8001 -h ~/www");
+    let own = via_w(
+        &gw,
+        0,
+        &format!("{}:8001", gw.container(0)),
+        &http_get("/hello.txt"),
+    );
+    assert!(String::from_utf8_lossy(&own.stdout).contains(&expected));
     // Bulk data through the relay stays byte-exact.
     gw.ok(0, "head -c 8388608 /dev/urandom > ~/www/blob");
     let inside = gw.ok(0, "md5sum ~/www/blob | cut -d' ' -f1");

@@ -121,8 +121,7 @@ where
 }
 
 /// Resolves `host` as the container would: `localhost` is its loopback, IP literals are
-/// themselves, other names come from the container's `/etc/hosts` (namespace path) or its own
-/// resolver (relay path).
+/// themselves, other names come from the container's `/etc/hosts`, then its own resolver.
 async fn resolve(
     ctx: &Context,
     login: &Login,
@@ -133,10 +132,14 @@ async fn resolve(
     if let Some(ips) = literal(host) {
         return Ok(ips);
     }
-    match pid {
-        Some(pid) => hosts_file(pid, host).await,
-        None => relay::resolve(ctx, login, container, host).await,
+    if let Some(pid) = pid
+        && let Ok(ips) = hosts_file(pid, host).await
+    {
+        return Ok(ips);
     }
+    // The container's own resolver (its resolv.conf, Docker's embedded DNS), through the
+    // relay helper when it is mounted.
+    relay::resolve(ctx, login, container, host).await
 }
 
 /// `localhost` and IP literals, which need no resolver.
