@@ -67,7 +67,14 @@ pub async fn serve(
     })?;
     tokio::spawn(reconcile(runtime.clone()));
     tokio::spawn(rebuild_gpu_holdings(gpus.clone()));
-    let (_config_tx, config_rx) = watch::channel(Arc::new(config));
+    let source = config.source.clone();
+    let (config_tx, config_rx) = watch::channel(Arc::new(config));
+    // Watching starts before the listening line, so no edit made after it is missed.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut reload_stop = stop_rx.clone();
+    let reloader = crate::config::reload::start(source, config_tx, async move {
+        let _ = reload_stop.wait_for(|s| *s).await.map(|_| ());
+    });
     let ctx = Arc::new(Context {
         config: config_rx,
         runtime,
@@ -85,11 +92,11 @@ pub async fn serve(
     info!(addr = %bound, "labgate listening");
     // Tests and scripts read the bound address (port 0 picks one) from this line.
     println!("labgate listening on {bound}");
-    let (stop_tx, stop_rx) = watch::channel(false);
     let server_task = tokio::spawn(ssh::serve(listener, ctx, russh_config, server, stop_rx));
     shutdown.await;
     info!("shutting down");
     let _ = stop_tx.send(true);
+    let _ = reloader.await;
     let _ = server_task.await;
     Ok(())
 }

@@ -7,6 +7,7 @@
 //! directory of the config file.
 
 mod gpu;
+pub mod reload;
 pub mod units;
 
 use std::collections::BTreeMap;

@@ -1,0 +1,127 @@
+//! Config edits apply without a restart; a broken edit never takes the gateway down.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::{Gateway, eventually};
+
+/// What `$LAB_PROJECT` looks like inside, when the client sends it.
+fn sent_env(gw: &Gateway) -> String {
+    let out = gw
+        .ssh(0)
+        .args(["-o", "SetEnv=LAB_PROJECT=vision", "echo \"[$LAB_PROJECT]\""])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn edit(gw: &Gateway, from: &str, to: &str) {
+    let path = gw.config_path();
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains(from), "{from} not in config");
+    // Write a new file and rename it over the old one, as editors do.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text.replacen(from, to, 1)).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+}
+
+#[test]
+fn an_edit_applies_to_new_logins_and_a_broken_one_keeps_the_old_config() {
+    let gw = Gateway::start(1, "accept_env = [\"TERM\"]", "");
+    assert_eq!(sent_env(&gw), "[]");
+
+    edit(
+        &gw,
+        "accept_env = [\"TERM\"]",
+        "accept_env = [\"TERM\", \"LAB_*\"]",
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || sent_env(&gw) == "[vision]"),
+        "the edit was not applied; log:\n{}",
+        gw.log()
+    );
+
+    // A broken edit: logged with its position, the gateway stays up on the old config.
+    edit(&gw, "memory = \"256M\"", "memory = \"256Q\"");
+    assert!(
+        eventually(Duration::from_secs(10), || gw
+            .log()
+            .contains("config not reloaded, the previous one stays in force")),
+        "{}",
+        gw.log()
+    );
+    let log = gw.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("config not reloaded"))
+        .unwrap();
+    assert!(
+        line.contains("labgate.toml:") && line.contains("256Q"),
+        "{line}"
+    );
+    assert_eq!(
+        sent_env(&gw),
+        "[vision]",
+        "the previous config stays in force"
+    );
+}
+
+#[test]
+fn sighup_reloads_too() {
+    let gw = Gateway::start(1, "accept_env = [\"TERM\"]", "");
+    // Change the file without the watcher noticing a difference in timing: then SIGHUP.
+    edit(
+        &gw,
+        "accept_env = [\"TERM\"]",
+        "accept_env = [\"LAB_PROJECT\"]",
+    );
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(gw.pid() as i32).unwrap(),
+        rustix::process::Signal::HUP,
+    )
+    .unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || gw
+            .log()
+            .contains("SIGHUP: reloading the config")),
+        "{}",
+        gw.log()
+    );
+    assert!(eventually(Duration::from_secs(10), || sent_env(&gw) == "[vision]"));
+}
+
+#[test]
+fn a_changed_listen_address_is_reported_as_needing_a_restart() {
+    let gw = Gateway::start(1, "", "");
+    edit(&gw, "listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:1\"");
+    assert!(
+        eventually(Duration::from_secs(10), || gw
+            .log()
+            .contains("takes effect only after a restart")),
+        "{}",
+        gw.log()
+    );
+    assert!(gw.log().contains("server.listen"));
+    assert_eq!(
+        gw.ok(0, "echo up"),
+        "up\n",
+        "still serving on the old address"
+    );
+}
+
+#[test]
+fn keys_dropped_in_or_removed_apply_at_the_next_login() {
+    let gw = Gateway::start(1, "", "");
+    assert_eq!(gw.ok(0, "echo in"), "in\n");
+    let keyfile = gw.dir.path().join(format!("keys/{}.pub", gw.users[0]));
+    let key = std::fs::read_to_string(&keyfile).unwrap();
+    std::fs::remove_file(&keyfile).unwrap();
+    let out = gw.run(0, "true");
+    assert_eq!(out.status.code(), Some(255));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Permission denied (publickey)"));
+    std::fs::write(&keyfile, key).unwrap();
+    assert_eq!(gw.ok(0, "echo back"), "back\n");
+}
