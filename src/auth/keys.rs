@@ -42,6 +42,8 @@ pub struct KeyOptions {
     pub port_forwarding: bool,
     /// Values of `permitopen="host:port"` options; empty means no restriction.
     pub permit_open: Vec<String>,
+    /// False under `no-agent-forwarding`, or `restrict` without `agent-forwarding`.
+    pub agent_forwarding: bool,
 }
 
 impl KeyOptions {
@@ -50,9 +52,11 @@ impl KeyOptions {
         let mut out = KeyOptions {
             port_forwarding: true,
             permit_open: Vec::new(),
+            agent_forwarding: true,
         };
         let mut restrict = false;
         let mut reenabled = false;
+        let mut agent_reenabled = false;
         for opt in split_options(field) {
             let (name, value) = match opt.split_once('=') {
                 Some((n, v)) => (n, Some(v.trim_matches('"'))),
@@ -63,11 +67,16 @@ impl KeyOptions {
                 ("no-port-forwarding", None) => out.port_forwarding = false,
                 ("port-forwarding", None) => reenabled = true,
                 ("permitopen", Some(v)) => out.permit_open.push(v.to_owned()),
+                ("no-agent-forwarding", None) => out.agent_forwarding = false,
+                ("agent-forwarding", None) => agent_reenabled = true,
                 _ => {}
             }
         }
         if restrict && !reenabled {
             out.port_forwarding = false;
+        }
+        if restrict && !agent_reenabled {
+            out.agent_forwarding = false;
         }
         out
     }
@@ -285,6 +294,18 @@ mod tests {
         );
         assert!(o.port_forwarding);
         assert_eq!(o.permit_open, vec!["localhost:8888", "[::1]:6006"]);
+    }
+
+    #[test]
+    fn agent_forwarding_option_is_read_like_sshd() {
+        assert!(KeyOptions::parse("").agent_forwarding);
+        assert!(KeyOptions::parse("no-port-forwarding").agent_forwarding);
+        assert!(!KeyOptions::parse("no-agent-forwarding").agent_forwarding);
+        assert!(!KeyOptions::parse("restrict").agent_forwarding);
+        assert!(!KeyOptions::parse("restrict,port-forwarding").agent_forwarding);
+        assert!(KeyOptions::parse("restrict,agent-forwarding").agent_forwarding);
+        assert!(!KeyOptions::parse("restrict,agent-forwarding").port_forwarding);
+        assert!(!KeyOptions::parse("NO-AGENT-FORWARDING,pty").agent_forwarding);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! everything outside the container unless the admin allows it. [`pump`] carries the bytes.
 //! The container is started (or created) if a forward arrives before any shell.
 
+pub mod agent;
 pub mod netns;
 pub mod policy;
 pub mod pump;

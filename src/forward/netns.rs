@@ -104,6 +104,55 @@ pub async fn connect_unix(pid: i32, path: PathBuf) -> io::Result<tokio::net::Uni
     tokio::net::UnixStream::from_std(stream)
 }
 
+/// Makes a fresh directory `dir` (mode 0700) and binds a unix socket `dir/name` (mode 0600)
+/// in it, inside the mount namespace of `pid`, both owned by `owner` (uid, gid) when given.
+/// `dir` must not exist yet, so a path planted in advance is never used. The directory is
+/// handed to `owner` last, once the socket in it is ready.
+pub async fn bind_unix(
+    pid: i32,
+    dir: PathBuf,
+    name: &'static str,
+    owner: Option<(u32, u32)>,
+) -> io::Result<tokio::net::UnixListener> {
+    let listener = in_namespace(pid, Namespace::Mount, move || {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+        let made = (|| {
+            let path = dir.join(name);
+            let listener = std::os::unix::net::UnixListener::bind(&path)?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+            if let Some((uid, gid)) = owner {
+                std::os::unix::fs::lchown(&path, Some(uid), Some(gid))?;
+                std::os::unix::fs::chown(&dir, Some(uid), Some(gid))?;
+            }
+            Ok(listener)
+        })();
+        if made.is_err() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        made
+    })
+    .await?;
+    listener.set_nonblocking(true)?;
+    tokio::net::UnixListener::from_std(listener)
+}
+
+/// Removes the directory `dir` and what it holds inside the mount namespace of `pid`, on a
+/// thread of its own, without waiting (for `Drop`). Best effort: a container that is gone
+/// took the directory with it. Symlinks in it are removed, never followed.
+pub fn remove_dir_detached(pid: i32, dir: PathBuf) {
+    let spawned = std::thread::Builder::new()
+        .name("labgate-ns".into())
+        .spawn(move || {
+            if enter(pid, Namespace::Mount).is_ok() {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::debug!("cannot clean an agent socket directory: {e}");
+    }
+}
+
 /// Reads a small file as the container sees it (its `/etc/hosts`, say).
 pub async fn read_file(pid: i32, path: PathBuf, limit: u64) -> io::Result<String> {
     in_namespace(pid, Namespace::Mount, move || {

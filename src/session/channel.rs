@@ -20,6 +20,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tracing::{Instrument, debug, info, warn};
 
 use super::{Context, Login, subsystem};
+use crate::forward::agent::AgentForward;
 use crate::runtime::{
     ContainerSpec, ExecControl, ExecOutput, ExecRequest, ExitStatus, RuntimeError, TtySize,
 };
@@ -54,6 +55,8 @@ struct Pty {
 struct Setup {
     pty: Option<Pty>,
     env: Vec<(String, String)>,
+    /// The client asked for agent forwarding (`-A`) and the key allows it.
+    agent: bool,
 }
 
 /// Client input that arrived while the program was starting.
@@ -67,14 +70,28 @@ struct EarlyInput {
 }
 
 /// Serves one session channel until it closes. `handle` sends exit-signal, which the channel
-/// half has no method for.
-pub async fn run(channel: Channel<Msg>, login: Arc<Login>, ctx: Arc<Context>, handle: Handle) {
+/// half has no method for, and opens agent channels; `agent` is the connection's agent socket.
+pub async fn run(
+    channel: Channel<Msg>,
+    login: Arc<Login>,
+    ctx: Arc<Context>,
+    handle: Handle,
+    agent: Arc<AgentForward>,
+) {
     let id = channel.id();
     let span = tracing::info_span!("channel", channel = %id);
-    serve(channel, login, ctx, handle).instrument(span).await
+    serve(channel, login, ctx, handle, agent)
+        .instrument(span)
+        .await
 }
 
-async fn serve(channel: Channel<Msg>, login: Arc<Login>, ctx: Arc<Context>, handle: Handle) {
+async fn serve(
+    channel: Channel<Msg>,
+    login: Arc<Login>,
+    ctx: Arc<Context>,
+    handle: Handle,
+    agent: Arc<AgentForward>,
+) {
     let id = channel.id();
     let (mut rx, tx) = channel.split();
 
@@ -114,6 +131,10 @@ async fn serve(channel: Channel<Msg>, login: Arc<Login>, ctx: Arc<Context>, hand
                     debug!(name = %variable_name, "env request refused by accept_env");
                 }
             }
+            // The handler answers it from the same key option.
+            Some(ChannelMsg::AgentForward { .. }) => {
+                setup.agent = login.key.options().agent_forwarding;
+            }
             Some(ChannelMsg::RequestShell { .. }) => break Program::Shell,
             Some(ChannelMsg::Exec { command, .. }) => {
                 break Program::Command(String::from_utf8_lossy(&command).into_owned());
@@ -141,7 +162,8 @@ async fn serve(channel: Channel<Msg>, login: Arc<Login>, ctx: Arc<Context>, hand
 
     // Phase 2: starting, while draining the channel.
     let mut early = EarlyInput::default();
-    let start = start(&ctx, &login, &setup, &program);
+    let agent = setup.agent.then(|| (agent.as_ref(), handle.clone()));
+    let start = start(&ctx, &login, &setup, &program, agent);
     tokio::pin!(start);
     let started = loop {
         tokio::select! {
@@ -255,6 +277,7 @@ async fn start(
     login: &Login,
     setup: &Setup,
     program: &Program,
+    agent: Option<(&AgentForward, Handle)>,
 ) -> Result<crate::runtime::Exec, RuntimeError> {
     let spec = ContainerSpec::new(&login.user, &login.quota);
     let started = super::start_container(ctx, login).await?;
@@ -292,6 +315,11 @@ async fn start(
     ];
     if let Some(pty) = &setup.pty {
         env.push(("TERM".to_owned(), pty.term.clone()));
+    }
+    if let Some((agent, handle)) = agent
+        && let Some(path) = agent.socket(ctx, login, container, handle).await
+    {
+        env.push(("SSH_AUTH_SOCK".to_owned(), path));
     }
     env.extend(
         setup

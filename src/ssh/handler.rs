@@ -15,6 +15,7 @@ use russh::{Channel, ChannelId, MethodKind, MethodSet};
 use tracing::{Instrument, debug, info};
 
 use crate::auth::{self, KeyStore};
+use crate::forward::agent::AgentForward;
 use crate::forward::{self, RemoteForwards};
 use crate::session::{Context, Login, channel, subsystem};
 
@@ -49,10 +50,13 @@ pub struct ConnectionHandler {
     refused: Option<(String, auth::Refusal)>,
     /// This connection's `-R` listeners; dropped (closed) with the connection.
     remote: RemoteForwards,
+    /// This connection's agent socket (`-A`), made by the first channel that asks for it.
+    agent: Arc<AgentForward>,
 }
 
 impl Drop for ConnectionHandler {
     fn drop(&mut self) {
+        self.agent.close();
         if self.login.is_none()
             && let Some((user, reason)) = self.refused.take()
         {
@@ -83,6 +87,7 @@ impl ConnectionHandler {
             span,
             refused: None,
             remote: RemoteForwards::default(),
+            agent: Arc::default(),
         }
     }
 
@@ -171,8 +176,14 @@ impl Handler for ConnectionHandler {
         };
         reply.accept().await;
         tokio::spawn(
-            channel::run(channel, login, self.ctx.clone(), session.handle())
-                .instrument(self.span.clone()),
+            channel::run(
+                channel,
+                login,
+                self.ctx.clone(),
+                session.handle(),
+                self.agent.clone(),
+            )
+            .instrument(self.span.clone()),
         );
         Ok(())
     }
@@ -265,6 +276,19 @@ impl Handler for ConnectionHandler {
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
         Ok(self.remote.cancel(address, port))
+    }
+
+    /// `-A`. The channel task makes the socket when its program starts; refused under the
+    /// key's `no-agent-forwarding` (or `restrict`).
+    async fn agent_request(
+        &mut self,
+        _channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        Ok(self
+            .login
+            .as_ref()
+            .is_some_and(|l| l.key.options().agent_forwarding))
     }
 
     async fn pty_request(

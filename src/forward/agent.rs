@@ -1,0 +1,137 @@
+//! Agent forwarding (`ssh -A`): a unix socket inside the user's container whose connections
+//! are relayed to the client's agent through `auth-agent@openssh.com` channels.
+//!
+//! One socket per SSH connection, made by the first session channel that asked for it (never
+//! by the handler, which must not wait on Docker): a fresh `/tmp/labgate-agent-RANDOM/`
+//! (0700) holding `agent.sock` (0600), both owned by the user's uid:gid, made from inside the
+//! container's mount namespace ([`super::netns`]). Every channel of the connection that asked
+//! for forwarding gets it as `SSH_AUTH_SOCK`. The listener, the socket and its directory go
+//! away when the connection closes ([`AgentForward::close`], from the handler's `Drop`).
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use russh::server::Handle;
+use tokio::task::JoinHandle;
+use tracing::{Instrument, debug, info, warn};
+
+use super::{netns, pump, way_in};
+use crate::runtime::{ContainerHandle, ContainerSpec};
+use crate::session::{Context, Login};
+
+/// The socket's file name inside its directory.
+const SOCKET_NAME: &str = "agent.sock";
+
+/// The agent socket of one connection, made on first use.
+#[derive(Default)]
+pub struct AgentForward {
+    /// The socket path once made; `Some(None)` when making it failed (not retried).
+    path: tokio::sync::Mutex<Option<Option<String>>>,
+    /// The listener task, and whether the connection is closed.
+    task: Mutex<(Option<JoinHandle<()>>, bool)>,
+}
+
+/// Removes the socket directory when the listener task ends or is aborted.
+struct Cleanup {
+    pid: i32,
+    dir: PathBuf,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        netns::remove_dir_detached(self.pid, std::mem::take(&mut self.dir));
+    }
+}
+
+impl AgentForward {
+    /// The path of this connection's agent socket inside `container`, making it on first
+    /// call; `None` when it cannot be made (no way into the container's namespaces, no
+    /// `/tmp`...), which is logged and leaves the session without `SSH_AUTH_SOCK`.
+    pub async fn socket(
+        &self,
+        ctx: &Context,
+        login: &Login,
+        container: &ContainerHandle,
+        handle: Handle,
+    ) -> Option<String> {
+        let mut path = self.path.lock().await;
+        if let Some(made) = path.as_ref() {
+            return made.clone();
+        }
+        let made = self.make(ctx, login, container, handle).await;
+        *path = Some(made.clone());
+        made
+    }
+
+    async fn make(
+        &self,
+        ctx: &Context,
+        login: &Login,
+        container: &ContainerHandle,
+        handle: Handle,
+    ) -> Option<String> {
+        let Some(pid) = way_in(ctx, container).await else {
+            warn!(user = %login.user, "agent forwarding needs the container's namespaces: not forwarded");
+            return None;
+        };
+        let owner = ContainerSpec::new(&login.user, &login.quota).uid_gid;
+        let dir = PathBuf::from(format!("/tmp/labgate-agent-{:016x}", rand::random::<u64>()));
+        let listener = match netns::bind_unix(pid, dir.clone(), SOCKET_NAME, owner).await {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(user = %login.user, dir = %dir.display(), error = %e, "agent socket not made: not forwarded");
+                return None;
+            }
+        };
+        let path = dir.join(SOCKET_NAME).to_string_lossy().into_owned();
+        info!(target: "audit", user = %login.user, socket = %path, "agent forwarding");
+        let cleanup = Cleanup { pid, dir };
+        let task = tokio::spawn(
+            async move {
+                let _cleanup = cleanup;
+                loop {
+                    let stream = match listener.accept().await {
+                        Ok((s, _)) => s,
+                        Err(e) => {
+                            warn!("agent socket accept failed: {e}");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    };
+                    let handle = handle.clone();
+                    tokio::spawn(
+                        async move {
+                            match handle.channel_open_agent().await {
+                                Ok(channel) => {
+                                    pump::pump(channel, stream).await;
+                                }
+                                Err(e) => debug!("client refused an agent channel: {e}"),
+                            }
+                        }
+                        .in_current_span(),
+                    );
+                }
+            }
+            .in_current_span(),
+        );
+        let mut slot = self.task.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.1 {
+            // The connection closed meanwhile.
+            task.abort();
+            return None;
+        }
+        slot.0 = Some(task);
+        Some(path)
+    }
+
+    /// Stops the listener; its socket directory is removed from the container. Called when
+    /// the connection ends; no socket is made after this.
+    pub fn close(&self) {
+        let mut slot = self.task.lock().unwrap_or_else(|p| p.into_inner());
+        slot.1 = true;
+        if let Some(task) = slot.0.take() {
+            task.abort();
+        }
+    }
+}

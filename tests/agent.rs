@@ -1,0 +1,181 @@
+//! Agent forwarding (`ssh -A`) with the real OpenSSH client, a real `ssh-agent` on the host
+//! and `ssh-add` inside the Debian image (`labgate/debian:test`, built by
+//! `scripts/debian-image`): the forwarded agent lists the host agent's key; the socket is the
+//! user's own, private, and gone when the connection closes; no `-A`, no socket; a key with
+//! `no-agent-forwarding` gets none either.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Once;
+use std::time::Duration;
+
+use common::{Gateway, eventually, keygen};
+
+/// A user table giving user 0 the Debian image and a uid:gid of its own.
+const DEBIAN_USER: &str = "[users.{u0}]\nimage = \"labgate/debian:test\"\nuid = 1000\ngid = 1001\n";
+
+static DEBIAN_ONCE: Once = Once::new();
+
+/// Builds the Debian image if this machine lacks it (minutes, once; cached afterwards).
+fn ensure_debian_image() {
+    DEBIAN_ONCE.call_once(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/debian-image");
+        let st = Command::new(script).status().unwrap();
+        assert!(st.success(), "scripts/debian-image failed");
+    });
+}
+
+/// A host `ssh-agent` on its own socket, holding one key; killed on drop.
+struct Agent {
+    child: Child,
+    sock: PathBuf,
+    /// The fingerprint (`SHA256:...`) of the key it holds.
+    fingerprint: String,
+}
+
+impl Agent {
+    fn start(dir: &Path) -> Agent {
+        let sock = dir.join("agent.sock");
+        let child = Command::new("ssh-agent")
+            .arg("-D")
+            .arg("-a")
+            .arg(&sock)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut agent = Agent {
+            child,
+            sock,
+            fingerprint: String::new(),
+        };
+        assert!(
+            eventually(Duration::from_secs(10), || agent.sock.exists()),
+            "ssh-agent did not make its socket"
+        );
+        let key = keygen(dir, "id_agent");
+        let st = Command::new("ssh-add")
+            .arg(&key.private)
+            .env("SSH_AUTH_SOCK", &agent.sock)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success(), "ssh-add failed");
+        let out = Command::new("ssh-keygen")
+            .arg("-lf")
+            .arg(key.private.with_extension("pub"))
+            .output()
+            .unwrap();
+        agent.fingerprint = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .to_owned();
+        assert!(agent.fingerprint.starts_with("SHA256:"));
+        agent
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `ssh` for user 0, with the agent in its environment and `-A` when `forward`.
+fn ssh(gw: &Gateway, agent: &Agent, forward: bool, cmd: &str) -> std::process::Output {
+    let mut c = gw.ssh(0);
+    if forward {
+        c.args(["-A", "-o", "ForwardAgent=yes"]);
+    }
+    c.env("SSH_AUTH_SOCK", &agent.sock)
+        .arg(cmd)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn stdout_ok(out: &std::process::Output, what: &str, gw: &Gateway) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed: {:?}\nstdout: {}\nstderr: {}\ngateway log:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        gw.log()
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn agent_forwarding_reaches_the_host_agent_and_goes_away_with_the_connection() {
+    ensure_debian_image();
+    let gw = Gateway::start(1, "", DEBIAN_USER);
+    let agent = Agent::start(gw.dir.path());
+
+    // With -A: the forwarded agent lists the host agent's key; the socket is the user's.
+    let out = ssh(
+        &gw,
+        &agent,
+        true,
+        "ssh-add -l; stat -c '%a %u:%g' \"$SSH_AUTH_SOCK\" \"$(dirname \"$SSH_AUTH_SOCK\")\"; echo \"$SSH_AUTH_SOCK\"",
+    );
+    let text = stdout_ok(&out, "ssh -A", &gw);
+    assert!(
+        text.contains(&agent.fingerprint),
+        "`ssh-add -l` inside did not list {}: {text}",
+        agent.fingerprint
+    );
+    let lines: Vec<&str> = text.lines().collect();
+    let n = lines.len();
+    assert!(n >= 4, "{text}");
+    assert_eq!(lines[n - 3], "600 1000:1001", "socket mode/owner: {text}");
+    assert_eq!(
+        lines[n - 2],
+        "700 1000:1001",
+        "directory mode/owner: {text}"
+    );
+    assert!(
+        lines[n - 1].starts_with("/tmp/labgate-agent-") && lines[n - 1].ends_with("/agent.sock"),
+        "{text}"
+    );
+
+    // Without -A: no socket is offered. Once the -A connection is gone, its directory is too.
+    let text = stdout_ok(
+        &ssh(&gw, &agent, false, "echo \"${SSH_AUTH_SOCK:-unset}\""),
+        "ssh",
+        &gw,
+    );
+    assert_eq!(text.trim(), "unset");
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            !ssh(&gw, &agent, false, "ls -d /tmp/labgate-agent-*")
+                .status
+                .success()
+        }),
+        "the agent socket directory outlived its connection"
+    );
+
+    // A key with no-agent-forwarding gets no socket, even with -A.
+    let keyfile = gw.dir.path().join(format!("keys/{}.pub", gw.users[0]));
+    std::fs::write(
+        &keyfile,
+        format!("no-agent-forwarding {}", gw.keys[0].public),
+    )
+    .unwrap();
+    let text = stdout_ok(
+        &ssh(
+            &gw,
+            &agent,
+            true,
+            "echo \"${SSH_AUTH_SOCK:-unset}\"; ls -d /tmp/labgate-agent-* 2>/dev/null | wc -l",
+        ),
+        "ssh -A (no-agent-forwarding)",
+        &gw,
+    );
+    assert_eq!(text.split_whitespace().collect::<Vec<_>>(), ["unset", "0"]);
+}
