@@ -709,3 +709,54 @@ fn the_exec_relay_path_resolves_unix_sockets_inside_the_container() {
     }
     server.join().unwrap();
 }
+
+#[test]
+fn remote_and_unix_switches_refuse_those_forwards() {
+    let gw = Gateway::start(
+        1,
+        "",
+        "[users.{u0}.forwarding]\nremote = false\nunix = false\n",
+    );
+    let out = gw
+        .ssh_info(0)
+        .args([
+            "-N",
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-R",
+            "9000:127.0.0.1:9",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(255));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("remote port forwarding failed"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let local = gw.dir.path().join("u.sock");
+    let mut child = gw
+        .ssh_info(0)
+        .args(["-N", "-L"])
+        .arg(format!("{}:/tmp/whatever.sock", local.display()))
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(eventually(Duration::from_secs(20), || local.exists()));
+    let mut s = std::os::unix::net::UnixStream::connect(&local).unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("administratively prohibited"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        gw.log()
+            .contains("remote forwarding is disabled for this user")
+    );
+}
