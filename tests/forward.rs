@@ -760,3 +760,48 @@ fn remote_and_unix_switches_refuse_those_forwards() {
             .contains("remote forwarding is disabled for this user")
     );
 }
+
+#[test]
+fn cancel_tcpip_forward_closes_the_listener_on_a_live_connection() {
+    let gw = Gateway::start(1, "", "");
+    let (host_port, _srv) = host_pong_server("127.0.0.1:0");
+    let control = gw.dir.path().join("ctl");
+    let mut master = gw
+        .ssh(0)
+        .args(["-N", "-M", "-S"])
+        .arg(&control)
+        .arg("-R")
+        .arg(format!("9100:127.0.0.1:{host_port}"))
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let listening = |gw: &Gateway| {
+        gw.run(0, "netstat -ltn | grep -q '127.0.0.1:9100 '")
+            .status
+            .success()
+    };
+    assert!(eventually(Duration::from_secs(20), || listening(&gw)));
+    let cancel = gw
+        .ssh(0)
+        .args(["-S"])
+        .arg(&control)
+        .args(["-O", "cancel", "-R"])
+        .arg(format!("9100:127.0.0.1:{host_port}"))
+        .output()
+        .unwrap();
+    assert!(
+        cancel.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cancel.stderr)
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || !listening(&gw)),
+        "cancel-tcpip-forward must close the listener"
+    );
+    assert!(
+        matches!(master.try_wait(), Ok(None)),
+        "the connection stays up"
+    );
+    let _ = master.kill();
+    let _ = master.wait();
+}
