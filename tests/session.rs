@@ -324,3 +324,61 @@ fn closing_a_channel_mid_command_ends_it_and_the_connection_stays_usable() {
     assert!(eventually(Duration::from_secs(10), || pids_of(&marker).is_empty()));
     assert_eq!(gw.ok(0, "echo still-here"), "still-here\n");
 }
+
+#[test]
+fn a_command_that_never_reads_stdin_does_not_stall_other_channels() {
+    let gw = Gateway::start(1, "", "");
+    let control = gw.dir.path().join("ctl");
+    let mut master = gw
+        .ssh(0)
+        .args(["-N", "-M", "-S"])
+        .arg(&control)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(eventually(Duration::from_secs(20), || control.exists()));
+    // Channel 1 on the shared connection: 20 MB into a command that never reads them.
+    let mut flood = gw
+        .ssh(0)
+        .arg("-S")
+        .arg(&control)
+        .arg("sleep 30")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut input = flood.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || {
+        let chunk = vec![b'x'; 1 << 20];
+        for _ in 0..20 {
+            if input.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    // Channel 2 on the same connection still gets through.
+    let mut other = gw
+        .ssh(0)
+        .arg("-S")
+        .arg(&control)
+        .arg("echo alive")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let done = eventually(Duration::from_secs(15), || {
+        matches!(other.try_wait(), Ok(Some(_)))
+    });
+    let _ = flood.kill();
+    let _ = master.kill();
+    let _ = writer.join();
+    assert!(
+        done,
+        "a second channel froze behind a command not reading its stdin"
+    );
+    let out = other.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "alive\n");
+    let _ = flood.wait();
+    let _ = master.wait();
+}

@@ -182,7 +182,7 @@ async fn serve(
             },
         }
     };
-    let mut exec = match started {
+    let exec = match started {
         Ok(exec) => exec,
         Err(e) => {
             warn!(user = %login.user, error = %e, "session not started");
@@ -211,13 +211,12 @@ async fn serve(
     if let Some(size) = early.size.filter(|_| is_tty) {
         let _ = control.resize(size).await;
     }
+    let mut stdin = StdinFeed::spawn(exec.stdin);
     for chunk in early.data.drain(..) {
-        if exec.stdin.write_all(&chunk).await.is_err() {
-            break;
-        }
+        stdin.send(chunk).await;
     }
     if early.eof && !is_tty {
-        let _ = exec.stdin.shutdown().await;
+        stdin.eof();
     }
 
     // Phase 3: running.
@@ -225,7 +224,6 @@ async fn serve(
     let stderr = tx.make_writer_ext(Some(1));
     let mut pump =
         tokio::spawn(pump_output(exec.output, stdout, stderr, control.clone()).in_current_span());
-    let mut stdin = Some(exec.stdin);
     let status = loop {
         tokio::select! {
             status = &mut pump => break status.ok().flatten(),
@@ -236,20 +234,10 @@ async fn serve(
                     pump.abort();
                     return;
                 }
-                Some(ChannelMsg::Data { data }) => {
-                    if let Some(w) = stdin.as_mut()
-                        && w.write_all(&data).await.is_err()
-                    {
-                        stdin = None;
-                    }
-                }
+                Some(ChannelMsg::Data { data }) => stdin.send(data).await,
                 // On a terminal, EOF is ignored as sshd does: half-closing a TTY exec's
                 // stdin makes the engine end its output.
-                Some(ChannelMsg::Eof) if !is_tty => {
-                    if let Some(mut w) = stdin.take() {
-                        let _ = w.shutdown().await;
-                    }
-                }
+                Some(ChannelMsg::Eof) if !is_tty => stdin.eof(),
                 Some(ChannelMsg::WindowChange { col_width, row_height, .. }) if is_tty => {
                     if let Err(e) = control.resize(tty_size(col_width, row_height)).await {
                         debug!("resize failed: {e}");
@@ -269,6 +257,75 @@ async fn serve(
     };
     drop(stdin);
     finish(&tx, &handle, id, status).await;
+}
+
+/// Client input on its way to the process, written by a task of its own: a process that does
+/// not read its stdin fills only this queue (bounded like a forward's, see
+/// [`crate::forward::pump`]), never the connection's.
+struct StdinFeed {
+    ops: Option<tokio::sync::mpsc::UnboundedSender<StdinOp>>,
+    budget: Arc<tokio::sync::Semaphore>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+enum StdinOp {
+    Data(Bytes, tokio::sync::OwnedSemaphorePermit),
+    Eof,
+}
+
+impl StdinFeed {
+    fn spawn(mut writer: std::pin::Pin<Box<dyn AsyncWrite + Send>>) -> Self {
+        let (ops, mut queue) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            let mut broken = false;
+            while let Some(op) = queue.recv().await {
+                match op {
+                    StdinOp::Data(data, _permit) => {
+                        if !broken && writer.write_all(&data).await.is_err() {
+                            // The process closed its stdin: discard the rest, as a pipe would.
+                            broken = true;
+                        }
+                    }
+                    StdinOp::Eof => {
+                        if !broken {
+                            let _ = writer.shutdown().await;
+                        }
+                        return;
+                    }
+                }
+            }
+        });
+        StdinFeed {
+            ops: Some(ops),
+            budget: Arc::new(tokio::sync::Semaphore::new(
+                crate::forward::pump::CHANNEL_BUFFER,
+            )),
+            task,
+        }
+    }
+
+    /// Queues `data`; waits only when the queue is full.
+    async fn send(&self, data: Bytes) {
+        let Some(ops) = &self.ops else { return };
+        let n =
+            u32::try_from(data.len().min(crate::forward::pump::CHANNEL_BUFFER)).unwrap_or(u32::MAX);
+        if let Ok(permit) = self.budget.clone().acquire_many_owned(n).await {
+            let _ = ops.send(StdinOp::Data(data, permit));
+        }
+    }
+
+    /// The client's EOF: delivered after everything queued before it.
+    fn eof(&mut self) {
+        if let Some(ops) = self.ops.take() {
+            let _ = ops.send(StdinOp::Eof);
+        }
+    }
+}
+
+impl Drop for StdinFeed {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// Ensures the container runs and starts the program in it.
