@@ -12,18 +12,10 @@ use std::process::{Command, Output, Stdio};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
-use common::{Gateway, docker_inspect, eventually, pids_of};
+use common::{Gateway, containers_named, docker_inspect, eventually, pids_of};
 
 /// A valid ed25519 public key line (not tied to any private key the tests use).
 const ED: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHn7MrEI7ZE5jvoV0hWr8ya2DvjoZH2sGUTMv7Ur2DPt";
-
-fn containers_named(name: &str) -> usize {
-    let out = Command::new("docker")
-        .args(["ps", "-a", "-q", "--filter", &format!("name=^{name}$")])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).lines().count()
-}
 
 fn stderr_of(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()

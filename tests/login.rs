@@ -6,15 +6,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Gateway, docker_inspect, keygen};
-
-fn containers_named(name: &str) -> usize {
-    let out = Command::new("docker")
-        .args(["ps", "-a", "-q", "--filter", &format!("name=^{name}$")])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).lines().count()
-}
+use common::{Gateway, containers_named, docker_inspect, keygen};
 
 #[test]
 fn a_user_lands_in_their_own_container_with_home_as_cwd() {

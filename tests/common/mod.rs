@@ -299,6 +299,15 @@ impl Drop for Gateway {
     }
 }
 
+/// How many containers (running or not) are named exactly `name`.
+pub fn containers_named(name: &str) -> usize {
+    let out = Command::new("docker")
+        .args(["ps", "-a", "-q", "--filter", &format!("name=^{name}$")])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
 /// `docker inspect -f FORMAT NAME`, trimmed; `None` if there is no such object.
 pub fn docker_inspect(name: &str, format: &str) -> Option<String> {
     let out = Command::new("docker")

@@ -11,13 +11,12 @@
 //! root needs no entry.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use bollard::Docker;
-use bollard::exec::{CreateExecOptions, StartExecOptions};
+use bollard::exec::CreateExecOptions;
 
-use super::exec::DockerExecControl;
-use crate::runtime::{ContainerSpec, ExecControl, ExitStatus, RuntimeError};
+use crate::runtime::{ContainerSpec, ExitStatus, RuntimeError};
 
 /// Adds the entries missing for `$2` (uid) and `$3` (gid). Shell built-ins only (no `grep`
 /// needed in the image); `$1` name, `$4` home, `$5` login shell.
@@ -64,28 +63,12 @@ impl Accounts {
             ..Default::default()
         };
         let failed = |e: String| RuntimeError::Exec(format!("adding your account entry: {e}"));
-        let created = docker
-            .create_exec(id, opts)
-            .await
-            .map_err(|e| failed(e.to_string()))?;
-        docker
-            .start_exec(
-                &created.id,
-                Some(StartExecOptions {
-                    detach: true,
-                    ..Default::default()
-                }),
-            )
-            .await
-            .map_err(|e| failed(e.to_string()))?;
-        let control = DockerExecControl {
-            docker: docker.clone(),
-            exec_id: created.id,
-            process: tokio::sync::OnceCell::new(),
-            delivered: Arc::default(),
-            grace: super::HANGUP_GRACE,
+        let status = match super::exec::run_detached(docker, id, opts, super::HANGUP_GRACE).await {
+            Ok(status) => status,
+            Err(super::exec::DetachedError::Engine(e)) => return Err(failed(e.to_string())),
+            Err(super::exec::DetachedError::Wait(e)) => return Err(e),
         };
-        match control.wait().await? {
+        match status {
             ExitStatus::Code(0) => {
                 tracing::debug!(container = %spec.name, uid, gid, "account entry in place");
                 self.lock().insert(id.to_owned());

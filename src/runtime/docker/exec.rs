@@ -233,6 +233,46 @@ impl ExecControl for DockerExecControl {
     }
 }
 
+/// How a detached command failed: the engine refused to start it, or its end could not be read.
+pub(super) enum DetachedError {
+    /// Create or start was refused (the caller explains it, e.g. a container that died).
+    Engine(bollard::errors::Error),
+    /// The exit status could not be read.
+    Wait(RuntimeError),
+}
+
+/// Runs `opts` in container `id` without attaching to it and waits for its exit status: for
+/// the gateway's own short commands (probes, account entries).
+pub(super) async fn run_detached(
+    docker: &Docker,
+    id: &str,
+    opts: bollard::exec::CreateExecOptions<String>,
+    grace: Duration,
+) -> Result<ExitStatus, DetachedError> {
+    let created = docker
+        .create_exec(id, opts)
+        .await
+        .map_err(DetachedError::Engine)?;
+    docker
+        .start_exec(
+            &created.id,
+            Some(bollard::exec::StartExecOptions {
+                detach: true,
+                ..Default::default()
+            }),
+        )
+        .await
+        .map_err(DetachedError::Engine)?;
+    let control = DockerExecControl {
+        docker: docker.clone(),
+        exec_id: created.id,
+        process: tokio::sync::OnceCell::new(),
+        delivered: Arc::default(),
+        grace,
+    };
+    control.wait().await.map_err(DetachedError::Wait)
+}
+
 /// Assembles an [`Exec`] from its parts.
 pub(super) fn assemble(
     output: futures::stream::BoxStream<'static, io::Result<ExecOutput>>,

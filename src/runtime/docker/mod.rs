@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bollard::Docker;
 use bollard::errors::Error as BollardError;
-use bollard::exec::{CreateExecOptions, StartExecOptions};
+use bollard::exec::CreateExecOptions;
 use bollard::query_parameters::{
     CreateContainerOptions, InspectContainerOptions, ListContainersOptions,
 };
@@ -309,30 +309,13 @@ impl DockerRuntime {
             ]),
             ..Default::default()
         };
-        let created = match docker.create_exec(id, probe).await {
-            Ok(c) => c,
-            Err(e) => return Err(self.exec_failure(docker, id, e).await),
+        let status = match exec::run_detached(docker, id, probe, HANGUP_GRACE).await {
+            Ok(status) => status,
+            Err(exec::DetachedError::Engine(e)) => {
+                return Err(self.exec_failure(docker, id, e).await);
+            }
+            Err(exec::DetachedError::Wait(e)) => return Err(e),
         };
-        if let Err(e) = docker
-            .start_exec(
-                &created.id,
-                Some(StartExecOptions {
-                    detach: true,
-                    ..Default::default()
-                }),
-            )
-            .await
-        {
-            return Err(self.exec_failure(docker, id, e).await);
-        }
-        let control = exec::DockerExecControl {
-            docker: docker.clone(),
-            exec_id: created.id,
-            process: tokio::sync::OnceCell::new(),
-            delivered: Arc::default(),
-            grace: HANGUP_GRACE,
-        };
-        let status = crate::runtime::ExecControl::wait(&control).await?;
         let shell = if status == crate::runtime::ExitStatus::Code(0) {
             "/bin/bash"
         } else {
