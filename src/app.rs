@@ -69,6 +69,7 @@ pub async fn serve(
     tokio::spawn(rebuild_gpu_holdings(gpus.clone()));
     let source = config.source.clone();
     let (config_tx, config_rx) = watch::channel(Arc::new(config));
+    tokio::spawn(apply_live_limits(config_rx.clone(), runtime.clone()));
     // Watching starts before the listening line, so no edit made after it is missed.
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut reload_stop = stop_rx.clone();
@@ -99,6 +100,57 @@ pub async fn serve(
     let _ = reloader.await;
     let _ = server_task.await;
     Ok(())
+}
+
+/// After each reload, applies changed memory/CPU/process limits to running containers
+/// (`docker update`) and tells the admin which other changes wait for a recreate.
+async fn apply_live_limits(mut config: watch::Receiver<Arc<Config>>, runtime: Arc<DockerRuntime>) {
+    let mut previous = config.borrow().clone();
+    while config.changed().await.is_ok() {
+        let current = config.borrow_and_update().clone();
+        let running = match runtime.list_managed().await {
+            Ok(list) => list,
+            Err(e) => {
+                warn!("reload: cannot list containers to update their limits: {e}");
+                previous = current;
+                continue;
+            }
+        };
+        for c in running.iter().filter(|c| c.state == "running") {
+            let Ok(user) = crate::auth::Username::parse(&c.user) else {
+                continue;
+            };
+            let (old, new) = (previous.quota_for(&user), current.quota_for(&user));
+            if (old.memory, old.cpus, old.pids) != (new.memory, new.cpus, new.pids) {
+                let spec = crate::runtime::ContainerSpec::new(&user, new);
+                match runtime.update_limits(&spec).await {
+                    Ok(true) => {
+                        info!(user = %user, "reload: live limits applied (memory, cpus, pids)")
+                    }
+                    Ok(false) => {}
+                    Err(e) => warn!(user = %user, "reload: live limits not applied: {e}"),
+                }
+            }
+            let mut later = Vec::new();
+            if old.image != new.image {
+                later.push("image");
+            }
+            if old.mounts != new.mounts || old.home != new.home {
+                later.push("mounts/home");
+            }
+            if old.gpus != new.gpus {
+                later.push("gpus");
+            }
+            if old.shm != new.shm || old.env != new.env || old.uid != new.uid || old.gid != new.gid
+            {
+                later.push("shm/env/uid");
+            }
+            if !later.is_empty() {
+                info!(user = %user, changed = ?later, "reload: these changes need the container recreated (docker rm -f labgate-{user}; the home is kept)");
+            }
+        }
+        previous = current;
+    }
 }
 
 /// Finds the containers labgate manages, so a restarted gateway knows them.

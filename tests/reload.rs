@@ -125,3 +125,41 @@ fn keys_dropped_in_or_removed_apply_at_the_next_login() {
     std::fs::write(&keyfile, key).unwrap();
     assert_eq!(gw.ok(0, "echo back"), "back\n");
 }
+
+#[test]
+fn quota_changes_reach_running_containers_live_and_the_rest_is_reported() {
+    let gw = Gateway::start(1, "", "");
+    gw.ok(0, "true");
+    let name = gw.container(0);
+    let id = common::docker_inspect(&name, "{{.Id}}").unwrap();
+    edit(&gw, "pids = 128", "pids = 99");
+    edit(&gw, "memory = \"256M\"", "memory = \"300M\"");
+    assert!(
+        eventually(Duration::from_secs(15), || {
+            common::docker_inspect(&name, "{{.HostConfig.PidsLimit}} {{.HostConfig.Memory}}")
+                .as_deref()
+                == Some(&format!("99 {}", 300u64 << 20))
+        }),
+        "limits not applied: {:?}\n{}",
+        common::docker_inspect(&name, "{{.HostConfig.PidsLimit}} {{.HostConfig.Memory}}"),
+        gw.log()
+    );
+    assert_eq!(
+        common::docker_inspect(&name, "{{.Id}}").unwrap(),
+        id,
+        "same container"
+    );
+    let max = gw.ok(
+        0,
+        "cat /sys/fs/cgroup/pids.max 2>/dev/null || cat /sys/fs/cgroup/pids/pids.max",
+    );
+    assert_eq!(max.trim(), "99", "the limit holds inside");
+    edit(&gw, "shm = \"32M\"", "shm = \"64M\"");
+    assert!(
+        eventually(Duration::from_secs(15), || gw
+            .log()
+            .contains("need the container recreated")),
+        "{}",
+        gw.log()
+    );
+}

@@ -465,6 +465,10 @@ mod tests {
 
     #[async_trait]
     impl ContainerRuntime for FakeEngine {
+        async fn update_limits(&self, _spec: &ContainerSpec) -> Result<bool, RuntimeError> {
+            Ok(false)
+        }
+
         async fn ensure_running(
             &self,
             spec: &ContainerSpec,

@@ -241,4 +241,8 @@ pub trait ContainerRuntime: Send + Sync + 'static {
 
     /// The containers labgate manages (by label), for reconciling at start.
     async fn list_managed(&self) -> Result<Vec<ManagedContainer>, RuntimeError>;
+
+    /// Applies the limits the engine can change on a live container (memory, CPUs, process
+    /// count) to the running container of `spec.user`. `Ok(false)` when none is running.
+    async fn update_limits(&self, spec: &ContainerSpec) -> Result<bool, RuntimeError>;
 }

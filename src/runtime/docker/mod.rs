@@ -510,6 +510,34 @@ impl ContainerRuntime for DockerRuntime {
         Ok(exec::assemble(output, stdin, control))
     }
 
+    async fn update_limits(&self, spec: &ContainerSpec) -> Result<bool, RuntimeError> {
+        let (docker, _) = self.client().await?;
+        let info = match docker
+            .inspect_container(&spec.name, None::<InspectContainerOptions>)
+            .await
+        {
+            Ok(info) => info,
+            Err(BollardError::DockerResponseServerError {
+                status_code: 404, ..
+            }) => return Ok(false),
+            Err(e) => return Err(engine(e)),
+        };
+        if info.state.and_then(|s| s.running) != Some(true) {
+            return Ok(false);
+        }
+        let body = spec::limits_update(spec);
+        docker
+            .update_container(&spec.name, body)
+            .await
+            .map_err(|e| match e {
+                BollardError::DockerResponseServerError { message, .. } => {
+                    RuntimeError::Engine(message)
+                }
+                other => engine(other),
+            })?;
+        Ok(true)
+    }
+
     async fn list_managed(&self) -> Result<Vec<ManagedContainer>, RuntimeError> {
         let list = self.managed_containers(true).await?;
         Ok(list

@@ -18,6 +18,21 @@ use crate::runtime::{ContainerSpec, LABEL_GPUS, LABEL_MANAGED, LABEL_USER};
 /// milliseconds, not Docker's 10 s timeout). Plain POSIX sh, so any image with a shell works.
 pub const KEEPALIVE: &str = "trap 'exit 0' TERM INT HUP; while :; do sleep 3600 & wait $!; done";
 
+/// The limits of `spec` that `docker update` can change on a running container. Swap is set
+/// to twice the memory, as the engine does on create, so raising memory is never refused for
+/// exceeding the old swap limit. A limit absent from the config is left as it is (the engine
+/// cannot lift one live); it goes away when the container is recreated.
+pub fn limits_update(spec: &ContainerSpec) -> bollard::models::ContainerUpdateBody {
+    let memory = spec.memory.map(|m| i64::try_from(m.0).unwrap_or(i64::MAX));
+    bollard::models::ContainerUpdateBody {
+        memory,
+        memory_swap: memory.map(|m| m.saturating_mul(2)),
+        nano_cpus: spec.cpus.map(|c| (c * 1e9).round() as i64),
+        pids_limit: spec.pids,
+        ..Default::default()
+    }
+}
+
 /// The read-only bind of labgate's static relay helper at [`crate::runtime::RELAY_PATH`].
 pub fn relay_mount(helper: &std::path::Path) -> Mount {
     Mount {
@@ -190,6 +205,23 @@ mod tests {
             "mounts are read-only unless marked"
         );
         assert_eq!(by_target("/scratch").read_only, Some(false));
+    }
+
+    #[test]
+    fn live_limit_updates_carry_the_quota_and_a_matching_swap() {
+        let body = limits_update(&spec());
+        assert_eq!(body.memory, Some(512 << 20));
+        assert_eq!(body.memory_swap, Some(1024 << 20));
+        assert_eq!(body.nano_cpus, Some(1_500_000_000));
+        assert_eq!(body.pids_limit, Some(256));
+        let mut unlimited = spec();
+        unlimited.memory = None;
+        unlimited.pids = None;
+        let body = limits_update(&unlimited);
+        assert_eq!(
+            (body.memory, body.memory_swap, body.pids_limit),
+            (None, None, None)
+        );
     }
 
     #[test]
