@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use async_trait::async_trait;
 use bollard::errors::Error as BollardError;
-use bollard::query_parameters::{InspectContainerOptions, RemoveContainerOptions};
+use bollard::query_parameters::RemoveContainerOptions;
 
 use super::{DockerRuntime, engine};
 use crate::auth::Username;
@@ -34,15 +34,8 @@ fn gpus_of(labels: &HashMap<String, String>) -> Vec<GpuUuid> {
 impl GpuContainers for DockerRuntime {
     async fn recorded_gpus(&self, spec: &ContainerSpec) -> Result<Option<Recorded>, RuntimeError> {
         let (docker, _) = self.client().await?;
-        let info = match docker
-            .inspect_container(&spec.name, None::<InspectContainerOptions>)
-            .await
-        {
-            Ok(info) => info,
-            Err(BollardError::DockerResponseServerError {
-                status_code: 404, ..
-            }) => return Ok(None),
-            Err(e) => return Err(engine(e)),
+        let Some(info) = self.inspect_named(docker, &spec.name).await? else {
+            return Ok(None);
         };
         let labels = info.config.and_then(|c| c.labels).unwrap_or_default();
         if labels.get(LABEL_MANAGED).map(String::as_str) != Some("true")

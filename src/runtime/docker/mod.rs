@@ -184,6 +184,24 @@ impl DockerRuntime {
             .map_err(engine)
     }
 
+    /// The container named `name`, or `None` when there is none.
+    async fn inspect_named(
+        &self,
+        docker: &Docker,
+        name: &str,
+    ) -> Result<Option<bollard::models::ContainerInspectResponse>, RuntimeError> {
+        match docker
+            .inspect_container(name, None::<InspectContainerOptions>)
+            .await
+        {
+            Ok(info) => Ok(Some(info)),
+            Err(BollardError::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(None),
+            Err(e) => Err(engine(e)),
+        }
+    }
+
     /// Checks the engine answers (for `labgate check` and start-up logs).
     pub async fn ping(&self) -> Result<(), RuntimeError> {
         let (docker, _) = self.client().await?;
@@ -407,11 +425,8 @@ impl ContainerRuntime for DockerRuntime {
         let _guard = lock.lock().await;
         let (docker, _) = self.client().await?;
         prepare_home(spec).await?;
-        let (id, outcome, info) = match docker
-            .inspect_container(&spec.name, None::<InspectContainerOptions>)
-            .await
-        {
-            Ok(info) => {
+        let (id, outcome, info) = match self.inspect_named(docker, &spec.name).await? {
+            Some(info) => {
                 let labels = info
                     .config
                     .as_ref()
@@ -434,14 +449,11 @@ impl ContainerRuntime for DockerRuntime {
                     (id, EnsureOutcome::Started, None)
                 }
             }
-            Err(BollardError::DockerResponseServerError {
-                status_code: 404, ..
-            }) => {
+            None => {
                 let id = self.create(docker, spec).await?;
                 self.start(docker, &id, &spec.name).await?;
                 (id, EnsureOutcome::Created, None)
             }
-            Err(e) => return Err(engine(e)),
         };
         let info = match info {
             Some(info) => info,
@@ -512,15 +524,8 @@ impl ContainerRuntime for DockerRuntime {
 
     async fn update_limits(&self, spec: &ContainerSpec) -> Result<bool, RuntimeError> {
         let (docker, _) = self.client().await?;
-        let info = match docker
-            .inspect_container(&spec.name, None::<InspectContainerOptions>)
-            .await
-        {
-            Ok(info) => info,
-            Err(BollardError::DockerResponseServerError {
-                status_code: 404, ..
-            }) => return Ok(false),
-            Err(e) => return Err(engine(e)),
+        let Some(info) = self.inspect_named(docker, &spec.name).await? else {
+            return Ok(false);
         };
         if info.state.and_then(|s| s.running) != Some(true) {
             return Ok(false);
