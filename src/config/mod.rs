@@ -75,6 +75,8 @@ pub struct Config {
     pub docker: DockerConfig,
     /// Where NVML is and how GPUs are shared.
     pub gpu: GpuConfig,
+    /// The admin socket, metrics listener and audit log.
+    pub admin: AdminConfig,
     /// The quota of every user without a `[users.NAME]` table.
     pub defaults: Quota,
     /// Fully resolved quotas of users with their own table.
@@ -109,6 +111,27 @@ pub struct ServerConfig {
     pub login_grace: Duration,
     /// Interval of SSH keepalives to an otherwise silent client; three missed answers end it.
     pub keepalive: Duration,
+    /// Text shown to interactive logins after the status line (`None`: nothing).
+    pub motd: Option<String>,
+    /// Whether interactive logins get the one-line container status (state, image, quota,
+    /// GPUs) before the shell starts.
+    pub login_status: bool,
+    /// Whether removing a user's key (or key file) also ends the connections that logged in
+    /// with it; by default they stay and only new logins are refused.
+    pub end_sessions_on_key_removal: bool,
+}
+
+/// `[admin]`: how the admin reaches the running gateway.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminConfig {
+    /// Unix socket of the admin API (`labgate status`, `stop`, `kick`, `gpus`): created with
+    /// mode 0600, so only its owner (root) may use it.
+    pub socket: PathBuf,
+    /// Loopback address serving `/metrics` and `/healthz` (`None`: not served).
+    pub listen: Option<SocketAddr>,
+    /// File that receives one JSON line per audit event (`None`: audit events go only to
+    /// the log).
+    pub audit_log: Option<PathBuf>,
 }
 
 /// `[docker]`.
@@ -172,6 +195,9 @@ pub struct Quota {
     pub accept_env: Vec<String>,
     /// Which forwards the user may open, and to where beyond their container.
     pub forwarding: ForwardPolicy,
+    /// Stop the container after this long without an SSH connection of its user (and, with
+    /// GPUs, without GPU activity); `None`: never.
+    pub idle_stop: Option<Duration>,
 }
 
 impl Quota {
@@ -217,6 +243,8 @@ struct RawConfig {
     docker: RawDocker,
     #[serde(default)]
     gpu: gpu::RawGpu,
+    #[serde(default)]
+    admin: RawAdmin,
     defaults: Spanned<RawQuota>,
     #[serde(default)]
     users: BTreeMap<Username, Spanned<RawQuota>>,
@@ -253,6 +281,41 @@ struct RawServer {
     max_connections: Option<Positive>,
     login_grace: Option<HumanDuration>,
     keepalive: Option<HumanDuration>,
+    motd: Option<String>,
+    login_status: Option<bool>,
+    end_sessions_on_key_removal: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    socket: Option<PathBuf>,
+    listen: Option<Spanned<SocketAddr>>,
+    audit_log: Option<PathBuf>,
+}
+
+/// `idle_stop`: a duration, or `"never"` (a user's table can turn off the default's).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct IdleStop(Option<Duration>);
+
+impl<'de> Deserialize<'de> for IdleStop {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s == "never" {
+            return Ok(IdleStop(None));
+        }
+        let d = humantime::parse_duration(&s).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "idle_stop {s:?}: {e} (a duration such as \"2h\" or \"30m\", or \"never\")"
+            ))
+        })?;
+        if d < Duration::from_secs(1) {
+            return Err(serde::de::Error::custom(format!(
+                "idle_stop {s:?} is too short: at least 1s (or \"never\")"
+            )));
+        }
+        Ok(IdleStop(Some(d)))
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -282,6 +345,7 @@ struct RawQuota {
     gid: Option<u32>,
     accept_env: Option<Vec<Spanned<String>>>,
     forwarding: Option<RawForwarding>,
+    idle_stop: Option<IdleStop>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -404,6 +468,7 @@ impl RawQuota {
                 .gid
                 .or(if self.uid.is_some() { None } else { base.gid }),
             accept_env: self.accept_env.or_else(|| base.accept_env.clone()),
+            idle_stop: self.idle_stop.or(base.idle_stop),
             forwarding: Some(
                 self.forwarding
                     .unwrap_or_default()
@@ -463,6 +528,29 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             .server
             .keepalive
             .map_or(Duration::from_secs(30), |d| d.0),
+        motd: raw.server.motd.filter(|m| !m.trim().is_empty()),
+        login_status: raw.server.login_status.unwrap_or(true),
+        end_sessions_on_key_removal: raw.server.end_sessions_on_key_removal.unwrap_or(false),
+    };
+    let admin = AdminConfig {
+        socket: resolve(
+            raw.admin
+                .socket
+                .unwrap_or_else(|| PathBuf::from("/run/labgate/admin.sock")),
+        ),
+        listen: match raw.admin.listen {
+            Some(l) if !l.get_ref().ip().is_loopback() => {
+                return Err(v.at(
+                    l.span(),
+                    format!(
+                        "[admin] listen = \"{}\" must be a loopback address: the metrics endpoint has no authentication",
+                        l.get_ref()
+                    ),
+                ));
+            }
+            l => l.map(Spanned::into_inner),
+        },
+        audit_log: raw.admin.audit_log.map(resolve),
     };
     let docker = DockerConfig {
         socket: resolve(
@@ -522,6 +610,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         server,
         docker,
         gpu,
+        admin,
         defaults,
         users,
     })
@@ -626,6 +715,7 @@ impl Validator<'_> {
             uid: raw.uid,
             accept_env,
             forwarding: self.forwarding(raw.forwarding.unwrap_or_default())?,
+            idle_stop: raw.idle_stop.and_then(|i| i.0),
         })
     }
 
