@@ -147,7 +147,7 @@ pub async fn serve(
                         }
                         _ = end.cancelled() => {
                             info!("ended by the gateway (admin kick or key removed)");
-                            let _ = handle.disconnect(russh::Disconnect::ByApplication, "disconnected by the labgate admin".into(), String::new()).await;
+                            let _ = handle.disconnect(russh::Disconnect::ByApplication, "connection ended by labgate (admin kick, or its key was removed)".into(), String::new()).await;
                             let _ = tokio::time::timeout(Duration::from_secs(3), &mut session).await;
                             break;
                         }
