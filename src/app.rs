@@ -70,6 +70,10 @@ pub async fn serve(
     let source = config.source.clone();
     let (config_tx, config_rx) = watch::channel(Arc::new(config));
     tokio::spawn(apply_live_limits(config_rx.clone(), runtime.clone()));
+    tokio::spawn(crate::runtime::docker::prepull::on_change(
+        config_rx.clone(),
+        runtime.clone(),
+    ));
     // Watching starts before the listening line, so no edit made after it is missed.
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut reload_stop = stop_rx.clone();
@@ -133,7 +137,7 @@ async fn apply_live_limits(mut config: watch::Receiver<Arc<Config>>, runtime: Ar
             }
             let mut later = Vec::new();
             if old.image != new.image {
-                later.push("image");
+                info!(user = %user, image = %new.image, "reload: image changed; the container is made again from it when it next starts (home kept)");
             }
             if old.mounts != new.mounts || old.home != new.home {
                 later.push("mounts/home");

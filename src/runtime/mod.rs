@@ -18,8 +18,8 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 use tokio::io::AsyncWrite;
 
-use crate::auth::Username;
-use crate::config::{ByteSize, Mount, Quota};
+use crate::auth::{ProfileName, Username};
+use crate::config::{ByteSize, Mount, PullPolicy, Quota, RegistryAuth};
 
 /// Label on every container labgate manages.
 pub const LABEL_MANAGED: &str = "labgate.managed";
@@ -30,6 +30,10 @@ pub const LABEL_USER: &str = "labgate.user";
 /// Label recording the GPUs (comma-separated UUIDs) a container was created with: what a
 /// restarted gateway rebuilds GPU holdings from.
 pub const LABEL_GPUS: &str = "labgate.gpus";
+/// Label naming the profile of a `user+profile` container (absent for the plain one).
+pub const LABEL_PROFILE: &str = "labgate.profile";
+/// Label recording the image reference the container was created from (as configured).
+pub const LABEL_IMAGE: &str = "labgate.image";
 
 /// Everything a backend needs to create a user's container. Built from a quota snapshot taken
 /// at login; later config changes do not alter a login in progress.
@@ -37,10 +41,16 @@ pub const LABEL_GPUS: &str = "labgate.gpus";
 pub struct ContainerSpec {
     /// Owner of the container.
     pub user: Username,
-    /// Container name (`labgate-NAME`): one container per user.
+    /// The profile (`user+profile` logins): its own container, the same home.
+    pub profile: Option<ProfileName>,
+    /// Container name: `labgate-USER`, or `labgate-USER-PROFILE` for a profile.
     pub name: String,
     /// Image reference.
     pub image: String,
+    /// When the image is pulled.
+    pub pull_policy: PullPolicy,
+    /// Credentials of the image's registry (the secret stays in its file until a pull).
+    pub registry: Option<RegistryAuth>,
     /// Memory limit.
     pub memory: Option<ByteSize>,
     /// CPU limit in cores.
@@ -69,10 +79,17 @@ pub struct ContainerSpec {
 impl ContainerSpec {
     /// The spec for `user` under `quota`.
     pub fn new(user: &Username, quota: &Quota) -> Self {
+        let name = match &quota.profile {
+            Some(p) => format!("labgate-{user}-{p}"),
+            None => format!("labgate-{user}"),
+        };
         ContainerSpec {
-            name: format!("labgate-{user}"),
+            name,
             user: user.clone(),
+            profile: quota.profile.clone(),
             image: quota.image.clone(),
+            pull_policy: quota.pull_policy,
+            registry: quota.registry.clone(),
             memory: quota.memory,
             cpus: quota.cpus,
             shm: quota.shm,
@@ -103,6 +120,8 @@ pub struct ContainerHandle {
     pub pid: Option<i32>,
     /// The container's own addresses on its networks.
     pub ips: Vec<std::net::IpAddr>,
+    /// Set when this start made the container again from another image: the image it had.
+    pub recreated_from: Option<String>,
 }
 
 /// What `ensure_running` had to do.
@@ -199,9 +218,20 @@ pub enum RuntimeError {
     /// The container engine cannot be reached.
     #[error("the container engine is not reachable ({0}); please tell your admin")]
     Unavailable(String),
-    /// The configured image is not on this host.
-    #[error("image {0} not found on this host; ask your admin")]
+    /// The configured image is not on this host and may not be pulled.
+    #[error("image {0} is not on this host and pull_policy is \"never\"; ask your admin")]
     ImageMissing(String),
+    /// The image could not be pulled; the reason is the registry's (or the engine's).
+    #[error("cannot pull image {image:?}: {reason}")]
+    Pull {
+        /// The image reference.
+        image: String,
+        /// Why.
+        reason: String,
+    },
+    /// The login asked for a profile it may not use.
+    #[error(transparent)]
+    Profile(#[from] crate::config::ProfileRefusal),
     /// A container with our name exists but is not ours.
     #[error("a container named {0} exists but is not managed by labgate; ask your admin")]
     NameTaken(String),
@@ -225,9 +255,33 @@ pub enum RuntimeError {
     Engine(String),
 }
 
+/// One step of an image pull, for someone waiting on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PullProgress {
+    /// A one-line summary (`pulling IMAGE: 2/5 layers, 12.0 MB / 40.1 MB`).
+    pub line: String,
+    /// Whether a layer changed state (worth a line of its own), rather than bytes moving.
+    pub step: bool,
+}
+
+/// Pull progress of a container start that waits for its image.
+#[derive(Debug, Clone)]
+pub struct PullEvent {
+    /// The container whose start waits (`labgate-alice`): sessions filter on it.
+    pub container: String,
+    /// The progress.
+    pub progress: PullProgress,
+}
+
 /// A backend that runs users' containers.
 #[async_trait]
 pub trait ContainerRuntime: Send + Sync + 'static {
+    /// Progress of the image pulls container starts are waiting for, as they happen. A
+    /// session subscribes before asking for its container and shows the events for it.
+    fn pull_events(&self) -> tokio::sync::broadcast::Receiver<PullEvent> {
+        tokio::sync::broadcast::channel(1).1
+    }
+
     /// Finds or creates the container of `spec.user` and makes sure it runs. Safe to call
     /// concurrently for the same user: exactly one container results.
     async fn ensure_running(&self, spec: &ContainerSpec) -> Result<ContainerHandle, RuntimeError>;

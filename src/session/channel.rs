@@ -163,11 +163,21 @@ async fn serve(
     // Phase 2: starting, while draining the channel.
     let mut early = EarlyInput::default();
     let agent = setup.agent.then(|| (agent.as_ref(), handle.clone()));
+    // Subscribed before the start, so no step of a pull it waits for is missed.
+    let mut pulls = ctx.runtime.pull_events();
+    let mut pulls_open = true;
+    let container = ContainerSpec::new(&login.user, &login.quota).name;
+    let mut view = super::progress::ProgressView::new(setup.pty.is_some());
     let start = start(&ctx, &login, &setup, &program, agent);
     tokio::pin!(start);
     let started = loop {
         tokio::select! {
             result = &mut start => break result,
+            event = pulls.recv(), if pulls_open => match event {
+                Ok(e) if e.container == container && !early.closed => view.show(&tx, &e.progress).await,
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => pulls_open = false,
+            },
             msg = rx.wait(), if early.len < EARLY_INPUT_LIMIT && !early.closed => match msg {
                 None | Some(ChannelMsg::Close) => early.closed = true,
                 Some(ChannelMsg::Data { data }) => {
@@ -182,6 +192,7 @@ async fn serve(
             },
         }
     };
+    view.finish(&tx).await;
     let exec = match started {
         Ok(exec) => exec,
         Err(e) => {
@@ -394,10 +405,18 @@ async fn start(
     };
     let mut exec = ctx.runtime.exec(container, req).await?;
     // GPU notices (stderr) and, for a login shell, the banner of the user's GPUs (stdout).
-    let greeting = ctx
+    let mut greeting = ctx
         .gpus
         .greeting(&started, *program == Program::Shell, setup.pty.is_some())
         .await;
+    if let Some(old) = &container.recreated_from {
+        let eol = if setup.pty.is_some() { "\r\n" } else { "\n" };
+        let line = format!(
+            "labgate: your container was recreated from image {} (was {old}); your home is kept{eol}",
+            login.quota.image
+        );
+        greeting.insert(0, ExecOutput::Stderr(Bytes::from(line)));
+    }
     if !greeting.is_empty() {
         exec.output = futures::stream::iter(greeting.into_iter().map(Ok))
             .chain(exec.output)

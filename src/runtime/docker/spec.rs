@@ -12,7 +12,9 @@ use bollard::models::{
 };
 
 use crate::gpu::GpuUuid;
-use crate::runtime::{ContainerSpec, LABEL_GPUS, LABEL_MANAGED, LABEL_USER};
+use crate::runtime::{
+    ContainerSpec, LABEL_GPUS, LABEL_IMAGE, LABEL_MANAGED, LABEL_PROFILE, LABEL_USER,
+};
 
 /// The container's main process: waits forever, and exits at once on SIGTERM (so a stop takes
 /// milliseconds, not Docker's 10 s timeout). Plain POSIX sh, so any image with a shell works.
@@ -63,7 +65,11 @@ pub fn create_body(spec: &ContainerSpec, network: &str) -> ContainerCreateBody {
     let mut labels = HashMap::from([
         (LABEL_MANAGED.to_owned(), "true".to_owned()),
         (LABEL_USER.to_owned(), spec.user.to_string()),
+        (LABEL_IMAGE.to_owned(), spec.image.clone()),
     ]);
+    if let Some(profile) = &spec.profile {
+        labels.insert(LABEL_PROFILE.to_owned(), profile.to_string());
+    }
     if !spec.gpus.is_empty() {
         labels.insert(LABEL_GPUS.to_owned(), GpuUuid::join(&spec.gpus));
     }
@@ -129,8 +135,11 @@ mod tests {
     fn spec() -> ContainerSpec {
         ContainerSpec {
             user: Username::parse("alice").unwrap(),
+            profile: None,
             name: "labgate-alice".into(),
             image: "lab/img:1".into(),
+            pull_policy: Default::default(),
+            registry: None,
             memory: Some(ByteSize(512 << 20)),
             cpus: Some(1.5),
             shm: Some(ByteSize(64 << 20)),
@@ -232,6 +241,20 @@ mod tests {
         assert_eq!(labels.get(LABEL_MANAGED).map(String::as_str), Some("true"));
         assert_eq!(body.working_dir.as_deref(), Some("/home/alice"));
         assert_eq!(body.image.as_deref(), Some("lab/img:1"));
+        assert_eq!(
+            labels.get(LABEL_IMAGE).map(String::as_str),
+            Some("lab/img:1")
+        );
+        assert!(!labels.contains_key(LABEL_PROFILE));
+    }
+
+    #[test]
+    fn profile_containers_say_their_profile() {
+        let mut spec = spec();
+        spec.profile = Some(crate::auth::ProfileName::parse("gpu").unwrap());
+        let labels = create_body(&spec, "labgate").labels.unwrap();
+        assert_eq!(labels.get(LABEL_PROFILE).map(String::as_str), Some("gpu"));
+        assert_eq!(labels.get(LABEL_USER).map(String::as_str), Some("alice"));
     }
 
     #[test]
