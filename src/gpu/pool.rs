@@ -229,7 +229,7 @@ impl GpuPool {
         mut spec: ContainerSpec,
         request: &GpuRequest,
     ) -> Result<Started, RuntimeError> {
-        let user = spec.user.clone();
+        let user = spec.holder();
         let lock = self.user_lock(&user);
         let _serial = lock.lock().await;
         let recorded = self.backend.recorded_gpus(&spec).await?;
@@ -474,7 +474,7 @@ mod tests {
             spec: &ContainerSpec,
         ) -> Result<ContainerHandle, RuntimeError> {
             tokio::task::yield_now().await;
-            let u = spec.user.to_string();
+            let u = spec.holder().to_string();
             let mut containers = self.containers.lock().unwrap();
             let gpus = match containers.get(&u) {
                 Some((_, gpus)) => gpus.clone(),
@@ -522,7 +522,7 @@ mod tests {
                 .containers
                 .lock()
                 .unwrap()
-                .get(spec.user.as_str())
+                .get(spec.holder().as_str())
                 .map(|(running, gpus)| Recorded {
                     running: *running,
                     gpus: gpus.clone(),
@@ -530,8 +530,9 @@ mod tests {
         }
         async fn remove_stopped(&self, spec: &ContainerSpec) -> Result<(), RuntimeError> {
             let mut containers = self.containers.lock().unwrap();
-            assert_eq!(containers.get(spec.user.as_str()).map(|c| c.0), Some(false));
-            containers.remove(spec.user.as_str());
+            let holder = spec.holder();
+            assert_eq!(containers.get(holder.as_str()).map(|c| c.0), Some(false));
+            containers.remove(holder.as_str());
             Ok(())
         }
         async fn running_gpus(&self) -> Result<Vec<(Username, Vec<GpuUuid>)>, RuntimeError> {
@@ -542,7 +543,7 @@ mod tests {
                 .unwrap()
                 .iter()
                 .filter(|(_, (running, _))| *running)
-                .map(|(u, (_, g))| (user(u), g.clone()))
+                .map(|(u, (_, g))| (holder(u), g.clone()))
                 .collect())
         }
         fn lacks_gpu_support(&self, err: &RuntimeError) -> bool {
@@ -555,6 +556,38 @@ mod tests {
         let inv: Arc<dyn GpuInventory> = Arc::new(FakeInventory((0..n).map(gpu).collect()));
         let pool = GpuPool::new(Ok(inv), engine.clone(), mode);
         (Arc::new(pool), engine)
+    }
+
+    /// `alice` or `alice+gpu`, as the pool keys holdings.
+    fn holder(name: &str) -> Username {
+        match name.split_once('+') {
+            Some((u, p)) => user(u).with_profile(&crate::auth::ProfileName::parse(p).unwrap()),
+            None => user(name),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_users_profile_container_holds_its_gpus_apart_from_the_plain_one() {
+        let (pool, engine) = pool(2, GpuMode::Exclusive);
+        let mut gpu = spec("alice");
+        gpu.profile = Some(crate::auth::ProfileName::parse("gpu").unwrap());
+        gpu.name = "labgate-alice-gpu".into();
+        let started = pool
+            .ensure_running(engine.as_ref(), gpu, &ONE)
+            .await
+            .unwrap();
+        assert_eq!(started.gpus, vec![uuid(0)]);
+        // Plain alice has no GPUs in her quota: her login must not release the profile's.
+        let plain = login(&pool, &engine, "alice", GpuRequest::default())
+            .await
+            .unwrap();
+        assert!(plain.gpus.is_empty());
+        assert_eq!(pool.held_by(&holder("alice+gpu")), vec![uuid(0)]);
+        assert_eq!(
+            login(&pool, &engine, "bob", ONE).await.unwrap().gpus,
+            vec![uuid(1)],
+            "bob never gets the profile container's GPU"
+        );
     }
 
     fn spec(u: &str) -> ContainerSpec {

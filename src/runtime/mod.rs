@@ -105,6 +105,17 @@ impl ContainerSpec {
     }
 }
 
+impl ContainerSpec {
+    /// Who holds this container's GPUs: the user, or `user+profile` for a profile's
+    /// container, so a user's containers never count as one.
+    pub fn holder(&self) -> Username {
+        match &self.profile {
+            Some(p) => self.user.with_profile(p),
+            None => self.user.clone(),
+        }
+    }
+}
+
 /// A running container, as the session needs it.
 #[derive(Debug, Clone)]
 pub struct ContainerHandle {

@@ -228,7 +228,8 @@ struct Layer {
 
 impl Layers {
     /// Folds one engine message in. `None` when it says nothing about layers; `Some(true)`
-    /// when a layer changed state (a step worth a plain line), `Some(false)` for bytes only.
+    /// when a layer finished downloading or was unpacked (a step worth a plain line: two per
+    /// layer), `Some(false)` for anything else (bytes moving, intermediate states).
     pub fn apply(&mut self, info: &bollard::models::CreateImageInfo) -> Option<bool> {
         let id = info.id.as_deref()?;
         let status = info.status.as_deref()?;
@@ -237,7 +238,11 @@ impl Layers {
             return None;
         }
         let layer = self.layers.entry(id.to_owned()).or_default();
-        let step = layer.status != status;
+        let step = layer.status != status
+            && matches!(
+                status,
+                "Download complete" | "Pull complete" | "Already exists"
+            );
         layer.status = status.to_owned();
         let detail = info.progress_detail.as_ref();
         let current = detail.and_then(|d| d.current).unwrap_or(0).max(0) as u64;
@@ -308,19 +313,20 @@ mod tests {
     fn layers_fold_into_a_summary_with_steps_and_byte_updates() {
         let mut l = Layers::default();
         assert_eq!(l.apply(&msg("1:tag", "Pulling from lab/img", 0, 0)), None);
-        assert_eq!(l.apply(&msg("aaa", "Pulling fs layer", 0, 0)), Some(true));
+        assert_eq!(l.apply(&msg("aaa", "Pulling fs layer", 0, 0)), Some(false));
         assert_eq!(l.apply(&msg("bbb", "Already exists", 0, 0)), Some(true));
         assert_eq!(
             l.apply(&msg("aaa", "Downloading", 500_000, 2_000_000)),
-            Some(true)
+            Some(false)
         );
         assert_eq!(
             l.apply(&msg("aaa", "Downloading", 1_500_000, 2_000_000)),
             Some(false)
         );
         assert_eq!(l.summary("x:1"), "pulling x:1: 1/2 layers, 1.5 MB / 2.0 MB");
-        l.apply(&msg("aaa", "Download complete", 0, 0));
-        l.apply(&msg("aaa", "Pull complete", 0, 0));
+        assert_eq!(l.apply(&msg("aaa", "Download complete", 0, 0)), Some(true));
+        assert_eq!(l.apply(&msg("aaa", "Extracting", 10, 20)), Some(false));
+        assert_eq!(l.apply(&msg("aaa", "Pull complete", 0, 0)), Some(true));
         assert_eq!(l.summary("x:1"), "pulling x:1: 2/2 layers, 2.0 MB / 2.0 MB");
     }
 
