@@ -1184,6 +1184,12 @@ fn image_config_errors_have_positions() {
         &["username must not be empty"],
     );
     assert_err(
+        "[defaults]\nimage = \"x\"\n\n[users.al-gpu]\n\n[profiles.gpu]\nusers = [\"al\"]\n",
+        6,
+        1,
+        &["container name of user al-gpu"],
+    );
+    assert_err(
         "[defaults]\nimage = \"x\"\n\n[profiles.gpu]\nusers = [\"Bad\"]\n",
         5,
         9,

@@ -356,7 +356,7 @@ impl DockerRuntime {
             Err(BollardError::DockerResponseServerError {
                 status_code: 404,
                 message,
-            }) if message.contains("image") => Err(RuntimeError::ImageMissing(spec.image.clone())),
+            }) if message.contains("image") => Err(RuntimeError::Create(message)),
             Err(BollardError::DockerResponseServerError {
                 status_code: 409, ..
             }) => {
