@@ -411,6 +411,34 @@ fn an_image_change_recreates_the_container_at_its_next_start_keeping_home() {
 }
 
 #[test]
+fn pull_policy_always_brings_a_moved_tag_and_the_container_follows_it() {
+    let registry = Registry::start();
+    let reference = registry.push("moving", "1", "");
+    let tail = format!("[users.{{u0}}]\nimage = \"{reference}\"\npull_policy = \"always\"\n");
+    let gw = Gateway::start(1, "", &tail);
+    gw.ok(0, "echo kept > note");
+    let name = gw.container(0);
+    let first = docker_inspect(&name, "{{.Image}}").unwrap();
+    docker(&["stop", "-t", "1", &name]);
+    // The same tag now names another image in the registry.
+    let again = registry.push("moving", "1", "RUN echo 2 > /version");
+    assert_eq!(again, reference);
+
+    let out = gw.run(0, "cat note /version");
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(text(&out.stdout), "kept\n2\n");
+    assert!(
+        stderr.contains(&format!(
+            "labgate: your container was recreated from image {reference} (was an older image of that name)"
+        )),
+        "{stderr}"
+    );
+    assert_ne!(docker_inspect(&name, "{{.Image}}").unwrap(), first);
+    assert_eq!(pulls_of(&gw, &reference), 2, "one pull per start");
+}
+
+#[test]
 fn profiles_give_allowed_users_their_own_container_with_the_same_home_and_refuse_others() {
     let tail = "[profiles.big]\nmemory = \"300M\"\nusers = [\"{u0}\"]\n\n\
                 [profiles.small]\nmemory = \"64M\"\nusers = [\"{u0}\", \"{u1}\"]\n";

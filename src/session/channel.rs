@@ -411,9 +411,14 @@ async fn start(
         .await;
     if let Some(old) = &container.recreated_from {
         let eol = if setup.pty.is_some() { "\r\n" } else { "\n" };
+        let image = &login.quota.image;
+        let was = if old == image {
+            "was an older image of that name".to_owned()
+        } else {
+            format!("was {old}")
+        };
         let line = format!(
-            "labgate: your container was recreated from image {} (was {old}); your home is kept{eol}",
-            login.quota.image
+            "labgate: your container was recreated from image {image} ({was}); your home is kept{eol}"
         );
         greeting.insert(0, ExecOutput::Stderr(Bytes::from(line)));
     }
