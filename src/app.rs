@@ -76,6 +76,10 @@ pub async fn serve(
     let admin = config.admin.clone();
     let (config_tx, config_rx) = watch::channel(Arc::new(config));
     tokio::spawn(apply_live_limits(config_rx.clone(), runtime.clone()));
+    tokio::spawn(crate::runtime::docker::prepull::on_change(
+        config_rx.clone(),
+        runtime.clone(),
+    ));
     // Watching starts before the listening line, so no edit made after it is missed.
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut reload_stop = stop_rx.clone();
@@ -131,18 +135,20 @@ async fn apply_live_limits(mut config: watch::Receiver<Arc<Config>>, runtime: Ar
             }
         };
         for c in running.iter().filter(|c| c.state == "running") {
-            let Ok(user) = crate::auth::Username::parse(&c.user) else {
+            let Some((user, _)) = c.owner() else {
                 continue;
             };
-            let (old, new) = (previous.quota_for(&user), current.quota_for(&user));
+            let (old, new) = (c.quota(&previous, &user), c.quota(&current, &user));
             if (old.memory, old.cpus, old.pids) != (new.memory, new.cpus, new.pids) {
                 let spec = crate::runtime::ContainerSpec::new(&user, new);
                 match runtime.update_limits(&spec).await {
                     Ok(true) => {
-                        info!(user = %user, "reload: live limits applied (memory, cpus, pids)")
+                        info!(user = %user, container = %c.name, "reload: live limits applied (memory, cpus, pids)")
                     }
                     Ok(false) => {}
-                    Err(e) => warn!(user = %user, "reload: live limits not applied: {e}"),
+                    Err(e) => {
+                        warn!(user = %user, container = %c.name, "reload: live limits not applied: {e}")
+                    }
                 }
             }
             let mut later = Vec::new();
@@ -160,7 +166,7 @@ async fn apply_live_limits(mut config: watch::Receiver<Arc<Config>>, runtime: Ar
                 later.push("shm/env/uid");
             }
             if !later.is_empty() {
-                info!(user = %user, changed = ?later, "reload: these changes need the container recreated (docker rm -f labgate-{user}; the home is kept)");
+                info!(user = %user, container = %c.name, changed = ?later, "reload: these changes apply when the container next starts (idle stop, `labgate stop`); it is made again then, home and mounts kept");
             }
         }
         previous = current;

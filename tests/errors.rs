@@ -64,13 +64,13 @@ fn missing_image_is_reported_clearly_and_others_still_log_in() {
     let gw = Gateway::start(
         2,
         "",
-        "[users.{u1}]\nimage = \"labgate/does-not-exist:1\"\n",
+        "[users.{u1}]\nimage = \"labgate/does-not-exist:1\"\npull_policy = \"never\"\n",
     );
     let out = gw.run(1, "echo should-not-run");
     assert_refused_with(
         &gw,
         &out,
-        "image labgate/does-not-exist:1 not found on this host; ask your admin",
+        "image labgate/does-not-exist:1 is not on this host and pull_policy is \"never\"; ask your admin",
     );
     assert_eq!(
         containers_named(&gw.container(1)),
@@ -81,7 +81,11 @@ fn missing_image_is_reported_clearly_and_others_still_log_in() {
     assert_eq!(gw.ok(0, "echo fine"), "fine\n");
     // And the same user gets the same clear message again (nothing cached in a bad state).
     let again = gw.run(1, "true");
-    assert_refused_with(&gw, &again, "image labgate/does-not-exist:1 not found");
+    assert_refused_with(
+        &gw,
+        &again,
+        "image labgate/does-not-exist:1 is not on this host",
+    );
     assert_eq!(containers_named(&gw.container(1)), 0);
 }
 

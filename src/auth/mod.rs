@@ -5,9 +5,11 @@
 //! wrong keys get the same answer, so a client cannot probe which users exist.
 
 pub mod keys;
+pub mod profile;
 pub mod user;
 
 pub use keys::{AuthorizedKey, KeyFile, KeyOptions, KeyStore};
+pub use profile::{LoginName, ProfileName};
 pub use user::{InvalidUsername, Username};
 
 use russh::keys::PublicKey;

@@ -41,6 +41,13 @@ impl Username {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The name a `user+profile` container is accounted under (GPU holdings): `alice+gpu`.
+    /// No valid user name has a `+`, so it never equals another user's; it is never a login
+    /// name, a path or a container name.
+    pub fn with_profile(&self, profile: &super::ProfileName) -> Username {
+        Username(format!("{}+{profile}", self.0))
+    }
 }
 
 impl fmt::Display for Username {

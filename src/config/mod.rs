@@ -7,6 +7,7 @@
 //! directory of the config file.
 
 mod gpu;
+pub mod images;
 pub mod reload;
 pub mod units;
 
@@ -22,10 +23,15 @@ use toml::Spanned;
 use crate::auth::Username;
 use crate::forward::policy::{AllowRule, ForwardPolicy};
 pub use gpu::{DEFAULT_NVML_LIBRARY, GpuConfig, GpuMode, GpuPin, GpuRequest};
+pub use images::{ProfileRefusal, Profiles, PullPolicy, RegistryAuth};
 pub use units::{ByteSize, HumanDuration};
 
 /// Default path of the config file, relative to the working directory.
 pub const DEFAULT_PATH: &str = "config/labgate.toml";
+
+/// The message for `users = [...]` outside a profile table.
+const PROFILE_ONLY: &str =
+    "`users` belongs in a [profiles.NAME] table (the users who may use the profile)";
 
 /// Environment variables a client may never set, whatever `accept_env` says.
 const NEVER_ACCEPTED: [&str; 2] = ["PATH", "LD_*"];
@@ -81,6 +87,8 @@ pub struct Config {
     pub defaults: Quota,
     /// Fully resolved quotas of users with their own table.
     users: BTreeMap<Username, Quota>,
+    /// `[profiles.NAME]`: per allowed user, their quota with the profile merged over it.
+    pub profiles: Profiles,
 }
 
 impl Config {
@@ -92,6 +100,30 @@ impl Config {
     /// Users with their own `[users.NAME]` table.
     pub fn configured_users(&self) -> impl Iterator<Item = &Username> {
         self.users.keys()
+    }
+
+    /// The quota of `user` logging in as `user+profile`, or why they may not.
+    pub fn profile_quota(
+        &self,
+        user: &Username,
+        profile: &crate::auth::ProfileName,
+    ) -> Result<&Quota, ProfileRefusal> {
+        if let Some(q) = self.profiles.quotas.get(&(profile.clone(), user.clone())) {
+            return Ok(q);
+        }
+        let allowed = self
+            .profiles
+            .allowed(user)
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        let exists = self.profiles.exists(profile);
+        let profile = profile.to_string();
+        Err(if exists {
+            ProfileRefusal::NotAllowed { profile, allowed }
+        } else {
+            ProfileRefusal::Unknown { profile, allowed }
+        })
     }
 }
 
@@ -198,6 +230,12 @@ pub struct Quota {
     /// Stop the container after this long without an SSH connection of its user (and, with
     /// GPUs, without GPU activity); `None`: never.
     pub idle_stop: Option<Duration>,
+    /// When the image is pulled.
+    pub pull_policy: PullPolicy,
+    /// Credentials of the image's registry, when `[registries]` has them.
+    pub registry: Option<RegistryAuth>,
+    /// The profile this quota is for (`user+profile` logins), `None` for plain logins.
+    pub profile: Option<crate::auth::ProfileName>,
 }
 
 impl Quota {
@@ -249,6 +287,10 @@ struct RawConfig {
     #[serde(default)]
     users: BTreeMap<Username, Spanned<RawQuota>>,
     forwarding: Option<RawForwarding>,
+    #[serde(default)]
+    registries: BTreeMap<String, Spanned<images::RawRegistry>>,
+    #[serde(default)]
+    profiles: BTreeMap<crate::auth::ProfileName, Spanned<RawQuota>>,
 }
 
 /// `[forwarding]` (everyone) and `[users.NAME.forwarding]` (one user), merged field by field.
@@ -346,6 +388,9 @@ struct RawQuota {
     accept_env: Option<Vec<Spanned<String>>>,
     forwarding: Option<RawForwarding>,
     idle_stop: Option<IdleStop>,
+    pull_policy: Option<PullPolicy>,
+    /// Only in `[profiles.NAME]`: who may use the profile.
+    users: Option<Spanned<Vec<Username>>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -469,6 +514,8 @@ impl RawQuota {
                 .or(if self.uid.is_some() { None } else { base.gid }),
             accept_env: self.accept_env.or_else(|| base.accept_env.clone()),
             idle_stop: self.idle_stop.or(base.idle_stop),
+            pull_policy: self.pull_policy.or(base.pull_policy),
+            users: self.users,
             forwarding: Some(
                 self.forwarding
                     .unwrap_or_default()
@@ -598,12 +645,57 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             "defaults.home must contain {user}, or every user would share one home".into(),
         ));
     }
-    let defaults = v.quota(raw_defaults.clone(), defaults_span, &base, &docker)?;
+    let registries = images::registries(raw.registries, &base).map_err(|(s, m)| v.at(s, m))?;
+    let quota = |raw: RawQuota, span: Range<usize>| -> Result<Quota, ConfigError> {
+        let mut q = v.quota(raw, span, &base, &docker)?;
+        q.registry = images::auth_for(&q.image, &registries);
+        Ok(q)
+    };
+    if let Some(u) = &raw_defaults.users {
+        return Err(v.at(u.span(), PROFILE_ONLY.into()));
+    }
+    let defaults = quota(raw_defaults.clone(), defaults_span)?;
     let mut users = BTreeMap::new();
+    let mut raw_users = BTreeMap::new();
     for (name, q) in raw.users {
         let span = q.span();
-        let quota = v.quota(q.into_inner().over(&raw_defaults), span, &base, &docker)?;
-        users.insert(name, quota);
+        let q = q.into_inner().over(&raw_defaults);
+        if let Some(u) = &q.users {
+            return Err(v.at(u.span(), PROFILE_ONLY.into()));
+        }
+        users.insert(name.clone(), quota(q.clone(), span)?);
+        raw_users.insert(name, q);
+    }
+    let mut profiles = Profiles::default();
+    for (name, p) in raw.profiles {
+        let span = p.span();
+        let p = p.into_inner();
+        if let Some(home) = &p.home {
+            return Err(v.at(
+                home.span(),
+                "a profile cannot set home: a user's profiles share their home".into(),
+            ));
+        }
+        let Some(allowed) = p.users.clone() else {
+            return Err(v.at(
+                span,
+                format!(
+                    "profile {name}: set `users = [...]`, the users who may log in as USER+{name}"
+                ),
+            ));
+        };
+        for user in allowed.into_inner() {
+            // labgate-USER-PROFILE must not be the container of a configured user.
+            if let Ok(clash) = Username::parse(&format!("{user}-{name}"))
+                && raw_users.contains_key(&clash)
+            {
+                return Err(v.at(span, format!("profile {name} of user {user} would use the container name of user {clash} (labgate-{clash}); rename the profile")));
+            }
+            let own = raw_users.get(&user).unwrap_or(&raw_defaults);
+            let mut q = quota(p.clone().over(own), span.clone())?;
+            q.profile = Some(name.clone());
+            profiles.quotas.insert((name.clone(), user), q);
+        }
     }
     Ok(Config {
         source: path.to_owned(),
@@ -613,6 +705,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         admin,
         defaults,
         users,
+        profiles,
     })
 }
 
@@ -716,6 +809,9 @@ impl Validator<'_> {
             accept_env,
             forwarding: self.forwarding(raw.forwarding.unwrap_or_default())?,
             idle_stop: raw.idle_stop.and_then(|i| i.0),
+            pull_policy: raw.pull_policy.unwrap_or_default(),
+            registry: None,
+            profile: None,
         })
     }
 

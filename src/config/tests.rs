@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::*;
+use crate::auth::ProfileName;
 
 /// The path every in-memory config pretends to be read from.
 const PATH: &str = "/etc/labgate/labgate.toml";
@@ -1106,4 +1107,132 @@ fn operations_settings_parse_with_defaults_and_per_user_idle_stop() {
     assert_eq!(bare.admin.listen, None);
     assert_eq!(bare.defaults.idle_stop, None);
     assert_eq!(bare.gpu.busy_utilization, 5);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Images: pull policy, registries, profiles.
+
+const IMAGES: &str = r#"[defaults]
+image = "127.0.0.1:5000/lab/base:1"
+memory = "1G"
+
+[users.alice]
+pull_policy = "always"
+cpus = 4
+
+[users.bob]
+image = "busybox"
+
+[registries."127.0.0.1:5000"]
+username = "lab"
+password_file = "secrets/registry"
+
+[profiles.gpu]
+image = "127.0.0.1:5000/lab/pytorch:2"
+memory = "8G"
+users = ["alice", "carol"]
+"#;
+
+#[test]
+fn pull_policy_defaults_to_missing_and_merges_per_user() {
+    let cfg = ok(IMAGES);
+    assert_eq!(cfg.defaults.pull_policy, PullPolicy::Missing);
+    assert_eq!(
+        cfg.quota_for(&user("alice")).pull_policy,
+        PullPolicy::Always
+    );
+    assert_eq!(cfg.quota_for(&user("bob")).pull_policy, PullPolicy::Missing);
+    let never = ok("[defaults]\nimage = \"x\"\npull_policy = \"never\"\n");
+    assert_eq!(never.defaults.pull_policy, PullPolicy::Never);
+}
+
+#[test]
+fn registry_credentials_follow_the_image_and_keep_the_secret_in_its_file() {
+    let cfg = ok(IMAGES);
+    let auth = cfg
+        .defaults
+        .registry
+        .clone()
+        .expect("credentials for 127.0.0.1:5000");
+    assert_eq!(auth.registry, "127.0.0.1:5000");
+    assert_eq!(auth.username, "lab");
+    assert_eq!(
+        auth.password_file,
+        PathBuf::from("/etc/labgate/secrets/registry")
+    );
+    // bob's image is on Docker Hub: no credentials configured there.
+    assert_eq!(cfg.quota_for(&user("bob")).registry, None);
+    // Debug output names the file, never a secret (there is none in memory).
+    assert!(format!("{auth:?}").contains("secrets/registry"));
+}
+
+#[test]
+fn profiles_merge_over_the_users_own_quota_and_list_who_may_use_them() {
+    let cfg = ok(IMAGES);
+    let gpu = ProfileName::parse("gpu").unwrap();
+    let alice = cfg.profile_quota(&user("alice"), &gpu).unwrap();
+    assert_eq!(alice.image, "127.0.0.1:5000/lab/pytorch:2");
+    assert_eq!(alice.memory, Some(ByteSize(8 * GIB)));
+    assert_eq!(alice.cpus, Some(4.0), "alice's own cpus stay");
+    assert_eq!(alice.pull_policy, PullPolicy::Always);
+    assert_eq!(alice.profile.as_ref(), Some(&gpu));
+    assert_eq!(alice.home, cfg.quota_for(&user("alice")).home, "same home");
+    assert!(alice.registry.is_some());
+    // carol has no table of her own: the profile over [defaults].
+    let carol = cfg.profile_quota(&user("carol"), &gpu).unwrap();
+    assert_eq!(carol.cpus, None);
+    assert_eq!(
+        cfg.profile_quota(&user("bob"), &gpu),
+        Err(ProfileRefusal::NotAllowed {
+            profile: "gpu".into(),
+            allowed: vec![]
+        })
+    );
+    assert_eq!(
+        cfg.profile_quota(&user("alice"), &ProfileName::parse("big").unwrap()),
+        Err(ProfileRefusal::Unknown {
+            profile: "big".into(),
+            allowed: vec!["gpu".into()]
+        })
+    );
+}
+
+#[test]
+fn image_config_errors_have_positions() {
+    assert_err(
+        "[defaults]\nimage = \"x\"\npull_policy = \"sometimes\"\n",
+        3,
+        15,
+        &["sometimes"],
+    );
+    assert_err(
+        "[defaults]\nimage = \"x\"\n\n[users.alice]\nusers = [\"bob\"]\n",
+        5,
+        9,
+        &["[profiles.NAME]"],
+    );
+    assert_err(
+        "[defaults]\nimage = \"x\"\n\n[registries.\"a/b\"]\nusername = \"u\"\npassword_file = \"/p\"\n",
+        4,
+        1,
+        &["host or host:port"],
+    );
+    assert_err(
+        "[defaults]\nimage = \"x\"\n\n[registries.\"r:1\"]\nusername = \"\"\npassword_file = \"/p\"\n",
+        5,
+        12,
+        &["username must not be empty"],
+    );
+    assert_err(
+        "[defaults]\nimage = \"x\"\n\n[users.al-gpu]\n\n[profiles.gpu]\nusers = [\"al\"]\n",
+        6,
+        1,
+        &["container name of user al-gpu"],
+    );
+    assert_err(
+        "[defaults]\nimage = \"x\"\n\n[profiles.gpu]\nusers = [\"Bad\"]\n",
+        5,
+        9,
+        &["invalid user name"],
+    );
 }

@@ -229,7 +229,7 @@ impl GpuPool {
         mut spec: ContainerSpec,
         request: &GpuRequest,
     ) -> Result<Started, RuntimeError> {
-        let user = spec.user.clone();
+        let user = spec.holder();
         let lock = self.user_lock(&user);
         let _serial = lock.lock().await;
         let recorded = self.backend.recorded_gpus(&spec).await?;
@@ -291,8 +291,13 @@ impl GpuPool {
                     Ok(Resume::Reuse(ids)) => spec.gpus = ids,
                     Ok(Resume::Recreate { gpus, taken }) => {
                         self.backend.remove_stopped(&spec).await?;
-                        notice = Some(recreated_notice(&taken, &gpus));
-                        info!(user = %user, gpus = %GpuUuid::join(&gpus), "container made again: its GPUs were taken");
+                        if taken.is_empty() {
+                            notice = Some(quota_changed_notice(&gpus));
+                            info!(user = %user, gpus = %GpuUuid::join(&gpus), "container made again: its GPU quota changed");
+                        } else {
+                            notice = Some(recreated_notice(&taken, &gpus));
+                            info!(user = %user, gpus = %GpuUuid::join(&gpus), "container made again: its GPUs were taken");
+                        }
                         spec.gpus = gpus;
                     }
                     // Without an inventory, "no such GPU" means "no GPUs known": say why.
@@ -335,8 +340,9 @@ impl GpuPool {
 }
 
 impl GpuPool {
-    /// Stops `user`'s container `name` if `still_wanted` says so once the user's start lock
-    /// is held (so no login of theirs is starting it meanwhile), and releases its GPUs.
+    /// Stops container `name`, whose GPUs `user` holds (`user` or `user+profile`), if
+    /// `still_wanted` says so once that start lock is held (so no login is starting it
+    /// meanwhile), and releases its GPUs.
     /// `Ok(false)` when it was not stopped (not running, or `still_wanted` said no).
     pub async fn stop(
         &self,
@@ -401,6 +407,17 @@ impl Drop for Claim<'_> {
             self.pool.allocator().release(self.user);
         }
     }
+}
+
+fn quota_changed_notice(ids: &[GpuUuid]) -> String {
+    let with = if ids.is_empty() {
+        "without GPUs".to_owned()
+    } else {
+        format!("with GPU(s) {}", GpuUuid::join(ids))
+    };
+    format!(
+        "your container was made again {with} because your GPU quota changed; your home and mounts are kept, other changes inside the container are not"
+    )
 }
 
 fn recreated_notice(taken: &[Taken], ids: &[GpuUuid]) -> String {
@@ -496,7 +513,7 @@ mod tests {
             spec: &ContainerSpec,
         ) -> Result<ContainerHandle, RuntimeError> {
             tokio::task::yield_now().await;
-            let u = spec.user.to_string();
+            let u = spec.holder().to_string();
             let mut containers = self.containers.lock().unwrap();
             let gpus = match containers.get(&u) {
                 Some((_, gpus)) => gpus.clone(),
@@ -522,6 +539,8 @@ mod tests {
                 outcome: EnsureOutcome::Created,
                 pid: None,
                 ips: Vec::new(),
+                recreated_from: None,
+                remade_for: Vec::new(),
             })
         }
         async fn exec(&self, _: &ContainerHandle, _: ExecRequest) -> Result<Exec, RuntimeError> {
@@ -551,7 +570,7 @@ mod tests {
                 .containers
                 .lock()
                 .unwrap()
-                .get(spec.user.as_str())
+                .get(spec.holder().as_str())
                 .map(|(running, gpus)| Recorded {
                     running: *running,
                     gpus: gpus.clone(),
@@ -559,8 +578,9 @@ mod tests {
         }
         async fn remove_stopped(&self, spec: &ContainerSpec) -> Result<(), RuntimeError> {
             let mut containers = self.containers.lock().unwrap();
-            assert_eq!(containers.get(spec.user.as_str()).map(|c| c.0), Some(false));
-            containers.remove(spec.user.as_str());
+            let holder = spec.holder();
+            assert_eq!(containers.get(holder.as_str()).map(|c| c.0), Some(false));
+            containers.remove(holder.as_str());
             Ok(())
         }
         async fn running_gpus(&self) -> Result<Vec<(Username, Vec<GpuUuid>)>, RuntimeError> {
@@ -571,7 +591,7 @@ mod tests {
                 .unwrap()
                 .iter()
                 .filter(|(_, (running, _))| *running)
-                .map(|(u, (_, g))| (user(u), g.clone()))
+                .map(|(u, (_, g))| (holder(u), g.clone()))
                 .collect())
         }
         fn lacks_gpu_support(&self, err: &RuntimeError) -> bool {
@@ -584,6 +604,38 @@ mod tests {
         let inv: Arc<dyn GpuInventory> = Arc::new(FakeInventory((0..n).map(gpu).collect()));
         let pool = GpuPool::new(Ok(inv), engine.clone(), mode);
         (Arc::new(pool), engine)
+    }
+
+    /// `alice` or `alice+gpu`, as the pool keys holdings.
+    fn holder(name: &str) -> Username {
+        match name.split_once('+') {
+            Some((u, p)) => user(u).with_profile(&crate::auth::ProfileName::parse(p).unwrap()),
+            None => user(name),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_users_profile_container_holds_its_gpus_apart_from_the_plain_one() {
+        let (pool, engine) = pool(2, GpuMode::Exclusive);
+        let mut gpu = spec("alice");
+        gpu.profile = Some(crate::auth::ProfileName::parse("gpu").unwrap());
+        gpu.name = "labgate-alice-gpu".into();
+        let started = pool
+            .ensure_running(engine.as_ref(), gpu, &ONE)
+            .await
+            .unwrap();
+        assert_eq!(started.gpus, vec![uuid(0)]);
+        // Plain alice has no GPUs in her quota: her login must not release the profile's.
+        let plain = login(&pool, &engine, "alice", GpuRequest::default())
+            .await
+            .unwrap();
+        assert!(plain.gpus.is_empty());
+        assert_eq!(pool.held_by(&holder("alice+gpu")), vec![uuid(0)]);
+        assert_eq!(
+            login(&pool, &engine, "bob", ONE).await.unwrap().gpus,
+            vec![uuid(1)],
+            "bob never gets the profile container's GPU"
+        );
     }
 
     fn spec(u: &str) -> ContainerSpec {

@@ -18,8 +18,8 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 use tokio::io::AsyncWrite;
 
-use crate::auth::Username;
-use crate::config::{ByteSize, Mount, Quota};
+use crate::auth::{ProfileName, Username};
+use crate::config::{ByteSize, Mount, PullPolicy, Quota, RegistryAuth};
 
 /// Label on every container labgate manages.
 pub const LABEL_MANAGED: &str = "labgate.managed";
@@ -30,6 +30,13 @@ pub const LABEL_USER: &str = "labgate.user";
 /// Label recording the GPUs (comma-separated UUIDs) a container was created with: what a
 /// restarted gateway rebuilds GPU holdings from.
 pub const LABEL_GPUS: &str = "labgate.gpus";
+/// Label naming the profile of a `user+profile` container (absent for the plain one).
+pub const LABEL_PROFILE: &str = "labgate.profile";
+/// Label recording the settings a container was created with that only a recreate can change
+/// (home, mounts, shm, env, uid): compared at each start of a stopped container.
+pub const LABEL_SETTINGS: &str = "labgate.settings";
+/// Label recording the image reference the container was created from (as configured).
+pub const LABEL_IMAGE: &str = "labgate.image";
 
 /// Everything a backend needs to create a user's container. Built from a quota snapshot taken
 /// at login; later config changes do not alter a login in progress.
@@ -37,10 +44,16 @@ pub const LABEL_GPUS: &str = "labgate.gpus";
 pub struct ContainerSpec {
     /// Owner of the container.
     pub user: Username,
-    /// Container name (`labgate-NAME`): one container per user.
+    /// The profile (`user+profile` logins): its own container, the same home.
+    pub profile: Option<ProfileName>,
+    /// Container name: `labgate-USER`, or `labgate-USER-PROFILE` for a profile.
     pub name: String,
     /// Image reference.
     pub image: String,
+    /// When the image is pulled.
+    pub pull_policy: PullPolicy,
+    /// Credentials of the image's registry (the secret stays in its file until a pull).
+    pub registry: Option<RegistryAuth>,
     /// Memory limit.
     pub memory: Option<ByteSize>,
     /// CPU limit in cores.
@@ -69,10 +82,17 @@ pub struct ContainerSpec {
 impl ContainerSpec {
     /// The spec for `user` under `quota`.
     pub fn new(user: &Username, quota: &Quota) -> Self {
+        let name = match &quota.profile {
+            Some(p) => format!("labgate-{user}-{p}"),
+            None => format!("labgate-{user}"),
+        };
         ContainerSpec {
-            name: format!("labgate-{user}"),
+            name,
             user: user.clone(),
+            profile: quota.profile.clone(),
             image: quota.image.clone(),
+            pull_policy: quota.pull_policy,
+            registry: quota.registry.clone(),
             memory: quota.memory,
             cpus: quota.cpus,
             shm: quota.shm,
@@ -84,6 +104,17 @@ impl ContainerSpec {
             env: quota.env.clone(),
             uid_gid: quota.uid.map(|u| (u, quota.gid.unwrap_or(u))),
             gpus: Vec::new(),
+        }
+    }
+}
+
+impl ContainerSpec {
+    /// Who holds this container's GPUs: the user, or `user+profile` for a profile's
+    /// container, so a user's containers never count as one.
+    pub fn holder(&self) -> Username {
+        match &self.profile {
+            Some(p) => self.user.with_profile(p),
+            None => self.user.clone(),
         }
     }
 }
@@ -103,6 +134,11 @@ pub struct ContainerHandle {
     pub pid: Option<i32>,
     /// The container's own addresses on its networks.
     pub ips: Vec<std::net::IpAddr>,
+    /// Set when this start made the container again from another image: the image it had.
+    pub recreated_from: Option<String>,
+    /// The settings (`mounts/home`, `shm`, `env`, `uid`) whose change made this start
+    /// recreate the container; empty when it was not recreated for them.
+    pub remade_for: Vec<&'static str>,
 }
 
 /// What `ensure_running` had to do.
@@ -116,6 +152,28 @@ pub enum EnsureOutcome {
     Created,
 }
 
+impl ManagedContainer {
+    /// Its owner and the key its GPUs are held under (`user` or `user+profile`), when the
+    /// user label is a valid name.
+    pub fn owner(&self) -> Option<(Username, Username)> {
+        let user = Username::parse(&self.user).ok()?;
+        let holder = match &self.profile {
+            Some(p) => user.with_profile(p),
+            None => user.clone(),
+        };
+        Some((user, holder))
+    }
+
+    /// The quota that applies to it under `config` (a profile's, if it is a profile's and
+    /// the user may still use it; else the user's own).
+    pub fn quota<'a>(&self, config: &'a crate::config::Config, user: &Username) -> &'a Quota {
+        self.profile
+            .as_ref()
+            .and_then(|p| config.profile_quota(user, p).ok())
+            .unwrap_or_else(|| config.quota_for(user))
+    }
+}
+
 /// A container labgate manages, as listed at start.
 #[derive(Debug, Clone)]
 pub struct ManagedContainer {
@@ -125,6 +183,8 @@ pub struct ManagedContainer {
     pub name: String,
     /// Owner, from the user label.
     pub user: String,
+    /// The profile of a `user+profile` container, from its label.
+    pub profile: Option<crate::auth::ProfileName>,
     /// Backend state (`running`, `exited`, ...).
     pub state: String,
     /// Image reference it was created from.
@@ -205,9 +265,20 @@ pub enum RuntimeError {
     /// The container engine cannot be reached.
     #[error("the container engine is not reachable ({0}); please tell your admin")]
     Unavailable(String),
-    /// The configured image is not on this host.
-    #[error("image {0} not found on this host; ask your admin")]
+    /// The configured image is not on this host and may not be pulled.
+    #[error("image {0} is not on this host and pull_policy is \"never\"; ask your admin")]
     ImageMissing(String),
+    /// The image could not be pulled; the reason is the registry's (or the engine's).
+    #[error("cannot pull image {image:?}: {reason}")]
+    Pull {
+        /// The image reference.
+        image: String,
+        /// Why.
+        reason: String,
+    },
+    /// The login asked for a profile it may not use.
+    #[error(transparent)]
+    Profile(#[from] crate::config::ProfileRefusal),
     /// A container with our name exists but is not ours.
     #[error("a container named {0} exists but is not managed by labgate; ask your admin")]
     NameTaken(String),
@@ -231,9 +302,33 @@ pub enum RuntimeError {
     Engine(String),
 }
 
+/// One step of an image pull, for someone waiting on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PullProgress {
+    /// A one-line summary (`pulling IMAGE: 2/5 layers, 12.0 MB / 40.1 MB`).
+    pub line: String,
+    /// Whether a layer changed state (worth a line of its own), rather than bytes moving.
+    pub step: bool,
+}
+
+/// Pull progress of a container start that waits for its image.
+#[derive(Debug, Clone)]
+pub struct PullEvent {
+    /// The container whose start waits (`labgate-alice`): sessions filter on it.
+    pub container: String,
+    /// The progress.
+    pub progress: PullProgress,
+}
+
 /// A backend that runs users' containers.
 #[async_trait]
 pub trait ContainerRuntime: Send + Sync + 'static {
+    /// Progress of the image pulls container starts are waiting for, as they happen. A
+    /// session subscribes before asking for its container and shows the events for it.
+    fn pull_events(&self) -> tokio::sync::broadcast::Receiver<PullEvent> {
+        tokio::sync::broadcast::channel(1).1
+    }
+
     /// Finds or creates the container of `spec.user` and makes sure it runs. Safe to call
     /// concurrently for the same user: exactly one container results.
     async fn ensure_running(&self, spec: &ContainerSpec) -> Result<ContainerHandle, RuntimeError>;

@@ -164,11 +164,21 @@ async fn serve(
     let _open = login.stats.session();
     let mut early = EarlyInput::default();
     let agent = setup.agent.then(|| (agent.as_ref(), handle.clone()));
+    // Subscribed before the start, so no step of a pull it waits for is missed.
+    let mut pulls = ctx.runtime.pull_events();
+    let mut pulls_open = true;
+    let container = ContainerSpec::new(&login.user, &login.quota).name;
+    let mut view = super::progress::ProgressView::new(setup.pty.is_some());
     let start = start(&ctx, &login, &setup, &program, agent);
     tokio::pin!(start);
     let started = loop {
         tokio::select! {
             result = &mut start => break result,
+            event = pulls.recv(), if pulls_open => match event {
+                Ok(e) if e.container == container && !early.closed => view.show(&tx, &e.progress).await,
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => pulls_open = false,
+            },
             msg = rx.wait(), if early.len < EARLY_INPUT_LIMIT && !early.closed => match msg {
                 None | Some(ChannelMsg::Close) => early.closed = true,
                 Some(ChannelMsg::Data { data }) => {
@@ -183,6 +193,7 @@ async fn serve(
             },
         }
     };
+    view.finish(&tx).await;
     let exec = match started {
         Ok(exec) => exec,
         Err(e) => {
@@ -411,6 +422,27 @@ async fn start(
             .greeting(&started, *program == Program::Shell, setup.pty.is_some())
             .await,
     );
+    if container.recreated_from.is_none() && !container.remade_for.is_empty() {
+        let eol = if setup.pty.is_some() { "\r\n" } else { "\n" };
+        let line = format!(
+            "labgate: your container was made again for the new settings ({}); your home is kept{eol}",
+            container.remade_for.join(", ")
+        );
+        greeting.insert(0, ExecOutput::Stderr(Bytes::from(line)));
+    }
+    if let Some(old) = &container.recreated_from {
+        let eol = if setup.pty.is_some() { "\r\n" } else { "\n" };
+        let image = &login.quota.image;
+        let was = if old == image {
+            "was an older image of that name".to_owned()
+        } else {
+            format!("was {old}")
+        };
+        let line = format!(
+            "labgate: your container was recreated from image {image} ({was}); your home is kept{eol}"
+        );
+        greeting.insert(0, ExecOutput::Stderr(Bytes::from(line)));
+    }
     if !greeting.is_empty() {
         exec.output = futures::stream::iter(greeting.into_iter().map(Ok))
             .chain(exec.output)

@@ -9,6 +9,7 @@
 
 pub mod channel;
 pub mod idle;
+pub mod progress;
 pub mod registry;
 pub mod subsystem;
 
@@ -45,8 +46,11 @@ pub struct Login {
     pub user: Username,
     /// The key they proved, with its options.
     pub key: AuthorizedKey,
-    /// Quota snapshot taken at login.
+    /// Quota snapshot taken at login (the profile's, for `user+profile` logins).
     pub quota: Arc<Quota>,
+    /// Set when the login asked for a profile it may not use: authentication succeeded (it
+    /// cannot carry a message), and every session and forward is refused with this.
+    pub denied: Option<crate::config::ProfileRefusal>,
     /// Client address.
     pub peer: SocketAddr,
     /// Gateway address the client connected to.
@@ -80,6 +84,9 @@ pub async fn start_container(
     ctx: &Context,
     login: &Login,
 ) -> Result<crate::gpu::pool::Started, RuntimeError> {
+    if let Some(refusal) = &login.denied {
+        return Err(refusal.clone().into());
+    }
     let spec = ContainerSpec::new(&login.user, &login.quota);
     ctx.gpus
         .ensure_running(ctx.runtime.as_ref(), spec, &login.quota.gpus)
@@ -141,4 +148,19 @@ pub fn login_banner(
         out.push('\n');
     }
     out
+}
+
+/// The quota a login gets: the user's own, or for `user+profile` the profile's, or (with the
+/// refusal) the user's own when the profile is not theirs to use.
+pub fn login_quota(
+    ctx: &Context,
+    user: &Username,
+    profile: Option<&crate::auth::ProfileName>,
+) -> (Arc<Quota>, Option<crate::config::ProfileRefusal>) {
+    let config = ctx.config.borrow();
+    match profile.map(|p| config.profile_quota(user, p)) {
+        None => (Arc::new(config.quota_for(user).clone()), None),
+        Some(Ok(q)) => (Arc::new(q.clone()), None),
+        Some(Err(refusal)) => (Arc::new(config.quota_for(user).clone()), Some(refusal)),
+    }
 }

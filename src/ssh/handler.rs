@@ -136,7 +136,8 @@ impl Handler for ConnectionHandler {
         user: &str,
         offer: russh::server::PublicKeyOffer<'_>,
     ) -> Result<Auth, Self::Error> {
-        match auth::check_key(&self.keys(), user, offer.public_key).await {
+        let (account, _) = split_login(user);
+        match auth::check_key(&self.keys(), &account, offer.public_key).await {
             Ok(_) => Ok(Auth::Accept),
             Err(reason) => {
                 debug!(conn = self.conn, user, peer = %self.peer, %reason, "key offer refused");
@@ -152,17 +153,20 @@ impl Handler for ConnectionHandler {
         key: russh::server::VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
         let public: &PublicKey = key.public_key;
-        match auth::check_key(&self.keys(), user, public).await {
+        let (account, profile) = split_login(user);
+        match auth::check_key(&self.keys(), &account, public).await {
             Ok((user, key)) => {
-                let quota = Arc::new(self.ctx.config.borrow().quota_for(&user).clone());
+                let (quota, denied) =
+                    crate::session::login_quota(&self.ctx, &user, profile.as_ref());
                 self.span.record("user", user.as_str());
                 let _e = self.span.enter();
                 metrics().login("accepted");
-                info!(target: "audit", user = %user, peer = %self.peer, fingerprint = %key.fingerprint(), "login accepted");
+                info!(target: "audit", user = %user, profile = ?profile.as_ref().map(|p| p.as_str()), peer = %self.peer, fingerprint = %key.fingerprint(), "login accepted");
                 let login = Arc::new(Login {
                     user,
                     key,
                     quota,
+                    denied,
                     peer: self.peer,
                     local: self.local,
                     conn: self.conn,
@@ -415,5 +419,14 @@ impl Handler for ConnectionHandler {
     ) -> Result<(), Self::Error> {
         self.started.remove(&channel);
         Ok(())
+    }
+}
+
+/// `alice+gpu` → (`alice`, `gpu`): the key file is the user's. A malformed `+` form stays
+/// whole, so it fails the user name rule like any invalid name.
+fn split_login(login: &str) -> (String, Option<auth::ProfileName>) {
+    match auth::LoginName::parse(login) {
+        Ok(l) => (l.user.to_string(), l.profile),
+        Err(_) => (login.to_owned(), None),
     }
 }

@@ -79,7 +79,11 @@ impl GpuContainers for DockerRuntime {
             .filter_map(|c| {
                 let labels = c.labels?;
                 let user = Username::parse(labels.get(LABEL_USER)?).ok()?;
-                Some((user, gpus_of(&labels)))
+                let holder = match labels.get(crate::runtime::LABEL_PROFILE) {
+                    Some(p) => user.with_profile(&crate::auth::ProfileName::parse(p).ok()?),
+                    None => user,
+                };
+                Some((holder, gpus_of(&labels)))
             })
             .collect())
     }

@@ -5,6 +5,8 @@
 mod account;
 pub mod exec;
 mod gpus;
+pub mod prepull;
+pub mod pull;
 pub mod spec;
 
 use std::collections::HashMap;
@@ -24,9 +26,11 @@ use bollard::query_parameters::{
 use tokio::sync::OnceCell;
 
 use crate::config::DockerConfig;
+use crate::config::{PullPolicy, RegistryAuth};
 use crate::runtime::{
     ContainerHandle, ContainerRuntime, ContainerSpec, EnsureOutcome, Exec, ExecRequest, LABEL_GPUS,
-    LABEL_MANAGED, LABEL_USER, ManagedContainer, RuntimeError,
+    LABEL_IMAGE, LABEL_MANAGED, LABEL_PROFILE, LABEL_SETTINGS, LABEL_USER, ManagedContainer,
+    PullEvent, RuntimeError,
 };
 
 /// How long an exec's processes get between SIGHUP and SIGKILL after a hangup.
@@ -55,6 +59,10 @@ pub struct DockerRuntime {
     relay_helper: PathBuf,
     /// Its id, once found or created.
     network_id: OnceCell<String>,
+    /// Image pulls in flight, shared by everyone waiting for the same image.
+    puller: Arc<pull::Puller>,
+    /// Progress of the pulls container starts wait for (see [`ContainerRuntime::pull_events`]).
+    pull_events: tokio::sync::broadcast::Sender<PullEvent>,
 }
 
 impl DockerRuntime {
@@ -72,7 +80,129 @@ impl DockerRuntime {
             network: cfg.network.clone(),
             relay_helper: cfg.relay_helper.clone(),
             network_id: OnceCell::new(),
+            puller: Arc::default(),
+            pull_events: tokio::sync::broadcast::channel(1024).0,
         }
+    }
+
+    /// Pulls `image` in the background (a config change named it), unless `policy` says
+    /// never, or says missing and the image is here. Progress goes to the log only.
+    pub async fn prepull(
+        &self,
+        image: &str,
+        policy: PullPolicy,
+        auth: Option<RegistryAuth>,
+    ) -> Result<(), RuntimeError> {
+        if policy == PullPolicy::Never {
+            return Ok(());
+        }
+        let (docker, _) = self.client().await?;
+        self.puller
+            .pull(docker, image, auth, policy == PullPolicy::Missing)
+            .finish(|_| {})
+            .await
+            .map_err(|reason| RuntimeError::Pull {
+                image: image.to_owned(),
+                reason,
+            })
+    }
+
+    /// Makes sure `spec.image` is on the host as its pull policy says, publishing progress
+    /// for `spec.name`'s waiters.
+    async fn ensure_image(
+        &self,
+        docker: &Docker,
+        spec: &ContainerSpec,
+    ) -> Result<(), RuntimeError> {
+        let present = match docker.inspect_image(&spec.image).await {
+            Ok(_) => true,
+            Err(BollardError::DockerResponseServerError {
+                status_code: 404, ..
+            }) => false,
+            Err(e) => return Err(engine(e)),
+        };
+        match (spec.pull_policy, present) {
+            (PullPolicy::Never, false) => Err(RuntimeError::ImageMissing(spec.image.clone())),
+            (PullPolicy::Never | PullPolicy::Missing, true) => Ok(()),
+            (policy, _) => {
+                let events = self.pull_events.clone();
+                let container = spec.name.clone();
+                self.puller
+                    .pull(
+                        docker,
+                        &spec.image,
+                        spec.registry.clone(),
+                        policy == PullPolicy::Missing,
+                    )
+                    .finish(|progress| {
+                        let _ = events.send(PullEvent {
+                            container: container.clone(),
+                            progress,
+                        });
+                    })
+                    .await
+                    .map_err(|reason| RuntimeError::Pull {
+                        image: spec.image.clone(),
+                        reason,
+                    })
+            }
+        }
+    }
+
+    /// For a stopped container about to start: `Some(old image)` when the configured image
+    /// is another one than the container's (another reference, or the reference now names
+    /// another image, say after a pull), so it must be made again.
+    async fn image_changed(
+        &self,
+        docker: &Docker,
+        info: &bollard::models::ContainerInspectResponse,
+        spec: &ContainerSpec,
+    ) -> Result<Option<String>, RuntimeError> {
+        self.ensure_image(docker, spec).await?;
+        let config = info.config.as_ref();
+        let old = config
+            .and_then(|c| c.labels.as_ref())
+            .and_then(|l| l.get(LABEL_IMAGE).cloned())
+            .or_else(|| config.and_then(|c| c.image.clone()))
+            .unwrap_or_default();
+        if old != spec.image {
+            return Ok(Some(old));
+        }
+        let wanted = docker.inspect_image(&spec.image).await.map_err(engine)?.id;
+        Ok((wanted.is_some() && wanted != info.image).then_some(old))
+    }
+
+    /// Removes a stopped container and makes it again from `spec` (home and mounts are host
+    /// directories and stay): its image (`old_image` it was) or the `settings` named changed.
+    async fn recreate(
+        &self,
+        docker: &Docker,
+        id: &str,
+        spec: &ContainerSpec,
+        old_image: Option<&str>,
+        settings: &[&'static str],
+    ) -> Result<String, RuntimeError> {
+        // Not forced: a container that started meanwhile is refused (409), never killed.
+        let opts = bollard::query_parameters::RemoveContainerOptions {
+            force: false,
+            v: false,
+            link: false,
+        };
+        docker
+            .remove_container(id, Some(opts))
+            .await
+            .map_err(engine)?;
+        match old_image {
+            Some(old) => {
+                tracing::info!(target: "audit", container = %spec.name, from = %old, to = %spec.image, settings = ?settings, "container recreated: image changed")
+            }
+            None => {
+                tracing::info!(target: "audit", container = %spec.name, settings = ?settings, "container recreated: settings changed")
+            }
+        }
+        let id = self.create(docker, spec).await?;
+        self.start(docker, &id, &spec.name).await?;
+        Ok(id)
     }
 
     /// Creates labgate's network if missing (a bridge with inter-container traffic disabled,
@@ -236,7 +366,7 @@ impl DockerRuntime {
             Err(BollardError::DockerResponseServerError {
                 status_code: 404,
                 message,
-            }) if message.contains("image") => Err(RuntimeError::ImageMissing(spec.image.clone())),
+            }) if message.contains("image") => Err(RuntimeError::Create(message)),
             Err(BollardError::DockerResponseServerError {
                 status_code: 409, ..
             }) => {
@@ -427,6 +557,8 @@ impl ContainerRuntime for DockerRuntime {
         let _guard = lock.lock().await;
         let (docker, _) = self.client().await?;
         prepare_home(spec).await?;
+        let mut recreated_from = None;
+        let mut remade_for = Vec::new();
         let (id, outcome, info) = match self.inspect_named(docker, &spec.name).await? {
             Some(info) => {
                 let labels = info
@@ -436,6 +568,8 @@ impl ContainerRuntime for DockerRuntime {
                     .unwrap_or_default();
                 if labels.get(LABEL_MANAGED).map(String::as_str) != Some("true")
                     || labels.get(LABEL_USER) != Some(&spec.user.to_string())
+                    || labels.get(LABEL_PROFILE).map(String::as_str)
+                        != spec.profile.as_ref().map(|p| p.as_str())
                 {
                     return Err(RuntimeError::NameTaken(spec.name.clone()));
                 }
@@ -446,8 +580,30 @@ impl ContainerRuntime for DockerRuntime {
                     (id, EnsureOutcome::Started, None)
                 } else if state.running == Some(true) {
                     (id, EnsureOutcome::Running, Some(info))
+                } else if let (old_image, changed) = (
+                    self.image_changed(docker, &info, spec).await?,
+                    labels
+                        .get(LABEL_SETTINGS)
+                        .map(|l| spec::changed_settings(l, spec))
+                        .unwrap_or_default(),
+                ) && (old_image.is_some() || !changed.is_empty())
+                {
+                    let id = self
+                        .recreate(docker, &id, spec, old_image.as_deref(), &changed)
+                        .await?;
+                    recreated_from = old_image;
+                    remade_for = changed;
+                    (id, EnsureOutcome::Created, None)
                 } else {
                     let t0 = Instant::now();
+                    if spec::limits_differ(info.host_config.as_ref(), spec) {
+                        // Changed by a reload while it was stopped: the new limits from now.
+                        docker
+                            .update_container(&id, spec::limits_update(spec))
+                            .await
+                            .map_err(engine)?;
+                        tracing::info!(container = %spec.name, "limits updated before start (memory, cpus, pids)");
+                    }
                     self.start(docker, &id, &spec.name).await?;
                     crate::admin::metrics::metrics().container_ready(false, t0.elapsed());
                     tracing::info!(target: "audit", container = %spec.name, "container started");
@@ -455,6 +611,7 @@ impl ContainerRuntime for DockerRuntime {
                 }
             }
             None => {
+                self.ensure_image(docker, spec).await?;
                 let t0 = Instant::now();
                 let id = self.create(docker, spec).await?;
                 self.start(docker, &id, &spec.name).await?;
@@ -483,7 +640,13 @@ impl ContainerRuntime for DockerRuntime {
             outcome,
             pid,
             ips,
+            recreated_from,
+            remade_for,
         })
+    }
+
+    fn pull_events(&self) -> tokio::sync::broadcast::Receiver<PullEvent> {
+        self.pull_events.subscribe()
     }
 
     async fn exec(
@@ -571,6 +734,7 @@ impl ContainerRuntime for DockerRuntime {
                         .map(|n| n.trim_start_matches('/').to_owned())
                         .unwrap_or_default(),
                     user: label(LABEL_USER),
+                    profile: crate::auth::ProfileName::parse(&label(LABEL_PROFILE)).ok(),
                     gpus: crate::gpu::GpuUuid::parse_list(&label(LABEL_GPUS)),
                     state: c.state.map(|s| s.to_string()).unwrap_or_default(),
                     image: c.image.clone().unwrap_or_default(),
