@@ -109,6 +109,9 @@ pub struct ServerConfig {
     pub login_grace: Duration,
     /// Interval of SSH keepalives to an otherwise silent client; three missed answers end it.
     pub keepalive: Duration,
+    /// File of CA public keys trusted to sign user certificates (sshd's `TrustedUserCAKeys`);
+    /// `None`: certificates are refused. Read at each certificate login.
+    pub trusted_user_ca_keys: Option<PathBuf>,
 }
 
 /// `[docker]`.
@@ -253,6 +256,7 @@ struct RawServer {
     max_connections: Option<Positive>,
     login_grace: Option<HumanDuration>,
     keepalive: Option<HumanDuration>,
+    trusted_user_ca_keys: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -463,6 +467,15 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             .server
             .keepalive
             .map_or(Duration::from_secs(30), |d| d.0),
+        trusted_user_ca_keys: match raw.server.trusted_user_ca_keys {
+            Some(p) if p.get_ref().as_os_str().is_empty() => {
+                return Err(v.at(
+                    p.span(),
+                    "trusted_user_ca_keys is empty: give the path of a file of CA public keys, or leave the key out".into(),
+                ));
+            }
+            p => p.map(|p| resolve(p.into_inner())),
+        },
     };
     let docker = DockerConfig {
         socket: resolve(
