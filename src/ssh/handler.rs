@@ -109,13 +109,25 @@ impl ConnectionHandler {
         self.ctx.config.borrow().server.trusted_user_ca_keys.clone()
     }
 
+    /// Keeps the reason logged when the connection ends unauthenticated: the latest, except
+    /// that a plain "key not authorized" (a client trying its next key) does not hide a more
+    /// telling reason (an option or a certificate that refused) for the same user.
+    fn note_refusal(&mut self, user: &str, reason: Refusal) {
+        let user: String = user.chars().take(64).collect();
+        let keep = matches!(&self.refused, Some((u, old)) if *u == user && *old != Refusal::WrongKey)
+            && reason == Refusal::WrongKey;
+        if !keep {
+            self.refused = Some((user, reason));
+        }
+    }
+
     /// Accepts the login `checked` allows, or notes why it was refused.
     fn decide(&mut self, user: &str, checked: Result<(Username, AuthorizedKey), Refusal>) -> Auth {
         let (user, key) = match checked {
             Ok(ok) => ok,
             Err(reason) => {
                 debug!(conn = self.conn, user, peer = %self.peer, %reason, "authentication refused");
-                self.refused = Some((user.chars().take(64).collect(), reason));
+                self.note_refusal(user, reason);
                 return Self::publickey_only();
             }
         };
@@ -174,7 +186,7 @@ impl Handler for ConnectionHandler {
             Err(_) if self.trusted_ca().is_some() => Ok(Auth::Accept),
             Err(reason) => {
                 debug!(conn = self.conn, user, peer = %self.peer, %reason, "key offer refused");
-                self.refused = Some((user.chars().take(64).collect(), reason));
+                self.note_refusal(user, reason);
                 Ok(Self::publickey_only())
             }
         }
