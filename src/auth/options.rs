@@ -105,113 +105,20 @@ pub enum UseRefusal {
 }
 
 impl KeyOptions {
-    /// Parses an options field (`restrict,pty,from="10.0.0.0/8"`).
+    /// Parses an options field (`restrict,pty,from="10.0.0.0/8"`). Option names are
+    /// case-insensitive; values must be in double quotes.
     pub fn parse(field: &str) -> Result<KeyOptions, OptionError> {
-        let mut out = KeyOptions::default();
+        let mut p = Parser::default();
         if field.is_empty() {
-            return Ok(out);
+            return Ok(p.out);
         }
-        let mut restrict = false;
-        let (mut pty, mut port, mut agent) = (false, false, false);
         for opt in split_options(field) {
-            let (raw_name, value) = match opt.split_once('=') {
-                Some((n, v)) => (n, Some(dequote(n, v)?)),
-                None => (opt, None),
-            };
-            let name = raw_name.to_ascii_lowercase();
-            match (name.as_str(), value) {
-                ("restrict", None) => restrict = true,
-                ("no-pty", None) => out.pty = false,
-                ("pty", None) => pty = true,
-                ("no-port-forwarding", None) => out.port_forwarding = false,
-                ("port-forwarding", None) => port = true,
-                ("no-agent-forwarding", None) => out.agent_forwarding = false,
-                ("agent-forwarding", None) => agent = true,
-                (
-                    "no-user-rc" | "user-rc" | "no-x11-forwarding" | "x11-forwarding"
-                    | "no-touch-required",
-                    None,
-                ) => {}
-                ("permitopen", Some(v)) => out.permit_open.push(check_permit(&name, v, true)?),
-                ("permitlisten", Some(v)) => out.permit_listen.push(check_permit(&name, v, false)?),
-                ("from", Some(v)) => {
-                    let list = SourceList::parse_patterns(&v).map_err(|e| OptionError::Value {
-                        name: name.clone(),
-                        value: v.clone(),
-                        reason: e.to_string(),
-                    })?;
-                    set_once(&mut out.from, list, &name)?
-                }
-                ("command", Some(v)) => set_once(&mut out.command, v, &name)?,
-                ("expiry-time", Some(v)) => {
-                    let at = parse_expiry(&v).map_err(|reason| OptionError::Value {
-                        name: name.clone(),
-                        value: v.clone(),
-                        reason,
-                    })?;
-                    // sshd keeps the earliest of several.
-                    out.expires = Some(out.expires.map_or(at, |e| e.min(at)));
-                }
-                ("environment", Some(v)) => {
-                    if !v.split_once('=').is_some_and(|(k, _)| valid_env_name(k)) {
-                        return Err(OptionError::Value {
-                            name,
-                            value: v,
-                            reason: "expected NAME=value".into(),
-                        });
-                    }
-                }
-                ("tunnel", Some(v)) => {
-                    if v.parse::<u32>().is_err() {
-                        return Err(OptionError::Value {
-                            name,
-                            value: v,
-                            reason: "expected a tunnel device number".into(),
-                        });
-                    }
-                }
-                ("cert-authority" | "principals", _) => {
-                    return Err(OptionError::Unsupported(
-                        name,
-                        ": trust a certificate authority with [server] trusted_user_ca_keys",
-                    ));
-                }
-                ("verify-required", None) => {
-                    return Err(OptionError::Unsupported(
-                        name,
-                        " (FIDO user verification is not checked)",
-                    ));
-                }
-                (
-                    "restrict"
-                    | "no-pty"
-                    | "pty"
-                    | "no-port-forwarding"
-                    | "port-forwarding"
-                    | "no-agent-forwarding"
-                    | "agent-forwarding"
-                    | "no-user-rc"
-                    | "user-rc"
-                    | "no-x11-forwarding"
-                    | "x11-forwarding"
-                    | "no-touch-required"
-                    | "verify-required",
-                    Some(_),
-                ) => return Err(OptionError::Shape(name, "takes no value")),
-                (
-                    "permitopen" | "permitlisten" | "from" | "command" | "expiry-time"
-                    | "environment" | "tunnel",
-                    None,
-                ) => return Err(OptionError::Shape(name, "needs a value (name=\"value\")")),
-                _ => return Err(OptionError::Unknown(raw_name.to_owned())),
+            match opt.split_once('=') {
+                Some((name, v)) => p.valued(name, dequote(name, v)?)?,
+                None => p.flag(opt)?,
             }
         }
-        if restrict {
-            out.pty &= pty;
-            out.port_forwarding &= port;
-            out.agent_forwarding &= agent;
-        }
-        Ok(out)
+        Ok(p.finish())
     }
 
     /// Checks the options that decide whether the key may be used at all: `from=` against
@@ -225,8 +132,9 @@ impl KeyOptions {
                 patterns: from.as_str().to_owned(),
             });
         }
+        // sshd refuses once the expiry time is strictly in the past.
         match self.expires {
-            Some(at) if now >= at => Err(UseRefusal::Expired(at)),
+            Some(at) if now > at => Err(UseRefusal::Expired(at)),
             _ => Ok(()),
         }
     }
@@ -247,6 +155,138 @@ impl KeyOptions {
                 port_ok && host_ok
             })
     }
+}
+
+/// Option names that take no value.
+const FLAGS: &[&str] = &[
+    "restrict",
+    "no-pty",
+    "pty",
+    "no-port-forwarding",
+    "port-forwarding",
+    "no-agent-forwarding",
+    "agent-forwarding",
+    "no-user-rc",
+    "user-rc",
+    "no-x11-forwarding",
+    "x11-forwarding",
+    "no-touch-required",
+    "verify-required",
+    "cert-authority",
+];
+
+/// Option names that take a quoted value.
+const VALUED: &[&str] = &[
+    "permitopen",
+    "permitlisten",
+    "from",
+    "command",
+    "expiry-time",
+    "environment",
+    "tunnel",
+    "principals",
+];
+
+/// The options read so far; `restrict` and its re-enabling flags are settled at the end, so
+/// their order does not matter.
+#[derive(Default)]
+struct Parser {
+    out: KeyOptions,
+    restrict: bool,
+    /// `pty`, `port-forwarding`, `agent-forwarding` seen.
+    reenabled: (bool, bool, bool),
+}
+
+impl Parser {
+    fn flag(&mut self, raw: &str) -> Result<(), OptionError> {
+        let name = raw.to_ascii_lowercase();
+        match name.as_str() {
+            "restrict" => self.restrict = true,
+            "no-pty" => self.out.pty = false,
+            "pty" => self.reenabled.0 = true,
+            "no-port-forwarding" => self.out.port_forwarding = false,
+            "port-forwarding" => self.reenabled.1 = true,
+            "no-agent-forwarding" => self.out.agent_forwarding = false,
+            "agent-forwarding" => self.reenabled.2 = true,
+            // Nothing they govern is served: no ~/.ssh/rc, no X11, no FIDO touch check.
+            "no-user-rc" | "user-rc" | "no-x11-forwarding" | "x11-forwarding"
+            | "no-touch-required" => {}
+            "cert-authority" => return Err(unsupported_ca(name)),
+            "verify-required" => {
+                return Err(OptionError::Unsupported(
+                    name,
+                    " (FIDO user verification is not checked)",
+                ));
+            }
+            n if VALUED.contains(&n) => {
+                return Err(OptionError::Shape(name, "needs a value (name=\"value\")"));
+            }
+            _ => return Err(OptionError::Unknown(raw.to_owned())),
+        }
+        Ok(())
+    }
+
+    fn valued(&mut self, raw: &str, value: String) -> Result<(), OptionError> {
+        let name = raw.to_ascii_lowercase();
+        let bad = |reason: String| OptionError::Value {
+            name: name.clone(),
+            value: value.clone(),
+            reason,
+        };
+        match name.as_str() {
+            "permitopen" => self.out.permit_open.push(check_permit(&name, value, true)?),
+            "permitlisten" => self
+                .out
+                .permit_listen
+                .push(check_permit(&name, value, false)?),
+            "from" => {
+                let list = SourceList::parse_patterns(&value).map_err(|e| bad(e.to_string()))?;
+                set_once(&mut self.out.from, list, &name)?;
+            }
+            "command" => set_once(&mut self.out.command, value, &name)?,
+            "expiry-time" => {
+                let at = parse_expiry(&value).map_err(bad)?;
+                // sshd keeps the earliest of several.
+                self.out.expires = Some(self.out.expires.map_or(at, |e| e.min(at)));
+            }
+            // Accepted and ignored, as sshd does under `PermitUserEnvironment no`.
+            "environment" => {
+                if !value
+                    .split_once('=')
+                    .is_some_and(|(k, _)| valid_env_name(k))
+                {
+                    return Err(bad("expected NAME=value".into()));
+                }
+            }
+            // No tun forwarding is served.
+            "tunnel" => {
+                if value.parse::<u32>().is_err() {
+                    return Err(bad("expected a tunnel device number".into()));
+                }
+            }
+            "principals" => return Err(unsupported_ca(name)),
+            n if FLAGS.contains(&n) => return Err(OptionError::Shape(name, "takes no value")),
+            _ => return Err(OptionError::Unknown(raw.to_owned())),
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> KeyOptions {
+        if self.restrict {
+            let (pty, port, agent) = self.reenabled;
+            self.out.pty &= pty;
+            self.out.port_forwarding &= port;
+            self.out.agent_forwarding &= agent;
+        }
+        self.out
+    }
+}
+
+fn unsupported_ca(name: String) -> OptionError {
+    OptionError::Unsupported(
+        name,
+        ": trust a certificate authority with [server] trusted_user_ca_keys",
+    )
 }
 
 fn set_once<T>(slot: &mut Option<T>, value: T, name: &str) -> Result<(), OptionError> {
@@ -528,7 +568,9 @@ mod tests {
         let o = p(r#"expiry-time="20300101Z""#);
         let before = parse_expiry("20291231235959Z").unwrap();
         assert!(o.authorize(ip, before).is_ok());
-        assert!(o.authorize(ip, parse_expiry("20300101Z").unwrap()).is_err());
+        let at = parse_expiry("20300101Z").unwrap();
+        assert!(o.authorize(ip, at).is_ok());
+        assert!(o.authorize(ip, at + Duration::from_secs(1)).is_err());
     }
 
     #[test]
