@@ -382,7 +382,11 @@ fn certificates_from_the_trusted_ca_log_in_and_others_are_refused() {
 
     let elsewhere = ca.sign(&key, &user, &["-O", "source-address=10.0.0.0/8"]);
     let out = ssh_cert(&gw, &user, &key, &elsewhere, &["true"]);
-    assert_refused(&gw, &out, "client address 127.0.0.1 is not permitted");
+    assert_refused(
+        &gw,
+        &out,
+        "client address 127.0.0.1 is not permitted by source-address=\"10.0.0.0/8\"",
+    );
 
     // A [users.NAME] table is enough for a certificate login.
     let cert = ca.sign(&key, &tabled, &[]);

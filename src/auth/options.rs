@@ -92,8 +92,10 @@ pub enum OptionError {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UseRefusal {
     /// The client's address is not in `from=` (or the certificate's `source-address`).
-    #[error("client address {ip} is not permitted by from=\"{patterns}\"")]
+    #[error("client address {ip} is not permitted by {option}=\"{patterns}\"")]
     NotFromHere {
+        /// `from`, or `source-address` for a certificate.
+        option: &'static str,
         /// The client's address.
         ip: IpAddr,
         /// The pattern list.
@@ -128,6 +130,7 @@ impl KeyOptions {
             && !from.allows(ip)
         {
             return Err(UseRefusal::NotFromHere {
+                option: from.option(),
                 ip,
                 patterns: from.as_str().to_owned(),
             });

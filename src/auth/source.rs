@@ -33,6 +33,8 @@ struct Entry {
 pub struct SourceList {
     /// The list as written, for log messages.
     text: String,
+    /// Whether it is a `from=` list (else a `source-address`), for log messages.
+    from: bool,
     entries: Vec<Entry>,
 }
 
@@ -81,6 +83,7 @@ impl SourceList {
         }
         Ok(SourceList {
             text: text.to_owned(),
+            from: wildcards,
             entries,
         })
     }
@@ -106,6 +109,11 @@ impl SourceList {
     /// The list as written.
     pub fn as_str(&self) -> &str {
         &self.text
+    }
+
+    /// The option it came from: `from` or `source-address`.
+    pub fn option(&self) -> &'static str {
+        if self.from { "from" } else { "source-address" }
     }
 }
 
