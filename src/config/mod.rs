@@ -151,6 +151,9 @@ pub struct ServerConfig {
     /// Whether removing a user's key (or key file) also ends the connections that logged in
     /// with it; by default they stay and only new logins are refused.
     pub end_sessions_on_key_removal: bool,
+    /// File of CA public keys trusted to sign user certificates (sshd's `TrustedUserCAKeys`);
+    /// `None`: certificates are refused. Read at each certificate login.
+    pub trusted_user_ca_keys: Option<PathBuf>,
 }
 
 /// `[admin]`: how the admin reaches the running gateway.
@@ -326,6 +329,7 @@ struct RawServer {
     motd: Option<String>,
     login_status: Option<bool>,
     end_sessions_on_key_removal: Option<bool>,
+    trusted_user_ca_keys: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -578,6 +582,15 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         motd: raw.server.motd.filter(|m| !m.trim().is_empty()),
         login_status: raw.server.login_status.unwrap_or(true),
         end_sessions_on_key_removal: raw.server.end_sessions_on_key_removal.unwrap_or(false),
+        trusted_user_ca_keys: match raw.server.trusted_user_ca_keys {
+            Some(p) if p.get_ref().as_os_str().is_empty() => {
+                return Err(v.at(
+                    p.span(),
+                    "trusted_user_ca_keys is empty: give the path of a file of CA public keys, or leave the key out".into(),
+                ));
+            }
+            p => p.map(|p| resolve(p.into_inner())),
+        },
     };
     let admin = AdminConfig {
         socket: resolve(

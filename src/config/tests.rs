@@ -1236,3 +1236,32 @@ fn image_config_errors_have_positions() {
         &["invalid user name"],
     );
 }
+
+#[test]
+fn trusted_user_ca_keys_is_optional_and_resolved_against_the_config_directory() {
+    let cfg = ok("[defaults]\nimage = \"busybox\"\n");
+    assert_eq!(cfg.server.trusted_user_ca_keys, None);
+    let cfg = ok("[server]\ntrusted_user_ca_keys = \"ca.pub\"\n[defaults]\nimage = \"busybox\"\n");
+    assert_eq!(
+        cfg.server.trusted_user_ca_keys.as_deref(),
+        Some(Path::new("/etc/labgate/ca.pub"))
+    );
+    let cfg =
+        ok("[server]\ntrusted_user_ca_keys = \"/srv/ca.pub\"\n[defaults]\nimage = \"busybox\"\n");
+    assert_eq!(
+        cfg.server.trusted_user_ca_keys.as_deref(),
+        Some(Path::new("/srv/ca.pub"))
+    );
+    assert_err(
+        "[server]\ntrusted_user_ca_keys = \"\"\n[defaults]\nimage = \"busybox\"\n",
+        2,
+        24,
+        &["trusted_user_ca_keys is empty"],
+    );
+    assert_err(
+        "[server]\ntrusted_user_ca_keys = 1\n[defaults]\nimage = \"busybox\"\n",
+        2,
+        24,
+        &["invalid type"],
+    );
+}

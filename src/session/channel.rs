@@ -100,6 +100,10 @@ async fn serve(
     let program = loop {
         match rx.wait().await {
             None | Some(ChannelMsg::Close) => return,
+            // Refused by the handler under `no-pty`: the session runs without a terminal.
+            Some(ChannelMsg::RequestPty { .. }) if !login.key.options().pty => {
+                debug!("pty request refused by the key's options");
+            }
             Some(ChannelMsg::RequestPty {
                 term,
                 col_width,
@@ -148,6 +152,10 @@ async fn serve(
             Some(_) => {}
         }
     };
+    let (program, original) = force_command(program, login.key.options().command.as_deref());
+    if let Some(forced) = &login.key.options().command {
+        info!(target: "audit", user = %login.user, forced = %forced, original = original.as_deref().unwrap_or(""), "forced command");
+    }
     match &program {
         Program::Shell => {
             info!(target: "audit", user = %login.user, pty = setup.pty.is_some(), "shell")
@@ -169,7 +177,7 @@ async fn serve(
     let mut pulls_open = true;
     let container = ContainerSpec::new(&login.user, &login.quota).name;
     let mut view = super::progress::ProgressView::new(setup.pty.is_some());
-    let start = start(&ctx, &login, &setup, &program, agent);
+    let start = start(&ctx, &login, &setup, &program, original, agent);
     tokio::pin!(start);
     let started = loop {
         tokio::select! {
@@ -346,6 +354,7 @@ async fn start(
     login: &Login,
     setup: &Setup,
     program: &Program,
+    original_command: Option<String>,
     agent: Option<(&AgentForward, Handle)>,
 ) -> Result<crate::runtime::Exec, RuntimeError> {
     let spec = ContainerSpec::new(&login.user, &login.quota);
@@ -395,8 +404,12 @@ async fn start(
             .env
             .iter()
             .filter(|(k, _)| !(setup.pty.is_some() && k == "TERM"))
+            .filter(|(k, _)| k != "SSH_ORIGINAL_COMMAND")
             .cloned(),
     );
+    if let Some(original) = original_command {
+        env.push(("SSH_ORIGINAL_COMMAND".to_owned(), original));
+    }
     let req = ExecRequest {
         argv,
         env,
@@ -449,6 +462,23 @@ async fn start(
             .boxed();
     }
     Ok(exec)
+}
+
+/// Applies a key's forced command (`command="..."`, a certificate's `force-command`): whatever
+/// the client asked for, the forced command runs through the user's shell, as sshd runs it.
+/// Also returns what the client asked for, for `SSH_ORIGINAL_COMMAND`: its command, or for a
+/// subsystem the command sshd would name (see [`subsystem::original_command`]); nothing for a
+/// shell. A client's own `env` request for that name is never applied.
+fn force_command(program: Program, forced: Option<&str>) -> (Program, Option<String>) {
+    let Some(forced) = forced else {
+        return (program, None);
+    };
+    let original = match program {
+        Program::Shell => None,
+        Program::Command(cmd) => Some(cmd),
+        Program::Subsystem(name) => subsystem::original_command(&name),
+    };
+    (Program::Command(forced.to_owned()), original)
 }
 
 /// Copies the process's output to the channel; returns the exit status once it ends.
@@ -583,6 +613,22 @@ mod tests {
         }
         assert_eq!(signal_number(&Sig::Custom("USR2".into())), Some(12));
         assert_eq!(signal_number(&Sig::Custom("BOGUS".into())), None);
+    }
+
+    #[test]
+    fn a_forced_command_replaces_whatever_the_client_asked_for() {
+        let forced = Some("echo forced");
+        let run = |p| force_command(p, forced);
+        let cmd = Program::Command("echo forced".into());
+        assert_eq!(run(Program::Shell), (cmd.clone(), None));
+        assert_eq!(
+            run(Program::Command("ls -l".into())),
+            (cmd.clone(), Some("ls -l".into()))
+        );
+        let (program, original) = run(Program::Subsystem("sftp".into()));
+        assert_eq!(program, cmd);
+        assert!(original.is_some_and(|o| o.ends_with("sftp-server")));
+        assert_eq!(force_command(Program::Shell, None), (Program::Shell, None));
     }
 
     #[test]
