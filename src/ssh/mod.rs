@@ -119,6 +119,7 @@ pub async fn serve(
                     Ok(s) => s,
                     Err(e) => {
                         debug!("handshake failed: {e}");
+                        log_alive_tasks();
                         return;
                     }
                 };
@@ -151,6 +152,7 @@ pub async fn serve(
                         }
                     }
                 }
+                log_alive_tasks();
             }
             .instrument(span),
         );
@@ -162,6 +164,17 @@ pub async fn serve(
     {
         warn!("some connections did not close in time");
     }
+}
+
+/// Logs how many tokio tasks are alive, at debug level under the `labgate::leaks` target,
+/// when a connection ends: the leak tests compare it against a baseline after many
+/// connections (`LABGATE_LOG=labgate::leaks=debug`). The count includes the ending
+/// connection's own task and any of its channel tasks still winding down.
+fn log_alive_tasks() {
+    let alive = tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks();
+    debug!(target: "labgate::leaks", alive_tasks = alive, "connection closed");
 }
 
 /// Resolves once `rx` holds `true` (or its sender is gone).
