@@ -1,5 +1,6 @@
 //! Faults a shared server inflicts, survived: the Docker daemon dying and coming back while
-//! sessions are open, and a client killed (`kill -9`) in the middle of a large transfer.
+//! sessions are open, a client killed (`kill -9`) in the middle of a large transfer, and a host
+//! key file that cannot be read at start.
 //! (A container killed under a session is covered in `tests/errors.rs`.)
 //!
 //! The daemon test never touches the machine's Docker Engine: it starts a private `dockerd`
@@ -406,4 +407,46 @@ fn a_client_killed_mid_transfer_leaves_no_process_and_no_fds() {
     );
     assert_alive(&gw);
     assert_eq!(gw.ok(0, "echo still-here"), "still-here\n");
+}
+
+#[test]
+fn an_unreadable_host_key_stops_the_start_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("keys")).unwrap();
+    // A directory where the key file should be: reading it fails (even for root, whom file
+    // modes do not stop).
+    std::fs::create_dir_all(dir.path().join("host_key")).unwrap();
+    std::fs::set_permissions(
+        dir.path().join("host_key"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    let config = dir.path().join("labgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nhost_key = \"host_key\"\nkeys_dir = \"keys\"\n\n\
+             [defaults]\nimage = \"{IMAGE}\"\nhome = \"home/{{user}}\"\n"
+        ),
+    )
+    .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_labgate"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = wait_for(child, Duration::from_secs(20)).expect("labgate kept running");
+    let err = stderr_of(&out);
+    assert!(!out.status.success(), "exit status {:?}", out.status);
+    assert!(
+        err.contains("cannot read host key") && err.contains("host_key"),
+        "stderr: {err}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("listening"),
+        "it must not serve without its host key"
+    );
 }
