@@ -37,9 +37,11 @@ impl PrivateDocker {
         if Command::new("dockerd").arg("--version").output().is_err() {
             return Err("dockerd is not installed".into());
         }
-        // The last octets keep concurrent runs of this test apart.
-        let n = std::process::id() % 200 + 20;
-        let bridge = format!("lgf{}", std::process::id());
+        // Names and subnets apart from concurrent runs and from this binary's other daemon.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let n = (std::process::id() * 2 + k) % 200 + 20;
+        let bridge = format!("lgf{}x{k}", std::process::id() % 10_000_000);
         let ip = |args: &[&str]| {
             Command::new("ip")
                 .args(args)
@@ -146,9 +148,14 @@ impl PrivateDocker {
 
     /// Stops the daemon as a service manager does (SIGTERM) and waits until it is gone.
     fn stop(&mut self) {
+        self.signal(rustix::process::Signal::TERM);
+    }
+
+    /// Sends `signal` to the daemon and waits until it is gone.
+    fn signal(&mut self, signal: rustix::process::Signal) {
         if let Some(mut child) = self.child.take() {
             let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+            let _ = rustix::process::kill_process(pid, signal);
             let gone = eventually(Duration::from_secs(30), || {
                 matches!(child.try_wait(), Ok(Some(_)))
             });
@@ -201,8 +208,9 @@ impl PrivateDocker {
 impl Drop for PrivateDocker {
     fn drop(&mut self) {
         if self.child.is_some() {
-            let ids = self.docker(&["ps", "-a", "-q"]);
-            for id in ids.lines() {
+            // Never panic here: a failed test is already unwinding.
+            let out = self.docker_output(&["ps", "-a", "-q"]);
+            for id in String::from_utf8_lossy(&out.stdout).lines() {
                 let _ = self.docker_output(&["rm", "-f", id]);
             }
             let _ = self.docker_output(&["network", "rm", "labgate"]);
@@ -245,10 +253,16 @@ fn wait_for(mut child: Child, timeout: Duration) -> Option<Output> {
 
 #[test]
 fn the_gateway_survives_a_docker_daemon_restart_and_finds_its_containers_again() {
+    survive_the_daemon_going_away("docker_daemon_restart", rustix::process::Signal::TERM);
+}
+
+/// Opens a session, takes the daemon away with `signal`, checks what users see meanwhile,
+/// brings the daemon back and checks that logins work again in the same container.
+fn survive_the_daemon_going_away(what: &str, signal: rustix::process::Signal) {
     let mut docker = match PrivateDocker::start() {
         Ok(d) => d,
         Err(why) => {
-            eprintln!("SKIPPED the_gateway_survives_a_docker_daemon_restart: {why}");
+            eprintln!("SKIPPED {what}: {why}");
             return;
         }
     };
@@ -280,9 +294,9 @@ fn the_gateway_survives_a_docker_daemon_restart_and_finds_its_containers_again()
         .read_line(&mut line)
         .unwrap();
     assert_eq!(line, "started\n");
-    docker.stop();
+    docker.signal(signal);
 
-    // The open session ends (its container went with the daemon) and does not claim success.
+    // The open session ends (its exec stream went with the daemon) and does not claim success.
     let ended = wait_for(open, Duration::from_secs(30))
         .unwrap_or_else(|| panic!("the open session outlived the daemon\n{}", gw.log()));
     assert!(
