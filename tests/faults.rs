@@ -219,6 +219,13 @@ impl Drop for PrivateDocker {
         let _ = Command::new("ip")
             .args(["link", "del", &self.bridge])
             .status();
+        // The daemon's cgroup parent, once empty (another run may still use it: then rmdir
+        // fails and it stays).
+        if let Ok(controllers) = std::fs::read_dir("/sys/fs/cgroup") {
+            for c in controllers.filter_map(Result::ok) {
+                let _ = std::fs::remove_dir(c.path().join("labgate-faults"));
+            }
+        }
         if std::thread::panicking() {
             eprintln!("--- private dockerd log ---\n{}", self.log());
         }

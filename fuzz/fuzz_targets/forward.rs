@@ -35,8 +35,14 @@ fuzz_target!(|data: &[u8]| {
     };
     let (host, port) = target.rsplit_once(':').unwrap_or((target, "0"));
     let port: u16 = port.parse().unwrap_or(0);
-    let ip = host.trim_matches(['[', ']']).parse::<IpAddr>().unwrap_or(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 5)));
-    let own = [IpAddr::V4(Ipv4Addr::new(172, 18, 0, 2)), IpAddr::V6(Ipv6Addr::LOCALHOST)];
+    let ip = host
+        .trim_matches(['[', ']'])
+        .parse::<IpAddr>()
+        .unwrap_or(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 5)));
+    let own = [
+        IpAddr::V4(Ipv4Addr::new(172, 18, 0, 2)),
+        IpAddr::V6(Ipv6Addr::LOCALHOST),
+    ];
     let _ = policy.check(host, ip, port, &own);
     let _ = PermitOpen::parse(entries.iter().copied()).check(host, port);
 });
