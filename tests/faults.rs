@@ -1,5 +1,6 @@
 //! Faults a shared server inflicts, survived: the Docker daemon dying and coming back while
-//! sessions are open, a client killed (`kill -9`) in the middle of a large transfer, and a host
+//! sessions are open, a client killed (`kill -9`) in the middle of a large transfer (command
+//! output, and a `-L` download), and a host
 //! key file that cannot be read at start.
 //! (A container killed under a session is covered in `tests/errors.rs`.)
 //!
@@ -470,4 +471,65 @@ fn an_unreadable_host_key_stops_the_start_with_a_clear_error() {
         !String::from_utf8_lossy(&out.stdout).contains("listening"),
         "it must not serve without its host key"
     );
+}
+
+#[test]
+fn a_client_killed_mid_forward_leaves_no_fds_and_the_gateway_serves_on() {
+    use std::io::Write;
+    use std::net::TcpStream;
+    let gw = Gateway::start(1, "", "");
+    // 512 MiB served from the container's loopback.
+    gw.ok(
+        0,
+        "mkdir -p ~/www && head -c 536870912 /dev/zero > ~/www/big && httpd -p 127.0.0.1:8732 -h ~/www",
+    );
+    let pid = gw.pid();
+    let base_fds = fd_count(pid);
+    let mut tunnel = None;
+    for attempt in 0..20u32 {
+        let port =
+            20_000 + ((std::process::id().wrapping_mul(7919) + attempt * 104_729) % 40_000) as u16;
+        let mut child = gw
+            .ssh(0)
+            .args(["-N", "-o", "ExitOnForwardFailure=yes"])
+            .args(["-L", &format!("127.0.0.1:{port}:127.0.0.1:8732")])
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let up = eventually(Duration::from_secs(20), || {
+            matches!(child.try_wait(), Ok(Some(_)))
+                || TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        if up && matches!(child.try_wait(), Ok(None)) {
+            tunnel = Some((child, port));
+            break;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let (mut child, port) = tunnel.expect("no free local port for -L");
+    let mut conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    conn.write_all(b"GET /big HTTP/1.0\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut got = 0usize;
+    while got < 32 << 20 {
+        let n = conn.read(&mut buf).unwrap();
+        assert!(n > 0, "the download ended early\n{}", gw.log());
+        got += n;
+    }
+    child.kill().unwrap(); // SIGKILL mid-transfer
+    child.wait().unwrap();
+    drop(conn);
+
+    assert!(
+        eventually(Duration::from_secs(20), || fd_count(pid) <= base_fds),
+        "fds: {} after, {base_fds} before\n{}",
+        fd_count(pid),
+        gw.log()
+    );
+    assert_alive(&gw);
+    // The service in the container is unharmed and reachable again.
+    let page = gw.ok(0, "wget -q -O - http://127.0.0.1:8732/big | wc -c");
+    assert_eq!(page.trim(), (512u64 << 20).to_string());
 }
