@@ -1,14 +1,14 @@
 //! Faults a shared server inflicts, survived: the Docker daemon dying and coming back while
 //! sessions are open, a client killed (`kill -9`) in the middle of a large transfer (command
-//! output, and a `-L` download), and a host
-//! key file that cannot be read at start.
-//! (A container killed under a session is covered in `tests/errors.rs`.)
+//! output, and a `-L` download), and a host key file that cannot be read at start. (A
+//! container killed under a session is covered in `tests/errors.rs`.)
 //!
 //! The daemon test never touches the machine's Docker Engine: it starts a private `dockerd`
 //! of its own (own socket, data root, exec root, containerd, and a default bridge interface it
 //! makes itself, so the shared daemon's `docker0` is left alone), loads the busybox test image
 //! into it, points the gateway at it with `[docker] socket`, then stops and restarts it. It
-//! needs root and `dockerd`; without them it says so on stderr and does not run.
+//! needs root and `dockerd`; without them it says so on stderr and does not run. (`--bridge
+//! none` is not an option: dockerd then deletes the host's `docker0`, the shared daemon's.)
 
 mod common;
 
