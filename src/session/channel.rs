@@ -242,8 +242,9 @@ async fn serve(
     // Phase 3: running.
     let stdout = tx.make_writer();
     let stderr = tx.make_writer_ext(Some(1));
-    let mut pump =
-        tokio::spawn(pump_output(exec.output, stdout, stderr, control.clone()).in_current_span());
+    let mut pump = tokio::spawn(
+        pump_output(exec.output, stdout, stderr, control.clone(), is_tty).in_current_span(),
+    );
     let status = loop {
         tokio::select! {
             status = &mut pump => break status.ok().flatten(),
@@ -481,12 +482,15 @@ fn force_command(program: Program, forced: Option<&str>) -> (Program, Option<Str
     (Program::Command(forced.to_owned()), original)
 }
 
-/// Copies the process's output to the channel; returns the exit status once it ends.
+/// Copies the process's output to the channel; returns the exit status once it ends. When
+/// the status cannot be had (the engine went away under the session), the user is told so on
+/// stderr (`\r\n` on a terminal) and the channel ends without a status (ssh exits 255).
 async fn pump_output(
     mut output: futures::stream::BoxStream<'static, std::io::Result<ExecOutput>>,
     mut stdout: impl AsyncWrite + Unpin,
     mut stderr: impl AsyncWrite + Unpin,
     control: Arc<dyn ExecControl>,
+    tty: bool,
 ) -> Option<ExitStatus> {
     while let Some(chunk) = output.next().await {
         let result = match chunk {
@@ -503,11 +507,19 @@ async fn pump_output(
         }
     }
     let _ = stdout.flush().await;
-    let _ = stderr.flush().await;
     match control.wait().await {
-        Ok(status) => Some(status),
+        Ok(status) => {
+            let _ = stderr.flush().await;
+            Some(status)
+        }
         Err(e) => {
             warn!("exit status unknown: {e}");
+            let end = if tty { "\r\n" } else { "\n" };
+            let line = format!(
+                "labgate: lost contact with the container engine; the session ended ({e}){end}"
+            );
+            let _ = stderr.write_all(line.as_bytes()).await;
+            let _ = stderr.flush().await;
             None
         }
     }

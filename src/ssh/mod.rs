@@ -13,9 +13,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use russh::keys::PrivateKey;
+use russh::keys::{Algorithm, EcdsaCurve, HashAlg, PrivateKey};
 use russh::server::Config as RusshConfig;
-use russh::{MethodKind, MethodSet, Preferred, cipher, kex};
+use russh::{MethodKind, MethodSet, Preferred, cipher, kex, mac};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tracing::{Instrument, debug, info, warn};
@@ -27,6 +27,11 @@ use handler::ConnectionHandler;
 /// The russh server configuration labgate uses: public key only, modern algorithms,
 /// AES-128-GCM offered (OpenSSH clients like it), TCP_NODELAY, keepalives instead of russh's
 /// 10-minute inactivity cut.
+///
+/// What a scanner sees: curve25519 (and ML-KEM hybrid) key exchange with strict KEX (the
+/// Terrapin countermeasure), AEAD or CTR ciphers, encrypt-then-MAC SHA-2 MACs only, and host
+/// key algorithms without SHA-1 (`ssh-rsa` is never offered; RSA keys sign with SHA-2).
+/// ECDSA (NIST curves) is offered only when the admin's host key is an ECDSA key.
 pub fn russh_config(server: &ServerConfig, host_key: PrivateKey) -> RusshConfig {
     const KEX: &[kex::Name] = &[
         kex::MLKEM768X25519_SHA256,
@@ -41,6 +46,25 @@ pub fn russh_config(server: &ServerConfig, host_key: PrivateKey) -> RusshConfig 
         cipher::AES_256_GCM,
         cipher::AES_256_CTR,
         cipher::AES_128_CTR,
+    ];
+    const MACS: &[mac::Name] = &[mac::HMAC_SHA512_ETM, mac::HMAC_SHA256_ETM];
+    const HOST_KEY_ALGORITHMS: &[Algorithm] = &[
+        Algorithm::Ed25519,
+        Algorithm::Rsa {
+            hash: Some(HashAlg::Sha512),
+        },
+        Algorithm::Rsa {
+            hash: Some(HashAlg::Sha256),
+        },
+        Algorithm::Ecdsa {
+            curve: EcdsaCurve::NistP256,
+        },
+        Algorithm::Ecdsa {
+            curve: EcdsaCurve::NistP384,
+        },
+        Algorithm::Ecdsa {
+            curve: EcdsaCurve::NistP521,
+        },
     ];
     RusshConfig {
         server_id: russh::SshId::Standard(Cow::Borrowed(concat!(
@@ -59,6 +83,8 @@ pub fn russh_config(server: &ServerConfig, host_key: PrivateKey) -> RusshConfig 
         preferred: Preferred {
             kex: Cow::Borrowed(KEX),
             cipher: Cow::Borrowed(CIPHERS),
+            mac: Cow::Borrowed(MACS),
+            key: Cow::Borrowed(HOST_KEY_ALGORITHMS),
             ..Preferred::DEFAULT
         },
         ..Default::default()
@@ -121,6 +147,7 @@ pub async fn serve(
                     Ok(s) => s,
                     Err(e) => {
                         debug!("handshake failed: {e}");
+                        log_alive_tasks();
                         return;
                     }
                 };
@@ -159,6 +186,7 @@ pub async fn serve(
                         }
                     }
                 }
+                log_alive_tasks();
             }
             .instrument(span),
         );
@@ -170,6 +198,17 @@ pub async fn serve(
     {
         warn!("some connections did not close in time");
     }
+}
+
+/// Logs how many tokio tasks are alive, at debug level under the `labgate::leaks` target,
+/// when a connection ends: the leak tests compare it against a baseline after many
+/// connections (`LABGATE_LOG=labgate::leaks=debug`). The count includes the ending
+/// connection's own task and any of its channel tasks still winding down.
+fn log_alive_tasks() {
+    let alive = tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks();
+    debug!(target: "labgate::leaks", alive_tasks = alive, "connection closed");
 }
 
 /// Resolves once `rx` holds `true` (or its sender is gone).

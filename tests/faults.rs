@@ -1,0 +1,535 @@
+//! Faults a shared server inflicts, survived: the Docker daemon dying and coming back while
+//! sessions are open, a client killed (`kill -9`) in the middle of a large transfer (command
+//! output, and a `-L` download), and a host key file that cannot be read at start. (A
+//! container killed under a session is covered in `tests/errors.rs`.)
+//!
+//! The daemon test never touches the machine's Docker Engine: it starts a private `dockerd`
+//! of its own (own socket, data root, exec root, containerd, and a default bridge interface it
+//! makes itself, so the shared daemon's `docker0` is left alone), loads the busybox test image
+//! into it, points the gateway at it with `[docker] socket`, then stops and restarts it. It
+//! needs root and `dockerd`; without them it says so on stderr and does not run. (`--bridge
+//! none` is not an option: dockerd then deletes the host's `docker0`, the shared daemon's.)
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use common::{Gateway, IMAGE, eventually};
+
+/// A `dockerd` of the test's own, on a socket in a temp dir.
+struct PrivateDocker {
+    /// Socket, data root, exec root, pid file and log.
+    dir: tempfile::TempDir,
+    /// The default bridge interface made for it (never `docker0`).
+    bridge: String,
+    /// The running daemon, if it runs.
+    child: Option<Child>,
+}
+
+impl PrivateDocker {
+    /// Starts a private daemon with the test image loaded, or says why it cannot.
+    fn start() -> Result<PrivateDocker, String> {
+        if !rustix::process::geteuid().is_root() {
+            return Err("needs root to run a private dockerd".into());
+        }
+        if Command::new("dockerd").arg("--version").output().is_err() {
+            return Err("dockerd is not installed".into());
+        }
+        // Names and subnets apart from concurrent runs and from this binary's other daemon.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let n = (std::process::id() * 2 + k) % 200 + 20;
+        let bridge = format!("lgf{}x{k}", std::process::id() % 10_000_000);
+        let ip = |args: &[&str]| {
+            Command::new("ip")
+                .args(args)
+                .status()
+                .map_err(|e| format!("ip: {e}"))
+                .and_then(|s| s.success().then_some(()).ok_or("ip failed".to_owned()))
+        };
+        ip(&["link", "add", &bridge, "type", "bridge"])?;
+        let mut daemon = PrivateDocker {
+            dir: tempfile::tempdir().map_err(|e| e.to_string())?,
+            bridge: bridge.clone(),
+            child: None,
+        };
+        ip(&["addr", "add", &format!("10.213.{n}.1/24"), "dev", &bridge])?;
+        ip(&["link", "set", &bridge, "up"])?;
+        std::fs::write(daemon.dir.path().join("daemon.json"), "{}").map_err(|e| e.to_string())?;
+        daemon.run()?;
+        let image = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "docker save {IMAGE} | docker -H unix://{} load",
+                daemon.socket().display()
+            ))
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !image.status.success() {
+            return Err(format!(
+                "loading the image: {}",
+                String::from_utf8_lossy(&image.stderr)
+            ));
+        }
+        // labgate's network, made here with a small fixed subnet rather than one of the
+        // shared daemon's default pools.
+        daemon.docker(&[
+            "network",
+            "create",
+            "--subnet",
+            &format!("10.214.{n}.0/24"),
+            "--opt",
+            "com.docker.network.bridge.enable_icc=false",
+            "labgate",
+        ]);
+        Ok(daemon)
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("docker.sock")
+    }
+
+    /// Starts `dockerd` and waits until it answers.
+    fn run(&mut self) -> Result<(), String> {
+        let d = self.dir.path();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(d.join("dockerd.log"))
+            .map_err(|e| e.to_string())?;
+        let child = Command::new("dockerd")
+            .arg("--config-file")
+            .arg(d.join("daemon.json"))
+            .arg("--host")
+            .arg(format!("unix://{}", self.socket().display()))
+            .arg("--data-root")
+            .arg(d.join("data"))
+            .arg("--exec-root")
+            .arg(d.join("exec"))
+            .arg("--pidfile")
+            .arg(d.join("docker.pid"))
+            .args(["--bridge", &self.bridge])
+            .args([
+                "--iptables=false",
+                "--ip6tables=false",
+                "--ip-forward=false",
+            ])
+            .args([
+                "--storage-driver",
+                "vfs",
+                "--cgroup-parent",
+                "labgate-faults",
+            ])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("dockerd: {e}"))?;
+        self.child = Some(child);
+        let up = eventually(Duration::from_secs(60), || {
+            Command::new("docker")
+                .args([
+                    "-H",
+                    &format!("unix://{}", self.socket().display()),
+                    "version",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        });
+        if up {
+            Ok(())
+        } else {
+            Err(format!("dockerd did not come up:\n{}", self.log()))
+        }
+    }
+
+    /// Stops the daemon as a service manager does (SIGTERM) and waits until it is gone.
+    fn stop(&mut self) {
+        self.signal(rustix::process::Signal::TERM);
+    }
+
+    /// Sends `signal` to the daemon and waits until it is gone.
+    fn signal(&mut self, signal: rustix::process::Signal) {
+        if let Some(mut child) = self.child.take() {
+            let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+            let _ = rustix::process::kill_process(pid, signal);
+            let gone = eventually(Duration::from_secs(30), || {
+                matches!(child.try_wait(), Ok(Some(_)))
+            });
+            if !gone {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("dockerd.log")).unwrap_or_default()
+    }
+
+    /// `docker -H <this daemon> ARGS`; asserts success, returns stdout trimmed.
+    fn docker(&self, args: &[&str]) -> String {
+        let out = self.docker_output(args);
+        assert!(
+            out.status.success(),
+            "docker {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    fn docker_output(&self, args: &[&str]) -> Output {
+        Command::new("docker")
+            .args(["-H", &format!("unix://{}", self.socket().display())])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// IDs of the containers (any state) named exactly `name`.
+    fn containers_named(&self, name: &str) -> Vec<String> {
+        self.docker(&[
+            "ps",
+            "-a",
+            "-q",
+            "--no-trunc",
+            "--filter",
+            &format!("name=^{name}$"),
+        ])
+        .lines()
+        .map(str::to_owned)
+        .collect()
+    }
+}
+
+impl Drop for PrivateDocker {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            // Never panic here: a failed test is already unwinding.
+            let out = self.docker_output(&["ps", "-a", "-q"]);
+            for id in String::from_utf8_lossy(&out.stdout).lines() {
+                let _ = self.docker_output(&["rm", "-f", id]);
+            }
+            let _ = self.docker_output(&["network", "rm", "labgate"]);
+        }
+        self.stop();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .status();
+        // The daemon's cgroup parent, once empty (another run may still use it: then rmdir
+        // fails and it stays).
+        if let Ok(controllers) = std::fs::read_dir("/sys/fs/cgroup") {
+            for c in controllers.filter_map(Result::ok) {
+                let _ = std::fs::remove_dir(c.path().join("labgate-faults"));
+            }
+        }
+        if std::thread::panicking() {
+            eprintln!("--- private dockerd log ---\n{}", self.log());
+        }
+    }
+}
+
+fn stderr_of(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Asserts the gateway process still runs.
+fn assert_alive(gw: &Gateway) {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", gw.pid())).unwrap_or_default();
+    let state = stat.rfind(')').map(|i| stat[i + 2..].chars().next());
+    assert!(
+        matches!(state, Some(Some(s)) if s != 'Z' && s != 'X'),
+        "the gateway must still run: {stat:?}\n{}",
+        gw.log()
+    );
+}
+
+/// Waits for `child` to exit, at most `timeout`.
+fn wait_for(mut child: Child, timeout: Duration) -> Option<Output> {
+    let exited = eventually(timeout, || matches!(child.try_wait(), Ok(Some(_))));
+    if !exited {
+        let _ = child.kill();
+        let _ = child.wait();
+        return None;
+    }
+    Some(child.wait_with_output().unwrap())
+}
+
+#[test]
+fn the_gateway_survives_a_docker_daemon_restart_and_finds_its_containers_again() {
+    survive_the_daemon_going_away("docker_daemon_restart", rustix::process::Signal::TERM);
+}
+
+/// Opens a session, takes the daemon away with `signal`, checks what users see meanwhile,
+/// brings the daemon back and checks that logins work again in the same container.
+fn survive_the_daemon_going_away(what: &str, signal: rustix::process::Signal) {
+    let mut docker = match PrivateDocker::start() {
+        Ok(d) => d,
+        Err(why) => {
+            eprintln!("SKIPPED {what}: {why}");
+            return;
+        }
+    };
+    let gw = Gateway::start(
+        1,
+        "",
+        &format!("[docker]\nsocket = \"{}\"\n", docker.socket().display()),
+    );
+    let name = gw.container(0);
+    assert_eq!(gw.ok(0, "echo up"), "up\n");
+    let before = docker.containers_named(&name);
+    assert_eq!(
+        before.len(),
+        1,
+        "the container is made in the private daemon"
+    );
+
+    // A session is open when the daemon goes away.
+    let mut open = gw
+        .ssh(0)
+        .arg("echo started; sleep 600; echo finished")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(open.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line, "started\n");
+    docker.signal(signal);
+
+    // The open session ends (its exec stream went with the daemon) and does not claim success.
+    let ended = wait_for(open, Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("the open session outlived the daemon\n{}", gw.log()));
+    assert!(
+        !ended.status.success(),
+        "a session cut by the daemon's stop is not a success: {:?}, stderr {:?}",
+        ended.status,
+        stderr_of(&ended)
+    );
+    let said = stderr_of(&ended);
+    assert!(
+        said.contains("labgate: ") && said.contains("container engine"),
+        "the open session should end with a clear message, got {said:?}\n{}",
+        gw.log()
+    );
+    let mut rest = String::new();
+    let _ = (&ended.stdout[..]).read_to_string(&mut rest);
+    assert!(!rest.contains("finished"), "{rest:?}");
+    eprintln!(
+        "open session ended with {:?}, stderr {:?}",
+        ended.status,
+        stderr_of(&ended)
+    );
+
+    // Logins during the outage: a clear message, exit 255, the gateway stays up.
+    for _ in 0..2 {
+        let out = gw.run(0, "echo should-not-run");
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(255), "stderr {err:?}\n{}", gw.log());
+        assert!(
+            err.contains("labgate: ") && err.contains("container engine is not reachable"),
+            "{err:?}"
+        );
+        assert!(out.stdout.is_empty());
+        assert_alive(&gw);
+    }
+
+    // The daemon is back: logins work without a gateway restart, in the same container.
+    docker.run().unwrap();
+    assert!(
+        eventually(Duration::from_secs(30), || gw.run(0, "echo back").stdout
+            == b"back\n"),
+        "logins did not recover after the daemon came back\n{}",
+        gw.log()
+    );
+    assert_eq!(
+        docker.containers_named(&name),
+        before,
+        "the existing container is found again, not duplicated"
+    );
+    assert_eq!(
+        docker.docker(&["inspect", "-f", "{{.State.Running}}", &name]),
+        "true"
+    );
+}
+
+/// Command lines of the processes in `container` (`docker top`) that contain `marker`.
+fn processes_with(container: &str, marker: &str) -> Vec<String> {
+    let out = Command::new("docker")
+        .args(["top", container, "-o", "pid,args"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(marker))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+#[test]
+fn a_client_killed_mid_transfer_leaves_no_process_and_no_fds() {
+    let gw = Gateway::start(1, "", "");
+    gw.ok(0, "true");
+    let pid = gw.pid();
+    let base_fds = fd_count(pid);
+    // A transfer far larger than anything buffered on the way (about 4 GB).
+    let producer = "head -c 4000000731 /dev/zero";
+    let mut child = gw
+        .ssh(0)
+        .arg(producer)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut got = 0usize;
+    while got < 64 << 20 {
+        let n = stdout.read(&mut buf).unwrap();
+        assert!(n > 0, "the transfer ended early\n{}", gw.log());
+        got += n;
+    }
+    let container = gw.container(0);
+    assert!(
+        !processes_with(&container, "4000000731").is_empty(),
+        "the producer runs"
+    );
+    child.kill().unwrap(); // SIGKILL: no channel close, no EOF, just a dead TCP connection
+    child.wait().unwrap();
+    drop(stdout);
+
+    assert!(
+        eventually(Duration::from_secs(20), || processes_with(
+            &container,
+            "4000000731"
+        )
+        .is_empty()),
+        "the exec's process outlived its client: {:?}\n{}",
+        processes_with(&container, "4000000731"),
+        gw.log()
+    );
+    assert!(
+        eventually(Duration::from_secs(20), || fd_count(pid) <= base_fds),
+        "fds: {} after, {base_fds} before",
+        fd_count(pid)
+    );
+    assert_alive(&gw);
+    assert_eq!(gw.ok(0, "echo still-here"), "still-here\n");
+}
+
+#[test]
+fn an_unreadable_host_key_stops_the_start_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("keys")).unwrap();
+    // A directory where the key file should be: reading it fails (even for root, whom file
+    // modes do not stop).
+    std::fs::create_dir_all(dir.path().join("host_key")).unwrap();
+    std::fs::set_permissions(
+        dir.path().join("host_key"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    let config = dir.path().join("labgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nhost_key = \"host_key\"\nkeys_dir = \"keys\"\n\n\
+             [defaults]\nimage = \"{IMAGE}\"\nhome = \"home/{{user}}\"\n"
+        ),
+    )
+    .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_labgate"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = wait_for(child, Duration::from_secs(20)).expect("labgate kept running");
+    let err = stderr_of(&out);
+    assert!(!out.status.success(), "exit status {:?}", out.status);
+    assert!(
+        err.contains("cannot read host key") && err.contains("host_key"),
+        "stderr: {err}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("listening"),
+        "it must not serve without its host key"
+    );
+}
+
+#[test]
+fn a_client_killed_mid_forward_leaves_no_fds_and_the_gateway_serves_on() {
+    use std::io::Write;
+    use std::net::TcpStream;
+    let gw = Gateway::start(1, "", "");
+    // 512 MiB served from the container's loopback.
+    gw.ok(
+        0,
+        "mkdir -p ~/www && head -c 536870912 /dev/zero > ~/www/big && httpd -p 127.0.0.1:8732 -h ~/www",
+    );
+    let pid = gw.pid();
+    let base_fds = fd_count(pid);
+    let mut tunnel = None;
+    for attempt in 0..20u32 {
+        let port =
+            20_000 + ((std::process::id().wrapping_mul(7919) + attempt * 104_729) % 40_000) as u16;
+        let mut child = gw
+            .ssh(0)
+            .args(["-N", "-o", "ExitOnForwardFailure=yes"])
+            .args(["-L", &format!("127.0.0.1:{port}:127.0.0.1:8732")])
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let up = eventually(Duration::from_secs(20), || {
+            matches!(child.try_wait(), Ok(Some(_)))
+                || TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        if up && matches!(child.try_wait(), Ok(None)) {
+            tunnel = Some((child, port));
+            break;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let (mut child, port) = tunnel.expect("no free local port for -L");
+    let mut conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    conn.write_all(b"GET /big HTTP/1.0\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut got = 0usize;
+    while got < 32 << 20 {
+        let n = conn.read(&mut buf).unwrap();
+        assert!(n > 0, "the download ended early\n{}", gw.log());
+        got += n;
+    }
+    child.kill().unwrap(); // SIGKILL mid-transfer
+    child.wait().unwrap();
+    drop(conn);
+
+    assert!(
+        eventually(Duration::from_secs(20), || fd_count(pid) <= base_fds),
+        "fds: {} after, {base_fds} before\n{}",
+        fd_count(pid),
+        gw.log()
+    );
+    assert_alive(&gw);
+    // The service in the container is unharmed and reachable again.
+    let page = gw.ok(0, "wget -q -O - http://127.0.0.1:8732/big | wc -c");
+    assert_eq!(page.trim(), (512u64 << 20).to_string());
+}
