@@ -380,7 +380,6 @@ fn an_image_change_recreates_the_container_at_its_next_start_keeping_home() {
     let gw = Gateway::start(1, "", &user_image(&old));
     gw.ok(0, "echo kept > note");
     let name = gw.container(0);
-    docker(&["stop", "-t", "1", &name]);
 
     let config = std::fs::read_to_string(gw.config_path()).unwrap();
     std::fs::write(gw.config_path(), config.replace(&old, &new)).unwrap();
@@ -390,6 +389,28 @@ fn an_image_change_recreates_the_container_at_its_next_start_keeping_home() {
             .contains("config reloaded")),
         "no reload"
     );
+    // While it runs, it keeps its image; an interactive shell is told what comes.
+    let out = gw
+        .ssh(0)
+        .arg("-tt")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            c.stdin.take().unwrap().write_all(b"exit\n")?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    assert!(
+        text(&out.stderr).contains(&format!(
+            "labgate: your container runs image {old}; image {new} is used from its next start"
+        )),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(docker_inspect(&name, "{{.Config.Image}}").unwrap(), old);
+    docker(&["stop", "-t", "1", &name]);
     let out = gw.run(0, "cat note");
     let stderr = text(&out.stderr);
     assert!(out.status.success(), "{stderr}");

@@ -500,7 +500,7 @@ mod tests {
                 outcome: EnsureOutcome::Created,
                 pid: None,
                 ips: Vec::new(),
-                recreated_from: None,
+                image_change: None,
             })
         }
         async fn exec(&self, _: &ContainerHandle, _: ExecRequest) -> Result<Exec, RuntimeError> {

@@ -131,8 +131,23 @@ pub struct ContainerHandle {
     pub pid: Option<i32>,
     /// The container's own addresses on its networks.
     pub ips: Vec<std::net::IpAddr>,
-    /// Set when this start made the container again from another image: the image it had.
-    pub recreated_from: Option<String>,
+    /// Set when the container's image is not the configured one, or was not until now.
+    pub image_change: Option<ImageChange>,
+}
+
+/// How a container's image relates to the configured one, when they differ(ed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageChange {
+    /// This start made the container again from the configured image; it had this one.
+    Recreated {
+        /// The image it was made from before.
+        from: String,
+    },
+    /// It runs, from this image: the configured one applies when it next starts.
+    Pending {
+        /// The image it runs.
+        running: String,
+    },
 }
 
 /// What `ensure_running` had to do.

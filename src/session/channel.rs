@@ -22,7 +22,8 @@ use tracing::{Instrument, debug, info, warn};
 use super::{Context, Login, subsystem};
 use crate::forward::agent::AgentForward;
 use crate::runtime::{
-    ContainerSpec, ExecControl, ExecOutput, ExecRequest, ExitStatus, RuntimeError, TtySize,
+    ContainerSpec, ExecControl, ExecOutput, ExecRequest, ExitStatus, ImageChange, RuntimeError,
+    TtySize,
 };
 
 /// Bytes of stdin kept while the container starts; beyond this the channel is not read (the
@@ -409,18 +410,16 @@ async fn start(
         .gpus
         .greeting(&started, *program == Program::Shell, setup.pty.is_some())
         .await;
-    if let Some(old) = &container.recreated_from {
+    // A pending change is said to interactive shells only: scripts keep a quiet stderr.
+    let say = match &container.image_change {
+        Some(ImageChange::Pending { .. }) => *program == Program::Shell,
+        Some(ImageChange::Recreated { .. }) => true,
+        None => false,
+    };
+    if let Some(change) = container.image_change.as_ref().filter(|_| say) {
         let eol = if setup.pty.is_some() { "\r\n" } else { "\n" };
-        let image = &login.quota.image;
-        let was = if old == image {
-            "was an older image of that name".to_owned()
-        } else {
-            format!("was {old}")
-        };
-        let line = format!(
-            "labgate: your container was recreated from image {image} ({was}); your home is kept{eol}"
-        );
-        greeting.insert(0, ExecOutput::Stderr(Bytes::from(line)));
+        let line = image_notice(change, &login.quota.image);
+        greeting.insert(0, ExecOutput::Stderr(Bytes::from(format!("{line}{eol}"))));
     }
     if !greeting.is_empty() {
         exec.output = futures::stream::iter(greeting.into_iter().map(Ok))
@@ -428,6 +427,21 @@ async fn start(
             .boxed();
     }
     Ok(exec)
+}
+
+/// The line telling the user their container's image changed, or will.
+fn image_notice(change: &ImageChange, image: &str) -> String {
+    match change {
+        ImageChange::Recreated { from } if from == image => format!(
+            "labgate: your container was recreated from image {image} (was an older image of that name); your home is kept"
+        ),
+        ImageChange::Recreated { from } => format!(
+            "labgate: your container was recreated from image {image} (was {from}); your home is kept"
+        ),
+        ImageChange::Pending { running } => format!(
+            "labgate: your container runs image {running}; image {image} is used from its next start (home kept)"
+        ),
+    }
 }
 
 /// Copies the process's output to the channel; returns the exit status once it ends.
@@ -546,6 +560,24 @@ fn signal_of(n: i32) -> Sig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn image_notices_name_both_images() {
+        let recreated = ImageChange::Recreated {
+            from: "lab/a:1".into(),
+        };
+        assert_eq!(
+            image_notice(&recreated, "lab/a:2"),
+            "labgate: your container was recreated from image lab/a:2 (was lab/a:1); your home is kept"
+        );
+        let pending = ImageChange::Pending {
+            running: "lab/a:1".into(),
+        };
+        assert!(
+            image_notice(&pending, "lab/a:2")
+                .contains("runs image lab/a:1; image lab/a:2 is used from its next start")
+        );
+    }
 
     #[test]
     fn signal_names_round_trip() {

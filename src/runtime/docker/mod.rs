@@ -29,8 +29,8 @@ use crate::config::DockerConfig;
 use crate::config::{PullPolicy, RegistryAuth};
 use crate::runtime::{
     ContainerHandle, ContainerRuntime, ContainerSpec, EnsureOutcome, Exec, ExecRequest,
-    LABEL_IMAGE, LABEL_MANAGED, LABEL_PROFILE, LABEL_USER, ManagedContainer, PullEvent,
-    RuntimeError,
+    ImageChange, LABEL_IMAGE, LABEL_MANAGED, LABEL_PROFILE, LABEL_USER, ManagedContainer,
+    PullEvent, RuntimeError,
 };
 
 /// How long an exec's processes get between SIGHUP and SIGKILL after a hangup.
@@ -157,12 +157,7 @@ impl DockerRuntime {
         spec: &ContainerSpec,
     ) -> Result<Option<String>, RuntimeError> {
         self.ensure_image(docker, spec).await?;
-        let config = info.config.as_ref();
-        let old = config
-            .and_then(|c| c.labels.as_ref())
-            .and_then(|l| l.get(LABEL_IMAGE).cloned())
-            .or_else(|| config.and_then(|c| c.image.clone()))
-            .unwrap_or_default();
+        let old = image_of(info).unwrap_or_default();
         if old != spec.image {
             return Ok(Some(old));
         }
@@ -532,6 +527,16 @@ fn placement(info: &bollard::models::ContainerInspectResponse) -> (Option<i32>, 
     (pid, ips)
 }
 
+/// The image reference a container was made from: its label, else the engine's record.
+fn image_of(info: &bollard::models::ContainerInspectResponse) -> Option<String> {
+    let config = info.config.as_ref()?;
+    config
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(LABEL_IMAGE).cloned())
+        .or_else(|| config.image.clone())
+}
+
 /// Maps a bollard error: engine answers stay engine errors, the rest means unreachable.
 fn engine(e: BollardError) -> RuntimeError {
     match e {
@@ -547,7 +552,7 @@ impl ContainerRuntime for DockerRuntime {
         let _guard = lock.lock().await;
         let (docker, _) = self.client().await?;
         prepare_home(spec).await?;
-        let mut recreated_from = None;
+        let mut image_change = None;
         let (id, outcome, info) = match self.inspect_named(docker, &spec.name).await? {
             Some(info) => {
                 let labels = info
@@ -568,10 +573,13 @@ impl ContainerRuntime for DockerRuntime {
                     docker.unpause_container(&id).await.map_err(engine)?;
                     (id, EnsureOutcome::Started, None)
                 } else if state.running == Some(true) {
+                    image_change = image_of(&info)
+                        .filter(|running| *running != spec.image)
+                        .map(|running| ImageChange::Pending { running });
                     (id, EnsureOutcome::Running, Some(info))
                 } else if let Some(old) = self.image_changed(docker, &info, spec).await? {
                     let id = self.recreate(docker, &id, spec, &old).await?;
-                    recreated_from = Some(old);
+                    image_change = Some(ImageChange::Recreated { from: old });
                     (id, EnsureOutcome::Created, None)
                 } else {
                     self.start(docker, &id, &spec.name).await?;
@@ -605,7 +613,7 @@ impl ContainerRuntime for DockerRuntime {
             outcome,
             pid,
             ips,
-            recreated_from,
+            image_change,
         })
     }
 
