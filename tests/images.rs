@@ -526,3 +526,34 @@ fn profiles_give_allowed_users_their_own_container_with_the_same_home_and_refuse
         text(&bad.stderr)
     );
 }
+
+#[test]
+fn check_warns_about_an_unreadable_registry_password_file_without_showing_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("keys")).unwrap();
+    std::fs::write(dir.path().join("readable"), "hunter2\n").unwrap();
+    let config = dir.path().join("labgate.toml");
+    std::fs::write(
+        &config,
+        "[defaults]\nimage = \"r.lab:5000/lab/a:1\"\n\n[users.bob]\nimage = \"r2.lab/b:1\"\n\n\
+         [registries.\"r.lab:5000\"]\nusername = \"u\"\npassword_file = \"missing-secret\"\n\n\
+         [registries.\"r2.lab\"]\nusername = \"u\"\npassword_file = \"readable\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_labgate"))
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("[registries.\"r.lab:5000\"] password_file")
+            && stderr.contains("missing-secret cannot be read"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("r2.lab\"]"),
+        "a readable file is fine: {stderr}"
+    );
+    assert!(!stderr.contains("hunter2") && !text(&out.stdout).contains("hunter2"));
+}
