@@ -433,7 +433,7 @@ fn an_image_change_recreates_the_container_at_its_next_start_keeping_home() {
 
 #[test]
 fn pull_policy_always_brings_a_moved_tag_and_the_container_follows_it() {
-    let registry = Registry::start();
+    let mut registry = Registry::start();
     let reference = registry.push("moving", "1", "");
     let tail = format!("[users.{{u0}}]\nimage = \"{reference}\"\npull_policy = \"always\"\n");
     let gw = Gateway::start(1, "", &tail);
@@ -457,6 +457,17 @@ fn pull_policy_always_brings_a_moved_tag_and_the_container_follows_it() {
     );
     assert_ne!(docker_inspect(&name, "{{.Image}}").unwrap(), first);
     assert_eq!(pulls_of(&gw, &reference), 2, "one pull per start");
+
+    // With the registry down, the copy on the host still serves the next start.
+    registry.stop();
+    docker(&["stop", "-t", "1", &name]);
+    assert_eq!(gw.ok(0, "cat note"), "kept\n");
+    assert!(
+        gw.log()
+            .contains("pull failed; using the image already on this host"),
+        "{}",
+        gw.log()
+    );
 }
 
 #[test]

@@ -125,7 +125,8 @@ impl DockerRuntime {
             (policy, _) => {
                 let events = self.pull_events.clone();
                 let container = spec.name.clone();
-                self.puller
+                let pulled = self
+                    .puller
                     .pull(
                         docker,
                         &spec.image,
@@ -138,11 +139,19 @@ impl DockerRuntime {
                             progress,
                         });
                     })
-                    .await
-                    .map_err(|reason| RuntimeError::Pull {
+                    .await;
+                match pulled {
+                    Ok(()) => Ok(()),
+                    // "always" keeps users working from the copy here when the registry fails.
+                    Err(reason) if present => {
+                        tracing::warn!(image = %spec.image, %reason, "pull failed; using the image already on this host");
+                        Ok(())
+                    }
+                    Err(reason) => Err(RuntimeError::Pull {
                         image: spec.image.clone(),
                         reason,
-                    })
+                    }),
+                }
             }
         }
     }
