@@ -51,6 +51,11 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), StartError> {
     let host_key = ssh::hostkey::load_or_create(&config.server.host_key)?;
+    if let Some(path) = &config.admin.audit_log
+        && let Err(e) = crate::admin::audit::open(path)
+    {
+        warn!(path = %path.display(), "cannot open the audit log ({e}); audit events go only to the log");
+    }
     let runtime = Arc::new(DockerRuntime::new(&config.docker));
     let gpus = Arc::new(GpuPool::open(&config.gpu, runtime.clone()).await);
     let russh_config = Arc::new(ssh::russh_config(&config.server, host_key));
@@ -68,6 +73,7 @@ pub async fn serve(
     tokio::spawn(reconcile(runtime.clone()));
     tokio::spawn(rebuild_gpu_holdings(gpus.clone()));
     let source = config.source.clone();
+    let admin = config.admin.clone();
     let (config_tx, config_rx) = watch::channel(Arc::new(config));
     tokio::spawn(apply_live_limits(config_rx.clone(), runtime.clone()));
     tokio::spawn(crate::runtime::docker::prepull::on_change(
@@ -85,7 +91,15 @@ pub async fn serve(
         runtime,
         gpus,
         namespaces: tokio::sync::OnceCell::new(),
+        connections: Arc::default(),
+        idle: Default::default(),
     });
+    crate::admin::start(ctx.clone(), &admin, stop_rx.clone()).await;
+    tokio::spawn(crate::session::idle::run(ctx.clone(), stop_rx.clone()));
+    tokio::spawn(crate::session::registry::end_when_key_removed(
+        ctx.clone(),
+        stop_rx.clone(),
+    ));
     match ctx.config.borrow().docker.forward_via {
         crate::config::ForwardVia::Auto => {
             info!(

@@ -17,6 +17,8 @@
 //!   implementation, plus host-side process signalling.
 //! - [`gpu`]: the GPU inventory (NVML), the allocator (exclusive or shared, by UUID, never
 //!   oversubscribed) and the pool that gives a login its GPUs.
+//! - [`admin`]: the admin socket (`labgate status | stop | kick | gpus`), `/metrics` and
+//!   `/healthz`, the audit log, the process-wide metrics.
 //! - [`demo`]: the embedded demo setup (locally built busybox image, demo user and key).
 //! - [`app`]: the composition root: wires config, backend and server, runs until a signal.
 //!
@@ -25,6 +27,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod config;

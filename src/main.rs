@@ -5,8 +5,11 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use hyper::Method;
+use labgate::admin::client;
 use labgate::auth::KeyStore;
 use labgate::{app, config, demo};
+use tracing_subscriber::Layer as _;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -35,11 +38,35 @@ enum Command {
         config: PathBuf,
     },
     /// Print the host's GPUs (NVML, from `[gpu] nvml_library`): index, UUID, name, memory,
-    /// utilisation, MIG mode, processes, and the users whose running containers hold each.
+    /// utilisation, MIG mode, processes, and the users whose containers hold each. Asks the
+    /// running gateway; without one, reads NVML and the containers' labels directly.
     Gpus {
-        /// Config file.
-        #[arg(long, short, default_value = config::DEFAULT_PATH)]
-        config: PathBuf,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Show the running gateway's containers (state, image, GPUs, idle timers) and
+    /// connections (user, peer, sessions, forwards, key).
+    Status {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Print the gateway's JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Disconnect USER's connections and stop their containers (home and container kept;
+    /// their next login starts it again).
+    Stop {
+        /// The user.
+        user: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Disconnect USER's connections; their containers keep running.
+    Kick {
+        /// The user.
+        user: String,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
     /// Run the gateway on the embedded demo config, with a `demo` user and a locally built
     /// busybox image; prints the ssh command to log in.
@@ -53,21 +80,101 @@ enum Command {
     },
 }
 
+/// How an admin command finds the running gateway.
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// Config file (its `[admin] socket` is used).
+    #[arg(long, short, default_value = config::DEFAULT_PATH)]
+    config: PathBuf,
+    /// The admin socket, overriding the config's.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+}
+
+impl AdminArgs {
+    fn socket(&self) -> anyhow::Result<PathBuf> {
+        match &self.socket {
+            Some(s) => Ok(s.clone()),
+            None => Ok(config::load(&self.config)?.admin.socket),
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LABGATE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_filter(
+                    tracing_subscriber::EnvFilter::try_from_env("LABGATE_LOG")
+                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                ),
         )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with(
+            labgate::admin::audit::AuditLayer.with_filter(
+                tracing_subscriber::filter::Targets::new()
+                    .with_target(labgate::admin::audit::TARGET, tracing::Level::INFO)
+                    .with_target("labgate", tracing::Level::INFO),
+            ),
+        )
         .init();
     match cli.command {
         Command::Check { config } => check(&config),
-        Command::Gpus { config } => run(async move {
-            let loaded = config::load(&config)?;
-            print!("{}", labgate::gpu::report(&loaded).await?);
+        Command::Gpus { admin } => run(async move {
+            let socket = admin.socket()?;
+            match client::request(&socket, Method::GET, "/gpus").await {
+                Ok(table) => print!("{table}"),
+                Err(client::ClientError::Connect { .. }) => {
+                    eprintln!(
+                        "labgate: no gateway answers on {}: reading NVML and container labels directly",
+                        socket.display()
+                    );
+                    let loaded = config::load(&admin.config)?;
+                    print!("{}", labgate::gpu::report(&loaded).await?);
+                }
+                Err(e) => return Err(e.into()),
+            }
+            Ok(())
+        }),
+        Command::Status { admin, json } => run(async move {
+            let body = client::request(&admin.socket()?, Method::GET, "/status").await?;
+            if json {
+                print!("{body}");
+            } else {
+                let status: labgate::admin::status::Status = serde_json::from_str(&body)
+                    .context("the gateway's status answer is not what this labgate expects")?;
+                print!("{}", labgate::admin::status::render(&status));
+            }
+            Ok(())
+        }),
+        Command::Stop { user, admin } => run(async move {
+            let path = format!("/users/{user}/stop");
+            let body = client::request(&admin.socket()?, Method::POST, &path).await?;
+            let v: serde_json::Value = serde_json::from_str(&body)?;
+            println!(
+                "{user}: {} connection(s) ended, stopped: {}",
+                v["kicked"],
+                v["stopped"]
+                    .as_array()
+                    .filter(|a| !a.is_empty())
+                    .map(|a| a
+                        .iter()
+                        .filter_map(|n| n.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "))
+                    .unwrap_or_else(|| "nothing was running".to_owned())
+            );
+            Ok(())
+        }),
+        Command::Kick { user, admin } => run(async move {
+            let path = format!("/users/{user}/kick");
+            let body = client::request(&admin.socket()?, Method::POST, &path).await?;
+            let v: serde_json::Value = serde_json::from_str(&body)?;
+            println!("{user}: {} connection(s) ended", v["kicked"]);
             Ok(())
         }),
         Command::Serve { config } => run(async move {

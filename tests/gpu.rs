@@ -326,3 +326,29 @@ fn exclusive_gpus_refuse_the_second_user_naming_the_holder_until_it_stops() {
     assert_asked_for(&gw.container(1), &[GPU0]);
     assert!(gw.log().contains("GPUs released"), "{}", gw.log());
 }
+
+#[test]
+fn idle_stop_keeps_a_container_whose_gpu_is_busy_and_stops_the_idle_one() {
+    let _serial = one_at_a_time();
+    let nvml = tempfile::tempdir().unwrap();
+    // GPU 0 computes (35% > busy_utilization 10); GPU 1 is idle.
+    let lib = install_fake(nvml.path(), &two_gpus());
+    let gw = Gateway::start(
+        2,
+        "gpus = 1\nidle_stop = \"2s\"",
+        &format!("{}busy_utilization = 10\n", gpu_section(&lib)),
+    );
+    running_gpu_container(&gw, 0, GPU0);
+    running_gpu_container(&gw, 1, GPU1);
+    let state = |i: usize| docker_inspect(&gw.container(i), "{{.State.Status}}").unwrap();
+    assert!(
+        common::eventually(std::time::Duration::from_secs(30), || state(1) == "exited"),
+        "the container with an idle GPU was not stopped; log:\n{}",
+        gw.log()
+    );
+    // Nobody is connected to either, but GPU 0 is busy: well past the idle period, it runs.
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    assert_eq!(state(0), "running");
+    let log = gw.log();
+    assert!(log.contains("in use: GPU busy"), "{log}");
+}

@@ -22,6 +22,9 @@ pub const DEFAULT_NVML_LIBRARY: &str = "libnvidia-ml.so.1";
 /// `max_per_gpu` when `mode = "shared"` does not set it.
 pub const DEFAULT_MAX_PER_GPU: u32 = 2;
 
+/// Default of `[gpu] busy_utilization`, in percent.
+pub const DEFAULT_BUSY_UTILIZATION: u32 = 5;
+
 /// `[gpu]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GpuConfig {
@@ -30,6 +33,9 @@ pub struct GpuConfig {
     pub nvml_library: OsString,
     /// How GPUs are shared between running containers.
     pub mode: GpuMode,
+    /// A container whose GPUs are this busy (percent utilisation, any of them) counts as in
+    /// use for idle stop even with no SSH connection open.
+    pub busy_utilization: u32,
 }
 
 impl Default for GpuConfig {
@@ -37,6 +43,7 @@ impl Default for GpuConfig {
         GpuConfig {
             nvml_library: DEFAULT_NVML_LIBRARY.into(),
             mode: GpuMode::Exclusive,
+            busy_utilization: DEFAULT_BUSY_UTILIZATION,
         }
     }
 }
@@ -183,6 +190,7 @@ pub(super) struct RawGpu {
     nvml_library: Option<String>,
     mode: Option<RawMode>,
     max_per_gpu: Option<Spanned<Positive>>,
+    busy_utilization: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -215,7 +223,21 @@ impl Validator<'_> {
             Some(lib) if !lib.contains('/') => lib.into(),
             Some(lib) => base.join(lib).into_os_string(),
         };
+        let busy_utilization = match raw.busy_utilization {
+            None => DEFAULT_BUSY_UTILIZATION,
+            Some(b) if *b.get_ref() <= 100 => b.into_inner(),
+            Some(b) => {
+                return Err(self.at(
+                    b.span(),
+                    format!(
+                        "busy_utilization is a percentage (0 to 100), not {}",
+                        b.get_ref()
+                    ),
+                ));
+            }
+        };
         Ok(GpuConfig {
+            busy_utilization,
             nvml_library,
             mode: match max_per_gpu {
                 Some(max_per_gpu) => GpuMode::Shared { max_per_gpu },

@@ -81,6 +81,8 @@ pub struct Config {
     pub docker: DockerConfig,
     /// Where NVML is and how GPUs are shared.
     pub gpu: GpuConfig,
+    /// The admin socket, metrics listener and audit log.
+    pub admin: AdminConfig,
     /// The quota of every user without a `[users.NAME]` table.
     pub defaults: Quota,
     /// Fully resolved quotas of users with their own table.
@@ -141,6 +143,27 @@ pub struct ServerConfig {
     pub login_grace: Duration,
     /// Interval of SSH keepalives to an otherwise silent client; three missed answers end it.
     pub keepalive: Duration,
+    /// Text shown to interactive logins after the status line (`None`: nothing).
+    pub motd: Option<String>,
+    /// Whether interactive logins get the one-line container status (state, image, quota,
+    /// GPUs) before the shell starts.
+    pub login_status: bool,
+    /// Whether removing a user's key (or key file) also ends the connections that logged in
+    /// with it; by default they stay and only new logins are refused.
+    pub end_sessions_on_key_removal: bool,
+}
+
+/// `[admin]`: how the admin reaches the running gateway.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminConfig {
+    /// Unix socket of the admin API (`labgate status`, `stop`, `kick`, `gpus`): created with
+    /// mode 0600, so only its owner (root) may use it.
+    pub socket: PathBuf,
+    /// Loopback address serving `/metrics` and `/healthz` (`None`: not served).
+    pub listen: Option<SocketAddr>,
+    /// File that receives one JSON line per audit event (`None`: audit events go only to
+    /// the log).
+    pub audit_log: Option<PathBuf>,
 }
 
 /// `[docker]`.
@@ -210,6 +233,9 @@ pub struct Quota {
     pub registry: Option<RegistryAuth>,
     /// The profile this quota is for (`user+profile` logins), `None` for plain logins.
     pub profile: Option<crate::auth::ProfileName>,
+    /// Stop the container after this long without an SSH connection of its user (and, with
+    /// GPUs, without GPU activity); `None`: never.
+    pub idle_stop: Option<Duration>,
 }
 
 impl Quota {
@@ -255,6 +281,8 @@ struct RawConfig {
     docker: RawDocker,
     #[serde(default)]
     gpu: gpu::RawGpu,
+    #[serde(default)]
+    admin: RawAdmin,
     defaults: Spanned<RawQuota>,
     #[serde(default)]
     users: BTreeMap<Username, Spanned<RawQuota>>,
@@ -295,6 +323,41 @@ struct RawServer {
     max_connections: Option<Positive>,
     login_grace: Option<HumanDuration>,
     keepalive: Option<HumanDuration>,
+    motd: Option<String>,
+    login_status: Option<bool>,
+    end_sessions_on_key_removal: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    socket: Option<PathBuf>,
+    listen: Option<Spanned<SocketAddr>>,
+    audit_log: Option<PathBuf>,
+}
+
+/// `idle_stop`: a duration, or `"never"` (a user's table can turn off the default's).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct IdleStop(Option<Duration>);
+
+impl<'de> Deserialize<'de> for IdleStop {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s == "never" {
+            return Ok(IdleStop(None));
+        }
+        let d = humantime::parse_duration(&s).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "idle_stop {s:?}: {e} (a duration such as \"2h\" or \"30m\", or \"never\")"
+            ))
+        })?;
+        if d < Duration::from_secs(1) {
+            return Err(serde::de::Error::custom(format!(
+                "idle_stop {s:?} is too short: at least 1s (or \"never\")"
+            )));
+        }
+        Ok(IdleStop(Some(d)))
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -327,6 +390,7 @@ struct RawQuota {
     pull_policy: Option<PullPolicy>,
     /// Only in `[profiles.NAME]`: who may use the profile.
     users: Option<Spanned<Vec<Username>>>,
+    idle_stop: Option<IdleStop>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -451,6 +515,7 @@ impl RawQuota {
             accept_env: self.accept_env.or_else(|| base.accept_env.clone()),
             pull_policy: self.pull_policy.or(base.pull_policy),
             users: self.users,
+            idle_stop: self.idle_stop.or(base.idle_stop),
             forwarding: Some(
                 self.forwarding
                     .unwrap_or_default()
@@ -510,6 +575,29 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             .server
             .keepalive
             .map_or(Duration::from_secs(30), |d| d.0),
+        motd: raw.server.motd.filter(|m| !m.trim().is_empty()),
+        login_status: raw.server.login_status.unwrap_or(true),
+        end_sessions_on_key_removal: raw.server.end_sessions_on_key_removal.unwrap_or(false),
+    };
+    let admin = AdminConfig {
+        socket: resolve(
+            raw.admin
+                .socket
+                .unwrap_or_else(|| PathBuf::from("/run/labgate/admin.sock")),
+        ),
+        listen: match raw.admin.listen {
+            Some(l) if !l.get_ref().ip().is_loopback() => {
+                return Err(v.at(
+                    l.span(),
+                    format!(
+                        "[admin] listen = \"{}\" must be a loopback address: the metrics endpoint has no authentication",
+                        l.get_ref()
+                    ),
+                ));
+            }
+            l => l.map(Spanned::into_inner),
+        },
+        audit_log: raw.admin.audit_log.map(resolve),
     };
     let docker = DockerConfig {
         socket: resolve(
@@ -614,6 +702,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         server,
         docker,
         gpu,
+        admin,
         defaults,
         users,
         profiles,
@@ -722,6 +811,7 @@ impl Validator<'_> {
             pull_policy: raw.pull_policy.unwrap_or_default(),
             registry: None,
             profile: None,
+            idle_stop: raw.idle_stop.and_then(|i| i.0),
         })
     }
 

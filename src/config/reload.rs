@@ -82,9 +82,15 @@ pub fn reload(path: &Path, tx: &watch::Sender<Arc<Config>>) {
                 );
             }
             let _ = tx.send(Arc::new(new));
+            crate::admin::metrics::metrics().reload("applied");
+            info!(target: "audit", path = %path.display(), "config reloaded");
             info!(path = %path.display(), "config reloaded: new logins use it");
         }
-        Err(e) => error!("config not reloaded, the previous one stays in force: {e}"),
+        Err(e) => {
+            crate::admin::metrics::metrics().reload("rejected");
+            info!(target: "audit", error = %e, "config reload rejected");
+            error!("config not reloaded, the previous one stays in force: {e}");
+        }
     }
 }
 
@@ -105,6 +111,9 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     }
     if old.docker.network != new.docker.network {
         changed.push("docker.network");
+    }
+    if old.admin != new.admin {
+        changed.push("admin (socket, listen, audit_log)");
     }
     changed
 }

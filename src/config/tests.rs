@@ -1196,3 +1196,43 @@ fn image_config_errors_have_positions() {
         &["invalid user name"],
     );
 }
+
+#[test]
+fn operations_settings_parse_with_defaults_and_per_user_idle_stop() {
+    let file =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/config/valid/operations.toml");
+    let cfg = load(&file).unwrap();
+    assert_eq!(cfg.server.motd.as_deref(), Some("Welcome to the lab."));
+    assert!(!cfg.server.login_status);
+    assert!(cfg.server.end_sessions_on_key_removal);
+    assert_eq!(cfg.admin.socket, PathBuf::from("/run/labgate/admin.sock"));
+    assert_eq!(cfg.admin.listen, Some("127.0.0.1:9122".parse().unwrap()));
+    assert_eq!(
+        cfg.admin.audit_log,
+        Some(PathBuf::from("/var/log/labgate/audit.jsonl"))
+    );
+    assert_eq!(cfg.gpu.busy_utilization, 20);
+    assert_eq!(cfg.defaults.idle_stop, Some(Duration::from_secs(7200)));
+    let user = |n: &str| Username::parse(n).unwrap();
+    assert_eq!(cfg.quota_for(&user("alice")).idle_stop, None);
+    assert_eq!(
+        cfg.quota_for(&user("bob")).idle_stop,
+        Some(Duration::from_secs(1800))
+    );
+    assert_eq!(
+        cfg.quota_for(&user("carol")).idle_stop,
+        Some(Duration::from_secs(7200))
+    );
+
+    let bare = parse(
+        Path::new("/etc/labgate/labgate.toml"),
+        "[defaults]\nimage = \"x\"\n",
+    )
+    .unwrap();
+    assert!(bare.server.login_status);
+    assert!(!bare.server.end_sessions_on_key_removal);
+    assert_eq!(bare.server.motd, None);
+    assert_eq!(bare.admin.listen, None);
+    assert_eq!(bare.defaults.idle_stop, None);
+    assert_eq!(bare.gpu.busy_utilization, 5);
+}

@@ -246,6 +246,7 @@ pub async fn direct_tcpip(
     match result {
         Ok(stream) => {
             info!(target: "audit", user = %login.user, %host, port, "forward opened");
+            let _open = login.stats.forward();
             reply.accept().await;
             let moved = pump_any(channel, stream).await;
             debug!(%host, port, up = moved.up, down = moved.down, "forward closed");
@@ -288,6 +289,7 @@ pub async fn direct_streamlocal(
     match result {
         Ok(stream) => {
             info!(target: "audit", user = %login.user, %path, "unix forward opened");
+            let _open = login.stats.forward();
             reply.accept().await;
             pump_any(channel, stream).await;
         }
@@ -345,8 +347,10 @@ impl RemoteForwards {
         let address = address.to_owned();
         let user = login.user.clone();
         info!(target: "audit", user = %user, %address, port = bound, "remote forward listening");
+        let open = login.stats.forward();
         let task = tokio::spawn(
             async move {
+                let _open = open;
                 loop {
                     let (stream, peer) = match listener.accept().await {
                         Ok(x) => x,

@@ -37,6 +37,8 @@ pub async fn pump<S>(channel: Channel<Msg>, stream: S) -> Moved
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
+    let metrics = crate::admin::metrics::metrics();
+    let _open = metrics.forward();
     let (mut rx, tx) = channel.split();
     let (mut sock_read, mut sock_write) = tokio::io::split(stream);
     let budget = Arc::new(Semaphore::new(CHANNEL_BUFFER));
@@ -57,6 +59,7 @@ where
                             break;
                         };
                         up += data.len() as u64;
+                        metrics.forwarded(data.len() as u64, 0);
                         if queue_tx.send((data, permit)).is_err() {
                             break;
                         }
@@ -99,6 +102,7 @@ where
                         break;
                     }
                     down += n as u64;
+                    metrics.forwarded(0, n as u64);
                 }
             },
             // Re-armed each turn; once the reader has ended without a close it stays off.

@@ -335,6 +335,28 @@ impl GpuPool {
 }
 
 impl GpuPool {
+    /// Stops `user`'s container `name` if `still_wanted` says so once the user's start lock
+    /// is held (so no login of theirs is starting it meanwhile), and releases its GPUs.
+    /// `Ok(false)` when it was not stopped (not running, or `still_wanted` said no).
+    pub async fn stop(
+        &self,
+        runtime: &dyn ContainerRuntime,
+        name: &str,
+        user: &Username,
+        still_wanted: impl FnOnce() -> bool,
+    ) -> Result<bool, RuntimeError> {
+        let lock = self.user_lock(user);
+        let _serial = lock.lock().await;
+        if !still_wanted() {
+            return Ok(false);
+        }
+        let stopped = runtime.stop(name).await?;
+        if let Some(h) = self.allocator().release(user) {
+            info!(user = %user, gpus = %GpuUuid::join(&h.gpus), "GPUs released: container stopped");
+        }
+        Ok(stopped)
+    }
+
     /// What to show before a program's output: the notice of `started` (stderr) and, for an
     /// interactive shell (`shell` on a terminal), one banner line per GPU it has, with live
     /// use (stdout). Terminals get `\r\n` line ends.
@@ -508,6 +530,14 @@ mod tests {
         }
         async fn list_managed(&self) -> Result<Vec<ManagedContainer>, RuntimeError> {
             Ok(Vec::new())
+        }
+        async fn stop(&self, name: &str) -> Result<bool, RuntimeError> {
+            let u = name.trim_start_matches("labgate-");
+            let mut containers = self.containers.lock().unwrap();
+            Ok(containers
+                .get_mut(u)
+                .map(|c| std::mem::replace(&mut c.0, false))
+                .unwrap_or(false))
         }
     }
 

@@ -166,10 +166,16 @@ pub enum EnsureOutcome {
 pub struct ManagedContainer {
     /// Backend id.
     pub id: String,
+    /// Container name (`labgate-NAME`).
+    pub name: String,
     /// Owner, from the user label.
     pub user: String,
     /// Backend state (`running`, `exited`, ...).
     pub state: String,
+    /// Image reference it was created from.
+    pub image: String,
+    /// GPUs its label records.
+    pub gpus: Vec<crate::gpu::GpuUuid>,
 }
 
 /// A terminal's size.
@@ -325,4 +331,8 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// Applies the limits the engine can change on a live container (memory, CPUs, process
     /// count) to the running container of `spec.user`. `Ok(false)` when none is running.
     async fn update_limits(&self, spec: &ContainerSpec) -> Result<bool, RuntimeError>;
+
+    /// Stops the container `name` (its processes get SIGTERM, then SIGKILL after a grace
+    /// period); the container and the home stay. `Ok(false)` when it was not running.
+    async fn stop(&self, name: &str) -> Result<bool, RuntimeError>;
 }

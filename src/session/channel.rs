@@ -162,6 +162,7 @@ async fn serve(
     }
 
     // Phase 2: starting, while draining the channel.
+    let _open = login.stats.session();
     let mut early = EarlyInput::default();
     let agent = setup.agent.then(|| (agent.as_ref(), handle.clone()));
     // Subscribed before the start, so no step of a pull it waits for is missed.
@@ -405,11 +406,23 @@ async fn start(
         workdir: spec.home_target.clone(),
     };
     let mut exec = ctx.runtime.exec(container, req).await?;
+    let interactive = *program == Program::Shell && setup.pty.is_some();
+    // For an interactive login: the status line and the admin's message of the day; then
     // GPU notices (stderr) and, for a login shell, the banner of the user's GPUs (stdout).
-    let mut greeting = ctx
-        .gpus
-        .greeting(&started, *program == Program::Shell, setup.pty.is_some())
-        .await;
+    let mut greeting = Vec::new();
+    if interactive {
+        let banner = super::login_banner(&ctx.config.borrow().server, login, &started);
+        if !banner.is_empty() {
+            greeting.push(ExecOutput::Stdout(Bytes::from(
+                banner.replace('\n', "\r\n"),
+            )));
+        }
+    }
+    greeting.extend(
+        ctx.gpus
+            .greeting(&started, *program == Program::Shell, setup.pty.is_some())
+            .await,
+    );
     // A pending change is said to interactive shells only: scripts keep a quiet stderr.
     let say = match &container.image_change {
         Some(ImageChange::Pending { .. }) => *program == Program::Shell,

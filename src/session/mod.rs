@@ -8,7 +8,9 @@
 //! the [`ContainerRuntime`], and carries bytes, resizes, signals, EOF and the exit status.
 
 pub mod channel;
+pub mod idle;
 pub mod progress;
+pub mod registry;
 pub mod subsystem;
 
 use std::net::SocketAddr;
@@ -31,6 +33,10 @@ pub struct Context {
     /// Whether this gateway may enter containers' namespaces (probed once, by the first
     /// forward); when not, forwards go through the relay exec.
     pub namespaces: tokio::sync::OnceCell<bool>,
+    /// The live connections.
+    pub connections: Arc<registry::Connections>,
+    /// When each running container became idle (for idle stop and `labgate status`).
+    pub idle: idle::IdleTimers,
 }
 
 /// An authenticated user on one connection.
@@ -51,6 +57,15 @@ pub struct Login {
     pub local: SocketAddr,
     /// Connection id, for logs.
     pub conn: u64,
+    /// What the connection has open (sessions, forwards).
+    pub stats: Arc<registry::ConnStats>,
+}
+
+impl Login {
+    /// The name of the container this login works in.
+    pub fn container_name(&self) -> String {
+        ContainerSpec::new(&self.user, &self.quota).name
+    }
 }
 
 /// Makes sure `login`'s container runs (creating or starting it) and returns it. Every way
@@ -91,4 +106,61 @@ pub fn login_quota(
         Some(Ok(q)) => (Arc::new(q.clone()), None),
         Some(Err(refusal)) => (Arc::new(config.quota_for(user).clone()), Some(refusal)),
     }
+}
+
+/// What an interactive login sees before its shell: the status line (container and what
+/// happened to it, image, quota, GPUs, idle stop) when `[server] login_status` is on, then
+/// `[server] motd`. Lines end with `\n`; empty when both are off.
+pub fn login_banner(
+    server: &crate::config::ServerConfig,
+    login: &Login,
+    started: &crate::gpu::pool::Started,
+) -> String {
+    use crate::runtime::EnsureOutcome;
+    let mut out = String::new();
+    if server.login_status {
+        let q = &login.quota;
+        let c = &started.container;
+        let what = match c.outcome {
+            EnsureOutcome::Created => "created",
+            EnsureOutcome::Started => "started",
+            EnsureOutcome::Running => "running",
+        };
+        let mut parts = vec![
+            format!("container {} ({what})", c.name),
+            format!("image {}", q.image),
+        ];
+        let mut quota = Vec::new();
+        if let Some(cpus) = q.cpus {
+            quota.push(format!("{cpus} CPUs"));
+        }
+        if let Some(m) = q.memory {
+            quota.push(format!("{m} memory"));
+        }
+        if let Some(s) = q.shm {
+            quota.push(format!("{s} shm"));
+        }
+        if let Some(p) = q.pids {
+            quota.push(format!("{p} processes"));
+        }
+        if !quota.is_empty() {
+            parts.push(quota.join(", "));
+        }
+        parts.push(match started.gpus.len() {
+            0 => "no GPUs".to_owned(),
+            n => format!("{n} GPU(s) {}", crate::gpu::GpuUuid::join(&started.gpus)),
+        });
+        if let Some(idle) = q.idle_stop {
+            parts.push(format!(
+                "stopped after {} without a connection",
+                humantime::format_duration(idle)
+            ));
+        }
+        out.push_str(&format!("labgate: {}\n", parts.join(" | ")));
+    }
+    if let Some(motd) = &server.motd {
+        out.push_str(motd.trim_end_matches('\n'));
+        out.push('\n');
+    }
+    out
 }

@@ -12,11 +12,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use russh::keys::PublicKey;
 use russh::server::{Auth, ChannelOpenHandle, Handler, Msg, Session};
 use russh::{Channel, ChannelId, MethodKind, MethodSet};
+use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info};
 
+use crate::admin::metrics::metrics;
 use crate::auth::{self, KeyStore};
 use crate::forward::agent::AgentForward;
 use crate::forward::{self, RemoteForwards};
+use crate::session::registry::{ConnectionInfo, Registration};
 use crate::session::{Context, Login, channel, subsystem};
 
 /// Errors that end a connection.
@@ -52,6 +55,10 @@ pub struct ConnectionHandler {
     remote: RemoteForwards,
     /// This connection's agent socket (`-A`), made by the first channel that asks for it.
     agent: Arc<AgentForward>,
+    /// Cancelled to disconnect this connection (admin kick, key removed).
+    end: CancellationToken,
+    /// Keeps the connection in the live registry while the handler lives.
+    registration: Option<Registration>,
 }
 
 impl Drop for ConnectionHandler {
@@ -61,6 +68,7 @@ impl Drop for ConnectionHandler {
             && let Some((user, reason)) = self.refused.take()
         {
             let _e = self.span.enter();
+            metrics().login("refused");
             info!(target: "audit", user = %user, peer = %self.peer, %reason, "login refused");
         }
     }
@@ -75,6 +83,7 @@ impl ConnectionHandler {
         conn: u64,
         authenticated: Arc<AtomicBool>,
         span: tracing::Span,
+        end: CancellationToken,
     ) -> Self {
         Self {
             ctx,
@@ -88,6 +97,8 @@ impl ConnectionHandler {
             refused: None,
             remote: RemoteForwards::default(),
             agent: Arc::default(),
+            end,
+            registration: None,
         }
     }
 
@@ -149,8 +160,9 @@ impl Handler for ConnectionHandler {
                     crate::session::login_quota(&self.ctx, &user, profile.as_ref());
                 self.span.record("user", user.as_str());
                 let _e = self.span.enter();
+                metrics().login("accepted");
                 info!(target: "audit", user = %user, profile = ?profile.as_ref().map(|p| p.as_str()), peer = %self.peer, fingerprint = %key.fingerprint(), "login accepted");
-                self.login = Some(Arc::new(Login {
+                let login = Arc::new(Login {
                     user,
                     key,
                     quota,
@@ -158,7 +170,22 @@ impl Handler for ConnectionHandler {
                     peer: self.peer,
                     local: self.local,
                     conn: self.conn,
-                }));
+                    stats: Arc::default(),
+                });
+                self.registration = Some(self.ctx.connections.register(
+                    ConnectionInfo {
+                        conn: self.conn,
+                        user: login.user.clone(),
+                        container: login.container_name(),
+                        peer: self.peer,
+                        fingerprint: login.key.fingerprint(),
+                        key: login.key.key.clone(),
+                        since: std::time::SystemTime::now(),
+                        stats: login.stats.clone(),
+                    },
+                    self.end.clone(),
+                ));
+                self.login = Some(login);
                 self.authenticated.store(true, Ordering::SeqCst);
                 Ok(Auth::Accept)
             }

@@ -99,6 +99,7 @@ pub async fn serve(
         let local = socket.local_addr().unwrap_or(server.listen);
         let conn = next_id.fetch_add(1, Ordering::Relaxed);
         let authenticated = Arc::new(AtomicBool::new(false));
+        let end = tokio_util::sync::CancellationToken::new();
         let span = tracing::info_span!("conn", conn, peer = %peer, user = tracing::field::Empty);
         let handler = ConnectionHandler::new(
             ctx.clone(),
@@ -107,6 +108,7 @@ pub async fn serve(
             conn,
             authenticated.clone(),
             span.clone(),
+            end.clone(),
         );
         let config = config.clone();
         let grace = server.login_grace;
@@ -142,6 +144,12 @@ pub async fn serve(
                                 info!("no login within {grace:?}: disconnecting");
                                 let _ = handle.disconnect(russh::Disconnect::ByApplication, "login grace time exceeded".into(), String::new()).await;
                             }
+                        }
+                        _ = end.cancelled() => {
+                            info!("ended by the gateway (admin kick or key removed)");
+                            let _ = handle.disconnect(russh::Disconnect::ByApplication, "connection ended by labgate (admin kick, or its key was removed)".into(), String::new()).await;
+                            let _ = tokio::time::timeout(Duration::from_secs(3), &mut session).await;
+                            break;
                         }
                         _ = stopped(&mut shutdown) => {
                             let _ = handle.disconnect(russh::Disconnect::ByApplication, "labgate is shutting down".into(), String::new()).await;

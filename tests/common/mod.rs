@@ -78,6 +78,8 @@ pub struct Gateway {
     pub dir: tempfile::TempDir,
     /// `ip:port` it listens on.
     pub addr: std::net::SocketAddr,
+    /// `ip:port` of its `/metrics` and `/healthz` listener.
+    pub admin_addr: Option<std::net::SocketAddr>,
     /// The `labgate serve` process.
     child: Mutex<Option<Child>>,
     /// Users created for this gateway (containers removed on drop).
@@ -93,6 +95,16 @@ impl Gateway {
     /// `[defaults]`, `tail` after it (for `[users.X]` tables; `{u0}`, `{u1}`... are replaced
     /// by the user names).
     pub fn start(n: usize, defaults_extra: &str, tail: &str) -> Gateway {
+        Gateway::start_with_server(n, "", defaults_extra, tail)
+    }
+
+    /// [`Gateway::start`] with `server_extra` appended inside `[server]`.
+    pub fn start_with_server(
+        n: usize,
+        server_extra: &str,
+        defaults_extra: &str,
+        tail: &str,
+    ) -> Gateway {
         ensure_image();
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("keys")).unwrap();
@@ -112,13 +124,15 @@ impl Gateway {
             defaults_extra = defaults_extra.replace(&format!("{{u{i}}}"), u);
         }
         let config_text = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nhost_key = \"host_key\"\nkeys_dir = \"keys\"\nlogin_grace = \"20s\"\n\n\
+            "[server]\nlisten = \"127.0.0.1:0\"\nhost_key = \"host_key\"\nkeys_dir = \"keys\"\nlogin_grace = \"20s\"\n{server_extra}\n\n\
+             [admin]\nsocket = \"admin.sock\"\nlisten = \"127.0.0.1:0\"\naudit_log = \"audit.jsonl\"\n\n\
              [defaults]\nimage = \"{IMAGE}\"\nmemory = \"256M\"\ncpus = 0.5\nshm = \"32M\"\npids = 128\nhome = \"home/{{user}}\"\n{defaults_extra}\n\n{tail}\n"
         );
         std::fs::write(dir.path().join("labgate.toml"), &config_text).unwrap();
         let mut gw = Gateway {
             dir,
             addr: "127.0.0.1:1".parse().unwrap(),
+            admin_addr: None,
             child: Mutex::new(None),
             users,
             keys,
@@ -157,15 +171,24 @@ impl Gateway {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(addr) = line.strip_prefix("labgate listening on ") {
-                    let _ = tx.send(addr.to_owned());
+                if line.starts_with("labgate listening on ")
+                    || line.starts_with("labgate admin listening on ")
+                {
+                    let _ = tx.send(line);
                 }
             }
         });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(30))
-            .unwrap_or_else(|_| panic!("gateway did not start; log:\n{}", self.log()));
-        self.addr = addr.parse().unwrap();
+        loop {
+            let line = rx
+                .recv_timeout(Duration::from_secs(30))
+                .unwrap_or_else(|_| panic!("gateway did not start; log:\n{}", self.log()));
+            if let Some(a) = line.strip_prefix("labgate admin listening on ") {
+                self.admin_addr = Some(a.parse().unwrap());
+            } else if let Some(a) = line.strip_prefix("labgate listening on ") {
+                self.addr = a.parse().unwrap();
+                break;
+            }
+        }
         *self.child.lock().unwrap() = Some(child);
     }
 
@@ -275,6 +298,42 @@ impl Gateway {
             self.log()
         );
         String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs `labgate ARGS --config <this gateway's config>` (the admin commands).
+    pub fn labgate(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_labgate"))
+            .args(args)
+            .arg("--config")
+            .arg(self.config_path())
+            .output()
+            .unwrap()
+    }
+
+    /// GETs `path` from the metrics listener with curl: (HTTP status, body).
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        let addr = self.admin_addr.expect("the gateway serves [admin] listen");
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                "-w",
+                "\n%{http_code}",
+                &format!("http://{addr}{path}"),
+            ])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), body.to_owned())
+    }
+
+    /// The audit log's lines, parsed (a line that is not JSON fails the test).
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.path().join("audit.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("audit line {l:?}: {e}")))
+            .collect()
     }
 
     /// The container name of user `i`.

@@ -29,12 +29,14 @@ use crate::config::DockerConfig;
 use crate::config::{PullPolicy, RegistryAuth};
 use crate::runtime::{
     ContainerHandle, ContainerRuntime, ContainerSpec, EnsureOutcome, Exec, ExecRequest,
-    ImageChange, LABEL_IMAGE, LABEL_MANAGED, LABEL_PROFILE, LABEL_USER, ManagedContainer,
-    PullEvent, RuntimeError,
+    ImageChange, LABEL_GPUS, LABEL_IMAGE, LABEL_MANAGED, LABEL_PROFILE, LABEL_USER,
+    ManagedContainer, PullEvent, RuntimeError,
 };
 
 /// How long an exec's processes get between SIGHUP and SIGKILL after a hangup.
 const HANGUP_GRACE: Duration = Duration::from_secs(2);
+/// Seconds a stopped container's processes get between SIGTERM and SIGKILL.
+const STOP_GRACE_SECS: i32 = 10;
 
 /// The Docker backend.
 pub struct DockerRuntime {
@@ -193,7 +195,7 @@ impl DockerRuntime {
             .remove_container(id, Some(opts))
             .await
             .map_err(engine)?;
-        tracing::info!(container = %spec.name, from = %old, to = %spec.image, "container made again: its image changed");
+        tracing::info!(target: "audit", container = %spec.name, image = %spec.image, from = %old, "container recreated: image changed");
         let id = self.create(docker, spec).await?;
         self.start(docker, &id, &spec.name).await?;
         Ok(id)
@@ -591,14 +593,20 @@ impl ContainerRuntime for DockerRuntime {
                     image_change = Some(ImageChange::Recreated { from: old });
                     (id, EnsureOutcome::Created, None)
                 } else {
+                    let t0 = Instant::now();
                     self.start(docker, &id, &spec.name).await?;
+                    crate::admin::metrics::metrics().container_ready(false, t0.elapsed());
+                    tracing::info!(target: "audit", container = %spec.name, "container started");
                     (id, EnsureOutcome::Started, None)
                 }
             }
             None => {
                 self.ensure_image(docker, spec).await?;
+                let t0 = Instant::now();
                 let id = self.create(docker, spec).await?;
                 self.start(docker, &id, &spec.name).await?;
+                crate::admin::metrics::metrics().container_ready(true, t0.elapsed());
+                tracing::info!(target: "audit", container = %spec.name, image = %spec.image, "container created");
                 (id, EnsureOutcome::Created, None)
             }
         };
@@ -699,14 +707,55 @@ impl ContainerRuntime for DockerRuntime {
         let list = self.managed_containers(true).await?;
         Ok(list
             .into_iter()
-            .map(|c| ManagedContainer {
-                id: c.id.unwrap_or_default(),
-                user: c
-                    .labels
-                    .and_then(|l| l.get(LABEL_USER).cloned())
-                    .unwrap_or_default(),
-                state: c.state.map(|s| s.to_string()).unwrap_or_default(),
+            .map(|c| {
+                let label = |key: &str| {
+                    c.labels
+                        .as_ref()
+                        .and_then(|l| l.get(key).cloned())
+                        .unwrap_or_default()
+                };
+                ManagedContainer {
+                    id: c.id.clone().unwrap_or_default(),
+                    name: c
+                        .names
+                        .as_ref()
+                        .and_then(|n| n.first())
+                        .map(|n| n.trim_start_matches('/').to_owned())
+                        .unwrap_or_default(),
+                    user: label(LABEL_USER),
+                    gpus: crate::gpu::GpuUuid::parse_list(&label(LABEL_GPUS)),
+                    state: c.state.map(|s| s.to_string()).unwrap_or_default(),
+                    image: c.image.clone().unwrap_or_default(),
+                }
             })
             .collect())
+    }
+
+    async fn stop(&self, name: &str) -> Result<bool, RuntimeError> {
+        let lock = self.lock_for(name);
+        let _guard = lock.lock().await;
+        let (docker, _) = self.client().await?;
+        let running = self
+            .inspect_named(docker, name)
+            .await?
+            .and_then(|i| i.state)
+            .is_some_and(|s| s.running == Some(true));
+        if !running {
+            return Ok(false);
+        }
+        let opts = bollard::query_parameters::StopContainerOptions {
+            t: Some(STOP_GRACE_SECS),
+            signal: None,
+        };
+        match docker.stop_container(name, Some(opts)).await {
+            Ok(()) => {
+                tracing::info!(target: "audit", container = %name, "container stopped");
+                Ok(true)
+            }
+            Err(BollardError::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(false),
+            Err(e) => Err(engine(e)),
+        }
     }
 }

@@ -1,0 +1,237 @@
+//! The gateway's Prometheus metrics: one process-wide set, updated where things happen
+//! (logins in the SSH handler, sessions in the channel task, forwards in the pump, container
+//! starts in the Docker backend, reloads in the watcher) and rendered by `/metrics`.
+//!
+//! Gauges of live things (connections, sessions, forwards) move through RAII guards, so a
+//! task that ends by any path — error, abort, panic — gives its count back.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// One label with a fixed set of values (`result="accepted"`).
+type Label = [(&'static str, &'static str); 1];
+
+/// Every metric labgate exports.
+pub struct Metrics {
+    registry: Registry,
+    logins: Family<Label, Counter>,
+    connections: Gauge,
+    sessions: Gauge,
+    forwards: Gauge,
+    forwarded_bytes: Family<Label, Counter>,
+    container_create: Histogram,
+    container_start: Histogram,
+    gpus_allocated: Gauge,
+    gpus_total: Gauge,
+    reloads: Family<Label, Counter>,
+    idle_stops: Counter,
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+/// The process's metrics.
+pub fn metrics() -> &'static Metrics {
+    &METRICS
+}
+
+/// Container operations take from tens of milliseconds (start) to minutes (a first pull).
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    exponential_buckets(0.025, 2.0, 14)
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::with_prefix("labgate");
+        let m = Metrics {
+            logins: Family::default(),
+            connections: Gauge::default(),
+            sessions: Gauge::default(),
+            forwards: Gauge::default(),
+            forwarded_bytes: Family::default(),
+            container_create: Histogram::new(latency_buckets()),
+            container_start: Histogram::new(latency_buckets()),
+            gpus_allocated: Gauge::default(),
+            gpus_total: Gauge::default(),
+            reloads: Family::default(),
+            idle_stops: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "logins",
+            "Authentication results (accepted, refused)",
+            m.logins.clone(),
+        );
+        registry.register(
+            "connections",
+            "Authenticated SSH connections open now",
+            m.connections.clone(),
+        );
+        registry.register(
+            "sessions",
+            "Session channels running a shell, command or subsystem now",
+            m.sessions.clone(),
+        );
+        registry.register(
+            "forwards",
+            "Port and socket forwards open now (-L, -D, -R, streamlocal)",
+            m.forwards.clone(),
+        );
+        registry.register(
+            "forwarded_bytes",
+            "Bytes carried by forwards, by direction (to_target, to_client)",
+            m.forwarded_bytes.clone(),
+        );
+        registry.register(
+            "container_create_seconds",
+            "Time to create and start a user's container that did not exist",
+            m.container_create.clone(),
+        );
+        registry.register(
+            "container_start_seconds",
+            "Time to start a user's existing, stopped container",
+            m.container_start.clone(),
+        );
+        registry.register(
+            "gpus_allocated",
+            "GPUs held by running containers",
+            m.gpus_allocated.clone(),
+        );
+        registry.register(
+            "gpus",
+            "GPUs NVML reports on this host",
+            m.gpus_total.clone(),
+        );
+        registry.register(
+            "reloads",
+            "Config reloads by result (applied, rejected)",
+            m.reloads.clone(),
+        );
+        registry.register(
+            "idle_stops",
+            "Containers stopped for being idle",
+            m.idle_stops.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Counts a login decision (`accepted` or `refused`).
+    pub fn login(&self, result: &'static str) {
+        self.logins.get_or_create(&[("result", result)]).inc();
+    }
+
+    /// Counts a reload (`applied` or `rejected`).
+    pub fn reload(&self, result: &'static str) {
+        self.reloads.get_or_create(&[("result", result)]).inc();
+    }
+
+    /// Adds bytes a forward carried.
+    pub fn forwarded(&self, to_target: u64, to_client: u64) {
+        self.forwarded_bytes
+            .get_or_create(&[("direction", "to_target")])
+            .inc_by(to_target);
+        self.forwarded_bytes
+            .get_or_create(&[("direction", "to_client")])
+            .inc_by(to_client);
+    }
+
+    /// Records how long creating (`created`) or starting a container took.
+    pub fn container_ready(&self, created: bool, took: Duration) {
+        let h = if created {
+            &self.container_create
+        } else {
+            &self.container_start
+        };
+        h.observe(took.as_secs_f64());
+    }
+
+    /// Sets the GPU gauges (at scrape time, from the pool).
+    pub fn gpus(&self, total: usize, allocated: usize) {
+        self.gpus_total
+            .set(i64::try_from(total).unwrap_or(i64::MAX));
+        self.gpus_allocated
+            .set(i64::try_from(allocated).unwrap_or(i64::MAX));
+    }
+
+    /// Counts a container stopped for idleness.
+    pub fn idle_stop(&self) {
+        self.idle_stops.inc();
+    }
+
+    /// Holds one open connection in the gauge until dropped.
+    pub fn connection(&'static self) -> Live {
+        Live::new(&self.connections)
+    }
+
+    /// Holds one running session in the gauge until dropped.
+    pub fn session(&'static self) -> Live {
+        Live::new(&self.sessions)
+    }
+
+    /// Holds one open forward in the gauge until dropped.
+    pub fn forward(&'static self) -> Live {
+        Live::new(&self.forwards)
+    }
+}
+
+/// One live thing counted in a gauge; dropping it gives the count back.
+#[must_use = "the count is given back when this is dropped"]
+pub struct Live(&'static Gauge);
+
+impl Live {
+    fn new(gauge: &'static Gauge) -> Self {
+        gauge.inc();
+        Live(gauge)
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gauges_follow_guards_and_render_as_prometheus_text() {
+        let m = metrics();
+        let before = m.sessions.get();
+        let a = m.session();
+        let b = m.session();
+        assert_eq!(m.sessions.get(), before + 2);
+        drop(a);
+        assert_eq!(m.sessions.get(), before + 1);
+        drop(b);
+        assert_eq!(m.sessions.get(), before);
+        m.login("accepted");
+        m.container_ready(true, Duration::from_millis(300));
+        let text = m.render();
+        assert!(text.contains("# TYPE labgate_logins counter"), "{text}");
+        assert!(
+            text.contains("labgate_logins_total{result=\"accepted\"}"),
+            "{text}"
+        );
+        assert!(
+            text.contains("labgate_container_create_seconds_bucket{le=\"0.4\"} "),
+            "{text}"
+        );
+        assert!(text.trim_end().ends_with("# EOF"), "{text}");
+    }
+}

@@ -1,0 +1,290 @@
+//! The admin surface of a running gateway: an HTTP API on a root-only Unix socket for the
+//! `labgate status | stop | kick | gpus` commands, `/metrics` (Prometheus) and `/healthz` on
+//! a loopback port, the audit log, and the process-wide metrics.
+//!
+//! | route                    | socket | loopback | what                                   |
+//! |--------------------------|--------|----------|----------------------------------------|
+//! | `GET /healthz`           | yes    | yes      | Docker reachable, config loaded        |
+//! | `GET /metrics`           | yes    | yes      | Prometheus text                        |
+//! | `GET /status`            | yes    | no       | containers, connections, idle timers   |
+//! | `GET /gpus`              | yes    | no       | the GPU table with holders             |
+//! | `POST /users/NAME/kick`  | yes    | no       | disconnect NAME's connections          |
+//! | `POST /users/NAME/stop`  | yes    | no       | kick, then stop NAME's containers      |
+//!
+//! The socket is created mode 0600 (bound under a temporary name, restricted, then renamed
+//! into place), so only its owner — root, for a system gateway — can act; the loopback port
+//! only reads.
+
+pub mod audit;
+pub mod client;
+pub mod metrics;
+pub mod status;
+
+use std::convert::Infallible;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::auth::Username;
+use crate::config::AdminConfig;
+use crate::session::Context;
+
+/// Why the admin endpoints could not be set up (the gateway runs on without them).
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// Another live gateway answers on the socket.
+    #[error("{0}: another gateway is serving this admin socket")]
+    SocketInUse(PathBuf),
+    /// The socket could not be created.
+    #[error("{path}: cannot create the admin socket: {source}")]
+    Socket {
+        /// The configured path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The metrics address could not be bound.
+    #[error("cannot listen on {addr} for /metrics: {source}")]
+    Listen {
+        /// The configured address.
+        addr: std::net::SocketAddr,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Binds the admin socket and the metrics listener as `config` says and serves them until
+/// `stop` turns true. Problems are logged; the gateway serves SSH regardless.
+pub async fn start(ctx: Arc<Context>, config: &AdminConfig, stop: watch::Receiver<bool>) {
+    match bind_socket(&config.socket).await {
+        Ok(listener) => {
+            info!(socket = %config.socket.display(), "admin socket ready");
+            tokio::spawn(serve_unix(
+                listener,
+                config.socket.clone(),
+                ctx.clone(),
+                stop.clone(),
+            ));
+        }
+        Err(e) => warn!("{e}; `labgate status/stop/kick` will not reach this gateway"),
+    }
+    if let Some(addr) = config.listen {
+        match TcpListener::bind(addr).await {
+            Ok(listener) => {
+                let bound = listener.local_addr().unwrap_or(addr);
+                info!(addr = %bound, "serving /metrics and /healthz");
+                // Tests and scripts read the bound address (port 0 picks one) from this line.
+                println!("labgate admin listening on {bound}");
+                tokio::spawn(serve_tcp(listener, ctx, stop));
+            }
+            Err(source) => warn!("{}", AdminError::Listen { addr, source }),
+        }
+    }
+}
+
+/// Creates the socket with mode 0600 at `path`, replacing a stale one but never a live one.
+async fn bind_socket(path: &Path) -> Result<UnixListener, AdminError> {
+    let err = |source| AdminError::Socket {
+        path: path.to_owned(),
+        source,
+    };
+    if tokio::net::UnixStream::connect(path).await.is_ok() {
+        return Err(AdminError::SocketInUse(path.to_owned()));
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    let mut staging = path.as_os_str().to_owned();
+    staging.push(format!(".{}", std::process::id()));
+    let staging = PathBuf::from(staging);
+    let _ = std::fs::remove_file(&staging);
+    let listener = UnixListener::bind(&staging).map_err(err)?;
+    let placed = std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o600))
+        .and_then(|()| std::fs::rename(&staging, path));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&staging);
+        return Err(err(e));
+    }
+    Ok(listener)
+}
+
+async fn serve_unix(
+    listener: UnixListener,
+    path: PathBuf,
+    ctx: Arc<Context>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, _)) => {
+                    tokio::spawn(serve_connection(stream, ctx.clone(), Access::Admin));
+                }
+                Err(e) => {
+                    warn!("admin socket accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            _ = async { let _ = stop.wait_for(|s| *s).await; } => break,
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
+async fn serve_tcp(listener: TcpListener, ctx: Arc<Context>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, _)) => {
+                    tokio::spawn(serve_connection(stream, ctx.clone(), Access::ReadOnly));
+                }
+                Err(e) => {
+                    warn!("metrics accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            _ = async { let _ = stop.wait_for(|s| *s).await; } => break,
+        }
+    }
+}
+
+/// What a listener's clients may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// The root-only socket: everything.
+    Admin,
+    /// The loopback port: `/metrics` and `/healthz`.
+    ReadOnly,
+}
+
+async fn serve_connection<S>(stream: S, ctx: Arc<Context>, access: Access)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(route(&ctx, access, req).await) }
+    });
+    if let Err(e) = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(stream), service)
+        .await
+    {
+        debug!("admin connection: {e}");
+    }
+}
+
+fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+fn json(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
+    reply(status, "application/json", format!("{value}\n"))
+}
+
+fn error(status: StatusCode, message: impl std::fmt::Display) -> Response<Full<Bytes>> {
+    json(status, &serde_json::json!({ "error": message.to_string() }))
+}
+
+async fn route(ctx: &Context, access: Access, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_owned();
+    let method = req.method().clone();
+    match (&method, path.as_str()) {
+        (&Method::GET, "/healthz") => healthz(ctx).await,
+        (&Method::GET, "/metrics") => {
+            status::refresh_gpu_metrics(ctx).await;
+            reply(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                metrics::metrics().render(),
+            )
+        }
+        _ if access != Access::Admin => error(
+            StatusCode::NOT_FOUND,
+            "not here: the loopback port serves /metrics and /healthz; the rest is on the admin socket",
+        ),
+        (&Method::GET, "/status") => match status::collect(ctx).await {
+            Ok(s) => match serde_json::to_value(&s) {
+                Ok(v) => json(StatusCode::OK, &v),
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+            },
+            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+        },
+        (&Method::GET, "/gpus") => match status::gpu_table(ctx).await {
+            Ok(table) => reply(StatusCode::OK, "text/plain; charset=utf-8", table),
+            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+        },
+        (&Method::POST, p) if p.starts_with("/users/") => user_action(ctx, p).await,
+        _ => error(StatusCode::NOT_FOUND, format!("no route {method} {path}")),
+    }
+}
+
+async fn user_action(ctx: &Context, path: &str) -> Response<Full<Bytes>> {
+    let mut parts = path.trim_start_matches("/users/").splitn(2, '/');
+    let (Some(name), Some(action)) = (parts.next(), parts.next()) else {
+        return error(StatusCode::NOT_FOUND, "expected /users/NAME/kick or /stop");
+    };
+    let user = match Username::parse(name) {
+        Ok(u) => u,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    match action {
+        "kick" => {
+            let kicked = ctx.connections.kick(&user);
+            info!(target: "audit", user = %user, connections = kicked, "admin kick");
+            json(StatusCode::OK, &serde_json::json!({ "kicked": kicked }))
+        }
+        "stop" => {
+            let kicked = ctx.connections.kick(&user);
+            match status::stop_user(ctx, &user).await {
+                Ok(stopped) => {
+                    info!(target: "audit", user = %user, connections = kicked, containers = ?stopped, "admin stop");
+                    json(
+                        StatusCode::OK,
+                        &serde_json::json!({ "kicked": kicked, "stopped": stopped }),
+                    )
+                }
+                Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+            }
+        }
+        other => error(StatusCode::NOT_FOUND, format!("no action {other:?}")),
+    }
+}
+
+async fn healthz(ctx: &Context) -> Response<Full<Bytes>> {
+    let docker = tokio::time::timeout(Duration::from_secs(5), ctx.runtime.list_managed()).await;
+    let (ok, docker) = match docker {
+        Ok(Ok(_)) => (true, "ok".to_owned()),
+        Ok(Err(e)) => (false, e.to_string()),
+        Err(_) => (false, "no answer within 5s".to_owned()),
+    };
+    let config = ctx.config.borrow().source.display().to_string();
+    let body = serde_json::json!({
+        "status": if ok { "ok" } else { "unhealthy" },
+        "docker": docker,
+        "config": config,
+    });
+    let code = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json(code, &body)
+}

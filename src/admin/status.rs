@@ -1,0 +1,290 @@
+//! What `labgate status` shows, gathered from the gateway's live state (connections, idle
+//! timers, GPU holdings) and the engine (containers), and how it is printed.
+
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use super::metrics::metrics;
+use crate::auth::Username;
+use crate::runtime::RuntimeError;
+use crate::session::Context;
+
+/// The gateway's state, as served at `GET /status`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    /// Every container labgate manages.
+    pub containers: Vec<ContainerStatus>,
+    /// Every authenticated connection.
+    pub connections: Vec<ConnectionStatus>,
+}
+
+/// One managed container.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ContainerStatus {
+    /// Container name.
+    pub name: String,
+    /// Its user.
+    pub user: String,
+    /// Engine state (`running`, `exited`...).
+    pub state: String,
+    /// Image it was created from.
+    pub image: String,
+    /// GPUs it holds (UUIDs).
+    pub gpus: Vec<String>,
+    /// Connections working in it now.
+    pub connections: usize,
+    /// The user's `idle_stop`, in seconds (`None`: never stopped).
+    pub idle_stop_secs: Option<u64>,
+    /// Seconds it has been idle, when it is running and unused.
+    pub idle_secs: Option<u64>,
+}
+
+/// One authenticated connection.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ConnectionStatus {
+    /// Connection id (as in the logs).
+    pub conn: u64,
+    /// User.
+    pub user: String,
+    /// Container it works in.
+    pub container: String,
+    /// Client address.
+    pub peer: String,
+    /// Key fingerprint it logged in with.
+    pub fingerprint: String,
+    /// When it logged in (RFC 3339).
+    pub since: String,
+    /// Sessions (shells, commands, sftp) open now.
+    pub sessions: usize,
+    /// Forwards open now.
+    pub forwards: usize,
+}
+
+/// Gathers the status (needs the engine for the container list).
+pub async fn collect(ctx: &Context) -> Result<Status, RuntimeError> {
+    let managed = ctx.runtime.list_managed().await?;
+    let connections = ctx.connections.list();
+    let config = ctx.config.borrow().clone();
+    let now = SystemTime::now();
+    let mut containers: Vec<ContainerStatus> = managed
+        .into_iter()
+        .map(|c| {
+            let idle_stop = Username::parse(&c.user)
+                .ok()
+                .and_then(|u| config.quota_for(&u).idle_stop);
+            ContainerStatus {
+                connections: connections.iter().filter(|k| k.container == c.name).count(),
+                idle_secs: ctx
+                    .idle
+                    .idle_since(&c.name)
+                    .filter(|_| c.state == "running")
+                    .map(|t| now.duration_since(t).unwrap_or_default().as_secs()),
+                idle_stop_secs: idle_stop.map(|d| d.as_secs()),
+                gpus: c.gpus.iter().map(ToString::to_string).collect(),
+                name: c.name,
+                user: c.user,
+                state: c.state,
+                image: c.image,
+            }
+        })
+        .collect();
+    containers.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(Status {
+        containers,
+        connections: connections
+            .into_iter()
+            .map(|c| ConnectionStatus {
+                conn: c.conn,
+                user: c.user.to_string(),
+                container: c.container,
+                peer: c.peer.to_string(),
+                fingerprint: c.fingerprint,
+                since: humantime::format_rfc3339_seconds(c.since).to_string(),
+                sessions: c.stats.sessions(),
+                forwards: c.stats.forwards(),
+            })
+            .collect(),
+    })
+}
+
+/// The GPU table with this gateway's holdings.
+pub async fn gpu_table(ctx: &Context) -> Result<String, crate::gpu::GpuError> {
+    let gpus = ctx.gpus.inventory(0).await?;
+    Ok(crate::gpu::render_table(&gpus, Some(&ctx.gpus.holders())))
+}
+
+/// Updates the GPU gauges before a scrape.
+pub async fn refresh_gpu_metrics(ctx: &Context) {
+    let total = ctx.gpus.inventory(0).await.map(|g| g.len()).unwrap_or(0);
+    metrics().gpus(total, ctx.gpus.holders().len());
+}
+
+/// Stops every running container of `user` (their connections were asked to end first);
+/// returns the names of those stopped.
+pub async fn stop_user(ctx: &Context, user: &Username) -> Result<Vec<String>, RuntimeError> {
+    let mut stopped = Vec::new();
+    for c in ctx.runtime.list_managed().await? {
+        if c.user != user.as_str() || c.state != "running" {
+            continue;
+        }
+        if ctx
+            .gpus
+            .stop(ctx.runtime.as_ref(), &c.name, user, || true)
+            .await?
+        {
+            stopped.push(c.name);
+        }
+    }
+    Ok(stopped)
+}
+
+/// `1h2m`-style rendering of whole seconds.
+fn human(secs: u64) -> String {
+    humantime::format_duration(Duration::from_secs(secs)).to_string()
+}
+
+/// The text `labgate status` prints.
+pub fn render(status: &Status) -> String {
+    let mut rows = vec![
+        [
+            "CONTAINER",
+            "USER",
+            "STATE",
+            "IMAGE",
+            "GPUS",
+            "CONNS",
+            "IDLE",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for c in &status.containers {
+        let idle = match (c.idle_stop_secs, c.idle_secs) {
+            (None, _) => "never stopped".to_owned(),
+            (Some(limit), Some(idle)) => format!(
+                "idle {}, stops in {}",
+                human(idle),
+                human(limit.saturating_sub(idle))
+            ),
+            (Some(limit), None) if c.state == "running" => {
+                format!("in use (stops after {} idle)", human(limit))
+            }
+            (Some(_), None) => "-".to_owned(),
+        };
+        rows.push(vec![
+            c.name.clone(),
+            c.user.clone(),
+            c.state.clone(),
+            c.image.clone(),
+            if c.gpus.is_empty() {
+                "-".to_owned()
+            } else {
+                c.gpus.join(",")
+            },
+            c.connections.to_string(),
+            idle,
+        ]);
+    }
+    let mut out = table(&rows);
+    out.push('\n');
+    let mut rows = vec![
+        [
+            "CONN",
+            "USER",
+            "CONTAINER",
+            "PEER",
+            "SINCE",
+            "SESSIONS",
+            "FORWARDS",
+            "KEY",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for c in &status.connections {
+        rows.push(vec![
+            c.conn.to_string(),
+            c.user.clone(),
+            c.container.clone(),
+            c.peer.clone(),
+            c.since.clone(),
+            c.sessions.to_string(),
+            c.forwards.to_string(),
+            c.fingerprint.clone(),
+        ]);
+    }
+    out.push_str(&table(&rows));
+    out
+}
+
+/// Left-aligned columns two spaces apart.
+fn table(rows: &[Vec<String>]) -> String {
+    let cols = rows.first().map_or(0, Vec::len);
+    let mut widths = vec![0usize; cols];
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_shows_idle_timers_and_connections() {
+        let status = Status {
+            containers: vec![
+                ContainerStatus {
+                    name: "labgate-alice".into(),
+                    user: "alice".into(),
+                    state: "running".into(),
+                    image: "lab/cuda:12".into(),
+                    gpus: vec!["GPU-1".into()],
+                    connections: 0,
+                    idle_stop_secs: Some(7200),
+                    idle_secs: Some(600),
+                },
+                ContainerStatus {
+                    name: "labgate-bob".into(),
+                    user: "bob".into(),
+                    state: "exited".into(),
+                    image: "lab/cuda:12".into(),
+                    gpus: vec![],
+                    connections: 0,
+                    idle_stop_secs: None,
+                    idle_secs: None,
+                },
+            ],
+            connections: vec![ConnectionStatus {
+                conn: 3,
+                user: "alice".into(),
+                container: "labgate-alice".into(),
+                peer: "10.0.0.7:50000".into(),
+                fingerprint: "SHA256:abc".into(),
+                since: "2026-11-23T10:00:00Z".into(),
+                sessions: 1,
+                forwards: 2,
+            }],
+        };
+        let text = render(&status);
+        assert!(text.contains("idle 10m, stops in 1h 50m"), "{text}");
+        assert!(text.contains("never stopped"), "{text}");
+        let conn_line = text.lines().find(|l| l.starts_with("3 ")).unwrap();
+        assert!(conn_line.contains("10.0.0.7:50000"), "{conn_line}");
+        assert!(conn_line.contains("SHA256:abc"), "{conn_line}");
+    }
+}
