@@ -135,10 +135,13 @@ async fn apply_live_limits(mut config: watch::Receiver<Arc<Config>>, runtime: Ar
             }
         };
         for c in running.iter().filter(|c| c.state == "running") {
-            let Ok(user) = crate::auth::Username::parse(&c.user) else {
+            let Some((user, profile)) = c.owner() else {
                 continue;
             };
-            let (old, new) = (previous.quota_for(&user), current.quota_for(&user));
+            let (old, new) = (
+                previous.quota_of(&user, profile),
+                current.quota_of(&user, profile),
+            );
             if (old.memory, old.cpus, old.pids) != (new.memory, new.cpus, new.pids) {
                 let spec = crate::runtime::ContainerSpec::new(&user, new);
                 match runtime.update_limits(&spec).await {
@@ -164,7 +167,7 @@ async fn apply_live_limits(mut config: watch::Receiver<Arc<Config>>, runtime: Ar
                 later.push("shm/env/uid");
             }
             if !later.is_empty() {
-                info!(user = %user, changed = ?later, "reload: these changes need the container recreated (docker rm -f labgate-{user}; the home is kept)");
+                info!(user = %user, changed = ?later, "reload: these changes need the container recreated (docker rm -f {}; the home is kept)", c.name);
             }
         }
         previous = current;

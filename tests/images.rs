@@ -511,6 +511,27 @@ fn profiles_give_allowed_users_their_own_container_with_the_same_home_and_refuse
         docker_inspect(&gw.container(0), "{{.HostConfig.Memory}}").unwrap(),
         (256u64 << 20).to_string()
     );
+    // A reload applies the profile's new limits to the profile's running container only.
+    let config = std::fs::read_to_string(gw.config_path()).unwrap();
+    std::fs::write(
+        gw.config_path(),
+        config.replace("memory = \"300M\"", "memory = \"320M\""),
+    )
+    .unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || docker_inspect(
+            &big,
+            "{{.HostConfig.Memory}}"
+        )
+        .as_deref()
+            == Some(&(320u64 << 20).to_string())),
+        "{}",
+        gw.log()
+    );
+    assert_eq!(
+        docker_inspect(&gw.container(0), "{{.HostConfig.Memory}}").unwrap(),
+        (256u64 << 20).to_string()
+    );
 
     let refused = as_profile(1, "big", "true");
     let stderr = text(&refused.stderr);

@@ -128,9 +128,10 @@ pub async fn stop_user(ctx: &Context, user: &Username) -> Result<Vec<String>, Ru
         if c.user != user.as_str() || c.state != "running" {
             continue;
         }
+        let holder = c.holder().unwrap_or_else(|| user.clone());
         if ctx
             .gpus
-            .stop(ctx.runtime.as_ref(), &c.name, user, || true)
+            .stop(ctx.runtime.as_ref(), &c.name, &holder, || true)
             .await?
         {
             stopped.push(c.name);

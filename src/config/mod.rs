@@ -102,6 +102,14 @@ impl Config {
         self.users.keys()
     }
 
+    /// The quota of `user`'s container for `profile` (their plain quota for `None`, or when
+    /// the profile is no longer theirs: a container made from it is then treated as theirs).
+    pub fn quota_of(&self, user: &Username, profile: Option<&crate::auth::ProfileName>) -> &Quota {
+        profile
+            .and_then(|p| self.profile_quota(user, p).ok())
+            .unwrap_or_else(|| self.quota_for(user))
+    }
+
     /// The quota of `user` logging in as `user+profile`, or why they may not.
     pub fn profile_quota(
         &self,

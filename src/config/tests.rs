@@ -1158,6 +1158,22 @@ fn profiles_merge_over_the_users_own_quota_and_list_who_may_use_them() {
 }
 
 #[test]
+fn a_containers_quota_is_its_profiles_while_the_user_may_use_it() {
+    let cfg = ok(IMAGES);
+    let gpu = ProfileName::parse("gpu").unwrap();
+    assert_eq!(
+        cfg.quota_of(&user("alice"), Some(&gpu)).memory,
+        Some(ByteSize(8 * GIB))
+    );
+    assert_eq!(
+        cfg.quota_of(&user("alice"), None).memory,
+        Some(ByteSize(GIB))
+    );
+    // bob may not use it (any more): his container is held to his own quota.
+    assert_eq!(cfg.quota_of(&user("bob"), Some(&gpu)).image, "busybox");
+}
+
+#[test]
 fn image_config_errors_have_positions() {
     assert_err(
         "[defaults]\nimage = \"x\"\npull_policy = \"sometimes\"\n",

@@ -176,6 +176,24 @@ pub struct ManagedContainer {
     pub image: String,
     /// GPUs its label records.
     pub gpus: Vec<crate::gpu::GpuUuid>,
+    /// The profile it is for (`labgate.profile` label), `None` for a user's plain container.
+    pub profile: Option<ProfileName>,
+}
+
+impl ManagedContainer {
+    /// Its owner and profile, when the labels name a valid user.
+    pub fn owner(&self) -> Option<(Username, Option<&ProfileName>)> {
+        Some((Username::parse(&self.user).ok()?, self.profile.as_ref()))
+    }
+
+    /// Who holds its GPUs: the user, or `user+profile` (see [`ContainerSpec::holder`]).
+    pub fn holder(&self) -> Option<Username> {
+        let (user, profile) = self.owner()?;
+        Some(match profile {
+            Some(p) => user.with_profile(p),
+            None => user,
+        })
+    }
 }
 
 /// A terminal's size.

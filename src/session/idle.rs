@@ -85,10 +85,10 @@ async fn sweep(ctx: &Context, config: &Config) {
     };
     let now = SystemTime::now();
     for c in running {
-        let Ok(user) = Username::parse(&c.user) else {
+        let (Some((user, profile)), Some(holder)) = (c.owner(), c.holder()) else {
             continue;
         };
-        let Some(limit) = config.quota_for(&user).idle_stop else {
+        let Some(limit) = config.quota_of(&user, profile).idle_stop else {
             ctx.idle.timers().remove(&c.name);
             continue;
         };
@@ -103,7 +103,7 @@ async fn sweep(ctx: &Context, config: &Config) {
         let since = *ctx.idle.timers().entry(c.name.clone()).or_insert(now);
         let idle = now.duration_since(since).unwrap_or_default();
         if idle >= limit {
-            stop_idle(ctx, c, &user, idle).await;
+            stop_idle(ctx, c, &holder, idle).await;
         }
     }
 }

@@ -726,6 +726,7 @@ impl ContainerRuntime for DockerRuntime {
                     gpus: crate::gpu::GpuUuid::parse_list(&label(LABEL_GPUS)),
                     state: c.state.map(|s| s.to_string()).unwrap_or_default(),
                     image: c.image.clone().unwrap_or_default(),
+                    profile: crate::auth::ProfileName::parse(&label(LABEL_PROFILE)).ok(),
                 }
             })
             .collect())
