@@ -169,7 +169,7 @@ async fn serve(
     let mut pulls = ctx.runtime.pull_events();
     let mut pulls_open = true;
     let container = ContainerSpec::new(&login.user, &login.quota).name;
-    let mut view = super::progress::ProgressView::new(setup.pty.is_some());
+    let mut view = super::progress::ProgressView::new(setup.pty.as_ref().map(|p| p.size.cols));
     let start = start(&ctx, &login, &setup, &program, agent);
     tokio::pin!(start);
     let started = loop {
