@@ -281,6 +281,35 @@ fn concurrent_first_logins_share_one_pull() {
 }
 
 #[test]
+fn a_client_that_leaves_during_the_pull_does_not_stop_it_for_the_next_login() {
+    let registry = Registry::start();
+    let reference = registry.push("leaver", "1", "RUN head -c 20000000 /dev/urandom > /blob");
+    let gw = Gateway::start(1, "", &user_image(&reference));
+    let mut leaver = gw
+        .ssh(0)
+        .arg("true")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(30), || pulls_of(&gw, &reference) == 1),
+        "{}",
+        gw.log()
+    );
+    leaver.kill().unwrap();
+    leaver.wait().unwrap();
+    assert!(
+        eventually(Duration::from_secs(60), || image_present(&reference)),
+        "{}",
+        gw.log()
+    );
+    assert_eq!(gw.ok(0, "echo back"), "back\n");
+    assert_eq!(pulls_of(&gw, &reference), 1, "the pull was not repeated");
+}
+
+#[test]
 fn unknown_images_and_a_stopped_registry_end_the_login_with_the_reason_and_the_gateway_stays_up() {
     let mut registry = Registry::start();
     let missing = registry.reference("nosuchimage", "1");
