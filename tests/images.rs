@@ -6,7 +6,6 @@
 mod common;
 
 use std::io::Write;
-use std::net::TcpListener;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
@@ -22,17 +21,12 @@ struct Registry {
 }
 
 impl Registry {
-    /// A registry on a free loopback port, without authentication.
+    /// A registry on a loopback port of its own choosing, without authentication.
     fn start() -> Registry {
         ensure_image();
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
         let mut r = Registry {
             dir: tempfile::tempdir().unwrap(),
-            port,
+            port: 0,
             child: None,
             refs: Default::default(),
         };
@@ -41,13 +35,14 @@ impl Registry {
     }
 
     /// (Re)starts the registry process, with basic auth for `(user, password)` when given.
+    /// It binds port 0 and says which port it got; a restart gets a new one (the storage, and
+    /// so the repositories, stay: see [`Registry::here`]).
     fn serve(&mut self, basic_auth: Option<(&str, &str)>) {
         self.stop();
         let dir = self.dir.path();
         let mut config = format!(
-            "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{}\n",
+            "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:0\n",
             dir.join("data").display(),
-            self.port
         );
         if let Some((user, password)) = basic_auth {
             let out = Command::new("htpasswd")
@@ -71,14 +66,25 @@ impl Registry {
             .spawn()
             .expect("docker-registry must be installed: scripts/prereqs.sh");
         self.child = Some(child);
-        let port = self.port;
+        let log = || std::fs::read_to_string(dir.join("registry.log")).unwrap_or_default();
+        let mut port = None;
         assert!(
             eventually(Duration::from_secs(20), || {
-                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+                port = listening_port(&log());
+                port.is_some()
             }),
             "registry did not start: {}",
-            std::fs::read_to_string(dir.join("registry.log")).unwrap_or_default()
+            log()
         );
+        self.port = port.unwrap();
+    }
+
+    /// `reference` (made at an earlier port of this registry) at its port now.
+    fn here(&self, reference: &str) -> String {
+        let (_, path) = reference.split_once('/').unwrap();
+        let moved = format!("127.0.0.1:{}/{path}", self.port);
+        self.refs.lock().unwrap().push(moved.clone());
+        moved
     }
 
     /// Kills the registry process (its storage stays).
@@ -160,6 +166,15 @@ impl Drop for Containers {
                 .status();
         }
     }
+}
+
+/// The port of the registry's `msg="listening on 127.0.0.1:PORT"` log line.
+fn listening_port(log: &str) -> Option<u16> {
+    let rest = log.split("listening on 127.0.0.1:").nth(1)?;
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
 }
 
 fn docker(args: &[&str]) {
@@ -350,6 +365,7 @@ fn a_registry_with_basic_auth_gets_the_configured_credentials_and_refuses_wrong_
     let first = registry.push("auth", "1", "");
     let second = registry.push("auth", "2", "");
     registry.serve(Some(("labuser", "s3cret-pa55")));
+    let (first, second) = (registry.here(&first), registry.here(&second));
     let tail = format!(
         "[users.{{u0}}]\nimage = \"{first}\"\n[users.{{u1}}]\nimage = \"{second}\"\n\n\
          [registries.\"127.0.0.1:{}\"]\nusername = \"labuser\"\npassword_file = \"registry-password\"\n",
