@@ -135,26 +135,25 @@ async fn apply_live_limits(mut config: watch::Receiver<Arc<Config>>, runtime: Ar
             }
         };
         for c in running.iter().filter(|c| c.state == "running") {
-            let Some((user, profile)) = c.owner() else {
+            let Some((user, _)) = c.owner() else {
                 continue;
             };
-            let (old, new) = (
-                previous.quota_of(&user, profile),
-                current.quota_of(&user, profile),
-            );
+            let (old, new) = (c.quota(&previous, &user), c.quota(&current, &user));
             if (old.memory, old.cpus, old.pids) != (new.memory, new.cpus, new.pids) {
                 let spec = crate::runtime::ContainerSpec::new(&user, new);
                 match runtime.update_limits(&spec).await {
                     Ok(true) => {
-                        info!(user = %user, "reload: live limits applied (memory, cpus, pids)")
+                        info!(user = %user, container = %c.name, "reload: live limits applied (memory, cpus, pids)")
                     }
                     Ok(false) => {}
-                    Err(e) => warn!(user = %user, "reload: live limits not applied: {e}"),
+                    Err(e) => {
+                        warn!(user = %user, container = %c.name, "reload: live limits not applied: {e}")
+                    }
                 }
             }
             let mut later = Vec::new();
             if old.image != new.image {
-                info!(user = %user, image = %new.image, "reload: image changed; the container is made again from it when it next starts (home kept)");
+                later.push("image");
             }
             if old.mounts != new.mounts || old.home != new.home {
                 later.push("mounts/home");
@@ -167,7 +166,7 @@ async fn apply_live_limits(mut config: watch::Receiver<Arc<Config>>, runtime: Ar
                 later.push("shm/env/uid");
             }
             if !later.is_empty() {
-                info!(user = %user, changed = ?later, "reload: these changes need the container recreated (docker rm -f {}; the home is kept)", c.name);
+                info!(user = %user, container = %c.name, changed = ?later, "reload: these changes apply when the container next starts (idle stop, `labgate stop`); it is made again then, home and mounts kept");
             }
         }
         previous = current;

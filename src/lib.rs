@@ -9,7 +9,8 @@
 //!
 //! - [`config`]: the admin's TOML file: parsing, validation with `file:line:column` errors,
 //!   per-user quota resolution, pull policies, registry credentials, profiles.
-//! - [`auth`]: user names, key files (`keys/NAME.pub`), the key check, `user+profile` logins.
+//! - [`auth`]: user names, key files (`keys/NAME.pub`), key options, trusted user CAs, the
+//!   key and certificate checks, `user+profile` logins.
 //! - [`ssh`]: host key, russh server settings, accept loop, and the russh `Handler` that only
 //!   translates protocol events.
 //! - [`session`]: per-login state and the task that bridges one session channel to a process.

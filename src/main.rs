@@ -238,6 +238,7 @@ fn check(path: &std::path::Path) -> ExitCode {
     for e in &report.errors {
         eprintln!("{e}");
     }
+    let ca_ok = check_trusted_cas(&config);
     for user in config.configured_users() {
         if !report.users.iter().any(|(u, _)| u == user) {
             eprintln!(
@@ -248,7 +249,7 @@ fn check(path: &std::path::Path) -> ExitCode {
         }
     }
     warn_unreadable_registry_secrets(&config);
-    if report.errors.is_empty() {
+    if report.errors.is_empty() && ca_ok {
         println!(
             "{}: OK ({} user(s) with keys in {})",
             config.source.display(),
@@ -259,6 +260,34 @@ fn check(path: &std::path::Path) -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// `labgate check` on `[server] trusted_user_ca_keys`: the file must read and hold at least
+/// one CA key; bad lines are reported. True when all is well (or no CA file is set).
+fn check_trusted_cas(config: &config::Config) -> bool {
+    let Some(path) = &config.server.trusted_user_ca_keys else {
+        return true;
+    };
+    let cas = match std::fs::read_to_string(path) {
+        Ok(text) => labgate::auth::TrustedCas::parse(path, &text),
+        Err(e) => {
+            eprintln!(
+                "{}: cannot read trusted_user_ca_keys: {e}: certificate logins are refused",
+                path.display()
+            );
+            return false;
+        }
+    };
+    for e in &cas.errors {
+        eprintln!("{e}");
+    }
+    if cas.is_empty() {
+        eprintln!(
+            "{}: no usable CA key: certificate logins are refused",
+            path.display()
+        );
+    }
+    cas.errors.is_empty() && !cas.is_empty()
 }
 
 async fn shutdown_signal() {

@@ -39,7 +39,7 @@ fn an_edit_applies_to_new_logins_and_a_broken_one_keeps_the_old_config() {
         "accept_env = [\"TERM\", \"LAB_*\"]",
     );
     assert!(
-        eventually(Duration::from_secs(10), || sent_env(&gw) == "[vision]"),
+        eventually(Duration::from_secs(30), || sent_env(&gw) == "[vision]"),
         "the edit was not applied; log:\n{}",
         gw.log()
     );
@@ -158,8 +158,71 @@ fn quota_changes_reach_running_containers_live_and_the_rest_is_reported() {
     assert!(
         eventually(Duration::from_secs(15), || gw
             .log()
-            .contains("need the container recreated")),
+            .contains("these changes apply when the container next starts")),
         "{}",
         gw.log()
     );
+}
+
+#[test]
+fn recreate_only_changes_apply_at_the_next_start_keeping_the_home() {
+    let gw = Gateway::start(1, "", "");
+    let name = gw.container(0);
+    gw.ok(0, "echo kept > ~/file");
+    let id = common::docker_inspect(&name, "{{.Id}}").unwrap();
+
+    // While it runs, a recreate-only change waits: same container, old shm.
+    edit(&gw, "shm = \"32M\"", "shm = \"64M\"");
+    assert!(eventually(Duration::from_secs(15), || gw
+        .log()
+        .contains("these changes apply when the container next starts")));
+    assert_eq!(common::docker_inspect(&name, "{{.Id}}").unwrap(), id);
+
+    // Stopped (as idle stop or `labgate stop` would), then a login: made again with it.
+    let out = gw.labgate(&["stop", &gw.users[0]]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = gw.run(0, "cat ~/file");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "kept\n", "home kept");
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("your container was made again for the new settings (shm)"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_ne!(common::docker_inspect(&name, "{{.Id}}").unwrap(), id);
+    assert_eq!(
+        common::docker_inspect(&name, "{{.HostConfig.ShmSize}}").unwrap(),
+        (64u64 << 20).to_string()
+    );
+
+    // Live limits changed while it is stopped reach it when it starts, without a recreate.
+    let id = common::docker_inspect(&name, "{{.Id}}").unwrap();
+    let out = gw.labgate(&["stop", &gw.users[0]]);
+    assert!(out.status.success());
+    edit(&gw, "pids = 128", "pids = 77");
+    assert!(eventually(Duration::from_secs(15), || gw
+        .log()
+        .matches("config reloaded: new logins use it")
+        .count()
+        >= 2));
+    let out = gw.run(
+        0,
+        "cat /sys/fs/cgroup/pids.max 2>/dev/null || cat /sys/fs/cgroup/pids/pids.max",
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "77");
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(common::docker_inspect(&name, "{{.Id}}").unwrap(), id);
 }

@@ -72,9 +72,8 @@ pub async fn start(ctx: Arc<Context>, config: &AdminConfig, stop: watch::Receive
     match bind_socket(&config.socket).await {
         Ok(listener) => {
             info!(socket = %config.socket.display(), "admin socket ready");
-            tokio::spawn(serve_unix(
-                listener,
-                config.socket.clone(),
+            tokio::spawn(serve_listener(
+                Listener::Unix(listener, config.socket.clone()),
                 ctx.clone(),
                 stop.clone(),
             ));
@@ -88,7 +87,7 @@ pub async fn start(ctx: Arc<Context>, config: &AdminConfig, stop: watch::Receive
                 info!(addr = %bound, "serving /metrics and /healthz");
                 // Tests and scripts read the bound address (port 0 picks one) from this line.
                 println!("labgate admin listening on {bound}");
-                tokio::spawn(serve_tcp(listener, ctx, stop));
+                tokio::spawn(serve_listener(Listener::Tcp(listener), ctx, stop));
             }
             Err(source) => warn!("{}", AdminError::Listen { addr, source }),
         }
@@ -121,43 +120,41 @@ async fn bind_socket(path: &Path) -> Result<UnixListener, AdminError> {
     Ok(listener)
 }
 
-async fn serve_unix(
-    listener: UnixListener,
-    path: PathBuf,
-    ctx: Arc<Context>,
-    mut stop: watch::Receiver<bool>,
-) {
+/// One of the two admin listeners.
+enum Listener {
+    /// The admin socket, removed from the file system when serving ends.
+    Unix(UnixListener, PathBuf),
+    /// The loopback metrics port.
+    Tcp(TcpListener),
+}
+
+/// Accepts one client of `listener` and serves it on a task of its own.
+async fn accept_one(listener: &Listener, ctx: &Arc<Context>) -> std::io::Result<()> {
+    match listener {
+        Listener::Unix(l, _) => {
+            let (stream, _) = l.accept().await?;
+            tokio::spawn(serve_connection(stream, ctx.clone(), Access::Admin));
+        }
+        Listener::Tcp(l) => {
+            let (stream, _) = l.accept().await?;
+            tokio::spawn(serve_connection(stream, ctx.clone(), Access::ReadOnly));
+        }
+    }
+    Ok(())
+}
+
+async fn serve_listener(listener: Listener, ctx: Arc<Context>, mut stop: watch::Receiver<bool>) {
     loop {
         tokio::select! {
-            r = listener.accept() => match r {
-                Ok((stream, _)) => {
-                    tokio::spawn(serve_connection(stream, ctx.clone(), Access::Admin));
-                }
-                Err(e) => {
-                    warn!("admin socket accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+            r = accept_one(&listener, &ctx) => if let Err(e) = r {
+                warn!("admin accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
             },
             _ = async { let _ = stop.wait_for(|s| *s).await; } => break,
         }
     }
-    let _ = std::fs::remove_file(&path);
-}
-
-async fn serve_tcp(listener: TcpListener, ctx: Arc<Context>, mut stop: watch::Receiver<bool>) {
-    loop {
-        tokio::select! {
-            r = listener.accept() => match r {
-                Ok((stream, _)) => {
-                    tokio::spawn(serve_connection(stream, ctx.clone(), Access::ReadOnly));
-                }
-                Err(e) => {
-                    warn!("metrics accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
-            _ = async { let _ = stop.wait_for(|s| *s).await; } => break,
-        }
+    if let Listener::Unix(_, path) = &listener {
+        let _ = std::fs::remove_file(path);
     }
 }
 

@@ -70,9 +70,9 @@ pub async fn collect(ctx: &Context) -> Result<Status, RuntimeError> {
     let mut containers: Vec<ContainerStatus> = managed
         .into_iter()
         .map(|c| {
-            let idle_stop = Username::parse(&c.user)
-                .ok()
-                .and_then(|u| config.quota_for(&u).idle_stop);
+            let idle_stop = c
+                .owner()
+                .and_then(|(user, _)| c.quota(&config, &user).idle_stop);
             ContainerStatus {
                 connections: connections.iter().filter(|k| k.container == c.name).count(),
                 idle_secs: ctx
@@ -125,10 +125,12 @@ pub async fn refresh_gpu_metrics(ctx: &Context) {
 pub async fn stop_user(ctx: &Context, user: &Username) -> Result<Vec<String>, RuntimeError> {
     let mut stopped = Vec::new();
     for c in ctx.runtime.list_managed().await? {
-        if c.user != user.as_str() || c.state != "running" {
+        let Some((owner, holder)) = c.owner() else {
+            continue;
+        };
+        if &owner != user || c.state != "running" {
             continue;
         }
-        let holder = c.holder().unwrap_or_else(|| user.clone());
         if ctx
             .gpus
             .stop(ctx.runtime.as_ref(), &c.name, &holder, || true)

@@ -1,26 +1,46 @@
 //! Users' public keys: `keys_dir/NAME.pub` files in OpenSSH `authorized_keys` format.
 //!
-//! A user exists if and only if their key file exists. Files are read at authentication time,
-//! so adding or removing a user is dropping or deleting one file; nothing is cached.
+//! A user exists if and only if their key file exists (or, for certificate logins, has a
+//! `[users.NAME]` table: see [`super::cert`]). Files are read at authentication time, so adding
+//! or removing a user is dropping or deleting one file; nothing is cached. A line whose key or
+//! options do not parse is skipped and reported with its `file:line`, as sshd skips it.
 
 use std::io;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
-use russh::keys::ssh_key::authorized_keys::Entry;
 use russh::keys::ssh_key::{HashAlg, PublicKey};
 
+use super::options::{self, KeyOptions, UseRefusal};
 use super::user::Username;
 
-/// One usable line of a key file: the key and its options, kept verbatim for the operations
-/// issue's `restrict`, `permitopen=`, `from=`, ... handling.
+/// A key a user proved at login, with what it may do: one line of their key file, or the
+/// key of a certificate signed by a trusted CA.
 #[derive(Debug, Clone)]
 pub struct AuthorizedKey {
     /// The public key itself; compared by key data, never by comment.
     pub key: PublicKey,
-    /// The options field (`restrict,no-pty`), empty when the line has none.
-    pub options: String,
-    /// 1-based line number in the file, for log messages.
-    pub line: usize,
+    /// Its options (see [`KeyOptions`]).
+    pub options: KeyOptions,
+    /// Where it came from, for log messages.
+    pub origin: KeyOrigin,
+}
+
+/// Where an [`AuthorizedKey`] came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyOrigin {
+    /// A line of the user's key file (1-based).
+    Line(usize),
+    /// A certificate (see [`super::cert`]).
+    Certificate {
+        /// The certificate's key id (`ssh-keygen -I`).
+        key_id: String,
+        /// Its serial number.
+        serial: u64,
+        /// SHA-256 fingerprint of the CA that signed it.
+        ca: String,
+    },
 }
 
 impl AuthorizedKey {
@@ -29,81 +49,10 @@ impl AuthorizedKey {
         self.key.fingerprint(HashAlg::Sha256).to_string()
     }
 
-    /// The forwarding-related options of this key, as sshd reads them.
-    pub fn options(&self) -> KeyOptions {
-        KeyOptions::parse(&self.options)
+    /// What this key may do.
+    pub fn options(&self) -> &KeyOptions {
+        &self.options
     }
-}
-
-/// The `authorized_keys` options labgate honours so far (the operations issue adds the rest).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KeyOptions {
-    /// False under `no-port-forwarding`, or `restrict` without `port-forwarding`.
-    pub port_forwarding: bool,
-    /// Values of `permitopen="host:port"` options; empty means no restriction.
-    pub permit_open: Vec<String>,
-    /// False under `no-agent-forwarding`, or `restrict` without `agent-forwarding`.
-    pub agent_forwarding: bool,
-}
-
-impl KeyOptions {
-    /// Parses an options field (`restrict,permitopen="localhost:8888"`).
-    pub fn parse(field: &str) -> KeyOptions {
-        let mut out = KeyOptions {
-            port_forwarding: true,
-            permit_open: Vec::new(),
-            agent_forwarding: true,
-        };
-        let mut restrict = false;
-        let mut reenabled = false;
-        let mut agent_reenabled = false;
-        for opt in split_options(field) {
-            let (name, value) = match opt.split_once('=') {
-                Some((n, v)) => (n, Some(v.trim_matches('"'))),
-                None => (opt, None),
-            };
-            match (name.to_ascii_lowercase().as_str(), value) {
-                ("restrict", None) => restrict = true,
-                ("no-port-forwarding", None) => out.port_forwarding = false,
-                ("port-forwarding", None) => reenabled = true,
-                ("permitopen", Some(v)) => out.permit_open.push(v.to_owned()),
-                ("no-agent-forwarding", None) => out.agent_forwarding = false,
-                ("agent-forwarding", None) => agent_reenabled = true,
-                _ => {}
-            }
-        }
-        if restrict && !reenabled {
-            out.port_forwarding = false;
-        }
-        if restrict && !agent_reenabled {
-            out.agent_forwarding = false;
-        }
-        out
-    }
-}
-
-/// Splits an options field at commas outside double quotes.
-fn split_options(field: &str) -> Vec<&str> {
-    let mut parts = Vec::new();
-    let mut start = 0;
-    let mut quoted = false;
-    let mut escaped = false;
-    for (i, c) in field.char_indices() {
-        match c {
-            _ if escaped => escaped = false,
-            '\\' => escaped = true,
-            '"' => quoted = !quoted,
-            ',' if !quoted => {
-                parts.push(&field[start..i]);
-                start = i + 1;
-            }
-            _ => {}
-        }
-    }
-    if start < field.len() {
-        parts.push(&field[start..]);
-    }
-    parts.into_iter().filter(|p| !p.is_empty()).collect()
 }
 
 /// A line of a key file that could not be parsed.
@@ -142,7 +91,8 @@ pub struct KeyFile {
 }
 
 impl KeyFile {
-    /// Parses `authorized_keys` text. Blank lines and `#` comments are skipped.
+    /// Parses `authorized_keys` text. Blank lines and `#` comments are skipped; a line whose
+    /// key or options do not parse is reported and skipped, as sshd skips it.
     pub fn parse(path: &Path, text: &str) -> KeyFile {
         let mut out = KeyFile::default();
         for (idx, raw) in text.lines().enumerate() {
@@ -150,16 +100,16 @@ impl KeyFile {
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            match line.parse::<Entry>() {
-                Ok(entry) => out.keys.push(AuthorizedKey {
-                    key: entry.public_key().clone(),
-                    options: entry.config_opts().as_str().to_owned(),
-                    line: idx + 1,
+            match parse_line(line) {
+                Ok((key, options)) => out.keys.push(AuthorizedKey {
+                    key,
+                    options,
+                    origin: KeyOrigin::Line(idx + 1),
                 }),
-                Err(e) => out.errors.push(KeyLineError {
+                Err(message) => out.errors.push(KeyLineError {
                     path: path.to_owned(),
                     line: idx + 1,
-                    message: format!("not a valid authorized_keys line ({e})"),
+                    message,
                 }),
             }
         }
@@ -172,6 +122,46 @@ impl KeyFile {
             .iter()
             .find(|k| k.key.key_data() == key.key_data())
     }
+
+    /// Finds the first line with `key` whose options allow a login from `ip` at `now`, as
+    /// sshd tries each matching line in turn. `Err(None)`: the key is not in the file;
+    /// `Err(Some(why))`: it is, but every line with it refuses this login.
+    pub fn find_usable(
+        &self,
+        key: &PublicKey,
+        ip: IpAddr,
+        now: SystemTime,
+    ) -> Result<&AuthorizedKey, Option<UseRefusal>> {
+        let mut refusal = None;
+        for entry in self
+            .keys
+            .iter()
+            .filter(|k| k.key.key_data() == key.key_data())
+        {
+            match entry.options.authorize(ip, now) {
+                Ok(()) => return Ok(entry),
+                Err(why) => refusal = Some(why),
+            }
+        }
+        Err(refusal)
+    }
+}
+
+/// One key line: `[options] keytype base64 [comment]`. The options field ends at the first
+/// blank outside double quotes (a `command="..."` may contain blanks).
+fn parse_line(line: &str) -> Result<(PublicKey, KeyOptions), String> {
+    if let Ok(key) = line.parse::<PublicKey>() {
+        return Ok((key, KeyOptions::default()));
+    }
+    let end = options::options_end(line)
+        .ok_or_else(|| "not a valid authorized_keys line (no key, or unclosed quote)".to_owned())?;
+    let (field, rest) = line.split_at(end);
+    let key = rest
+        .trim_start()
+        .parse::<PublicKey>()
+        .map_err(|e| format!("not a valid authorized_keys line ({e})"))?;
+    let options = KeyOptions::parse(field).map_err(|e| format!("{e}: line skipped"))?;
+    Ok((key, options))
 }
 
 /// The directory of users' key files.
@@ -276,36 +266,63 @@ mod tests {
         let f = KeyFile::parse(Path::new("alice.pub"), &text);
         assert!(f.errors.is_empty(), "{:?}", f.errors);
         assert_eq!(f.keys.len(), 2);
-        assert_eq!(f.keys[0].options, "");
-        assert_eq!(f.keys[0].line, 3);
-        assert_eq!(f.keys[1].options, "restrict,no-pty");
-        assert_eq!(f.keys[1].line, 4);
+        assert_eq!(f.keys[0].options, KeyOptions::default());
+        assert_eq!(f.keys[0].origin, KeyOrigin::Line(3));
+        assert!(!f.keys[1].options.pty && !f.keys[1].options.port_forwarding);
+        assert_eq!(f.keys[1].origin, KeyOrigin::Line(4));
         assert!(f.keys[0].fingerprint().starts_with("SHA256:"));
     }
 
     #[test]
-    fn forwarding_options_are_read_like_sshd() {
-        assert!(KeyOptions::parse("").port_forwarding);
-        assert!(!KeyOptions::parse("no-port-forwarding").port_forwarding);
-        assert!(!KeyOptions::parse("restrict").port_forwarding);
-        assert!(KeyOptions::parse("restrict,port-forwarding").port_forwarding);
-        let o = KeyOptions::parse(
-            r#"command="echo a,b",permitopen="localhost:8888",permitopen="[::1]:6006",no-pty"#,
+    fn options_may_contain_blanks_and_keys_need_no_comment() {
+        let text = format!("command=\"echo hello  world\",from=\"127.0.0.1\" {ED}\nno-pty {ED2}\n");
+        let f = KeyFile::parse(Path::new("a.pub"), &text);
+        assert!(f.errors.is_empty(), "{:?}", f.errors);
+        assert_eq!(
+            f.keys[0].options.command.as_deref(),
+            Some("echo hello  world")
         );
-        assert!(o.port_forwarding);
-        assert_eq!(o.permit_open, vec!["localhost:8888", "[::1]:6006"]);
+        assert!(f.keys[0].options.from.is_some());
+        assert!(!f.keys[1].options.pty);
     }
 
     #[test]
-    fn agent_forwarding_option_is_read_like_sshd() {
-        assert!(KeyOptions::parse("").agent_forwarding);
-        assert!(KeyOptions::parse("no-port-forwarding").agent_forwarding);
-        assert!(!KeyOptions::parse("no-agent-forwarding").agent_forwarding);
-        assert!(!KeyOptions::parse("restrict").agent_forwarding);
-        assert!(!KeyOptions::parse("restrict,port-forwarding").agent_forwarding);
-        assert!(KeyOptions::parse("restrict,agent-forwarding").agent_forwarding);
-        assert!(!KeyOptions::parse("restrict,agent-forwarding").port_forwarding);
-        assert!(!KeyOptions::parse("NO-AGENT-FORWARDING,pty").agent_forwarding);
+    fn a_line_with_a_bad_option_is_skipped_and_named() {
+        let text = format!("no-ptty {ED} typo\nfrom=10.0.0.0/8 {ED}\n{ED2}\n");
+        let f = KeyFile::parse(Path::new("k/carol.pub"), &text);
+        assert_eq!(f.keys.len(), 1, "{:?}", f.keys);
+        assert_eq!(f.keys[0].origin, KeyOrigin::Line(3));
+        let shown: Vec<String> = f.errors.iter().map(ToString::to_string).collect();
+        assert!(shown[0].starts_with("k/carol.pub:1: "), "{shown:?}");
+        assert!(shown[0].contains("\"no-ptty\""), "{shown:?}");
+        assert!(shown[1].starts_with("k/carol.pub:2: "), "{shown:?}");
+        assert!(shown[1].contains("double quotes"), "{shown:?}");
+    }
+
+    #[test]
+    fn a_later_line_with_the_same_key_may_allow_what_an_earlier_refuses() {
+        let text =
+            format!("from=\"10.0.0.0/8\" {ED} office\nfrom=\"127.0.0.1\",no-pty {ED} here\n");
+        let f = KeyFile::parse(Path::new("a.pub"), &text);
+        let key: PublicKey = ED.parse().unwrap();
+        let now = SystemTime::now();
+        let used = f
+            .find_usable(&key, "127.0.0.1".parse().unwrap(), now)
+            .unwrap();
+        assert_eq!(used.origin, KeyOrigin::Line(2));
+        let refused = f
+            .find_usable(&key, "192.168.0.9".parse().unwrap(), now)
+            .unwrap_err();
+        assert!(
+            matches!(refused, Some(UseRefusal::NotFromHere { .. })),
+            "{refused:?}"
+        );
+        let other: PublicKey = ED2.parse().unwrap();
+        assert_eq!(
+            f.find_usable(&other, "127.0.0.1".parse().unwrap(), now)
+                .unwrap_err(),
+            None
+        );
     }
 
     #[test]

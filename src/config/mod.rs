@@ -102,14 +102,6 @@ impl Config {
         self.users.keys()
     }
 
-    /// The quota of `user`'s container for `profile` (their plain quota for `None`, or when
-    /// the profile is no longer theirs: a container made from it is then treated as theirs).
-    pub fn quota_of(&self, user: &Username, profile: Option<&crate::auth::ProfileName>) -> &Quota {
-        profile
-            .and_then(|p| self.profile_quota(user, p).ok())
-            .unwrap_or_else(|| self.quota_for(user))
-    }
-
     /// The quota of `user` logging in as `user+profile`, or why they may not.
     pub fn profile_quota(
         &self,
@@ -159,6 +151,9 @@ pub struct ServerConfig {
     /// Whether removing a user's key (or key file) also ends the connections that logged in
     /// with it; by default they stay and only new logins are refused.
     pub end_sessions_on_key_removal: bool,
+    /// File of CA public keys trusted to sign user certificates (sshd's `TrustedUserCAKeys`);
+    /// `None`: certificates are refused. Read at each certificate login.
+    pub trusted_user_ca_keys: Option<PathBuf>,
 }
 
 /// `[admin]`: how the admin reaches the running gateway.
@@ -235,15 +230,15 @@ pub struct Quota {
     pub accept_env: Vec<String>,
     /// Which forwards the user may open, and to where beyond their container.
     pub forwarding: ForwardPolicy,
+    /// Stop the container after this long without an SSH connection of its user (and, with
+    /// GPUs, without GPU activity); `None`: never.
+    pub idle_stop: Option<Duration>,
     /// When the image is pulled.
     pub pull_policy: PullPolicy,
     /// Credentials of the image's registry, when `[registries]` has them.
     pub registry: Option<RegistryAuth>,
     /// The profile this quota is for (`user+profile` logins), `None` for plain logins.
     pub profile: Option<crate::auth::ProfileName>,
-    /// Stop the container after this long without an SSH connection of its user (and, with
-    /// GPUs, without GPU activity); `None`: never.
-    pub idle_stop: Option<Duration>,
 }
 
 impl Quota {
@@ -334,6 +329,7 @@ struct RawServer {
     motd: Option<String>,
     login_status: Option<bool>,
     end_sessions_on_key_removal: Option<bool>,
+    trusted_user_ca_keys: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -395,10 +391,10 @@ struct RawQuota {
     gid: Option<u32>,
     accept_env: Option<Vec<Spanned<String>>>,
     forwarding: Option<RawForwarding>,
+    idle_stop: Option<IdleStop>,
     pull_policy: Option<PullPolicy>,
     /// Only in `[profiles.NAME]`: who may use the profile.
     users: Option<Spanned<Vec<Username>>>,
-    idle_stop: Option<IdleStop>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -521,9 +517,9 @@ impl RawQuota {
                 .gid
                 .or(if self.uid.is_some() { None } else { base.gid }),
             accept_env: self.accept_env.or_else(|| base.accept_env.clone()),
+            idle_stop: self.idle_stop.or(base.idle_stop),
             pull_policy: self.pull_policy.or(base.pull_policy),
             users: self.users,
-            idle_stop: self.idle_stop.or(base.idle_stop),
             forwarding: Some(
                 self.forwarding
                     .unwrap_or_default()
@@ -586,6 +582,15 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         motd: raw.server.motd.filter(|m| !m.trim().is_empty()),
         login_status: raw.server.login_status.unwrap_or(true),
         end_sessions_on_key_removal: raw.server.end_sessions_on_key_removal.unwrap_or(false),
+        trusted_user_ca_keys: match raw.server.trusted_user_ca_keys {
+            Some(p) if p.get_ref().as_os_str().is_empty() => {
+                return Err(v.at(
+                    p.span(),
+                    "trusted_user_ca_keys is empty: give the path of a file of CA public keys, or leave the key out".into(),
+                ));
+            }
+            p => p.map(|p| resolve(p.into_inner())),
+        },
     };
     let admin = AdminConfig {
         socket: resolve(
@@ -816,10 +821,10 @@ impl Validator<'_> {
             uid: raw.uid,
             accept_env,
             forwarding: self.forwarding(raw.forwarding.unwrap_or_default())?,
+            idle_stop: raw.idle_stop.and_then(|i| i.0),
             pull_policy: raw.pull_policy.unwrap_or_default(),
             registry: None,
             profile: None,
-            idle_stop: raw.idle_stop.and_then(|i| i.0),
         })
     }
 

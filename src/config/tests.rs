@@ -1069,6 +1069,46 @@ fn gpus_errors_point_at_the_value_or_the_entry() {
     );
 }
 
+#[test]
+fn operations_settings_parse_with_defaults_and_per_user_idle_stop() {
+    let file =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/config/valid/operations.toml");
+    let cfg = load(&file).unwrap();
+    assert_eq!(cfg.server.motd.as_deref(), Some("Welcome to the lab."));
+    assert!(!cfg.server.login_status);
+    assert!(cfg.server.end_sessions_on_key_removal);
+    assert_eq!(cfg.admin.socket, PathBuf::from("/run/labgate/admin.sock"));
+    assert_eq!(cfg.admin.listen, Some("127.0.0.1:9122".parse().unwrap()));
+    assert_eq!(
+        cfg.admin.audit_log,
+        Some(PathBuf::from("/var/log/labgate/audit.jsonl"))
+    );
+    assert_eq!(cfg.gpu.busy_utilization, 20);
+    assert_eq!(cfg.defaults.idle_stop, Some(Duration::from_secs(7200)));
+    let user = |n: &str| Username::parse(n).unwrap();
+    assert_eq!(cfg.quota_for(&user("alice")).idle_stop, None);
+    assert_eq!(
+        cfg.quota_for(&user("bob")).idle_stop,
+        Some(Duration::from_secs(1800))
+    );
+    assert_eq!(
+        cfg.quota_for(&user("carol")).idle_stop,
+        Some(Duration::from_secs(7200))
+    );
+
+    let bare = parse(
+        Path::new("/etc/labgate/labgate.toml"),
+        "[defaults]\nimage = \"x\"\n",
+    )
+    .unwrap();
+    assert!(bare.server.login_status);
+    assert!(!bare.server.end_sessions_on_key_removal);
+    assert_eq!(bare.server.motd, None);
+    assert_eq!(bare.admin.listen, None);
+    assert_eq!(bare.defaults.idle_stop, None);
+    assert_eq!(bare.gpu.busy_utilization, 5);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Images: pull policy, registries, profiles.
 
@@ -1158,22 +1198,6 @@ fn profiles_merge_over_the_users_own_quota_and_list_who_may_use_them() {
 }
 
 #[test]
-fn a_containers_quota_is_its_profiles_while_the_user_may_use_it() {
-    let cfg = ok(IMAGES);
-    let gpu = ProfileName::parse("gpu").unwrap();
-    assert_eq!(
-        cfg.quota_of(&user("alice"), Some(&gpu)).memory,
-        Some(ByteSize(8 * GIB))
-    );
-    assert_eq!(
-        cfg.quota_of(&user("alice"), None).memory,
-        Some(ByteSize(GIB))
-    );
-    // bob may not use it (any more): his container is held to his own quota.
-    assert_eq!(cfg.quota_of(&user("bob"), Some(&gpu)).image, "busybox");
-}
-
-#[test]
 fn image_config_errors_have_positions() {
     assert_err(
         "[defaults]\nimage = \"x\"\npull_policy = \"sometimes\"\n",
@@ -1214,41 +1238,30 @@ fn image_config_errors_have_positions() {
 }
 
 #[test]
-fn operations_settings_parse_with_defaults_and_per_user_idle_stop() {
-    let file =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/config/valid/operations.toml");
-    let cfg = load(&file).unwrap();
-    assert_eq!(cfg.server.motd.as_deref(), Some("Welcome to the lab."));
-    assert!(!cfg.server.login_status);
-    assert!(cfg.server.end_sessions_on_key_removal);
-    assert_eq!(cfg.admin.socket, PathBuf::from("/run/labgate/admin.sock"));
-    assert_eq!(cfg.admin.listen, Some("127.0.0.1:9122".parse().unwrap()));
+fn trusted_user_ca_keys_is_optional_and_resolved_against_the_config_directory() {
+    let cfg = ok("[defaults]\nimage = \"busybox\"\n");
+    assert_eq!(cfg.server.trusted_user_ca_keys, None);
+    let cfg = ok("[server]\ntrusted_user_ca_keys = \"ca.pub\"\n[defaults]\nimage = \"busybox\"\n");
     assert_eq!(
-        cfg.admin.audit_log,
-        Some(PathBuf::from("/var/log/labgate/audit.jsonl"))
+        cfg.server.trusted_user_ca_keys.as_deref(),
+        Some(Path::new("/etc/labgate/ca.pub"))
     );
-    assert_eq!(cfg.gpu.busy_utilization, 20);
-    assert_eq!(cfg.defaults.idle_stop, Some(Duration::from_secs(7200)));
-    let user = |n: &str| Username::parse(n).unwrap();
-    assert_eq!(cfg.quota_for(&user("alice")).idle_stop, None);
+    let cfg =
+        ok("[server]\ntrusted_user_ca_keys = \"/srv/ca.pub\"\n[defaults]\nimage = \"busybox\"\n");
     assert_eq!(
-        cfg.quota_for(&user("bob")).idle_stop,
-        Some(Duration::from_secs(1800))
+        cfg.server.trusted_user_ca_keys.as_deref(),
+        Some(Path::new("/srv/ca.pub"))
     );
-    assert_eq!(
-        cfg.quota_for(&user("carol")).idle_stop,
-        Some(Duration::from_secs(7200))
+    assert_err(
+        "[server]\ntrusted_user_ca_keys = \"\"\n[defaults]\nimage = \"busybox\"\n",
+        2,
+        24,
+        &["trusted_user_ca_keys is empty"],
     );
-
-    let bare = parse(
-        Path::new("/etc/labgate/labgate.toml"),
-        "[defaults]\nimage = \"x\"\n",
-    )
-    .unwrap();
-    assert!(bare.server.login_status);
-    assert!(!bare.server.end_sessions_on_key_removal);
-    assert_eq!(bare.server.motd, None);
-    assert_eq!(bare.admin.listen, None);
-    assert_eq!(bare.defaults.idle_stop, None);
-    assert_eq!(bare.gpu.busy_utilization, 5);
+    assert_err(
+        "[server]\ntrusted_user_ca_keys = 1\n[defaults]\nimage = \"busybox\"\n",
+        2,
+        24,
+        &["invalid type"],
+    );
 }

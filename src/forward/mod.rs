@@ -321,6 +321,13 @@ impl RemoteForwards {
         if !login.quota.forwarding.remote {
             return Err(Denied::Disabled("remote").into());
         }
+        if !login.key.options().permits_listen(address, port) {
+            return Err(Denied::ListenNotPermitted {
+                host: address.to_owned(),
+                port,
+            }
+            .into());
+        }
         let port16 = u16::try_from(port).map_err(|_| {
             ForwardError::Io(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,

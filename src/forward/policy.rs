@@ -131,6 +131,14 @@ pub enum Denied {
         /// Port.
         port: u16,
     },
+    /// The key's `permitlisten=` options do not include this `-R` listener.
+    #[error("{host}:{port} is not in this key's permitlisten list")]
+    ListenNotPermitted {
+        /// As the client asked.
+        host: String,
+        /// Port.
+        port: u32,
+    },
 }
 
 impl ForwardPolicy {

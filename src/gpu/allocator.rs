@@ -142,6 +142,25 @@ pub enum AllocError {
     },
 }
 
+/// Whether a container made with `recorded` GPUs has what `request` asks for: as many, or
+/// exactly the pinned ones. A pin by index that the inventory cannot resolve (no NVML) is
+/// taken as satisfied rather than recreating on a guess.
+fn satisfies(request: &GpuRequest, recorded: &[GpuUuid], gpus: &[GpuInfo]) -> bool {
+    match request {
+        GpuRequest::Count(n) => recorded.len() == *n as usize,
+        GpuRequest::Pinned(pins) => {
+            pins.len() == recorded.len()
+                && pins.iter().all(|pin| match pin {
+                    GpuPin::Uuid(u) => recorded.contains(u),
+                    GpuPin::Index(i) => gpus
+                        .iter()
+                        .find(|g| g.index == *i)
+                        .is_none_or(|g| recorded.contains(&g.uuid)),
+                })
+        }
+    }
+}
+
 /// What to do with a stopped container that recorded GPUs.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Resume {
@@ -401,6 +420,14 @@ impl Allocator {
     ) -> Result<Resume, AllocError> {
         // Whatever the user held belonged to the stopped container.
         self.release(user);
+        if !satisfies(request, recorded, gpus) {
+            // The quota changed since the container was made: make it again as it now says.
+            let fresh = self.allocate(user, request, gpus, now)?;
+            return Ok(Resume::Recreate {
+                gpus: fresh,
+                taken: Vec::new(),
+            });
+        }
         match self.claim(user, recorded, gpus, now) {
             Ok(()) => Ok(Resume::Reuse(recorded.to_vec())),
             Err(taken) => {
@@ -874,10 +901,45 @@ mod tests {
         let got = a.resume(&user("alice"), &[uuid(1)], &count(1), &inv, T0);
         assert_eq!(got, Ok(Resume::Reuse(vec![uuid(1)])));
         assert_eq!(a.holding(&user("alice")).unwrap().gpus, vec![uuid(1)]);
-        // Even when the quota now says otherwise: a quota reaches a container on recreate.
+    }
+
+    #[test]
+    fn resume_after_a_gpu_quota_change_recreates_as_the_quota_now_says() {
+        let inv = gpus(3);
         let mut a = exclusive();
         let got = a.resume(&user("alice"), &[uuid(1)], &count(2), &inv, T0);
+        assert_eq!(
+            got,
+            Ok(Resume::Recreate {
+                gpus: vec![uuid(0), uuid(1)],
+                taken: vec![]
+            })
+        );
+        let mut a = exclusive();
+        let got = a.resume(&user("alice"), &[uuid(1)], &count(0), &inv, T0);
+        assert_eq!(
+            got,
+            Ok(Resume::Recreate {
+                gpus: vec![],
+                taken: vec![]
+            })
+        );
+        assert!(a.holding(&user("alice")).is_none());
+        // Pinned: the same GPU by UUID or by index is the same quota.
+        let mut a = exclusive();
+        let same = GpuRequest::Pinned(vec![GpuPin::Index(1)]);
+        let got = a.resume(&user("alice"), &[uuid(1)], &same, &inv, T0);
         assert_eq!(got, Ok(Resume::Reuse(vec![uuid(1)])));
+        let other = GpuRequest::Pinned(vec![GpuPin::Uuid(uuid(2))]);
+        let mut a = exclusive();
+        let got = a.resume(&user("alice"), &[uuid(1)], &other, &inv, T0);
+        assert_eq!(
+            got,
+            Ok(Resume::Recreate {
+                gpus: vec![uuid(2)],
+                taken: vec![]
+            })
+        );
     }
 
     #[test]

@@ -291,8 +291,13 @@ impl GpuPool {
                     Ok(Resume::Reuse(ids)) => spec.gpus = ids,
                     Ok(Resume::Recreate { gpus, taken }) => {
                         self.backend.remove_stopped(&spec).await?;
-                        notice = Some(recreated_notice(&taken, &gpus));
-                        info!(user = %user, gpus = %GpuUuid::join(&gpus), "container made again: its GPUs were taken");
+                        if taken.is_empty() {
+                            notice = Some(quota_changed_notice(&gpus));
+                            info!(user = %user, gpus = %GpuUuid::join(&gpus), "container made again: its GPU quota changed");
+                        } else {
+                            notice = Some(recreated_notice(&taken, &gpus));
+                            info!(user = %user, gpus = %GpuUuid::join(&gpus), "container made again: its GPUs were taken");
+                        }
                         spec.gpus = gpus;
                     }
                     // Without an inventory, "no such GPU" means "no GPUs known": say why.
@@ -335,8 +340,9 @@ impl GpuPool {
 }
 
 impl GpuPool {
-    /// Stops `user`'s container `name` if `still_wanted` says so once the user's start lock
-    /// is held (so no login of theirs is starting it meanwhile), and releases its GPUs.
+    /// Stops container `name`, whose GPUs `user` holds (`user` or `user+profile`), if
+    /// `still_wanted` says so once that start lock is held (so no login is starting it
+    /// meanwhile), and releases its GPUs.
     /// `Ok(false)` when it was not stopped (not running, or `still_wanted` said no).
     pub async fn stop(
         &self,
@@ -401,6 +407,17 @@ impl Drop for Claim<'_> {
             self.pool.allocator().release(self.user);
         }
     }
+}
+
+fn quota_changed_notice(ids: &[GpuUuid]) -> String {
+    let with = if ids.is_empty() {
+        "without GPUs".to_owned()
+    } else {
+        format!("with GPU(s) {}", GpuUuid::join(ids))
+    };
+    format!(
+        "your container was made again {with} because your GPU quota changed; your home and mounts are kept, other changes inside the container are not"
+    )
 }
 
 fn recreated_notice(taken: &[Taken], ids: &[GpuUuid]) -> String {
@@ -522,7 +539,9 @@ mod tests {
                 outcome: EnsureOutcome::Created,
                 pid: None,
                 ips: Vec::new(),
-                image_change: None,
+                recreated_from: None,
+                remade_for: Vec::new(),
+                pending_image: None,
             })
         }
         async fn exec(&self, _: &ContainerHandle, _: ExecRequest) -> Result<Exec, RuntimeError> {

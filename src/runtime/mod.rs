@@ -32,6 +32,9 @@ pub const LABEL_USER: &str = "labgate.user";
 pub const LABEL_GPUS: &str = "labgate.gpus";
 /// Label naming the profile of a `user+profile` container (absent for the plain one).
 pub const LABEL_PROFILE: &str = "labgate.profile";
+/// Label recording the settings a container was created with that only a recreate can change
+/// (home, mounts, shm, env, uid): compared at each start of a stopped container.
+pub const LABEL_SETTINGS: &str = "labgate.settings";
 /// Label recording the image reference the container was created from (as configured).
 pub const LABEL_IMAGE: &str = "labgate.image";
 
@@ -131,23 +134,14 @@ pub struct ContainerHandle {
     pub pid: Option<i32>,
     /// The container's own addresses on its networks.
     pub ips: Vec<std::net::IpAddr>,
-    /// Set when the container's image is not the configured one, or was not until now.
-    pub image_change: Option<ImageChange>,
-}
-
-/// How a container's image relates to the configured one, when they differ(ed).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ImageChange {
-    /// This start made the container again from the configured image; it had this one.
-    Recreated {
-        /// The image it was made from before.
-        from: String,
-    },
-    /// It runs, from this image: the configured one applies when it next starts.
-    Pending {
-        /// The image it runs.
-        running: String,
-    },
+    /// Set when this start made the container again from another image: the image it had.
+    pub recreated_from: Option<String>,
+    /// The settings (`mounts/home`, `shm`, `env`, `uid`) whose change made this start
+    /// recreate the container; empty when it was not recreated for them.
+    pub remade_for: Vec<&'static str>,
+    /// Set when the container runs from another image than the configured one (which it
+    /// gets when it next starts): the image it runs.
+    pub pending_image: Option<String>,
 }
 
 /// What `ensure_running` had to do.
@@ -161,6 +155,28 @@ pub enum EnsureOutcome {
     Created,
 }
 
+impl ManagedContainer {
+    /// Its owner and the key its GPUs are held under (`user` or `user+profile`), when the
+    /// user label is a valid name.
+    pub fn owner(&self) -> Option<(Username, Username)> {
+        let user = Username::parse(&self.user).ok()?;
+        let holder = match &self.profile {
+            Some(p) => user.with_profile(p),
+            None => user.clone(),
+        };
+        Some((user, holder))
+    }
+
+    /// The quota that applies to it under `config` (a profile's, if it is a profile's and
+    /// the user may still use it; else the user's own).
+    pub fn quota<'a>(&self, config: &'a crate::config::Config, user: &Username) -> &'a Quota {
+        self.profile
+            .as_ref()
+            .and_then(|p| config.profile_quota(user, p).ok())
+            .unwrap_or_else(|| config.quota_for(user))
+    }
+}
+
 /// A container labgate manages, as listed at start.
 #[derive(Debug, Clone)]
 pub struct ManagedContainer {
@@ -170,30 +186,14 @@ pub struct ManagedContainer {
     pub name: String,
     /// Owner, from the user label.
     pub user: String,
+    /// The profile of a `user+profile` container, from its label.
+    pub profile: Option<crate::auth::ProfileName>,
     /// Backend state (`running`, `exited`, ...).
     pub state: String,
     /// Image reference it was created from.
     pub image: String,
     /// GPUs its label records.
     pub gpus: Vec<crate::gpu::GpuUuid>,
-    /// The profile it is for (`labgate.profile` label), `None` for a user's plain container.
-    pub profile: Option<ProfileName>,
-}
-
-impl ManagedContainer {
-    /// Its owner and profile, when the labels name a valid user.
-    pub fn owner(&self) -> Option<(Username, Option<&ProfileName>)> {
-        Some((Username::parse(&self.user).ok()?, self.profile.as_ref()))
-    }
-
-    /// Who holds its GPUs: the user, or `user+profile` (see [`ContainerSpec::holder`]).
-    pub fn holder(&self) -> Option<Username> {
-        let (user, profile) = self.owner()?;
-        Some(match profile {
-            Some(p) => user.with_profile(p),
-            None => user,
-        })
-    }
 }
 
 /// A terminal's size.

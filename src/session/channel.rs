@@ -22,8 +22,7 @@ use tracing::{Instrument, debug, info, warn};
 use super::{Context, Login, subsystem};
 use crate::forward::agent::AgentForward;
 use crate::runtime::{
-    ContainerSpec, ExecControl, ExecOutput, ExecRequest, ExitStatus, ImageChange, RuntimeError,
-    TtySize,
+    ContainerSpec, ExecControl, ExecOutput, ExecRequest, ExitStatus, RuntimeError, TtySize,
 };
 
 /// Bytes of stdin kept while the container starts; beyond this the channel is not read (the
@@ -101,6 +100,10 @@ async fn serve(
     let program = loop {
         match rx.wait().await {
             None | Some(ChannelMsg::Close) => return,
+            // Refused by the handler under `no-pty`: the session runs without a terminal.
+            Some(ChannelMsg::RequestPty { .. }) if !login.key.options().pty => {
+                debug!("pty request refused by the key's options");
+            }
             Some(ChannelMsg::RequestPty {
                 term,
                 col_width,
@@ -149,6 +152,10 @@ async fn serve(
             Some(_) => {}
         }
     };
+    let (program, original) = force_command(program, login.key.options().command.as_deref());
+    if let Some(forced) = &login.key.options().command {
+        info!(target: "audit", user = %login.user, forced = %forced, original = original.as_deref().unwrap_or(""), "forced command");
+    }
     match &program {
         Program::Shell => {
             info!(target: "audit", user = %login.user, pty = setup.pty.is_some(), "shell")
@@ -170,7 +177,7 @@ async fn serve(
     let mut pulls_open = true;
     let container = ContainerSpec::new(&login.user, &login.quota).name;
     let mut view = super::progress::ProgressView::new(setup.pty.as_ref().map(|p| p.size.cols));
-    let start = start(&ctx, &login, &setup, &program, agent);
+    let start = start(&ctx, &login, &setup, &program, original, agent);
     tokio::pin!(start);
     let started = loop {
         tokio::select! {
@@ -347,6 +354,7 @@ async fn start(
     login: &Login,
     setup: &Setup,
     program: &Program,
+    original_command: Option<String>,
     agent: Option<(&AgentForward, Handle)>,
 ) -> Result<crate::runtime::Exec, RuntimeError> {
     let spec = ContainerSpec::new(&login.user, &login.quota);
@@ -396,8 +404,12 @@ async fn start(
             .env
             .iter()
             .filter(|(k, _)| !(setup.pty.is_some() && k == "TERM"))
+            .filter(|(k, _)| k != "SSH_ORIGINAL_COMMAND")
             .cloned(),
     );
+    if let Some(original) = original_command {
+        env.push(("SSH_ORIGINAL_COMMAND".to_owned(), original));
+    }
     let req = ExecRequest {
         argv,
         env,
@@ -423,15 +435,35 @@ async fn start(
             .greeting(&started, *program == Program::Shell, setup.pty.is_some())
             .await,
     );
-    // A pending change is said to interactive shells only: scripts keep a quiet stderr.
-    let say = match &container.image_change {
-        Some(ImageChange::Pending { .. }) => *program == Program::Shell,
-        Some(ImageChange::Recreated { .. }) => true,
-        None => false,
-    };
-    if let Some(change) = container.image_change.as_ref().filter(|_| say) {
+    if container.recreated_from.is_none() && !container.remade_for.is_empty() {
         let eol = if setup.pty.is_some() { "\r\n" } else { "\n" };
-        let line = image_notice(change, &login.quota.image);
+        let line = format!(
+            "labgate: your container was made again for the new settings ({}); your home is kept{eol}",
+            container.remade_for.join(", ")
+        );
+        greeting.insert(0, ExecOutput::Stderr(Bytes::from(line)));
+    }
+    if let Some(old) = &container.recreated_from {
+        let eol = if setup.pty.is_some() { "\r\n" } else { "\n" };
+        let image = &login.quota.image;
+        let was = if old == image {
+            "was an older image of that name".to_owned()
+        } else {
+            format!("was {old}")
+        };
+        let line = format!(
+            "labgate: your container was recreated from image {image} ({was}); your home is kept{eol}"
+        );
+        greeting.insert(0, ExecOutput::Stderr(Bytes::from(line)));
+    }
+    // A pending image change is said to interactive shells only: scripts keep a quiet stderr.
+    if let Some(running) = container
+        .pending_image
+        .as_ref()
+        .filter(|_| *program == Program::Shell)
+    {
+        let eol = if setup.pty.is_some() { "\r\n" } else { "\n" };
+        let line = pending_notice(running, &login.quota.image);
         greeting.insert(0, ExecOutput::Stderr(Bytes::from(format!("{line}{eol}"))));
     }
     if !greeting.is_empty() {
@@ -442,19 +474,28 @@ async fn start(
     Ok(exec)
 }
 
-/// The line telling the user their container's image changed, or will.
-fn image_notice(change: &ImageChange, image: &str) -> String {
-    match change {
-        ImageChange::Recreated { from } if from == image => format!(
-            "labgate: your container was recreated from image {image} (was an older image of that name); your home is kept"
-        ),
-        ImageChange::Recreated { from } => format!(
-            "labgate: your container was recreated from image {image} (was {from}); your home is kept"
-        ),
-        ImageChange::Pending { running } => format!(
-            "labgate: your container runs image {running}; image {image} is used from its next start (home kept)"
-        ),
-    }
+/// The line telling a user their running container has another image than the configured one.
+fn pending_notice(running: &str, image: &str) -> String {
+    format!(
+        "labgate: your container runs image {running}; image {image} is used from its next start (home kept)"
+    )
+}
+
+/// Applies a key's forced command (`command="..."`, a certificate's `force-command`): whatever
+/// the client asked for, the forced command runs through the user's shell, as sshd runs it.
+/// Also returns what the client asked for, for `SSH_ORIGINAL_COMMAND`: its command, or for a
+/// subsystem the command sshd would name (see [`subsystem::original_command`]); nothing for a
+/// shell. A client's own `env` request for that name is never applied.
+fn force_command(program: Program, forced: Option<&str>) -> (Program, Option<String>) {
+    let Some(forced) = forced else {
+        return (program, None);
+    };
+    let original = match program {
+        Program::Shell => None,
+        Program::Command(cmd) => Some(cmd),
+        Program::Subsystem(name) => subsystem::original_command(&name),
+    };
+    (Program::Command(forced.to_owned()), original)
 }
 
 /// Copies the process's output to the channel; returns the exit status once it ends.
@@ -575,20 +616,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn image_notices_name_both_images() {
-        let recreated = ImageChange::Recreated {
-            from: "lab/a:1".into(),
-        };
+    fn a_pending_image_notice_names_both_images() {
         assert_eq!(
-            image_notice(&recreated, "lab/a:2"),
-            "labgate: your container was recreated from image lab/a:2 (was lab/a:1); your home is kept"
-        );
-        let pending = ImageChange::Pending {
-            running: "lab/a:1".into(),
-        };
-        assert!(
-            image_notice(&pending, "lab/a:2")
-                .contains("runs image lab/a:1; image lab/a:2 is used from its next start")
+            pending_notice("lab/a:1", "lab/a:2"),
+            "labgate: your container runs image lab/a:1; image lab/a:2 is used from its next start (home kept)"
         );
     }
 
@@ -607,6 +638,22 @@ mod tests {
         }
         assert_eq!(signal_number(&Sig::Custom("USR2".into())), Some(12));
         assert_eq!(signal_number(&Sig::Custom("BOGUS".into())), None);
+    }
+
+    #[test]
+    fn a_forced_command_replaces_whatever_the_client_asked_for() {
+        let forced = Some("echo forced");
+        let run = |p| force_command(p, forced);
+        let cmd = Program::Command("echo forced".into());
+        assert_eq!(run(Program::Shell), (cmd.clone(), None));
+        assert_eq!(
+            run(Program::Command("ls -l".into())),
+            (cmd.clone(), Some("ls -l".into()))
+        );
+        let (program, original) = run(Program::Subsystem("sftp".into()));
+        assert_eq!(program, cmd);
+        assert!(original.is_some_and(|o| o.ends_with("sftp-server")));
+        assert_eq!(force_command(Program::Shell, None), (Program::Shell, None));
     }
 
     #[test]

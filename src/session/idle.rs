@@ -85,10 +85,10 @@ async fn sweep(ctx: &Context, config: &Config) {
     };
     let now = SystemTime::now();
     for c in running {
-        let (Some((user, profile)), Some(holder)) = (c.owner(), c.holder()) else {
+        let Some((user, holder)) = c.owner() else {
             continue;
         };
-        let Some(limit) = config.quota_of(&user, profile).idle_stop else {
+        let Some(limit) = c.quota(config, &user).idle_stop else {
             ctx.idle.timers().remove(&c.name);
             continue;
         };
@@ -103,7 +103,7 @@ async fn sweep(ctx: &Context, config: &Config) {
         let since = *ctx.idle.timers().entry(c.name.clone()).or_insert(now);
         let idle = now.duration_since(since).unwrap_or_default();
         if idle >= limit {
-            stop_idle(ctx, c, &holder, idle).await;
+            stop_idle(ctx, c, &user, &holder, idle).await;
         }
     }
 }
@@ -116,12 +116,18 @@ fn busy_gpu<'a>(mine: &'a [GpuUuid], all: &[GpuInfo], threshold: u32) -> Option<
     })
 }
 
-async fn stop_idle(ctx: &Context, c: &ManagedContainer, user: &Username, idle: Duration) {
+async fn stop_idle(
+    ctx: &Context,
+    c: &ManagedContainer,
+    user: &Username,
+    holder: &Username,
+    idle: Duration,
+) {
     let connections = ctx.connections.clone();
     let name = c.name.clone();
     let result = ctx
         .gpus
-        .stop(ctx.runtime.as_ref(), &c.name, user, move || {
+        .stop(ctx.runtime.as_ref(), &c.name, holder, move || {
             !connections.in_use(&name)
         })
         .await;

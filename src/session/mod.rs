@@ -93,21 +93,6 @@ pub async fn start_container(
         .await
 }
 
-/// The quota a login gets: the user's own, or for `user+profile` the profile's, or (with the
-/// refusal) the user's own when the profile is not theirs to use.
-pub fn login_quota(
-    ctx: &Context,
-    user: &Username,
-    profile: Option<&crate::auth::ProfileName>,
-) -> (Arc<Quota>, Option<crate::config::ProfileRefusal>) {
-    let config = ctx.config.borrow();
-    match profile.map(|p| config.profile_quota(user, p)) {
-        None => (Arc::new(config.quota_for(user).clone()), None),
-        Some(Ok(q)) => (Arc::new(q.clone()), None),
-        Some(Err(refusal)) => (Arc::new(config.quota_for(user).clone()), Some(refusal)),
-    }
-}
-
 /// What an interactive login sees before its shell: the status line (container and what
 /// happened to it, image, quota, GPUs, idle stop) when `[server] login_status` is on, then
 /// `[server] motd`. Lines end with `\n`; empty when both are off.
@@ -163,4 +148,19 @@ pub fn login_banner(
         out.push('\n');
     }
     out
+}
+
+/// The quota a login gets: the user's own, or for `user+profile` the profile's, or (with the
+/// refusal) the user's own when the profile is not theirs to use.
+pub fn login_quota(
+    ctx: &Context,
+    user: &Username,
+    profile: Option<&crate::auth::ProfileName>,
+) -> (Arc<Quota>, Option<crate::config::ProfileRefusal>) {
+    let config = ctx.config.borrow();
+    match profile.map(|p| config.profile_quota(user, p)) {
+        None => (Arc::new(config.quota_for(user).clone()), None),
+        Some(Ok(q)) => (Arc::new(q.clone()), None),
+        Some(Err(refusal)) => (Arc::new(config.quota_for(user).clone()), Some(refusal)),
+    }
 }

@@ -104,8 +104,9 @@ pub struct ConnectionInfo {
     pub peer: SocketAddr,
     /// Fingerprint of the key it logged in with.
     pub fingerprint: String,
-    /// The key itself, for the key-removal check.
-    pub key: PublicKey,
+    /// The key itself, for the key-removal check (`None` for a certificate login: its key is
+    /// in no file).
+    pub key: Option<PublicKey>,
     /// When it authenticated.
     pub since: SystemTime,
     /// Its open sessions and forwards.
@@ -207,9 +208,10 @@ pub async fn end_when_key_removed(
             continue;
         }
         for c in ctx.connections.list() {
+            let Some(key) = &c.key else { continue };
             let gone = match store.load(&c.user).await {
                 Ok(None) => true,
-                Ok(Some(file)) => file.find(&c.key).is_none(),
+                Ok(Some(file)) => file.find(key).is_none(),
                 Err(e) => {
                     tracing::debug!(user = %c.user, "key file unreadable, connection kept: {e}");
                     false
@@ -250,7 +252,7 @@ mod tests {
             container: format!("labgate-{user}"),
             peer: "127.0.0.1:5000".parse().unwrap(),
             fingerprint: "SHA256:x".into(),
-            key,
+            key: Some(key),
             since: SystemTime::now(),
             stats: Arc::default(),
         }

@@ -34,6 +34,13 @@ pub fn is_supported(name: &str) -> bool {
     name == SFTP
 }
 
+/// What `SSH_ORIGINAL_COMMAND` says when a forced command replaces subsystem `name`: sshd puts
+/// the subsystem's configured command there, and `/usr/lib/openssh/sftp-server` is the one
+/// Debian's and Ubuntu's sshd use (so a wrapper that `exec`s it finds it on those images).
+pub fn original_command(name: &str) -> Option<String> {
+    is_supported(name).then(|| SFTP_SERVER_PATHS[0].to_owned())
+}
+
 /// The argv that runs subsystem `name` in a container, or `None` for a subsystem labgate
 /// does not serve.
 pub fn argv(name: &str) -> Option<Vec<String>> {

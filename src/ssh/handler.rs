@@ -6,17 +6,20 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::SystemTime;
 
 use russh::keys::PublicKey;
+use russh::keys::ssh_key::Certificate;
 use russh::server::{Auth, ChannelOpenHandle, Handler, Msg, Session};
 use russh::{Channel, ChannelId, MethodKind, MethodSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info};
 
 use crate::admin::metrics::metrics;
-use crate::auth::{self, KeyStore};
+use crate::auth::{self, AuthorizedKey, KeyOrigin, KeyStore, Refusal, Username};
 use crate::forward::agent::AgentForward;
 use crate::forward::{self, RemoteForwards};
 use crate::session::registry::{ConnectionInfo, Registration};
@@ -113,6 +116,79 @@ impl ConnectionHandler {
         }
     }
 
+    fn trusted_ca(&self) -> Option<PathBuf> {
+        self.ctx.config.borrow().server.trusted_user_ca_keys.clone()
+    }
+
+    /// Keeps the reason logged when the connection ends unauthenticated: the latest, except
+    /// that a plain "key not authorized" (a client trying its next key) does not hide a more
+    /// telling reason (an option or a certificate that refused) for the same user.
+    fn note_refusal(&mut self, user: &str, reason: Refusal) {
+        let user: String = user.chars().take(64).collect();
+        let keep = matches!(&self.refused, Some((u, old)) if *u == user && *old != Refusal::WrongKey)
+            && reason == Refusal::WrongKey;
+        if !keep {
+            self.refused = Some((user, reason));
+        }
+    }
+
+    /// Accepts the login `checked` allows (as `user+profile` when `profile` is given), or
+    /// notes why it was refused.
+    fn decide(
+        &mut self,
+        login: &str,
+        profile: Option<auth::ProfileName>,
+        checked: Result<(Username, AuthorizedKey), Refusal>,
+    ) -> Auth {
+        let (user, key) = match checked {
+            Ok(ok) => ok,
+            Err(reason) => {
+                debug!(conn = self.conn, user = login, peer = %self.peer, %reason, "authentication refused");
+                self.note_refusal(login, reason);
+                return Self::publickey_only();
+            }
+        };
+        let (quota, denied) = crate::session::login_quota(&self.ctx, &user, profile.as_ref());
+        self.span.record("user", user.as_str());
+        let _e = self.span.enter();
+        metrics().login("accepted");
+        let profile = profile.as_ref().map(|p| p.as_str());
+        match &key.origin {
+            KeyOrigin::Line(line) => {
+                info!(target: "audit", user = %user, profile, peer = %self.peer, fingerprint = %key.fingerprint(), key_line = line, "login accepted")
+            }
+            KeyOrigin::Certificate { key_id, serial, ca } => {
+                info!(target: "audit", user = %user, profile, peer = %self.peer, fingerprint = %key.fingerprint(), key_id = %key_id, serial, ca = %ca, "login accepted (certificate)")
+            }
+        }
+        let login = Arc::new(Login {
+            user,
+            key,
+            quota,
+            denied,
+            peer: self.peer,
+            local: self.local,
+            conn: self.conn,
+            stats: Arc::default(),
+        });
+        self.registration = Some(self.ctx.connections.register(
+            ConnectionInfo {
+                conn: self.conn,
+                user: login.user.clone(),
+                container: login.container_name(),
+                peer: self.peer,
+                fingerprint: login.key.fingerprint(),
+                key: matches!(login.key.origin, KeyOrigin::Line(_)).then(|| login.key.key.clone()),
+                since: std::time::SystemTime::now(),
+                stats: login.stats.clone(),
+            },
+            self.end.clone(),
+        ));
+        self.login = Some(login);
+        self.authenticated.store(true, Ordering::SeqCst);
+        Auth::Accept
+    }
+
     /// Marks `channel` as running a program; false if it already was.
     fn begin_program(&mut self, channel: ChannelId) -> bool {
         self.started.insert(channel)
@@ -131,17 +207,30 @@ impl Handler for ConnectionHandler {
         Ok(Self::publickey_only())
     }
 
+    /// A probe (or the first look at a signed request). Certificates arrive here as their bare
+    /// key (russh does not say which it is), so when user CAs are trusted a key that is not
+    /// in the user's file is let through to the signed request, which decides.
     async fn auth_publickey_offered(
         &mut self,
         user: &str,
         offer: russh::server::PublicKeyOffer<'_>,
     ) -> Result<Auth, Self::Error> {
         let (account, _) = split_login(user);
-        match auth::check_key(&self.keys(), &account, offer.public_key).await {
+        let now = SystemTime::now();
+        match auth::check_key(
+            &self.keys(),
+            &account,
+            offer.public_key,
+            self.peer.ip(),
+            now,
+        )
+        .await
+        {
             Ok(_) => Ok(Auth::Accept),
+            Err(_) if self.trusted_ca().is_some() => Ok(Auth::Accept),
             Err(reason) => {
                 debug!(conn = self.conn, user, peer = %self.peer, %reason, "key offer refused");
-                self.refused = Some((user.chars().take(64).collect(), reason));
+                self.note_refusal(user, reason);
                 Ok(Self::publickey_only())
             }
         }
@@ -154,46 +243,29 @@ impl Handler for ConnectionHandler {
     ) -> Result<Auth, Self::Error> {
         let public: &PublicKey = key.public_key;
         let (account, profile) = split_login(user);
-        match auth::check_key(&self.keys(), &account, public).await {
-            Ok((user, key)) => {
-                let (quota, denied) =
-                    crate::session::login_quota(&self.ctx, &user, profile.as_ref());
-                self.span.record("user", user.as_str());
-                let _e = self.span.enter();
-                metrics().login("accepted");
-                info!(target: "audit", user = %user, profile = ?profile.as_ref().map(|p| p.as_str()), peer = %self.peer, fingerprint = %key.fingerprint(), "login accepted");
-                let login = Arc::new(Login {
-                    user,
-                    key,
-                    quota,
-                    denied,
-                    peer: self.peer,
-                    local: self.local,
-                    conn: self.conn,
-                    stats: Arc::default(),
-                });
-                self.registration = Some(self.ctx.connections.register(
-                    ConnectionInfo {
-                        conn: self.conn,
-                        user: login.user.clone(),
-                        container: login.container_name(),
-                        peer: self.peer,
-                        fingerprint: login.key.fingerprint(),
-                        key: login.key.key.clone(),
-                        since: std::time::SystemTime::now(),
-                        stats: login.stats.clone(),
-                    },
-                    self.end.clone(),
-                ));
-                self.login = Some(login);
-                self.authenticated.store(true, Ordering::SeqCst);
-                Ok(Auth::Accept)
-            }
-            Err(reason) => {
-                self.refused = Some((user.chars().take(64).collect(), reason));
-                Ok(Self::publickey_only())
-            }
-        }
+        let now = SystemTime::now();
+        let checked = auth::check_key(&self.keys(), &account, public, self.peer.ip(), now).await;
+        Ok(self.decide(user, profile, checked))
+    }
+
+    async fn auth_openssh_certificate(
+        &mut self,
+        user: &str,
+        certificate: &Certificate,
+    ) -> Result<Auth, Self::Error> {
+        let (account, profile) = split_login(user);
+        let config = self.ctx.config.borrow().clone();
+        let checked = auth::check_certificate(
+            &self.keys(),
+            config.server.trusted_user_ca_keys.as_deref(),
+            |name| config.configured_users().any(|u| u == name),
+            &account,
+            certificate,
+            self.peer.ip(),
+            SystemTime::now(),
+        )
+        .await;
+        Ok(self.decide(user, profile, checked))
     }
 
     async fn channel_open_session(
@@ -333,7 +405,10 @@ impl Handler for ConnectionHandler {
         _modes: &[(russh::Pty, u32)],
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if self.started.contains(&channel) {
+        // Under `no-pty` (or `restrict`) the request fails and the session runs without a
+        // terminal, as with sshd; the channel task ignores the request too.
+        let allowed = self.login.as_ref().is_some_and(|l| l.key.options().pty);
+        if self.started.contains(&channel) || !allowed {
             session.channel_failure(channel)?;
         } else {
             session.channel_success(channel)?;

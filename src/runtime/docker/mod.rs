@@ -28,9 +28,9 @@ use tokio::sync::OnceCell;
 use crate::config::DockerConfig;
 use crate::config::{PullPolicy, RegistryAuth};
 use crate::runtime::{
-    ContainerHandle, ContainerRuntime, ContainerSpec, EnsureOutcome, Exec, ExecRequest,
-    ImageChange, LABEL_GPUS, LABEL_IMAGE, LABEL_MANAGED, LABEL_PROFILE, LABEL_USER,
-    ManagedContainer, PullEvent, RuntimeError,
+    ContainerHandle, ContainerRuntime, ContainerSpec, EnsureOutcome, Exec, ExecRequest, LABEL_GPUS,
+    LABEL_IMAGE, LABEL_MANAGED, LABEL_PROFILE, LABEL_SETTINGS, LABEL_USER, ManagedContainer,
+    PullEvent, RuntimeError,
 };
 
 /// How long an exec's processes get between SIGHUP and SIGKILL after a hangup.
@@ -177,13 +177,14 @@ impl DockerRuntime {
     }
 
     /// Removes a stopped container and makes it again from `spec` (home and mounts are host
-    /// directories and stay).
+    /// directories and stay): its image (`old_image` it was) or the `settings` named changed.
     async fn recreate(
         &self,
         docker: &Docker,
         id: &str,
         spec: &ContainerSpec,
-        old: &str,
+        old_image: Option<&str>,
+        settings: &[&'static str],
     ) -> Result<String, RuntimeError> {
         // Not forced: a container that started meanwhile is refused (409), never killed.
         let opts = bollard::query_parameters::RemoveContainerOptions {
@@ -195,7 +196,14 @@ impl DockerRuntime {
             .remove_container(id, Some(opts))
             .await
             .map_err(engine)?;
-        tracing::info!(target: "audit", container = %spec.name, image = %spec.image, from = %old, "container recreated: image changed");
+        match old_image {
+            Some(old) => {
+                tracing::info!(target: "audit", container = %spec.name, from = %old, to = %spec.image, settings = ?settings, "container recreated: image changed")
+            }
+            None => {
+                tracing::info!(target: "audit", container = %spec.name, settings = ?settings, "container recreated: settings changed")
+            }
+        }
         let id = self.create(docker, spec).await?;
         self.start(docker, &id, &spec.name).await?;
         Ok(id)
@@ -563,7 +571,9 @@ impl ContainerRuntime for DockerRuntime {
         let _guard = lock.lock().await;
         let (docker, _) = self.client().await?;
         prepare_home(spec).await?;
-        let mut image_change = None;
+        let mut recreated_from = None;
+        let mut remade_for = Vec::new();
+        let mut pending_image = None;
         let (id, outcome, info) = match self.inspect_named(docker, &spec.name).await? {
             Some(info) => {
                 let labels = info
@@ -584,16 +594,32 @@ impl ContainerRuntime for DockerRuntime {
                     docker.unpause_container(&id).await.map_err(engine)?;
                     (id, EnsureOutcome::Started, None)
                 } else if state.running == Some(true) {
-                    image_change = image_of(&info)
-                        .filter(|running| *running != spec.image)
-                        .map(|running| ImageChange::Pending { running });
+                    pending_image = image_of(&info).filter(|running| *running != spec.image);
                     (id, EnsureOutcome::Running, Some(info))
-                } else if let Some(old) = self.image_changed(docker, &info, spec).await? {
-                    let id = self.recreate(docker, &id, spec, &old).await?;
-                    image_change = Some(ImageChange::Recreated { from: old });
+                } else if let (old_image, changed) = (
+                    self.image_changed(docker, &info, spec).await?,
+                    labels
+                        .get(LABEL_SETTINGS)
+                        .map(|l| spec::changed_settings(l, spec))
+                        .unwrap_or_default(),
+                ) && (old_image.is_some() || !changed.is_empty())
+                {
+                    let id = self
+                        .recreate(docker, &id, spec, old_image.as_deref(), &changed)
+                        .await?;
+                    recreated_from = old_image;
+                    remade_for = changed;
                     (id, EnsureOutcome::Created, None)
                 } else {
                     let t0 = Instant::now();
+                    if spec::limits_differ(info.host_config.as_ref(), spec) {
+                        // Changed by a reload while it was stopped: the new limits from now.
+                        docker
+                            .update_container(&id, spec::limits_update(spec))
+                            .await
+                            .map_err(engine)?;
+                        tracing::info!(container = %spec.name, "limits updated before start (memory, cpus, pids)");
+                    }
                     self.start(docker, &id, &spec.name).await?;
                     crate::admin::metrics::metrics().container_ready(false, t0.elapsed());
                     tracing::info!(target: "audit", container = %spec.name, "container started");
@@ -630,7 +656,9 @@ impl ContainerRuntime for DockerRuntime {
             outcome,
             pid,
             ips,
-            image_change,
+            recreated_from,
+            remade_for,
+            pending_image,
         })
     }
 
@@ -723,10 +751,10 @@ impl ContainerRuntime for DockerRuntime {
                         .map(|n| n.trim_start_matches('/').to_owned())
                         .unwrap_or_default(),
                     user: label(LABEL_USER),
+                    profile: crate::auth::ProfileName::parse(&label(LABEL_PROFILE)).ok(),
                     gpus: crate::gpu::GpuUuid::parse_list(&label(LABEL_GPUS)),
                     state: c.state.map(|s| s.to_string()).unwrap_or_default(),
                     image: c.image.clone().unwrap_or_default(),
-                    profile: crate::auth::ProfileName::parse(&label(LABEL_PROFILE)).ok(),
                 }
             })
             .collect())

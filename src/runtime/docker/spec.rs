@@ -13,7 +13,8 @@ use bollard::models::{
 
 use crate::gpu::GpuUuid;
 use crate::runtime::{
-    ContainerSpec, LABEL_GPUS, LABEL_IMAGE, LABEL_MANAGED, LABEL_PROFILE, LABEL_USER,
+    ContainerSpec, LABEL_GPUS, LABEL_IMAGE, LABEL_MANAGED, LABEL_PROFILE, LABEL_SETTINGS,
+    LABEL_USER,
 };
 
 /// The container's main process: waits forever, and exits at once on SIGTERM (so a stop takes
@@ -36,6 +37,18 @@ pub fn limits_update(spec: &ContainerSpec) -> bollard::models::ContainerUpdateBo
         pids_limit: spec.pids,
         ..Default::default()
     }
+}
+
+/// Whether a container created with `host` has other memory/CPU/process limits than `spec`
+/// asks for (a reload changed them while it was stopped).
+pub fn limits_differ(host: Option<&HostConfig>, spec: &ContainerSpec) -> bool {
+    let want = limits_update(spec);
+    let have = (
+        host.and_then(|h| h.memory).filter(|m| *m > 0),
+        host.and_then(|h| h.nano_cpus).filter(|c| *c > 0),
+        host.and_then(|h| h.pids_limit).filter(|p| *p > 0),
+    );
+    have != (want.memory, want.nano_cpus, want.pids_limit)
 }
 
 /// The read-only bind of labgate's static relay helper at [`crate::runtime::RELAY_PATH`].
@@ -73,6 +86,7 @@ pub fn create_body(spec: &ContainerSpec, network: &str) -> ContainerCreateBody {
     if let Some(profile) = &spec.profile {
         labels.insert(LABEL_PROFILE.to_owned(), profile.to_string());
     }
+    labels.insert(LABEL_SETTINGS.to_owned(), settings_label(spec));
     if !spec.gpus.is_empty() {
         labels.insert(LABEL_GPUS.to_owned(), GpuUuid::join(&spec.gpus));
     }
@@ -127,6 +141,70 @@ pub fn gpu_requests(gpus: &[GpuUuid]) -> Option<Vec<DeviceRequest>> {
         capabilities: Some(vec![vec!["gpu".into()]]),
         options: None,
     }])
+}
+
+/// The settings fixed when a container is created, other than its image and GPUs (which have
+/// their own labels): what [`LABEL_SETTINGS`] records.
+#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Settings {
+    home: (String, String),
+    mounts: Vec<(String, String, bool)>,
+    shm: Option<u64>,
+    env: std::collections::BTreeMap<String, String>,
+    user: Option<(u32, u32)>,
+}
+
+impl Settings {
+    fn of(spec: &ContainerSpec) -> Self {
+        Settings {
+            home: (
+                spec.home_source.to_string_lossy().into_owned(),
+                spec.home_target.clone(),
+            ),
+            mounts: spec
+                .mounts
+                .iter()
+                .map(|m| {
+                    (
+                        m.source.to_string_lossy().into_owned(),
+                        m.target.clone(),
+                        m.writable,
+                    )
+                })
+                .collect(),
+            shm: spec.shm.map(|s| s.0),
+            env: spec.env.clone(),
+            user: spec.uid_gid,
+        }
+    }
+}
+
+/// The [`LABEL_SETTINGS`] value for `spec`.
+pub fn settings_label(spec: &ContainerSpec) -> String {
+    serde_json::to_string(&Settings::of(spec)).unwrap_or_default()
+}
+
+/// Which recreate-only settings differ between a container's [`LABEL_SETTINGS`] value and
+/// `spec`. A label this version cannot read names nothing (no recreate on a guess).
+pub fn changed_settings(label: &str, spec: &ContainerSpec) -> Vec<&'static str> {
+    let Ok(old) = serde_json::from_str::<Settings>(label) else {
+        return Vec::new();
+    };
+    let new = Settings::of(spec);
+    let mut changed = Vec::new();
+    if old.home != new.home || old.mounts != new.mounts {
+        changed.push("mounts/home");
+    }
+    if old.shm != new.shm {
+        changed.push("shm");
+    }
+    if old.env != new.env {
+        changed.push("env");
+    }
+    if old.user != new.user {
+        changed.push("uid");
+    }
+    changed
 }
 
 #[cfg(test)]
@@ -314,5 +392,27 @@ mod tests {
         assert!(body.host_config.unwrap().device_requests.is_none());
         assert!(!body.labels.unwrap().contains_key(LABEL_GPUS));
         assert_eq!(gpu_requests(&[]), None);
+    }
+
+    #[test]
+    fn the_settings_label_names_what_changed_and_tolerates_old_labels() {
+        let s = spec();
+        let label = settings_label(&s);
+        let body = create_body(&s, "labgate");
+        assert_eq!(body.labels.unwrap().get(LABEL_SETTINGS), Some(&label));
+        assert!(changed_settings(&label, &s).is_empty());
+        let mut other = spec();
+        other.mounts.push(crate::config::Mount {
+            source: PathBuf::from("/srv/data"),
+            target: "/data".into(),
+            writable: false,
+        });
+        other.env.insert("NEW".into(), "1".into());
+        other.memory = Some(ByteSize(1 << 30)); // live-updatable: not a reason
+        assert_eq!(changed_settings(&label, &other), vec!["mounts/home", "env"]);
+        let mut uid = spec();
+        uid.uid_gid = Some((4242, 4242));
+        assert_eq!(changed_settings(&label, &uid), vec!["uid"]);
+        assert!(changed_settings("not json", &other).is_empty());
     }
 }
