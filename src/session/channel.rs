@@ -195,7 +195,9 @@ async fn serve(
                 }
                 Some(ChannelMsg::Eof) => early.eof = true,
                 Some(ChannelMsg::WindowChange { col_width, row_height, .. }) => {
-                    early.size = Some(tty_size(col_width, row_height));
+                    let size = tty_size(col_width, row_height);
+                    view.resize(size.cols);
+                    early.size = Some(size);
                 }
                 Some(_) => {}
             },

@@ -33,6 +33,13 @@ impl ProgressView {
         }
     }
 
+    /// The terminal now has `cols` columns (a window change while waiting).
+    pub fn resize(&mut self, cols: u16) {
+        if let Some(c) = self.tty.as_mut() {
+            *c = cols;
+        }
+    }
+
     /// What to write for `p`, if anything: `(bytes, to stderr)`.
     pub fn render(&mut self, p: &PullProgress) -> Option<(Vec<u8>, bool)> {
         if let Some(cols) = self.tty {
@@ -116,6 +123,14 @@ mod tests {
         let mut v = ProgressView::new(Some(20));
         let (bytes, _) = v.render(&p(&"x".repeat(100), true)).unwrap();
         assert_eq!(bytes, b"\r\x1b[Klabgate: xxxxxxxxxx");
+        v.resize(12);
+        let (bytes, _) = v.render(&p(&"x".repeat(100), true)).unwrap();
+        assert_eq!(bytes, b"\r\x1b[Klabgate: xx");
+        // Without a terminal there is nothing to fit.
+        let mut plain = ProgressView::new(None);
+        plain.resize(12);
+        let (bytes, _) = plain.render(&p(&"x".repeat(30), true)).unwrap();
+        assert_eq!(bytes.len(), "labgate: ".len() + 30 + 1);
     }
 
     #[test]
