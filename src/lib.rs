@@ -8,14 +8,15 @@
 //! # Layout
 //!
 //! - [`config`]: the admin's TOML file: parsing, validation with `file:line:column` errors,
-//!   per-user quota resolution.
+//!   per-user quota resolution, pull policies, registry credentials, profiles.
 //! - [`auth`]: user names, key files (`keys/NAME.pub`), key options, trusted user CAs, the
-//!   key and certificate checks.
+//!   key and certificate checks, `user+profile` logins.
 //! - [`ssh`]: host key, russh server settings, accept loop, and the russh `Handler` that only
 //!   translates protocol events.
 //! - [`session`]: per-login state and the task that bridges one session channel to a process.
 //! - [`runtime`]: the container backend seam ([`runtime::ContainerRuntime`]) and its Docker
-//!   implementation, plus host-side process signalling.
+//!   implementation (with shared image pulls and their progress), plus host-side process
+//!   signalling.
 //! - [`gpu`]: the GPU inventory (NVML), the allocator (exclusive or shared, by UUID, never
 //!   oversubscribed) and the pool that gives a login its GPUs.
 //! - [`admin`]: the admin socket (`labgate status | stop | kick | gpus`), `/metrics` and

@@ -248,6 +248,7 @@ fn check(path: &std::path::Path) -> ExitCode {
             );
         }
     }
+    warn_unreadable_registry_secrets(&config);
     if report.errors.is_empty() && ca_ok {
         println!(
             "{}: OK ({} user(s) with keys in {})",
@@ -302,5 +303,24 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+/// Warns about registry password files that cannot be read (pulls from there would fail).
+/// Only the file's readability is checked; its contents are never printed.
+fn warn_unreadable_registry_secrets(config: &config::Config) {
+    let mut seen = std::collections::BTreeSet::new();
+    let images = labgate::runtime::docker::prepull::images_of(config);
+    for auth in images.values().filter_map(|(_, auth)| auth.as_ref()) {
+        if seen.insert(auth.password_file.clone())
+            && let Err(e) = std::fs::File::open(&auth.password_file)
+        {
+            eprintln!(
+                "{}: warning: [registries.\"{}\"] password_file {} cannot be read ({e}): pulls from it will fail",
+                config.source.display(),
+                auth.registry,
+                auth.password_file.display()
+            );
+        }
     }
 }

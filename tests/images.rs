@@ -6,7 +6,6 @@
 mod common;
 
 use std::io::Write;
-use std::net::TcpListener;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
@@ -22,17 +21,12 @@ struct Registry {
 }
 
 impl Registry {
-    /// A registry on a free loopback port, without authentication.
+    /// A registry on a loopback port of its own choosing, without authentication.
     fn start() -> Registry {
         ensure_image();
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
         let mut r = Registry {
             dir: tempfile::tempdir().unwrap(),
-            port,
+            port: 0,
             child: None,
             refs: Default::default(),
         };
@@ -41,13 +35,14 @@ impl Registry {
     }
 
     /// (Re)starts the registry process, with basic auth for `(user, password)` when given.
+    /// It binds port 0 and says which port it got; a restart gets a new one (the storage, and
+    /// so the repositories, stay: see [`Registry::here`]).
     fn serve(&mut self, basic_auth: Option<(&str, &str)>) {
         self.stop();
         let dir = self.dir.path();
         let mut config = format!(
-            "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{}\n",
+            "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:0\n",
             dir.join("data").display(),
-            self.port
         );
         if let Some((user, password)) = basic_auth {
             let out = Command::new("htpasswd")
@@ -71,14 +66,25 @@ impl Registry {
             .spawn()
             .expect("docker-registry must be installed: scripts/prereqs.sh");
         self.child = Some(child);
-        let port = self.port;
+        let log = || std::fs::read_to_string(dir.join("registry.log")).unwrap_or_default();
+        let mut port = None;
         assert!(
             eventually(Duration::from_secs(20), || {
-                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+                port = listening_port(&log());
+                port.is_some()
             }),
             "registry did not start: {}",
-            std::fs::read_to_string(dir.join("registry.log")).unwrap_or_default()
+            log()
         );
+        self.port = port.unwrap();
+    }
+
+    /// `reference` (made at an earlier port of this registry) at its port now.
+    fn here(&self, reference: &str) -> String {
+        let (_, path) = reference.split_once('/').unwrap();
+        let moved = format!("127.0.0.1:{}/{path}", self.port);
+        self.refs.lock().unwrap().push(moved.clone());
+        moved
     }
 
     /// Kills the registry process (its storage stays).
@@ -160,6 +166,15 @@ impl Drop for Containers {
                 .status();
         }
     }
+}
+
+/// The port of the registry's `msg="listening on 127.0.0.1:PORT"` log line.
+fn listening_port(log: &str) -> Option<u16> {
+    let rest = log.split("listening on 127.0.0.1:").nth(1)?;
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
 }
 
 fn docker(args: &[&str]) {
@@ -281,6 +296,35 @@ fn concurrent_first_logins_share_one_pull() {
 }
 
 #[test]
+fn a_client_that_leaves_during_the_pull_does_not_stop_it_for_the_next_login() {
+    let registry = Registry::start();
+    let reference = registry.push("leaver", "1", "RUN head -c 20000000 /dev/urandom > /blob");
+    let gw = Gateway::start(1, "", &user_image(&reference));
+    let mut leaver = gw
+        .ssh(0)
+        .arg("true")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(30), || pulls_of(&gw, &reference) == 1),
+        "{}",
+        gw.log()
+    );
+    leaver.kill().unwrap();
+    leaver.wait().unwrap();
+    assert!(
+        eventually(Duration::from_secs(60), || image_present(&reference)),
+        "{}",
+        gw.log()
+    );
+    assert_eq!(gw.ok(0, "echo back"), "back\n");
+    assert_eq!(pulls_of(&gw, &reference), 1, "the pull was not repeated");
+}
+
+#[test]
 fn unknown_images_and_a_stopped_registry_end_the_login_with_the_reason_and_the_gateway_stays_up() {
     let mut registry = Registry::start();
     let missing = registry.reference("nosuchimage", "1");
@@ -321,6 +365,7 @@ fn a_registry_with_basic_auth_gets_the_configured_credentials_and_refuses_wrong_
     let first = registry.push("auth", "1", "");
     let second = registry.push("auth", "2", "");
     registry.serve(Some(("labuser", "s3cret-pa55")));
+    let (first, second) = (registry.here(&first), registry.here(&second));
     let tail = format!(
         "[users.{{u0}}]\nimage = \"{first}\"\n[users.{{u1}}]\nimage = \"{second}\"\n\n\
          [registries.\"127.0.0.1:{}\"]\nusername = \"labuser\"\npassword_file = \"registry-password\"\n",
@@ -380,7 +425,6 @@ fn an_image_change_recreates_the_container_at_its_next_start_keeping_home() {
     let gw = Gateway::start(1, "", &user_image(&old));
     gw.ok(0, "echo kept > note");
     let name = gw.container(0);
-    docker(&["stop", "-t", "1", &name]);
 
     let config = std::fs::read_to_string(gw.config_path()).unwrap();
     std::fs::write(gw.config_path(), config.replace(&old, &new)).unwrap();
@@ -390,6 +434,28 @@ fn an_image_change_recreates_the_container_at_its_next_start_keeping_home() {
             .contains("config reloaded")),
         "no reload"
     );
+    // While it runs, it keeps its image; an interactive shell is told what comes.
+    let out = gw
+        .ssh(0)
+        .arg("-tt")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            c.stdin.take().unwrap().write_all(b"exit\n")?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    assert!(
+        text(&out.stderr).contains(&format!(
+            "labgate: your container runs image {old}; image {new} is used from its next start"
+        )),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(docker_inspect(&name, "{{.Config.Image}}").unwrap(), old);
+    docker(&["stop", "-t", "1", &name]);
     let out = gw.run(0, "cat note");
     let stderr = text(&out.stderr);
     assert!(out.status.success(), "{stderr}");
@@ -412,13 +478,15 @@ fn an_image_change_recreates_the_container_at_its_next_start_keeping_home() {
 
 #[test]
 fn pull_policy_always_brings_a_moved_tag_and_the_container_follows_it() {
-    let registry = Registry::start();
+    let mut registry = Registry::start();
     let reference = registry.push("moving", "1", "");
     let tail = format!("[users.{{u0}}]\nimage = \"{reference}\"\npull_policy = \"always\"\n");
     let gw = Gateway::start(1, "", &tail);
     gw.ok(0, "echo kept > note");
     let name = gw.container(0);
     let first = docker_inspect(&name, "{{.Image}}").unwrap();
+    // The tag moves away from it below: removed by id at the end.
+    registry.refs.lock().unwrap().push(first.clone());
     docker(&["stop", "-t", "1", &name]);
     // The same tag now names another image in the registry.
     let again = registry.push("moving", "1", "RUN echo 2 > /version");
@@ -436,6 +504,17 @@ fn pull_policy_always_brings_a_moved_tag_and_the_container_follows_it() {
     );
     assert_ne!(docker_inspect(&name, "{{.Image}}").unwrap(), first);
     assert_eq!(pulls_of(&gw, &reference), 2, "one pull per start");
+
+    // With the registry down, the copy on the host still serves the next start.
+    registry.stop();
+    docker(&["stop", "-t", "1", &name]);
+    assert_eq!(gw.ok(0, "cat note"), "kept\n");
+    assert!(
+        gw.log()
+            .contains("pull failed; using the image already on this host"),
+        "{}",
+        gw.log()
+    );
 }
 
 #[test]
@@ -479,6 +558,27 @@ fn profiles_give_allowed_users_their_own_container_with_the_same_home_and_refuse
         docker_inspect(&gw.container(0), "{{.HostConfig.Memory}}").unwrap(),
         (256u64 << 20).to_string()
     );
+    // A reload applies the profile's new limits to the profile's running container only.
+    let config = std::fs::read_to_string(gw.config_path()).unwrap();
+    std::fs::write(
+        gw.config_path(),
+        config.replace("memory = \"300M\"", "memory = \"320M\""),
+    )
+    .unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || docker_inspect(
+            &big,
+            "{{.HostConfig.Memory}}"
+        )
+        .as_deref()
+            == Some(&(320u64 << 20).to_string())),
+        "{}",
+        gw.log()
+    );
+    assert_eq!(
+        docker_inspect(&gw.container(0), "{{.HostConfig.Memory}}").unwrap(),
+        (256u64 << 20).to_string()
+    );
 
     let refused = as_profile(1, "big", "true");
     let stderr = text(&refused.stderr);
@@ -504,4 +604,35 @@ fn profiles_give_allowed_users_their_own_container_with_the_same_home_and_refuse
         "{}",
         text(&bad.stderr)
     );
+}
+
+#[test]
+fn check_warns_about_an_unreadable_registry_password_file_without_showing_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("keys")).unwrap();
+    std::fs::write(dir.path().join("readable"), "hunter2\n").unwrap();
+    let config = dir.path().join("labgate.toml");
+    std::fs::write(
+        &config,
+        "[defaults]\nimage = \"r.lab:5000/lab/a:1\"\n\n[users.bob]\nimage = \"r2.lab/b:1\"\n\n\
+         [registries.\"r.lab:5000\"]\nusername = \"u\"\npassword_file = \"missing-secret\"\n\n\
+         [registries.\"r2.lab\"]\nusername = \"u\"\npassword_file = \"readable\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_labgate"))
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("[registries.\"r.lab:5000\"] password_file")
+            && stderr.contains("missing-secret cannot be read"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("r2.lab\"]"),
+        "a readable file is fine: {stderr}"
+    );
+    assert!(!stderr.contains("hunter2") && !text(&out.stdout).contains("hunter2"));
 }

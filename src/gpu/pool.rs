@@ -541,6 +541,7 @@ mod tests {
                 ips: Vec::new(),
                 recreated_from: None,
                 remade_for: Vec::new(),
+                pending_image: None,
             })
         }
         async fn exec(&self, _: &ContainerHandle, _: ExecRequest) -> Result<Exec, RuntimeError> {

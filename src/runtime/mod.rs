@@ -139,6 +139,9 @@ pub struct ContainerHandle {
     /// The settings (`mounts/home`, `shm`, `env`, `uid`) whose change made this start
     /// recreate the container; empty when it was not recreated for them.
     pub remade_for: Vec<&'static str>,
+    /// Set when the container runs from another image than the configured one (which it
+    /// gets when it next starts): the image it runs.
+    pub pending_image: Option<String>,
 }
 
 /// What `ensure_running` had to do.

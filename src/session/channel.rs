@@ -176,7 +176,7 @@ async fn serve(
     let mut pulls = ctx.runtime.pull_events();
     let mut pulls_open = true;
     let container = ContainerSpec::new(&login.user, &login.quota).name;
-    let mut view = super::progress::ProgressView::new(setup.pty.is_some());
+    let mut view = super::progress::ProgressView::new(setup.pty.as_ref().map(|p| p.size.cols));
     let start = start(&ctx, &login, &setup, &program, original, agent);
     tokio::pin!(start);
     let started = loop {
@@ -195,7 +195,9 @@ async fn serve(
                 }
                 Some(ChannelMsg::Eof) => early.eof = true,
                 Some(ChannelMsg::WindowChange { col_width, row_height, .. }) => {
-                    early.size = Some(tty_size(col_width, row_height));
+                    let size = tty_size(col_width, row_height);
+                    view.resize(size.cols);
+                    early.size = Some(size);
                 }
                 Some(_) => {}
             },
@@ -457,12 +459,29 @@ async fn start(
         );
         greeting.insert(0, ExecOutput::Stderr(Bytes::from(line)));
     }
+    // A pending image change is said to interactive shells only: scripts keep a quiet stderr.
+    if let Some(running) = container
+        .pending_image
+        .as_ref()
+        .filter(|_| *program == Program::Shell)
+    {
+        let eol = if setup.pty.is_some() { "\r\n" } else { "\n" };
+        let line = pending_notice(running, &login.quota.image);
+        greeting.insert(0, ExecOutput::Stderr(Bytes::from(format!("{line}{eol}"))));
+    }
     if !greeting.is_empty() {
         exec.output = futures::stream::iter(greeting.into_iter().map(Ok))
             .chain(exec.output)
             .boxed();
     }
     Ok(exec)
+}
+
+/// The line telling a user their running container has another image than the configured one.
+fn pending_notice(running: &str, image: &str) -> String {
+    format!(
+        "labgate: your container runs image {running}; image {image} is used from its next start (home kept)"
+    )
 }
 
 /// Applies a key's forced command (`command="..."`, a certificate's `force-command`): whatever
@@ -609,6 +628,14 @@ fn signal_of(n: i32) -> Sig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pending_image_notice_names_both_images() {
+        assert_eq!(
+            pending_notice("lab/a:1", "lab/a:2"),
+            "labgate: your container runs image lab/a:1; image lab/a:2 is used from its next start (home kept)"
+        );
+    }
 
     #[test]
     fn signal_names_round_trip() {

@@ -16,15 +16,16 @@ const REDRAW_EVERY: Duration = Duration::from_millis(100);
 
 /// The pull progress view of one session channel.
 pub struct ProgressView {
-    tty: bool,
+    /// Columns of the terminal, `None` without one.
+    tty: Option<u16>,
     /// A terminal line is drawn and not yet ended.
     drawn: bool,
     last: Option<Instant>,
 }
 
 impl ProgressView {
-    /// A view for a channel with (`tty`) or without a terminal.
-    pub fn new(tty: bool) -> Self {
+    /// A view for a channel with a terminal of `tty` columns, or without one.
+    pub fn new(tty: Option<u16>) -> Self {
         ProgressView {
             tty,
             drawn: false,
@@ -32,16 +33,28 @@ impl ProgressView {
         }
     }
 
+    /// The terminal now has `cols` columns (a window change while waiting).
+    pub fn resize(&mut self, cols: u16) {
+        if let Some(c) = self.tty.as_mut() {
+            *c = cols;
+        }
+    }
+
     /// What to write for `p`, if anything: `(bytes, to stderr)`.
     pub fn render(&mut self, p: &PullProgress) -> Option<(Vec<u8>, bool)> {
-        if self.tty {
+        if let Some(cols) = self.tty {
             let due = self.last.is_none_or(|t| t.elapsed() >= REDRAW_EVERY);
             if !p.step && !due {
                 return None;
             }
             self.last = Some(Instant::now());
             self.drawn = true;
-            Some((format!("\r\x1b[Klabgate: {}", p.line).into_bytes(), false))
+            // Shorter than the terminal: a wrapped line could not be redrawn in place.
+            let line: String = format!("labgate: {}", p.line)
+                .chars()
+                .take(usize::from(cols.max(2)) - 1)
+                .collect();
+            Some((format!("\r\x1b[K{line}").into_bytes(), false))
         } else if p.step {
             Some((format!("labgate: {}\n", p.line).into_bytes(), true))
         } else {
@@ -96,7 +109,7 @@ mod tests {
 
     #[test]
     fn a_terminal_gets_one_redrawn_line_on_stdout() {
-        let mut v = ProgressView::new(true);
+        let mut v = ProgressView::new(Some(80));
         let (bytes, stderr) = v.render(&p("pulling x: 0/1 layers", true)).unwrap();
         assert_eq!(bytes, b"\r\x1b[Klabgate: pulling x: 0/1 layers");
         assert!(!stderr);
@@ -106,8 +119,23 @@ mod tests {
     }
 
     #[test]
+    fn the_terminal_line_never_wraps() {
+        let mut v = ProgressView::new(Some(20));
+        let (bytes, _) = v.render(&p(&"x".repeat(100), true)).unwrap();
+        assert_eq!(bytes, b"\r\x1b[Klabgate: xxxxxxxxxx");
+        v.resize(12);
+        let (bytes, _) = v.render(&p(&"x".repeat(100), true)).unwrap();
+        assert_eq!(bytes, b"\r\x1b[Klabgate: xx");
+        // Without a terminal there is nothing to fit.
+        let mut plain = ProgressView::new(None);
+        plain.resize(12);
+        let (bytes, _) = plain.render(&p(&"x".repeat(30), true)).unwrap();
+        assert_eq!(bytes.len(), "labgate: ".len() + 30 + 1);
+    }
+
+    #[test]
     fn without_a_terminal_only_steps_go_to_stderr_as_lines() {
-        let mut v = ProgressView::new(false);
+        let mut v = ProgressView::new(None);
         assert_eq!(v.render(&p("bytes", false)), None);
         let (bytes, stderr) = v.render(&p("pulling x: 1/2 layers", true)).unwrap();
         assert_eq!(bytes, b"labgate: pulling x: 1/2 layers\n");

@@ -127,7 +127,8 @@ impl DockerRuntime {
             (policy, _) => {
                 let events = self.pull_events.clone();
                 let container = spec.name.clone();
-                self.puller
+                let pulled = self
+                    .puller
                     .pull(
                         docker,
                         &spec.image,
@@ -140,11 +141,19 @@ impl DockerRuntime {
                             progress,
                         });
                     })
-                    .await
-                    .map_err(|reason| RuntimeError::Pull {
+                    .await;
+                match pulled {
+                    Ok(()) => Ok(()),
+                    // "always" keeps users working from the copy here when the registry fails.
+                    Err(reason) if present => {
+                        tracing::warn!(image = %spec.image, %reason, "pull failed; using the image already on this host");
+                        Ok(())
+                    }
+                    Err(reason) => Err(RuntimeError::Pull {
                         image: spec.image.clone(),
                         reason,
-                    })
+                    }),
+                }
             }
         }
     }
@@ -159,12 +168,7 @@ impl DockerRuntime {
         spec: &ContainerSpec,
     ) -> Result<Option<String>, RuntimeError> {
         self.ensure_image(docker, spec).await?;
-        let config = info.config.as_ref();
-        let old = config
-            .and_then(|c| c.labels.as_ref())
-            .and_then(|l| l.get(LABEL_IMAGE).cloned())
-            .or_else(|| config.and_then(|c| c.image.clone()))
-            .unwrap_or_default();
+        let old = image_of(info).unwrap_or_default();
         if old != spec.image {
             return Ok(Some(old));
         }
@@ -542,6 +546,16 @@ fn placement(info: &bollard::models::ContainerInspectResponse) -> (Option<i32>, 
     (pid, ips)
 }
 
+/// The image reference a container was made from: its label, else the engine's record.
+fn image_of(info: &bollard::models::ContainerInspectResponse) -> Option<String> {
+    let config = info.config.as_ref()?;
+    config
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(LABEL_IMAGE).cloned())
+        .or_else(|| config.image.clone())
+}
+
 /// Maps a bollard error: engine answers stay engine errors, the rest means unreachable.
 fn engine(e: BollardError) -> RuntimeError {
     match e {
@@ -559,6 +573,7 @@ impl ContainerRuntime for DockerRuntime {
         prepare_home(spec).await?;
         let mut recreated_from = None;
         let mut remade_for = Vec::new();
+        let mut pending_image = None;
         let (id, outcome, info) = match self.inspect_named(docker, &spec.name).await? {
             Some(info) => {
                 let labels = info
@@ -579,6 +594,7 @@ impl ContainerRuntime for DockerRuntime {
                     docker.unpause_container(&id).await.map_err(engine)?;
                     (id, EnsureOutcome::Started, None)
                 } else if state.running == Some(true) {
+                    pending_image = image_of(&info).filter(|running| *running != spec.image);
                     (id, EnsureOutcome::Running, Some(info))
                 } else if let (old_image, changed) = (
                     self.image_changed(docker, &info, spec).await?,
@@ -642,6 +658,7 @@ impl ContainerRuntime for DockerRuntime {
             ips,
             recreated_from,
             remade_for,
+            pending_image,
         })
     }
 

@@ -21,6 +21,9 @@ use crate::runtime::{
 /// milliseconds, not Docker's 10 s timeout). Plain POSIX sh, so any image with a shell works.
 pub const KEEPALIVE: &str = "trap 'exit 0' TERM INT HUP; while :; do sleep 3600 & wait $!; done";
 
+/// Longest hostname the kernel accepts (a DNS label is 63).
+const HOSTNAME_MAX: usize = 63;
+
 /// The limits of `spec` that `docker update` can change on a running container. Swap is set
 /// to twice the memory, as the engine does on create, so raising memory is never refused for
 /// exceeding the old swap limit. A limit absent from the config is left as it is (the engine
@@ -90,7 +93,8 @@ pub fn create_body(spec: &ContainerSpec, network: &str) -> ContainerCreateBody {
     let env = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
     ContainerCreateBody {
         image: Some(spec.image.clone()),
-        hostname: Some(spec.name.clone()),
+        // The kernel takes at most 64 bytes; a long user+profile name is cut.
+        hostname: Some(spec.name.chars().take(HOSTNAME_MAX).collect()),
         labels: Some(labels),
         env: Some(env),
         entrypoint: Some(vec!["/bin/sh".into(), "-c".into(), KEEPALIVE.into()]),
@@ -324,6 +328,18 @@ mod tests {
             Some("lab/img:1")
         );
         assert!(!labels.contains_key(LABEL_PROFILE));
+    }
+
+    #[test]
+    fn long_container_names_make_valid_hostnames() {
+        let mut spec = spec();
+        spec.name = format!("labgate-{}-{}", "a".repeat(32), "p".repeat(32));
+        let body = create_body(&spec, "labgate");
+        assert_eq!(body.hostname.unwrap().len(), 63);
+        assert_eq!(
+            create_body(&self::spec(), "labgate").hostname.as_deref(),
+            Some("labgate-alice")
+        );
     }
 
     #[test]
