@@ -8,24 +8,12 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Once;
 use std::time::Duration;
 
-use common::{Gateway, eventually, keygen};
+use common::{Gateway, ensure_debian_image, eventually, keygen};
 
 /// A user table giving user 0 the Debian image and a uid:gid of its own.
 const DEBIAN_USER: &str = "[users.{u0}]\nimage = \"labgate/debian:test\"\nuid = 1000\ngid = 1001\n";
-
-static DEBIAN_ONCE: Once = Once::new();
-
-/// Builds the Debian image if this machine lacks it (minutes, once; cached afterwards).
-fn ensure_debian_image() {
-    DEBIAN_ONCE.call_once(|| {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/debian-image");
-        let st = Command::new(script).status().unwrap();
-        assert!(st.success(), "scripts/debian-image failed");
-    });
-}
 
 /// A host `ssh-agent` on its own socket, holding one key; killed on drop.
 struct Agent {

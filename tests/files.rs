@@ -10,30 +10,12 @@ use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::Once;
 use std::time::{Duration, Instant};
 
-use common::Gateway;
-
-/// The Debian lab image.
-const DEBIAN: &str = "labgate/debian:test";
+use common::{Gateway, ensure_debian_image};
 
 /// A user table giving user 0 the Debian image and a uid:gid of its own.
 const DEBIAN_USER: &str = "[users.{u0}]\nimage = \"labgate/debian:test\"\nuid = 1000\ngid = 1001\n";
-
-static DEBIAN_ONCE: Once = Once::new();
-
-/// Builds the Debian image if this machine lacks it (minutes, once; cached afterwards).
-fn ensure_debian_image() {
-    DEBIAN_ONCE.call_once(|| {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/debian-image");
-        let st = Command::new(script).status().unwrap();
-        assert!(
-            st.success(),
-            "scripts/debian-image failed: cannot build {DEBIAN}"
-        );
-    });
-}
 
 fn debian_gateway() -> Gateway {
     ensure_debian_image();

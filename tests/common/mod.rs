@@ -358,3 +358,21 @@ pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// The Debian lab image of the file and IDE tests.
+pub const DEBIAN_IMAGE: &str = "labgate/debian:test";
+
+static DEBIAN_ONCE: Once = Once::new();
+
+/// Builds [`DEBIAN_IMAGE`] with `scripts/debian-image` if this machine lacks it (minutes,
+/// once; cached on the machine afterwards).
+pub fn ensure_debian_image() {
+    DEBIAN_ONCE.call_once(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/debian-image");
+        let st = Command::new(script).status().unwrap();
+        assert!(
+            st.success(),
+            "scripts/debian-image failed: cannot build {DEBIAN_IMAGE}"
+        );
+    });
+}
