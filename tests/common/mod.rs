@@ -362,17 +362,28 @@ pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 /// The Debian lab image of the file and IDE tests.
 pub const DEBIAN_IMAGE: &str = "labgate/debian:test";
 
+/// The Debian lab image with Debian's Jupyter Notebook.
+pub const JUPYTER_IMAGE: &str = "labgate/jupyter:test";
+
 static DEBIAN_ONCE: Once = Once::new();
+static JUPYTER_ONCE: Once = Once::new();
 
 /// Builds [`DEBIAN_IMAGE`] with `scripts/debian-image` if this machine lacks it (minutes,
 /// once; cached on the machine afterwards).
 pub fn ensure_debian_image() {
-    DEBIAN_ONCE.call_once(|| {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/debian-image");
-        let st = Command::new(script).status().unwrap();
-        assert!(
-            st.success(),
-            "scripts/debian-image failed: cannot build {DEBIAN_IMAGE}"
-        );
-    });
+    DEBIAN_ONCE.call_once(|| build_lab_image("debian", DEBIAN_IMAGE));
+}
+
+/// Builds [`JUPYTER_IMAGE`] (and the Debian image under it) if this machine lacks it.
+pub fn ensure_jupyter_image() {
+    JUPYTER_ONCE.call_once(|| build_lab_image("jupyter", JUPYTER_IMAGE));
+}
+
+fn build_lab_image(which: &str, image: &str) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/debian-image");
+    let st = Command::new(script).arg(which).status().unwrap();
+    assert!(
+        st.success(),
+        "scripts/debian-image failed: cannot build {image}"
+    );
 }
