@@ -387,3 +387,31 @@ fn build_lab_image(which: &str, image: &str) {
         "scripts/debian-image failed: cannot build {image}"
     );
 }
+
+/// Builds one of labgate's static helpers (`labgate-relay`, `labgate-sftp`) as the deploy
+/// files do (release, crt-static), once per test binary, and returns the binary's path.
+pub fn static_helper(package: &str) -> PathBuf {
+    static BUILT: Mutex<Vec<(String, PathBuf)>> = Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap();
+    if let Some((_, path)) = built.iter().find(|(p, _)| p == package) {
+        return path.clone();
+    }
+    let target_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("static-helpers");
+    let st = Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "--release",
+            "-p",
+            package,
+            "--target",
+            "x86_64-unknown-linux-gnu",
+        ])
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .status()
+        .unwrap();
+    assert!(st.success(), "building {package} failed");
+    let path = target_dir.join(format!("x86_64-unknown-linux-gnu/release/{package}"));
+    built.push((package.to_owned(), path.clone()));
+    path
+}
