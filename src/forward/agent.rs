@@ -6,8 +6,8 @@
 //! (0700) holding `agent.sock` (0600), both owned by the user's uid:gid, made from inside the
 //! container's mount namespace ([`super::netns`]), or, where the gateway cannot enter it, by
 //! a `labgate-relay listen` exec running as the user ([`super::relay::listen`]), which hands
-//! each connection over through a relay exec of its own. Every channel of the connection that asked
-//! for forwarding gets it as `SSH_AUTH_SOCK`. The listener, the socket and its directory go
+//! each connection over through a relay exec of its own. Every channel of the connection that
+//! asked for forwarding gets it as `SSH_AUTH_SOCK`. The listener, the socket and its directory go
 //! away when the connection closes ([`AgentForward::close`], from the handler's `Drop`).
 
 use std::path::PathBuf;
@@ -174,30 +174,7 @@ impl AgentForward {
                         (runtime.clone(), login.clone(), container.clone());
                     let (handle, handoff) = (handle.clone(), format!("{dir}/.{n}"));
                     tokio::spawn(
-                        async move {
-                            let args = vec!["unix".to_owned(), handoff];
-                            let stream = match relay::connect_via(
-                                runtime.as_ref(),
-                                &login,
-                                &container,
-                                args,
-                            )
-                            .await
-                            {
-                                Ok(s) => s,
-                                Err(e) => {
-                                    debug!("agent hand-off failed: {e}");
-                                    return;
-                                }
-                            };
-                            match handle.channel_open_agent().await {
-                                Ok(channel) => {
-                                    pump::pump(channel, stream).await;
-                                }
-                                Err(e) => debug!("client refused an agent channel: {e}"),
-                            }
-                        }
-                        .in_current_span(),
+                        hand_over(runtime, login, container, handle, handoff).in_current_span(),
                     );
                 }
                 debug!("agent relay ended");
@@ -215,5 +192,30 @@ impl AgentForward {
         if let Some(task) = slot.0.take() {
             task.abort();
         }
+    }
+}
+
+/// Takes over one agent connection on the relay path: connects to its hand-off socket with a
+/// relay exec and joins that to a fresh auth-agent channel to the client.
+async fn hand_over(
+    runtime: Arc<dyn crate::runtime::ContainerRuntime>,
+    login: Arc<Login>,
+    container: Arc<ContainerHandle>,
+    handle: Handle,
+    handoff: String,
+) {
+    let args = vec!["unix".to_owned(), handoff];
+    let stream = match relay::connect_via(runtime.as_ref(), &login, &container, args).await {
+        Ok(s) => s,
+        Err(e) => {
+            debug!("agent hand-off failed: {e}");
+            return;
+        }
+    };
+    match handle.channel_open_agent().await {
+        Ok(channel) => {
+            pump::pump(channel, stream).await;
+        }
+        Err(e) => debug!("client refused an agent channel: {e}"),
     }
 }
