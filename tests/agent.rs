@@ -8,24 +8,12 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Once;
 use std::time::Duration;
 
-use common::{Gateway, eventually, keygen};
+use common::{Gateway, ensure_debian_image, eventually, keygen};
 
 /// A user table giving user 0 the Debian image and a uid:gid of its own.
 const DEBIAN_USER: &str = "[users.{u0}]\nimage = \"labgate/debian:test\"\nuid = 1000\ngid = 1001\n";
-
-static DEBIAN_ONCE: Once = Once::new();
-
-/// Builds the Debian image if this machine lacks it (minutes, once; cached afterwards).
-fn ensure_debian_image() {
-    DEBIAN_ONCE.call_once(|| {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/debian-image");
-        let st = Command::new(script).status().unwrap();
-        assert!(st.success(), "scripts/debian-image failed");
-    });
-}
 
 /// A host `ssh-agent` on its own socket, holding one key; killed on drop.
 struct Agent {
@@ -178,4 +166,52 @@ fn agent_forwarding_reaches_the_host_agent_and_goes_away_with_the_connection() {
         &gw,
     );
     assert_eq!(text.split_whitespace().collect::<Vec<_>>(), ["unset", "0"]);
+}
+
+#[test]
+fn agent_forwarding_works_on_the_relay_path_too() {
+    ensure_debian_image();
+    let relay = common::static_helper("labgate-relay");
+    let tail = format!(
+        "[docker]\nforward_via = \"exec\"\nrelay_helper = \"{}\"\n\n{DEBIAN_USER}",
+        relay.display()
+    );
+    let gw = Gateway::start(1, "", &tail);
+    let agent = Agent::start(gw.dir.path());
+
+    // Several agent connections in one session (each is handed over on its own), concurrent
+    // ones included; the socket and its directory are the user's and private.
+    let out = ssh(
+        &gw,
+        &agent,
+        true,
+        "ssh-add -l; ssh-add -l & ssh-add -l; wait; \
+         stat -c '%a %u:%g' \"$SSH_AUTH_SOCK\" \"$(dirname \"$SSH_AUTH_SOCK\")\"",
+    );
+    let text = stdout_ok(&out, "ssh -A (relay path)", &gw);
+    assert_eq!(
+        text.matches(&agent.fingerprint).count(),
+        3,
+        "every `ssh-add -l` inside listed {}: {text}",
+        agent.fingerprint
+    );
+    let lines: Vec<&str> = text.lines().collect();
+    let n = lines.len();
+    assert_eq!(lines[n - 2..], ["600 1000:1001", "700 1000:1001"], "{text}");
+    assert!(
+        gw.log()
+            .contains("forwards: path fixed by [docker] forward_via"),
+        "{}",
+        gw.log()
+    );
+
+    // Gone with the connection: the directory, and the relay processes.
+    assert!(
+        eventually(Duration::from_secs(15), || {
+            ssh(&gw, &agent, false, "ls -d /tmp/labgate-agent-* 2>/dev/null; ps -e -o args= | grep -c '^/.labgate/relay' || true")
+                .stdout
+                == b"0\n"
+        }),
+        "the agent socket directory or its relay outlived the connection"
+    );
 }

@@ -1,7 +1,8 @@
 //! Moving files the ways labs do, with the real OpenSSH tools against a realistic Debian image
 //! (`labgate/debian:test`, built by `scripts/debian-image`): the sftp subsystem (`sftp -b`,
 //! `scp`), legacy `scp -O`, `rsync -e ssh`, `git clone`/`push` with `GIT_PROTOCOL`; and the
-//! busybox image, which has no sftp-server, answering sftp with a clear error instead of a hang.
+//! busybox image, which has no sftp-server, served by labgate's built-in one (`labgate-sftp`),
+//! or, where that is not installed, answering sftp with a clear error instead of a hang.
 //! Every transfer is compared byte for byte; files land under the home, owned by the uid:gid.
 
 mod common;
@@ -10,30 +11,12 @@ use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::Once;
 use std::time::{Duration, Instant};
 
-use common::Gateway;
-
-/// The Debian lab image.
-const DEBIAN: &str = "labgate/debian:test";
+use common::{Gateway, ensure_debian_image};
 
 /// A user table giving user 0 the Debian image and a uid:gid of its own.
 const DEBIAN_USER: &str = "[users.{u0}]\nimage = \"labgate/debian:test\"\nuid = 1000\ngid = 1001\n";
-
-static DEBIAN_ONCE: Once = Once::new();
-
-/// Builds the Debian image if this machine lacks it (minutes, once; cached afterwards).
-fn ensure_debian_image() {
-    DEBIAN_ONCE.call_once(|| {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/debian-image");
-        let st = Command::new(script).status().unwrap();
-        assert!(
-            st.success(),
-            "scripts/debian-image failed: cannot build {DEBIAN}"
-        );
-    });
-}
 
 fn debian_gateway() -> Gateway {
     ensure_debian_image();
@@ -343,16 +326,132 @@ fn git_clones_and_pushes_over_ssh_with_protocol_v2() {
     );
 }
 
+/// A `[docker]` table mounting labgate's static sftp server (built once).
+fn fallback_tail() -> String {
+    format!(
+        "[docker]\nsftp_helper = \"{}\"\n\n[users.{{u0}}]\nuid = 1000\ngid = 1001\n",
+        common::static_helper("labgate-sftp").display()
+    )
+}
+
 #[test]
-fn sftp_without_an_sftp_server_in_the_image_fails_clearly_and_other_subsystems_are_refused() {
-    // The busybox image has no sftp-server.
-    let gw = Gateway::start(1, "", "");
+fn the_builtin_sftp_server_serves_an_image_without_one_as_the_user() {
+    // The busybox image has no sftp-server: labgate's own answers, mounted read-only.
+    let gw = Gateway::start(1, "", &fallback_tail());
+    assert_eq!(
+        gw.ok(
+            0,
+            "ls /usr/lib/openssh/sftp-server /usr/lib/sftp-server 2>/dev/null | wc -l"
+        )
+        .trim(),
+        "0"
+    );
+    let local = tempfile::tempdir().unwrap();
+    let data = random_bytes(5 << 20, 8);
+    std::fs::write(local.path().join("up.bin"), &data).unwrap();
+    let out = must(
+        &gw,
+        sftp(
+            &gw,
+            0,
+            "mkdir inbox\nput up.bin inbox/data.bin\nrename inbox/data.bin inbox/moved.bin\n\
+             ls -l inbox\nget inbox/moved.bin down.bin\npwd\n",
+            local.path(),
+        ),
+    );
+    let listing = String::from_utf8_lossy(&out.stdout);
+    let entries: Vec<&str> = listing
+        .lines()
+        .filter(|l| !l.starts_with("sftp>"))
+        .collect();
+    assert!(
+        entries.iter().any(|l| l.ends_with(" moved.bin"))
+            && !entries.iter().any(|l| l.ends_with("data.bin")),
+        "ls after rename: {listing}"
+    );
+    assert!(
+        listing.contains(&format!("Remote working directory: /home/{}", gw.users[0])),
+        "{listing}"
+    );
+    assert!(
+        std::fs::read(local.path().join("down.bin")).unwrap() == data,
+        "get differs"
+    );
+    let on_host = home(&gw).join("inbox/moved.bin");
+    assert!(
+        std::fs::read(&on_host).unwrap() == data,
+        "stored bytes differ"
+    );
+    assert_owned_by_user(&on_host);
+    assert_owned_by_user(&home(&gw).join("inbox"));
+    assert_eq!(
+        gw.ok(0, "sha256sum inbox/moved.bin | cut -d' ' -f1"),
+        gw.ok(0, "cat inbox/moved.bin | sha256sum | cut -d' ' -f1")
+    );
+
+    // scp (the sftp protocol) both ways.
+    let back = local.path().join("back.bin");
+    let mut up = Command::new("scp");
+    up.args(gw.ssh_options(0))
+        .arg(local.path().join("up.bin"))
+        .arg(format!("{}:scp.bin", gw.destination(0)));
+    must(&gw, up);
+    let mut down = Command::new("scp");
+    down.args(gw.ssh_options(0))
+        .arg(format!("{}:scp.bin", gw.destination(0)))
+        .arg(&back);
+    must(&gw, down);
+    assert!(
+        std::fs::read(&back).unwrap() == data,
+        "scp round trip differs"
+    );
+    assert_owned_by_user(&home(&gw).join("scp.bin"));
+
+    // It runs as the user: what the user may not write, it may not either.
+    for (batch, what) in [
+        ("put up.bin /etc/labgate-test\n", "a file in /etc"),
+        (
+            "put up.bin /.labgate/sftp-server\n",
+            "labgate's read-only helper",
+        ),
+    ] {
+        let out = run_within(sftp(&gw, 0, batch, local.path()), Duration::from_secs(60));
+        assert!(!out.status.success(), "{what} was writable: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("Permission denied")
+                || err.contains("Read-only file system")
+                || err.contains("Failure"),
+            "{what}: {err}"
+        );
+    }
+    assert!(!gw.run(0, "test -e /etc/labgate-test").status.success());
+
+    must(
+        &gw,
+        sftp(
+            &gw,
+            0,
+            "rm inbox/moved.bin\nrmdir inbox\nrm scp.bin\n",
+            local.path(),
+        ),
+    );
+    assert!(!home(&gw).join("inbox").exists(), "rm/rmdir took effect");
+    assert!(!home(&gw).join("scp.bin").exists());
+}
+
+#[test]
+fn sftp_without_any_sftp_server_fails_clearly_and_other_subsystems_are_refused() {
+    // The busybox image has no sftp-server, and labgate's own is not installed here.
+    let gw = Gateway::start(1, "", "[docker]\nsftp_helper = \"absent/labgate-sftp\"\n");
     let local = tempfile::tempdir().unwrap();
     let out = run_within(sftp(&gw, 0, "ls\n", local.path()), Duration::from_secs(60));
     assert!(!out.status.success(), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("labgate: this image has no sftp-server"),
+        err.contains(
+            "labgate: this image has no sftp-server and labgate's built-in one is not mounted"
+        ),
         "{err}"
     );
 

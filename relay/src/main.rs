@@ -5,7 +5,9 @@
 //!
 //! - `labgate-relay tcp ADDR PORT`: connect to `ADDR:PORT` from inside the container;
 //! - `labgate-relay unix PATH`: connect to the unix socket `PATH` as the container sees it;
-//! - `labgate-relay resolve NAME`: print the container's addresses for `NAME`, one a line.
+//! - `labgate-relay resolve NAME`: print the container's addresses for `NAME`, one a line;
+//! - `labgate-relay listen DIR NAME`: a private unix socket whose connections the gateway takes
+//!   over one by one (agent forwarding, see [`listen`]).
 //!
 //! After connecting it writes `connected` (or `error: REASON`) as one line on stderr, then
 //! joins stdin to the socket and the socket to stdout. Stdin EOF half-closes the socket;
@@ -16,6 +18,8 @@ use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
 use std::time::Duration;
+
+mod listen;
 
 /// A connected socket of either kind.
 trait Socket: Read + Write + Send + 'static {
@@ -57,7 +61,7 @@ fn connect(args: &[String]) -> io::Result<Box<dyn Socket>> {
         [kind, path] if kind == "unix" => Ok(Box::new(UnixStream::connect(path)?)),
         _ => Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            "usage: labgate-relay tcp ADDR PORT | unix PATH | resolve NAME",
+            "usage: labgate-relay tcp ADDR PORT | unix PATH | resolve NAME | listen DIR NAME",
         )),
     }
 }
@@ -74,6 +78,17 @@ fn main() -> ExitCode {
                 }
                 ExitCode::SUCCESS
             }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if let [kind, dir, name] = args.as_slice()
+        && kind == "listen"
+    {
+        return match listen::run(std::path::Path::new(dir), name) {
+            Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e}");
                 ExitCode::FAILURE

@@ -182,6 +182,9 @@ pub struct DockerConfig {
     /// The static `labgate-relay` binary, bind-mounted read-only into containers for the
     /// exec forwarding path (absent: that path is unavailable).
     pub relay_helper: PathBuf,
+    /// The static `labgate-sftp` binary, bind-mounted read-only into containers: the `sftp`
+    /// subsystem of an image without its own sftp-server (absent: such images get none).
+    pub sftp_helper: PathBuf,
     /// How forwards reach into containers.
     pub forward_via: ForwardVia,
 }
@@ -371,6 +374,7 @@ struct RawDocker {
     timeout: Option<HumanDuration>,
     network: Option<String>,
     relay_helper: Option<PathBuf>,
+    sftp_helper: Option<PathBuf>,
     forward_via: Option<ForwardVia>,
 }
 
@@ -624,6 +628,11 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             raw.docker
                 .relay_helper
                 .unwrap_or_else(|| PathBuf::from("/usr/local/lib/labgate/labgate-relay")),
+        ),
+        sftp_helper: resolve(
+            raw.docker
+                .sftp_helper
+                .unwrap_or_else(|| PathBuf::from("/usr/local/lib/labgate/labgate-sftp")),
         ),
         forward_via: raw.docker.forward_via.unwrap_or_default(),
     };

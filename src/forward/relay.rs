@@ -15,7 +15,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::io::StreamReader;
 
 use super::ForwardError;
-use crate::runtime::{ContainerHandle, ExecControl, ExecOutput, ExecRequest, RELAY_PATH};
+use crate::runtime::{
+    ContainerHandle, ContainerRuntime, ExecControl, ExecOutput, ExecRequest, RELAY_PATH,
+};
 use crate::session::{Context, Login};
 
 type Output = futures::stream::BoxStream<'static, io::Result<ExecOutput>>;
@@ -95,6 +97,15 @@ async fn start(
     container: &ContainerHandle,
     args: &[String],
 ) -> Result<Started, ForwardError> {
+    start_via(ctx.runtime.as_ref(), login, container, args).await
+}
+
+async fn start_via(
+    runtime: &dyn ContainerRuntime,
+    login: &Login,
+    container: &ContainerHandle,
+    args: &[String],
+) -> Result<Started, ForwardError> {
     let mut argv = vec![RELAY_PATH.to_owned()];
     argv.extend(args.iter().cloned());
     let req = ExecRequest {
@@ -104,7 +115,7 @@ async fn start(
         user: login.quota.uid.map(|u| (u, login.quota.gid.unwrap_or(u))),
         workdir: format!("/home/{}", login.user),
     };
-    let exec = ctx.runtime.exec(container, req).await?;
+    let exec = runtime.exec(container, req).await?;
     Ok((exec.output, exec.stdin, Arc::from(exec.control)))
 }
 
@@ -138,7 +149,18 @@ pub async fn connect(
     container: &ContainerHandle,
     args: Vec<String>,
 ) -> Result<RelayStream, ForwardError> {
-    let (mut output, stdin, control) = start(ctx, login, container, &args).await?;
+    connect_via(ctx.runtime.as_ref(), login, container, args).await
+}
+
+/// [`connect`] with the backend given directly (for tasks that outlive the session's borrow
+/// of the [`Context`]).
+pub async fn connect_via(
+    runtime: &dyn ContainerRuntime,
+    login: &Login,
+    container: &ContainerHandle,
+    args: Vec<String>,
+) -> Result<RelayStream, ForwardError> {
+    let (mut output, stdin, control) = start_via(runtime, login, container, &args).await?;
     let mut status = Vec::new();
     let mut early_stdout: Vec<Bytes> = Vec::new();
     let line = loop {
@@ -179,4 +201,105 @@ pub async fn connect(
         io: tokio::io::join(StreamReader::new(stdout), stdin),
         control,
     })
+}
+
+/// A `labgate-relay listen DIR NAME` exec: a private unix socket in the container whose
+/// connections are handed over one by one (`conn N` on its stdout; the gateway then connects
+/// to `DIR/.N` with [`connect_via`]). Dropping it closes the relay's stdin, on which it
+/// removes `DIR` and exits; one that does not is hung up.
+pub struct RelayListener {
+    output: Output,
+    /// Bytes of stdout not yet split into lines.
+    pending: Vec<u8>,
+    stdin: Option<Pin<Box<dyn AsyncWrite + Send>>>,
+    control: Arc<dyn ExecControl>,
+}
+
+/// How long a listener relay gets to clean up after its stdin closed before it is hung up.
+const LISTENER_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Starts `labgate-relay listen DIR NAME` as the user; returns once it said `listening`.
+pub async fn listen(
+    runtime: &dyn ContainerRuntime,
+    login: &Login,
+    container: &ContainerHandle,
+    dir: &str,
+    name: &str,
+) -> Result<RelayListener, ForwardError> {
+    let args = ["listen".to_owned(), dir.to_owned(), name.to_owned()];
+    let (mut output, stdin, control) = start_via(runtime, login, container, &args).await?;
+    let mut status = Vec::new();
+    let mut pending = Vec::new();
+    let line = loop {
+        match output.next().await {
+            Some(Ok(ExecOutput::Stderr(b))) => {
+                status.extend_from_slice(&b);
+                if let Some(pos) = status.iter().position(|c| *c == b'\n') {
+                    break String::from_utf8_lossy(&status[..pos]).into_owned();
+                }
+            }
+            Some(Ok(ExecOutput::Stdout(b))) => pending.extend_from_slice(&b),
+            Some(Err(e)) => return Err(e.into()),
+            None => break String::from_utf8_lossy(&status).trim().to_owned(),
+        }
+    };
+    let listener = RelayListener {
+        output,
+        pending,
+        stdin: Some(stdin),
+        control,
+    };
+    if line != "listening" {
+        let reason = line.strip_prefix("error: ").unwrap_or(&line);
+        let reason = if reason.is_empty() {
+            format!("the relay at {RELAY_PATH} did not run (is it mounted in this container?)")
+        } else {
+            reason.to_owned()
+        };
+        return Err(ForwardError::Io(io::Error::other(reason)));
+    }
+    Ok(listener)
+}
+
+impl RelayListener {
+    /// The number of the next connection to take over; `None` once the relay has ended.
+    pub async fn next_connection(&mut self) -> Option<u64> {
+        loop {
+            while let Some(pos) = self.pending.iter().position(|c| *c == b'\n') {
+                let line: Vec<u8> = self.pending.drain(..=pos).collect();
+                let text = String::from_utf8_lossy(&line);
+                if let Some(n) = text
+                    .trim()
+                    .strip_prefix("conn ")
+                    .and_then(|n| n.parse().ok())
+                {
+                    return Some(n);
+                }
+            }
+            match self.output.next().await? {
+                Ok(ExecOutput::Stdout(b)) => self.pending.extend_from_slice(&b),
+                Ok(ExecOutput::Stderr(_)) => {}
+                Err(_) => return None,
+            }
+        }
+    }
+}
+
+impl Drop for RelayListener {
+    fn drop(&mut self) {
+        let stdin = self.stdin.take();
+        let control = self.control.clone();
+        tokio::spawn(async move {
+            if let Some(mut stdin) = stdin {
+                use tokio::io::AsyncWriteExt;
+                let _ = stdin.shutdown().await;
+            }
+            if tokio::time::timeout(LISTENER_GRACE, control.wait())
+                .await
+                .is_err()
+            {
+                control.hangup().await;
+            }
+        });
+    }
 }

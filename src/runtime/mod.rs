@@ -25,6 +25,8 @@ use crate::config::{ByteSize, Mount, PullPolicy, Quota, RegistryAuth};
 pub const LABEL_MANAGED: &str = "labgate.managed";
 /// Where labgate's static relay helper is mounted (read-only) inside containers.
 pub const RELAY_PATH: &str = "/.labgate/relay";
+/// Where labgate's static fallback SFTP server is mounted (read-only) inside containers.
+pub const SFTP_SERVER_PATH: &str = "/.labgate/sftp-server";
 /// Label naming the user a container belongs to.
 pub const LABEL_USER: &str = "labgate.user";
 /// Label recording the GPUs (comma-separated UUIDs) a container was created with: what a

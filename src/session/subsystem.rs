@@ -4,8 +4,13 @@
 //! IDEs use to move files). It runs the image's own `sftp-server` as a plain (non-terminal)
 //! process, as the user's uid:gid, in their home, like sshd's `Subsystem sftp` line. The
 //! server is looked for at the usual distribution paths by one `sh -c` that `exec`s the first
-//! one found, so there is no extra round trip and nothing to cache; an image without one gets a
-//! clear line on stderr and exit status [`EXIT_NO_SERVER`] instead of a hang.
+//! one found, so there is no extra round trip and nothing to cache. When the image has none,
+//! labgate's own static server (`labgate-sftp`, bind-mounted read-only at
+//! [`SFTP_SERVER_PATH`]) is the last path tried, so a minimal image still serves sftp; a
+//! container without that mount either gets a clear line on stderr and exit status
+//! [`EXIT_NO_SERVER`] instead of a hang.
+
+use crate::runtime::SFTP_SERVER_PATH;
 
 /// The SFTP subsystem's name.
 pub const SFTP: &str = "sftp";
@@ -20,14 +25,14 @@ pub const SFTP_SERVER_PATHS: &[&str] = &[
     "/usr/lib/ssh/sftp-server",
 ];
 
-/// Exit status when the image has no sftp-server (the shell's "command not found").
+/// Exit status when neither the image nor labgate's mount has an sftp server (the shell's "command not found").
 pub const EXIT_NO_SERVER: u32 = 127;
 
 /// Finds and `exec`s the first executable among its arguments, so the process the client talks
 /// to is the sftp-server itself (signals and hangup reach it directly).
 const LAUNCHER: &str = "for p in \"$@\"; do [ -x \"$p\" ] && exec \"$p\"; done; \
-echo \"labgate: this image has no sftp-server (looked in $*); sftp and scp need the \
-openssh-sftp-server package in the image: ask your admin\" >&2; exit 127";
+echo \"labgate: this image has no sftp-server and labgate's built-in one is not mounted in \
+this container (looked in $*); sftp and scp need one of them: ask your admin\" >&2; exit 127";
 
 /// Whether labgate serves the subsystem `name`.
 pub fn is_supported(name: &str) -> bool {
@@ -54,6 +59,7 @@ pub fn argv(name: &str) -> Option<Vec<String>> {
         "labgate-sftp".to_owned(),
     ];
     argv.extend(SFTP_SERVER_PATHS.iter().map(|p| (*p).to_owned()));
+    argv.push(SFTP_SERVER_PATH.to_owned());
     Some(argv)
 }
 
@@ -71,13 +77,14 @@ mod tests {
     }
 
     #[test]
-    fn sftp_argv_tries_every_path_then_explains() {
+    fn sftp_argv_tries_every_image_path_then_labgates_own_then_explains() {
         let argv = argv(SFTP).unwrap();
         assert_eq!(&argv[..2], ["/bin/sh", "-c"]);
         assert!(argv[2].contains("exec \"$p\""));
         assert!(argv[2].contains(">&2; exit 127"));
         // $0, then the paths as positional parameters, in order.
         assert_eq!(argv[3], "labgate-sftp");
-        assert_eq!(&argv[4..], SFTP_SERVER_PATHS);
+        assert_eq!(&argv[4..argv.len() - 1], SFTP_SERVER_PATHS);
+        assert_eq!(argv.last().unwrap(), "/.labgate/sftp-server");
     }
 }

@@ -417,3 +417,60 @@ pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// The Debian lab image of the file and IDE tests.
+pub const DEBIAN_IMAGE: &str = "labgate/debian:test";
+
+/// The Debian lab image with Debian's Jupyter Notebook.
+pub const JUPYTER_IMAGE: &str = "labgate/jupyter:test";
+
+static DEBIAN_ONCE: Once = Once::new();
+static JUPYTER_ONCE: Once = Once::new();
+
+/// Builds [`DEBIAN_IMAGE`] with `scripts/debian-image` if this machine lacks it (minutes,
+/// once; cached on the machine afterwards).
+pub fn ensure_debian_image() {
+    DEBIAN_ONCE.call_once(|| build_lab_image("debian", DEBIAN_IMAGE));
+}
+
+/// Builds [`JUPYTER_IMAGE`] (and the Debian image under it) if this machine lacks it.
+pub fn ensure_jupyter_image() {
+    JUPYTER_ONCE.call_once(|| build_lab_image("jupyter", JUPYTER_IMAGE));
+}
+
+fn build_lab_image(which: &str, image: &str) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/debian-image");
+    let st = Command::new(script).arg(which).status().unwrap();
+    assert!(
+        st.success(),
+        "scripts/debian-image failed: cannot build {image}"
+    );
+}
+
+/// Builds one of labgate's static helpers (`labgate-relay`, `labgate-sftp`) as the deploy
+/// files do (release, crt-static), once per test binary, and returns the binary's path.
+pub fn static_helper(package: &str) -> PathBuf {
+    static BUILT: Mutex<Vec<(String, PathBuf)>> = Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap();
+    if let Some((_, path)) = built.iter().find(|(p, _)| p == package) {
+        return path.clone();
+    }
+    let target_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("static-helpers");
+    let st = Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "--release",
+            "-p",
+            package,
+            "--target",
+            "x86_64-unknown-linux-gnu",
+        ])
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .status()
+        .unwrap();
+    assert!(st.success(), "building {package} failed");
+    let path = target_dir.join(format!("x86_64-unknown-linux-gnu/release/{package}"));
+    built.push((package.to_owned(), path.clone()));
+    path
+}

@@ -57,6 +57,8 @@ pub struct DockerRuntime {
     network: String,
     /// The static relay binary mounted into containers (if the file exists).
     relay_helper: PathBuf,
+    /// The static fallback SFTP server mounted into containers (if the file exists).
+    sftp_helper: PathBuf,
     /// Its id, once found or created.
     network_id: OnceCell<String>,
     /// Image pulls in flight, shared by everyone waiting for the same image.
@@ -79,6 +81,7 @@ impl DockerRuntime {
             accounts: account::Accounts::default(),
             network: cfg.network.clone(),
             relay_helper: cfg.relay_helper.clone(),
+            sftp_helper: cfg.sftp_helper.clone(),
             network_id: OnceCell::new(),
             puller: Arc::default(),
             pull_events: tokio::sync::broadcast::channel(1024).0,
@@ -356,10 +359,16 @@ impl DockerRuntime {
         };
         let network = self.ensure_network(docker).await?;
         let mut body = spec::create_body(spec, &network);
-        if self.relay_helper.is_file()
-            && let Some(mounts) = body.host_config.as_mut().and_then(|h| h.mounts.as_mut())
-        {
-            mounts.push(spec::relay_mount(&self.relay_helper));
+        if let Some(mounts) = body.host_config.as_mut().and_then(|h| h.mounts.as_mut()) {
+            if self.relay_helper.is_file() {
+                mounts.push(spec::relay_mount(&self.relay_helper));
+            }
+            if self.sftp_helper.is_file() {
+                mounts.push(spec::helper_mount(
+                    &self.sftp_helper,
+                    crate::runtime::SFTP_SERVER_PATH,
+                ));
+            }
         }
         let t0 = Instant::now();
         match docker.create_container(Some(opts), body).await {

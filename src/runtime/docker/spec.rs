@@ -53,10 +53,16 @@ pub fn limits_differ(host: Option<&HostConfig>, spec: &ContainerSpec) -> bool {
 
 /// The read-only bind of labgate's static relay helper at [`crate::runtime::RELAY_PATH`].
 pub fn relay_mount(helper: &std::path::Path) -> Mount {
+    helper_mount(helper, crate::runtime::RELAY_PATH)
+}
+
+/// The read-only bind of one of labgate's static helpers (the relay, the fallback SFTP
+/// server) at `target` under `/.labgate`.
+pub fn helper_mount(helper: &std::path::Path, target: &str) -> Mount {
     Mount {
         typ: Some(MountType::BIND),
         source: Some(helper.to_string_lossy().into_owned()),
-        target: Some(crate::runtime::RELAY_PATH.to_owned()),
+        target: Some(target.to_owned()),
         read_only: Some(true),
         ..Default::default()
     }
