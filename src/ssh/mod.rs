@@ -233,6 +233,8 @@ async fn run_connection(
                 break;
             }
             _ = stopped(&mut w.shutdown) => {
+                // One stalled in its key exchange would not act on the disconnect.
+                w.pre_auth.close();
                 let _ = handle.disconnect(russh::Disconnect::ByApplication, "labgate is shutting down".into(), String::new()).await;
                 // Let the session end so its channels hang up their processes.
                 let _ = tokio::time::timeout(Duration::from_secs(3), &mut session).await;
