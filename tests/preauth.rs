@@ -204,3 +204,42 @@ fn repeated_auth_failures_back_off_and_the_real_user_still_logs_in() {
         gw.audit()
     );
 }
+
+#[test]
+fn a_login_past_max_connections_is_refused_until_one_ends() {
+    let gw = Gateway::start_with_server(1, "max_connections = 1", "", "");
+    let mut first = gw
+        .ssh(0)
+        .arg("echo up; sleep 60")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = [0u8; 3];
+    first
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut line)
+        .unwrap();
+    assert_eq!(&line, b"up\n");
+
+    let out = gw.run(0, "true");
+    assert!(!out.status.success(), "a second login got in");
+    assert!(
+        gw.log()
+            .contains("login refused: the gateway is full: 1 connection(s) logged in"),
+        "{}",
+        gw.log()
+    );
+
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert!(
+        eventually(Duration::from_secs(15), || gw
+            .run(0, "true")
+            .status
+            .success()),
+        "the place was not freed"
+    );
+}

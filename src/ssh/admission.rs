@@ -112,7 +112,7 @@ impl PreAuthHandle {
 
 /// A login refused because `max_connections` connections are authenticated.
 #[derive(Debug, thiserror::Error)]
-#[error("{0} connections are logged in (max_connections)")]
+#[error("the gateway is full: {0} connection(s) logged in (max_connections)")]
 pub struct Full(pub usize);
 
 /// The unauthenticated connections and what the bound has closed.
