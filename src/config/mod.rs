@@ -139,8 +139,9 @@ pub struct ServerConfig {
     pub keys_dir: PathBuf,
     /// Authenticated connections at once; a login past it is refused (and logged).
     pub max_connections: usize,
-    /// Connections not yet authenticated at once; a new one past it closes the oldest of them
-    /// (see `ssh::admission`), so a crowd that never logs in cannot lock a real user out.
+    /// Connections not yet authenticated at once; a new one past it closes the oldest of the
+    /// address holding the most (see `ssh::admission`), so a crowd that never logs in cannot
+    /// lock a real user out.
     pub max_startups: usize,
     /// Time a client has to authenticate before it is disconnected.
     pub login_grace: Duration,

@@ -1,15 +1,19 @@
 //! Admission of connections before and at authentication.
 //!
 //! - Connections not yet authenticated have their own bound, `max_startups`. Past it a new
-//!   connection is still accepted and the *oldest* unauthenticated one is closed: a crowd
-//!   that never logs in (hundreds from one NAT) churns itself, while a real client, who
-//!   authenticates within a second, is never the oldest. The accept loop never waits.
+//!   connection is still accepted and the *oldest* unauthenticated one of the address with
+//!   the most of them is closed: a crowd that never logs in (hundreds from one NAT) churns
+//!   itself, a client from another address is not touched, and a real client behind the
+//!   crowd's NAT, who authenticates within a second, is never its oldest. The accept loop
+//!   never waits.
 //! - An authenticated connection counts against `max_connections`; a login past it is
 //!   refused.
 //! - A refusal to an address that keeps failing waits its back-off ([`super::throttle`]),
 //!   once per connection; a successful login never waits.
 
-use std::collections::BTreeMap;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::Hash;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -20,48 +24,74 @@ use tracing::{debug, warn};
 
 use super::throttle::{FailureTable, Source, ThrottlePolicy};
 
-/// Connections not yet authenticated, oldest first, at most `max` of them.
+/// Connections not yet authenticated, at most `max` of them, grouped by where they come
+/// from (`K`) and oldest first within each group.
 #[derive(Debug)]
-pub struct Startups<T> {
+pub struct Startups<K, T> {
     /// The bound.
     max: usize,
-    /// By connection id; ids grow with accept order, so the first entry is the oldest.
-    waiting: BTreeMap<u64, T>,
+    /// By source, then by connection id; ids grow with accept order, so a group's first
+    /// entry is its oldest.
+    waiting: HashMap<K, BTreeMap<u64, T>>,
+    /// Connections waiting, over all sources.
+    len: usize,
 }
 
-impl<T> Startups<T> {
+impl<K: Hash + Eq + Copy, T> Startups<K, T> {
     /// An empty set bounded at `max` (at least 1).
-    pub fn new(max: usize) -> Startups<T> {
+    pub fn new(max: usize) -> Startups<K, T> {
         Startups {
             max: max.max(1),
-            waiting: BTreeMap::new(),
+            waiting: HashMap::new(),
+            len: 0,
         }
     }
 
-    /// Adds connection `id` (newer than any before it); returns the oldest one it pushes out
-    /// when the set was full.
-    pub fn admit(&mut self, id: u64, item: T) -> Option<(u64, T)> {
-        self.waiting.insert(id, item);
-        if self.waiting.len() > self.max {
-            self.waiting.pop_first()
-        } else {
-            None
+    /// Adds connection `id` (newer than any before it) from `source`; when that makes one
+    /// too many, pushes out and returns the oldest connection of the source with the most
+    /// waiting (the crowd pays, not a client from elsewhere; a tie goes to the source
+    /// holding the oldest connection).
+    pub fn admit(&mut self, source: K, id: u64, item: T) -> Option<(u64, T)> {
+        self.waiting.entry(source).or_default().insert(id, item);
+        self.len += 1;
+        if self.len <= self.max {
+            return None;
         }
+        let crowd = self
+            .waiting
+            .iter()
+            .filter_map(|(k, m)| Some((*k, m.len(), *m.keys().next()?)))
+            .max_by_key(|(_, n, oldest)| (*n, Reverse(*oldest)))
+            .map(|(k, _, _)| k)?;
+        let group = self.waiting.get_mut(&crowd)?;
+        let out = group.pop_first();
+        if group.is_empty() {
+            self.waiting.remove(&crowd);
+        }
+        self.len -= usize::from(out.is_some());
+        out
     }
 
-    /// Takes `id` out (it authenticated, or it ended); its item if it was still there.
-    pub fn remove(&mut self, id: u64) -> Option<T> {
-        self.waiting.remove(&id)
+    /// Takes `id` from `source` out (it authenticated, or it ended); its item if it was
+    /// still there.
+    pub fn remove(&mut self, source: K, id: u64) -> Option<T> {
+        let group = self.waiting.get_mut(&source)?;
+        let item = group.remove(&id);
+        if group.is_empty() {
+            self.waiting.remove(&source);
+        }
+        self.len -= usize::from(item.is_some());
+        item
     }
 
     /// Connections waiting now.
     pub fn len(&self) -> usize {
-        self.waiting.len()
+        self.len
     }
 
     /// Whether none is waiting.
     pub fn is_empty(&self) -> bool {
-        self.waiting.is_empty()
+        self.len == 0
     }
 }
 
@@ -119,7 +149,7 @@ pub struct Full(pub usize);
 #[derive(Debug)]
 struct PreAuth {
     /// Who waits, with the means to close them.
-    startups: Startups<Arc<Closer>>,
+    startups: Startups<Source, Arc<Closer>>,
     /// Closed by the bound since the last warning.
     closed: u64,
     /// When the bound was last warned about (at most one warning a minute).
@@ -158,7 +188,7 @@ impl Admission {
     }
 
     /// Admits connection `conn` (ids grow with accept order) as unauthenticated; past
-    /// `max_startups` the oldest unauthenticated connection is closed. Returns the
+    /// `max_startups` the oldest unauthenticated connection of the largest crowd is closed. Returns the
     /// connection's ticket (for its handler) and a handle that closes it while it is
     /// unauthenticated (for the login grace timer). Fails only if the socket's descriptor
     /// cannot be duplicated (out of descriptors): the caller drops the connection.
@@ -168,6 +198,7 @@ impl Admission {
         peer: SocketAddr,
         socket: &tokio::net::TcpStream,
     ) -> std::io::Result<(Ticket, PreAuthHandle)> {
+        let source = Source::of(peer.ip());
         let closer = Arc::new(Closer::new(socket)?);
         let authenticated = Arc::new(AtomicBool::new(false));
         let handle = PreAuthHandle {
@@ -176,7 +207,7 @@ impl Admission {
         };
         let evicted = {
             let mut pre = lock(&self.pre_auth);
-            let evicted = pre.startups.admit(conn, closer);
+            let evicted = pre.startups.admit(source, conn, closer);
             if evicted.is_some() {
                 pre.closed += 1;
                 let now = Instant::now();
@@ -185,7 +216,7 @@ impl Admission {
                     .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(60))
                 {
                     warn!(
-                        "max_startups ({}) unauthenticated connections reached: closed the {} oldest",
+                        "max_startups ({}) unauthenticated connections reached: closed {} (the oldest of the largest crowd)",
                         self.max_startups, pre.closed
                     );
                     pre.warned = Some(now);
@@ -204,7 +235,7 @@ impl Admission {
         let ticket = Ticket {
             admission: self.clone(),
             conn,
-            source: Source::of(peer.ip()),
+            source,
             authenticated,
             permit: None,
             delayed: false,
@@ -251,7 +282,9 @@ impl Ticket {
             .map_err(|_| Full(self.admission.max_connections))?;
         self.permit = Some(permit);
         self.authenticated.store(true, Ordering::SeqCst);
-        lock(&self.admission.pre_auth).startups.remove(self.conn);
+        lock(&self.admission.pre_auth)
+            .startups
+            .remove(self.source, self.conn);
         Ok(())
     }
 
@@ -274,7 +307,9 @@ impl Ticket {
 impl Drop for Ticket {
     fn drop(&mut self) {
         if self.permit.is_none() {
-            lock(&self.admission.pre_auth).startups.remove(self.conn);
+            lock(&self.admission.pre_auth)
+                .startups
+                .remove(self.source, self.conn);
         }
     }
 }
@@ -289,29 +324,31 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 mod tests {
     use super::*;
 
+    const NAT: u8 = 7;
+
     #[test]
     fn past_the_bound_the_oldest_is_pushed_out() {
         let mut s = Startups::new(3);
         for id in 1..=3 {
-            assert_eq!(s.admit(id, id * 10), None);
+            assert_eq!(s.admit(NAT, id, id * 10), None);
         }
-        assert_eq!(s.admit(4, 40), Some((1, 10)));
-        assert_eq!(s.admit(5, 50), Some((2, 20)));
+        assert_eq!(s.admit(NAT, 4, 40), Some((1, 10)));
+        assert_eq!(s.admit(NAT, 5, 50), Some((2, 20)));
         assert_eq!(s.len(), 3);
     }
 
     #[test]
     fn an_authenticated_connection_leaves_and_is_never_pushed_out() {
         let mut s = Startups::new(2);
-        s.admit(1, ());
-        s.admit(2, ());
+        s.admit(NAT, 1, ());
+        s.admit(NAT, 2, ());
         // Connection 1 authenticates: it leaves the set, making room.
-        assert_eq!(s.remove(1), Some(()));
-        assert_eq!(s.admit(3, ()), None);
+        assert_eq!(s.remove(NAT, 1), Some(()));
+        assert_eq!(s.admit(NAT, 3, ()), None);
         // The crowd goes on arriving: 2, then 3 are pushed out, never 1 again.
-        assert_eq!(s.admit(4, ()).map(|e| e.0), Some(2));
-        assert_eq!(s.admit(5, ()).map(|e| e.0), Some(3));
-        assert_eq!(s.remove(1), None);
+        assert_eq!(s.admit(NAT, 4, ()).map(|e| e.0), Some(2));
+        assert_eq!(s.admit(NAT, 5, ()).map(|e| e.0), Some(3));
+        assert_eq!(s.remove(NAT, 1), None);
         assert_eq!(s.len(), 2);
     }
 
@@ -323,20 +360,50 @@ mod tests {
         let mut pushed_out = Vec::new();
         for _ in 0..300 {
             next += 1;
-            pushed_out.extend(s.admit(next, ()).map(|e| e.0));
+            pushed_out.extend(s.admit(NAT, next, ()).map(|e| e.0));
         }
         next += 1;
         let real = next;
-        pushed_out.extend(s.admit(real, ()).map(|e| e.0));
+        pushed_out.extend(s.admit(NAT, real, ()).map(|e| e.0));
         // Up to max - 1 newer crowd connections arrive before she authenticates.
         for _ in 0..max - 1 {
             next += 1;
-            pushed_out.extend(s.admit(next, ()).map(|e| e.0));
+            pushed_out.extend(s.admit(NAT, next, ()).map(|e| e.0));
         }
         assert!(!pushed_out.contains(&real));
-        assert_eq!(s.remove(real), Some(()), "she is still waiting, not closed");
+        assert_eq!(
+            s.remove(NAT, real),
+            Some(()),
+            "she is still waiting, not closed"
+        );
         // Every arrival past the bound pushed out one crowd connection.
         assert_eq!(pushed_out.len(), 300 + 1 + (max - 1) - max);
+    }
+
+    #[test]
+    fn the_largest_crowd_pays_and_other_addresses_keep_their_connections() {
+        let mut s = Startups::new(10);
+        // Two clients from elsewhere arrive first, so they are the oldest of all.
+        s.admit(1u8, 1, ());
+        s.admit(2u8, 2, ());
+        let mut pushed_out = Vec::new();
+        for id in 3..1000 {
+            pushed_out.extend(s.admit(NAT, id, ()));
+        }
+        assert!(
+            pushed_out.iter().all(|(id, _)| *id >= 3),
+            "only the crowd is closed"
+        );
+        assert_eq!(s.remove(1, 1), Some(()));
+        assert_eq!(s.remove(2, 2), Some(()));
+        // Equal crowds: the one holding the oldest connection gives it up.
+        let mut s = Startups::new(4);
+        s.admit(1u8, 1, ());
+        s.admit(2u8, 2, ());
+        s.admit(2u8, 3, ());
+        s.admit(1u8, 4, ());
+        assert_eq!(s.admit(3u8, 5, ()).map(|e| e.0), Some(1));
+        assert_eq!(s.len(), 4);
     }
 
     #[tokio::test]
