@@ -30,6 +30,22 @@ fn stalled(addr: std::net::SocketAddr, hello: bool) -> TcpStream {
     s
 }
 
+/// A stalled connection from 127.0.0.2 (another address on the loopback network).
+fn from_other_address(addr: std::net::SocketAddr) -> TcpStream {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .unwrap();
+    let s = rt.block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        socket.connect(addr).await.unwrap()
+    });
+    let s = s.into_std().unwrap();
+    s.set_nonblocking(true).unwrap();
+    s
+}
+
 /// Whether the gateway has closed `s` (end of file, or reset), reading what it sent so far.
 fn closed_by_gateway(s: &mut TcpStream) -> bool {
     let mut buf = [0u8; 4096];
@@ -61,6 +77,9 @@ fn a_crowd_that_never_logs_in_does_not_lock_out_a_real_user() {
     let pid = gw.pid();
     let base_fds = fd_count(pid);
 
+    // A client from another address, stalled before the crowd arrives: the oldest of all.
+    let mut elsewhere = from_other_address(gw.addr);
+
     // 300 connections from one address: half silent, half stalled after their version line.
     let mut crowd: Vec<TcpStream> = (0..300).map(|i| stalled(gw.addr, i % 2 == 1)).collect();
     let mut closed = vec![false; crowd.len()];
@@ -76,6 +95,10 @@ fn a_crowd_that_never_logs_in_does_not_lock_out_a_real_user() {
     assert!(
         !closed[crowd.len() - 1],
         "the newest of the crowd is still waiting"
+    );
+    assert!(
+        !closed_by_gateway(&mut elsewhere),
+        "the crowd closed a client from another address"
     );
     // The gateway holds at most max_startups of them (each with a second descriptor that
     // closes it) once the closed ones' tasks have ended.
