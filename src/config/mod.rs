@@ -137,8 +137,12 @@ pub struct ServerConfig {
     pub host_key: PathBuf,
     /// Directory of `NAME.pub` key files: one file per user.
     pub keys_dir: PathBuf,
-    /// Connections served at once; more wait in the kernel's backlog.
+    /// Authenticated connections at once; a login past it is refused (and logged).
     pub max_connections: usize,
+    /// Connections not yet authenticated at once; a new one past it closes the oldest of the
+    /// address holding the most (see `ssh::admission`), so a crowd that never logs in cannot
+    /// lock a real user out.
+    pub max_startups: usize,
     /// Time a client has to authenticate before it is disconnected.
     pub login_grace: Duration,
     /// Interval of SSH keepalives to an otherwise silent client; three missed answers end it.
@@ -327,6 +331,7 @@ struct RawServer {
     host_key: Option<PathBuf>,
     keys_dir: Option<PathBuf>,
     max_connections: Option<Positive>,
+    max_startups: Option<Positive>,
     login_grace: Option<HumanDuration>,
     keepalive: Option<HumanDuration>,
     motd: Option<String>,
@@ -575,10 +580,11 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         ),
         keys_dir: resolve(raw.server.keys_dir.unwrap_or_else(|| PathBuf::from("keys"))),
         max_connections: raw.server.max_connections.map_or(1024, |n| n.0 as usize),
+        max_startups: raw.server.max_startups.map_or(256, |n| n.0 as usize),
         login_grace: raw
             .server
             .login_grace
-            .map_or(Duration::from_secs(60), |d| d.0),
+            .map_or(Duration::from_secs(30), |d| d.0),
         keepalive: raw
             .server
             .keepalive

@@ -92,6 +92,7 @@ listen = "0.0.0.0:2022"
 host_key = "/var/lib/labgate/host_ed25519_key"
 keys_dir = "/etc/labgate/keys"
 max_connections = 64
+max_startups = 32
 login_grace = "20s"
 keepalive = "1m"
 
@@ -128,6 +129,7 @@ fn full_config_reads_every_field() {
     );
     assert_eq!(cfg.server.keys_dir, Path::new("/etc/labgate/keys"));
     assert_eq!(cfg.server.max_connections, 64);
+    assert_eq!(cfg.server.max_startups, 32);
     assert_eq!(cfg.server.login_grace, Duration::from_secs(20));
     assert_eq!(cfg.server.keepalive, Duration::from_secs(60));
 
@@ -186,7 +188,8 @@ fn omitted_fields_get_their_documented_defaults() {
     );
     assert_eq!(cfg.server.keys_dir, Path::new("/etc/labgate/keys"));
     assert_eq!(cfg.server.max_connections, 1024);
-    assert_eq!(cfg.server.login_grace, Duration::from_secs(60));
+    assert_eq!(cfg.server.max_startups, 256);
+    assert_eq!(cfg.server.login_grace, Duration::from_secs(30));
     assert_eq!(cfg.server.keepalive, Duration::from_secs(30));
     assert_eq!(cfg.docker.socket, Path::new("/var/run/docker.sock"));
     assert_eq!(cfg.docker.timeout, Duration::from_secs(60));
@@ -531,7 +534,7 @@ fn cpus_must_be_above_zero() {
 }
 
 #[test]
-fn pids_and_max_connections_must_be_at_least_one() {
+fn pids_max_connections_and_max_startups_must_be_at_least_one() {
     assert_err(
         "[defaults]\nimage = \"busybox\"\npids = 0\n",
         3,
@@ -542,6 +545,12 @@ fn pids_and_max_connections_must_be_at_least_one() {
         "[server]\nmax_connections = 0\n[defaults]\nimage = \"busybox\"\n",
         2,
         19,
+        &["at least 1", "not 0"],
+    );
+    assert_err(
+        "[server]\nmax_startups = 0\n[defaults]\nimage = \"busybox\"\n",
+        2,
+        16,
         &["at least 1", "not 0"],
     );
 }

@@ -8,7 +8,6 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::SystemTime;
 
 use russh::keys::PublicKey;
@@ -16,7 +15,7 @@ use russh::keys::ssh_key::Certificate;
 use russh::server::{Auth, ChannelOpenHandle, Handler, Msg, Session};
 use russh::{Channel, ChannelId, MethodKind, MethodSet};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info};
+use tracing::{Instrument, debug, info, warn};
 
 use crate::admin::metrics::metrics;
 use crate::auth::{self, AuthorizedKey, KeyOrigin, KeyStore, Refusal, Username};
@@ -24,6 +23,7 @@ use crate::forward::agent::AgentForward;
 use crate::forward::{self, RemoteForwards};
 use crate::session::registry::{ConnectionInfo, Registration};
 use crate::session::{Context, Login, channel, subsystem};
+use crate::ssh::admission::Ticket;
 
 /// Errors that end a connection.
 #[derive(Debug, thiserror::Error)]
@@ -43,8 +43,6 @@ pub struct ConnectionHandler {
     local: SocketAddr,
     /// Connection id, for logs.
     conn: u64,
-    /// Set once a key is accepted; the connection task reads it for the login grace timer.
-    authenticated: Arc<AtomicBool>,
     /// The login, once authenticated.
     login: Option<Arc<Login>>,
     /// Channels that already run a program: a second shell/exec on them is refused.
@@ -62,6 +60,9 @@ pub struct ConnectionHandler {
     end: CancellationToken,
     /// Keeps the connection in the live registry while the handler lives.
     registration: Option<Registration>,
+    /// The connection's place among unauthenticated, then authenticated connections, and
+    /// the back-off of its refusals.
+    ticket: Ticket,
 }
 
 impl Drop for ConnectionHandler {
@@ -84,16 +85,15 @@ impl ConnectionHandler {
         peer: SocketAddr,
         local: SocketAddr,
         conn: u64,
-        authenticated: Arc<AtomicBool>,
         span: tracing::Span,
         end: CancellationToken,
+        ticket: Ticket,
     ) -> Self {
         Self {
             ctx,
             peer,
             local,
             conn,
-            authenticated,
             login: None,
             started: HashSet::new(),
             span,
@@ -102,6 +102,7 @@ impl ConnectionHandler {
             agent: Arc::default(),
             end,
             registration: None,
+            ticket,
         }
     }
 
@@ -133,8 +134,8 @@ impl ConnectionHandler {
     }
 
     /// Accepts the login `checked` allows (as `user+profile` when `profile` is given), or
-    /// notes why it was refused.
-    fn decide(
+    /// notes why it was refused (and waits the address's back-off).
+    async fn decide(
         &mut self,
         login: &str,
         profile: Option<auth::ProfileName>,
@@ -145,9 +146,14 @@ impl ConnectionHandler {
             Err(reason) => {
                 debug!(conn = self.conn, user = login, peer = %self.peer, %reason, "authentication refused");
                 self.note_refusal(login, reason);
+                self.ticket.refused().await;
                 return Self::publickey_only();
             }
         };
+        if let Err(full) = self.ticket.authenticate() {
+            warn!(conn = self.conn, user = %user, peer = %self.peer, "login refused: {full}");
+            return Self::publickey_only();
+        }
         let (quota, denied) = crate::session::login_quota(&self.ctx, &user, profile.as_ref());
         self.span.record("user", user.as_str());
         let _e = self.span.enter();
@@ -185,7 +191,6 @@ impl ConnectionHandler {
             self.end.clone(),
         ));
         self.login = Some(login);
-        self.authenticated.store(true, Ordering::SeqCst);
         Auth::Accept
     }
 
@@ -204,6 +209,7 @@ impl Handler for ConnectionHandler {
 
     async fn auth_password(&mut self, user: &str, _password: &str) -> Result<Auth, Self::Error> {
         debug!(conn = self.conn, user, peer = %self.peer, "password authentication refused: disabled");
+        self.ticket.refused().await;
         Ok(Self::publickey_only())
     }
 
@@ -231,6 +237,7 @@ impl Handler for ConnectionHandler {
             Err(reason) => {
                 debug!(conn = self.conn, user, peer = %self.peer, %reason, "key offer refused");
                 self.note_refusal(user, reason);
+                self.ticket.refused().await;
                 Ok(Self::publickey_only())
             }
         }
@@ -245,7 +252,7 @@ impl Handler for ConnectionHandler {
         let (account, profile) = split_login(user);
         let now = SystemTime::now();
         let checked = auth::check_key(&self.keys(), &account, public, self.peer.ip(), now).await;
-        Ok(self.decide(user, profile, checked))
+        Ok(self.decide(user, profile, checked).await)
     }
 
     async fn auth_openssh_certificate(
@@ -265,7 +272,7 @@ impl Handler for ConnectionHandler {
             SystemTime::now(),
         )
         .await;
-        Ok(self.decide(user, profile, checked))
+        Ok(self.decide(user, profile, checked).await)
     }
 
     async fn channel_open_session(

@@ -1,27 +1,31 @@
 //! The SSH server: algorithms and limits, the accept loop, one task per connection.
 //!
 //! The accept loop is labgate's own (not russh's `run_on_socket`, which ends the server on the
-//! first accept error): a semaphore bounds connections, accept errors back off, every
-//! connection runs in its own task under a tracing span (`conn`, `peer`, `user`) and is
-//! disconnected if it has not authenticated within `login_grace`.
+//! first accept error): it never waits for a place (`admission` bounds unauthenticated
+//! connections by closing the oldest, authenticated ones at login), accept errors back off,
+//! every connection runs in its own task under a tracing span (`conn`, `peer`, `user`) and is
+//! disconnected if it has not authenticated within `login_grace` of its TCP connect.
 
+pub mod admission;
 pub mod handler;
 pub mod hostkey;
+pub mod throttle;
 
 use std::borrow::Cow;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use russh::keys::{Algorithm, EcdsaCurve, HashAlg, PrivateKey};
 use russh::server::Config as RusshConfig;
 use russh::{MethodKind, MethodSet, Preferred, cipher, kex, mac};
-use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tracing::{Instrument, debug, info, warn};
 
 use crate::config::ServerConfig;
 use crate::session::Context;
+use admission::{Admission, PreAuthHandle};
 use handler::ConnectionHandler;
 
 /// The russh server configuration labgate uses: public key only, modern algorithms,
@@ -92,7 +96,8 @@ pub fn russh_config(server: &ServerConfig, host_key: PrivateKey) -> RusshConfig 
 }
 
 /// Serves SSH on `listener` until `shutdown` turns true; then asks every connection to close
-/// and returns once they have (or after a few seconds).
+/// and returns once they have (or after a few seconds). The loop never waits for a place:
+/// [`admission::Admission`] bounds unauthenticated connections by closing the oldest.
 pub async fn serve(
     listener: TcpListener,
     ctx: Arc<Context>,
@@ -100,15 +105,11 @@ pub async fn serve(
     server: ServerConfig,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let limit = Arc::new(Semaphore::new(server.max_connections));
+    let admission = Admission::new(server.max_startups, server.max_connections);
     let next_id = AtomicU64::new(1);
     let mut backoff = Duration::from_millis(10);
     let tasks = tokio_util::task::TaskTracker::new();
     loop {
-        let permit = tokio::select! {
-            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            _ = stopped(&mut shutdown) => break,
-        };
         let (socket, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => { backoff = Duration::from_millis(10); x }
@@ -124,7 +125,13 @@ pub async fn serve(
         let _ = socket.set_nodelay(true);
         let local = socket.local_addr().unwrap_or(server.listen);
         let conn = next_id.fetch_add(1, Ordering::Relaxed);
-        let authenticated = Arc::new(AtomicBool::new(false));
+        let (ticket, pre_auth) = match admission.admit(conn, peer, &socket) {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(%peer, "connection dropped: {e}");
+                continue;
+            }
+        };
         let end = tokio_util::sync::CancellationToken::new();
         let span = tracing::info_span!("conn", conn, peer = %peer, user = tracing::field::Empty);
         let handler = ConnectionHandler::new(
@@ -132,64 +139,17 @@ pub async fn serve(
             peer,
             local,
             conn,
-            authenticated.clone(),
             span.clone(),
             end.clone(),
+            ticket,
         );
-        let config = config.clone();
-        let grace = server.login_grace;
-        let mut shutdown = shutdown.clone();
-        tasks.spawn(
-            async move {
-                let _permit = permit;
-                debug!("connected");
-                let session = match russh::server::run_stream(config, socket, handler).await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        debug!("handshake failed: {e}");
-                        log_alive_tasks();
-                        return;
-                    }
-                };
-                let handle = session.handle();
-                tokio::pin!(session);
-                let login_timer = tokio::time::sleep(grace);
-                tokio::pin!(login_timer);
-                let mut timer_armed = true;
-                loop {
-                    tokio::select! {
-                        result = &mut session => {
-                            match result {
-                                Ok(()) => debug!("disconnected"),
-                                Err(e) => debug!("connection ended: {e}"),
-                            }
-                            break;
-                        }
-                        _ = &mut login_timer, if timer_armed => {
-                            timer_armed = false;
-                            if !authenticated.load(Ordering::SeqCst) {
-                                info!("no login within {grace:?}: disconnecting");
-                                let _ = handle.disconnect(russh::Disconnect::ByApplication, "login grace time exceeded".into(), String::new()).await;
-                            }
-                        }
-                        _ = end.cancelled() => {
-                            info!("ended by the gateway (admin kick or key removed)");
-                            let _ = handle.disconnect(russh::Disconnect::ByApplication, "connection ended by labgate (admin kick, or its key was removed)".into(), String::new()).await;
-                            let _ = tokio::time::timeout(Duration::from_secs(3), &mut session).await;
-                            break;
-                        }
-                        _ = stopped(&mut shutdown) => {
-                            let _ = handle.disconnect(russh::Disconnect::ByApplication, "labgate is shutting down".into(), String::new()).await;
-                            // Let the session end so its channels hang up their processes.
-                            let _ = tokio::time::timeout(Duration::from_secs(3), &mut session).await;
-                            break;
-                        }
-                    }
-                }
-                log_alive_tasks();
-            }
-            .instrument(span),
-        );
+        let watch = ConnectionWatch {
+            grace: server.login_grace,
+            pre_auth,
+            end,
+            shutdown: shutdown.clone(),
+        };
+        tasks.spawn(run_connection(config.clone(), socket, handler, watch).instrument(span));
     }
     tasks.close();
     if tokio::time::timeout(Duration::from_secs(5), tasks.wait())
@@ -198,6 +158,91 @@ pub async fn serve(
     {
         warn!("some connections did not close in time");
     }
+}
+
+/// What a connection's task watches besides its session.
+struct ConnectionWatch {
+    /// `login_grace`, counted from the TCP accept.
+    grace: Duration,
+    /// Whether it authenticated; closes it while it has not.
+    pre_auth: PreAuthHandle,
+    /// Cancelled to end the connection (admin kick, key removed).
+    end: tokio_util::sync::CancellationToken,
+    /// The gateway's shutdown.
+    shutdown: watch::Receiver<bool>,
+}
+
+/// One connection from accept to close: the version exchange and the session, under the
+/// login grace timer, an admin kick and the gateway's shutdown.
+async fn run_connection(
+    config: Arc<RusshConfig>,
+    socket: TcpStream,
+    handler: ConnectionHandler,
+    mut w: ConnectionWatch,
+) {
+    debug!("connected");
+    let grace = w.grace;
+    let login_timer = tokio::time::sleep(grace);
+    tokio::pin!(login_timer);
+    // A client that never sends its version line waits here: the timer covers it too.
+    let session = tokio::select! {
+        r = russh::server::run_stream(config, socket, handler) => match r {
+            Ok(s) => s,
+            Err(e) => {
+                debug!("handshake failed: {e}");
+                log_alive_tasks();
+                return;
+            }
+        },
+        _ = &mut login_timer => {
+            info!("no SSH version line within {grace:?}: disconnecting");
+            log_alive_tasks();
+            return;
+        }
+        _ = stopped(&mut w.shutdown) => return,
+    };
+    let handle = session.handle();
+    tokio::pin!(session);
+    let mut timer_armed = !w.pre_auth.is_authenticated();
+    loop {
+        tokio::select! {
+            result = &mut session => {
+                match result {
+                    Ok(()) => debug!("disconnected"),
+                    Err(e) => debug!("connection ended: {e}"),
+                }
+                break;
+            }
+            _ = &mut login_timer, if timer_armed => {
+                timer_armed = false;
+                if !w.pre_auth.is_authenticated() {
+                    info!("no login within {grace:?}: disconnecting");
+                    let _ = tokio::time::timeout(Duration::from_secs(1), handle.disconnect(russh::Disconnect::ByApplication, "login grace time exceeded".into(), String::new())).await;
+                    // russh does not act on a disconnect in the middle of a key exchange:
+                    // close the socket if the session has not ended by itself.
+                    if tokio::time::timeout(Duration::from_secs(1), &mut session).await.is_ok() {
+                        break;
+                    }
+                    w.pre_auth.close();
+                }
+            }
+            _ = w.end.cancelled() => {
+                info!("ended by the gateway (admin kick or key removed)");
+                let _ = handle.disconnect(russh::Disconnect::ByApplication, "connection ended by labgate (admin kick, or its key was removed)".into(), String::new()).await;
+                let _ = tokio::time::timeout(Duration::from_secs(3), &mut session).await;
+                break;
+            }
+            _ = stopped(&mut w.shutdown) => {
+                // One stalled in its key exchange would not act on the disconnect.
+                w.pre_auth.close();
+                let _ = handle.disconnect(russh::Disconnect::ByApplication, "labgate is shutting down".into(), String::new()).await;
+                // Let the session end so its channels hang up their processes.
+                let _ = tokio::time::timeout(Duration::from_secs(3), &mut session).await;
+                break;
+            }
+        }
+    }
+    log_alive_tasks();
 }
 
 /// Logs how many tokio tasks are alive, at debug level under the `labgate::leaks` target,

@@ -123,8 +123,14 @@ impl Gateway {
             tail = tail.replace(&format!("{{u{i}}}"), u);
             defaults_extra = defaults_extra.replace(&format!("{{u{i}}}"), u);
         }
+        // A test may set its own login grace.
+        let grace = if server_extra.contains("login_grace") {
+            ""
+        } else {
+            "login_grace = \"20s\"\n"
+        };
         let config_text = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nhost_key = \"host_key\"\nkeys_dir = \"keys\"\nlogin_grace = \"20s\"\n{server_extra}\n\n\
+            "[server]\nlisten = \"127.0.0.1:0\"\nhost_key = \"host_key\"\nkeys_dir = \"keys\"\n{grace}{server_extra}\n\n\
              [admin]\nsocket = \"admin.sock\"\nlisten = \"127.0.0.1:0\"\naudit_log = \"audit.jsonl\"\n\n\
              [defaults]\nimage = \"{IMAGE}\"\nmemory = \"256M\"\ncpus = 0.5\nshm = \"32M\"\npids = 128\nhome = \"home/{{user}}\"\n{defaults_extra}\n\n{tail}\n"
         );
