@@ -100,6 +100,23 @@ fn a_crowd_that_never_logs_in_does_not_lock_out_a_real_user() {
         !closed_by_gateway(&mut elsewhere),
         "the crowd closed a client from another address"
     );
+    // The admin sees it in the metrics.
+    let (_, page) = gw.http_get("/metrics");
+    let closed_metric: f64 = page
+        .lines()
+        .find_map(|l| l.strip_prefix("labgate_startups_closed_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no labgate_startups_closed_total in {page}"));
+    assert!(
+        closed_metric >= (crowd.len() - max_startups) as f64,
+        "{page}"
+    );
+    let waiting: f64 = page
+        .lines()
+        .find_map(|l| l.strip_prefix("labgate_unauthenticated_connections "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no labgate_unauthenticated_connections in {page}"));
+    assert!(waiting <= max_startups as f64, "{page}");
     // The gateway holds at most max_startups of them (each with a second descriptor that
     // closes it) once the closed ones' tasks have ended.
     let bound = base_fds + 2 * max_startups + 10;

@@ -32,6 +32,9 @@ pub struct Metrics {
     gpus_total: Gauge,
     reloads: Family<Label, Counter>,
     idle_stops: Counter,
+    unauthenticated: Gauge,
+    startups_closed: Counter,
+    auth_backoffs: Counter,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -61,6 +64,9 @@ impl Metrics {
             gpus_total: Gauge::default(),
             reloads: Family::default(),
             idle_stops: Counter::default(),
+            unauthenticated: Gauge::default(),
+            startups_closed: Counter::default(),
+            auth_backoffs: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -118,6 +124,21 @@ impl Metrics {
             "Containers stopped for being idle",
             m.idle_stops.clone(),
         );
+        registry.register(
+            "unauthenticated_connections",
+            "Connections that have not authenticated yet (bounded by max_startups)",
+            m.unauthenticated.clone(),
+        );
+        registry.register(
+            "startups_closed",
+            "Unauthenticated connections closed because max_startups was reached",
+            m.startups_closed.clone(),
+        );
+        registry.register(
+            "auth_backoffs",
+            "Times an address started backing off after repeated authentication failures",
+            m.auth_backoffs.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -170,6 +191,22 @@ impl Metrics {
     /// Counts a container stopped for idleness.
     pub fn idle_stop(&self) {
         self.idle_stops.inc();
+    }
+
+    /// Sets how many connections wait unauthenticated.
+    pub fn unauthenticated(&self, n: usize) {
+        self.unauthenticated
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Counts an unauthenticated connection closed by `max_startups`.
+    pub fn startup_closed(&self) {
+        self.startups_closed.inc();
+    }
+
+    /// Counts an address starting to back off.
+    pub fn auth_backoff(&self) {
+        self.auth_backoffs.inc();
     }
 
     /// Holds one open connection in the gauge until dropped.

@@ -22,6 +22,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, warn};
 
+use crate::admin::metrics::metrics;
+
 use super::throttle::{FailureTable, Source, ThrottlePolicy};
 
 /// Connections not yet authenticated, at most `max` of them, grouped by where they come
@@ -208,7 +210,9 @@ impl Admission {
         let evicted = {
             let mut pre = lock(&self.pre_auth);
             let evicted = pre.startups.admit(source, conn, closer);
+            metrics().unauthenticated(pre.startups.len());
             if evicted.is_some() {
+                metrics().startup_closed();
                 pre.closed += 1;
                 let now = Instant::now();
                 if pre
@@ -282,9 +286,9 @@ impl Ticket {
             .map_err(|_| Full(self.admission.max_connections))?;
         self.permit = Some(permit);
         self.authenticated.store(true, Ordering::SeqCst);
-        lock(&self.admission.pre_auth)
-            .startups
-            .remove(self.source, self.conn);
+        let mut pre = lock(&self.admission.pre_auth);
+        pre.startups.remove(self.source, self.conn);
+        metrics().unauthenticated(pre.startups.len());
         Ok(())
     }
 
@@ -295,6 +299,7 @@ impl Ticket {
     pub async fn refused(&mut self) {
         let verdict = lock(&self.admission.failures).fail(self.source, Instant::now());
         if verdict.started {
+            metrics().auth_backoff();
             warn!(source = %self.source, "auth failures from {}: backing off", self.source);
         }
         if !verdict.delay.is_zero() && !self.delayed {
@@ -307,9 +312,9 @@ impl Ticket {
 impl Drop for Ticket {
     fn drop(&mut self) {
         if self.permit.is_none() {
-            lock(&self.admission.pre_auth)
-                .startups
-                .remove(self.source, self.conn);
+            let mut pre = lock(&self.admission.pre_auth);
+            pre.startups.remove(self.source, self.conn);
+            metrics().unauthenticated(pre.startups.len());
         }
     }
 }
