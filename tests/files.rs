@@ -18,9 +18,18 @@ use common::{Gateway, ensure_debian_image};
 /// A user table giving user 0 the Debian image and a uid:gid of its own.
 const DEBIAN_USER: &str = "[users.{u0}]\nimage = \"labgate/debian:test\"\nuid = 1000\ngid = 1001\n";
 
+/// A `[docker]` table mounting labgate's static relay (built once), which the sftp
+/// subsystem's direct path runs; `extra` goes into the same table.
+fn relay_docker(extra: &str) -> String {
+    format!(
+        "[docker]\nrelay_helper = \"{}\"\n{extra}\n",
+        common::static_helper("labgate-relay").display()
+    )
+}
+
 fn debian_gateway() -> Gateway {
     ensure_debian_image();
-    Gateway::start(1, "", DEBIAN_USER)
+    Gateway::start(1, "", &format!("{}{DEBIAN_USER}", relay_docker("")))
 }
 
 /// User 0's home on the host.
@@ -328,9 +337,13 @@ fn git_clones_and_pushes_over_ssh_with_protocol_v2() {
 
 /// A `[docker]` table mounting labgate's static sftp server (built once).
 fn fallback_tail() -> String {
-    format!(
-        "[docker]\nsftp_helper = \"{}\"\n\n[users.{{u0}}]\nuid = 1000\ngid = 1001\n",
+    let sftp = format!(
+        "sftp_helper = \"{}\"",
         common::static_helper("labgate-sftp").display()
+    );
+    format!(
+        "{}\n[users.{{u0}}]\nuid = 1000\ngid = 1001\n",
+        relay_docker(&sftp)
     )
 }
 
@@ -462,5 +475,102 @@ fn sftp_without_any_sftp_server_fails_clearly_and_other_subsystems_are_refused()
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("subsystem request failed"),
         "{out:?}"
+    );
+}
+
+/// An sftp session of user 0 held open (its stdin is never written to or closed until the
+/// child is dropped), once its server runs; returns it with what the server's stdin is, as
+/// the container sees it (`socket:[N]` or `pipe:[N]`).
+fn held_sftp_session(gw: &Gateway) -> (std::process::Child, String) {
+    let mut ssh = gw.ssh(0);
+    ssh.args(["-s", "sftp"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let child = ssh.spawn().unwrap();
+    let mut fd0 = String::new();
+    let running = common::eventually(Duration::from_secs(60), || {
+        fd0 = gw.ok(
+            0,
+            "for p in $(pgrep -x sftp-server); do readlink /proc/$p/fd/0; done",
+        );
+        !fd0.is_empty()
+    });
+    assert!(running, "no sftp-server ran:\n{}", gw.log());
+    (child, fd0.trim().to_owned())
+}
+
+/// Byte-exact `put` then `get` of a few MiB through sftp as user 0.
+fn round_trip(gw: &Gateway, seed: u64) {
+    let local = tempfile::tempdir().unwrap();
+    let data = random_bytes(6 << 20, seed);
+    std::fs::write(local.path().join("up.bin"), &data).unwrap();
+    must(
+        gw,
+        sftp(
+            gw,
+            0,
+            "put up.bin rt.bin\nget rt.bin down.bin\n",
+            local.path(),
+        ),
+    );
+    assert!(
+        std::fs::read(home(gw).join("rt.bin")).unwrap() == data,
+        "uploaded bytes differ"
+    );
+    assert!(
+        std::fs::read(local.path().join("down.bin")).unwrap() == data,
+        "downloaded bytes differ"
+    );
+}
+
+#[test]
+fn sftp_runs_on_a_private_one_shot_socket_that_is_gone_once_connected() {
+    let gw = debian_gateway();
+    round_trip(&gw, 9);
+    assert!(
+        gw.log().contains("subsystem on the direct path"),
+        "{}",
+        gw.log()
+    );
+
+    // While a session runs, its server talks over a socket (not the engine's exec pipes), and
+    // the socket's directory is already gone: nobody else can connect to it.
+    let (mut child, fd0) = held_sftp_session(&gw);
+    assert!(fd0.starts_with("socket:"), "sftp-server's stdin: {fd0}");
+    assert_eq!(
+        gw.ok(0, "ls -d /tmp/labgate-sftp-* 2>/dev/null | wc -l")
+            .trim(),
+        "0"
+    );
+    drop(child.stdin.take());
+    let _ = child.wait();
+    assert!(
+        common::eventually(Duration::from_secs(20), || {
+            gw.ok(0, "pgrep -x sftp-server | wc -l").trim() == "0"
+        }),
+        "the server ended with its session"
+    );
+    assert_eq!(
+        gw.ok(0, "ls -d /tmp/labgate-sftp-* 2>/dev/null | wc -l")
+            .trim(),
+        "0"
+    );
+}
+
+#[test]
+fn sftp_still_runs_on_the_exec_stream_when_forwards_do_not_enter_namespaces() {
+    ensure_debian_image();
+    let tail = format!("{}{DEBIAN_USER}", relay_docker("forward_via = \"exec\""));
+    let gw = Gateway::start(1, "", &tail);
+    round_trip(&gw, 10);
+    let (mut child, fd0) = held_sftp_session(&gw);
+    assert!(fd0.starts_with("pipe:"), "sftp-server's stdin: {fd0}");
+    drop(child.stdin.take());
+    let _ = child.wait();
+    assert!(
+        !gw.log().contains("subsystem on the direct path"),
+        "{}",
+        gw.log()
     );
 }

@@ -104,6 +104,37 @@ pub async fn connect_unix(pid: i32, path: PathBuf) -> io::Result<tokio::net::Uni
     tokio::net::UnixStream::from_std(stream)
 }
 
+/// Connects to the unix socket at `path` inside the container's mount namespace, like
+/// [`connect_unix`], but only to a socket file itself (never through a symlink) whose
+/// listener runs as the file's owner: a socket the owner made, never one they merely
+/// pointed at (a swap between the check and the connect is caught by the owner check).
+pub async fn connect_unix_owned(pid: i32, path: PathBuf) -> io::Result<tokio::net::UnixStream> {
+    let (stream, owner) = in_namespace(pid, Namespace::Mount, move || {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let meta = std::fs::symlink_metadata(&path)?;
+        if !meta.file_type().is_socket() {
+            return Err(io::Error::other(format!(
+                "{} is not a socket",
+                path.display()
+            )));
+        }
+        Ok((std::os::unix::net::UnixStream::connect(&path)?, meta.uid()))
+    })
+    .await?;
+    stream.set_nonblocking(true)?;
+    let stream = tokio::net::UnixStream::from_std(stream)?;
+    let listener = stream.peer_cred()?.uid();
+    if listener != owner {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "the socket's listener runs as uid {listener}, its file belongs to uid {owner}"
+            ),
+        ));
+    }
+    Ok(stream)
+}
+
 /// Makes a fresh directory `dir` (mode 0700) and binds a unix socket `dir/name` (mode 0600)
 /// in it, inside the mount namespace of `pid`, both owned by `owner` (uid, gid) when given.
 /// `dir` must not exist yet, so a path planted in advance is never used. The directory is
