@@ -478,9 +478,26 @@ fn sftp_without_any_sftp_server_fails_clearly_and_other_subsystems_are_refused()
     );
 }
 
+/// What the stdin of each `sftp-server` in user 0's container is (`socket:[N]` or
+/// `pipe:[N]`), read on the host (the server makes itself undumpable, so its own user cannot
+/// read its `/proc/PID/fd`).
+fn sftp_server_stdin(gw: &Gateway) -> Vec<String> {
+    let top = Command::new("docker")
+        .args(["top", &gw.container(0), "-o", "pid,comm"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&top.stdout)
+        .lines()
+        .filter_map(|l| match l.split_whitespace().collect::<Vec<_>>()[..] {
+            [pid, "sftp-server"] => std::fs::read_link(format!("/proc/{pid}/fd/0")).ok(),
+            _ => None,
+        })
+        .map(|p| p.display().to_string())
+        .collect()
+}
+
 /// An sftp session of user 0 held open (its stdin is never written to or closed until the
-/// child is dropped), once its server runs; returns it with what the server's stdin is, as
-/// the container sees it (`socket:[N]` or `pipe:[N]`).
+/// child is dropped), once its server runs; returns it with what the server's stdin is.
 fn held_sftp_session(gw: &Gateway) -> (std::process::Child, String) {
     let mut ssh = gw.ssh(0);
     ssh.args(["-s", "sftp"])
@@ -488,16 +505,14 @@ fn held_sftp_session(gw: &Gateway) -> (std::process::Child, String) {
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
     let child = ssh.spawn().unwrap();
-    let mut fd0 = String::new();
+    let mut fd0 = Vec::new();
     let running = common::eventually(Duration::from_secs(60), || {
-        fd0 = gw.ok(
-            0,
-            "for p in $(pgrep -x sftp-server); do readlink /proc/$p/fd/0; done",
-        );
+        fd0 = sftp_server_stdin(gw);
         !fd0.is_empty()
     });
     assert!(running, "no sftp-server ran:\n{}", gw.log());
-    (child, fd0.trim().to_owned())
+    assert_eq!(fd0.len(), 1, "one server: {fd0:?}");
+    (child, fd0.remove(0))
 }
 
 /// Byte-exact `put` then `get` of a few MiB through sftp as user 0.
@@ -546,9 +561,8 @@ fn sftp_runs_on_a_private_one_shot_socket_that_is_gone_once_connected() {
     drop(child.stdin.take());
     let _ = child.wait();
     assert!(
-        common::eventually(Duration::from_secs(20), || {
-            gw.ok(0, "pgrep -x sftp-server | wc -l").trim() == "0"
-        }),
+        common::eventually(Duration::from_secs(20), || sftp_server_stdin(&gw)
+            .is_empty()),
         "the server ended with its session"
     );
     assert_eq!(
@@ -573,4 +587,22 @@ fn sftp_still_runs_on_the_exec_stream_when_forwards_do_not_enter_namespaces() {
         "{}",
         gw.log()
     );
+}
+
+#[test]
+fn sftp_falls_back_to_the_exec_stream_when_the_relay_does_not_get_ready() {
+    ensure_debian_image();
+    // A "relay" that exits at once without a word, as a broken or missing one would.
+    let tail = format!("[docker]\nrelay_helper = \"/bin/true\"\n\n{DEBIAN_USER}");
+    let gw = Gateway::start(1, "", &tail);
+    round_trip(&gw, 11);
+    let log = gw.log();
+    assert!(
+        log.contains("subsystem direct path not available: using the exec stream"),
+        "{log}"
+    );
+    let (mut child, fd0) = held_sftp_session(&gw);
+    assert!(fd0.starts_with("pipe:"), "sftp-server's stdin: {fd0}");
+    drop(child.stdin.take());
+    let _ = child.wait();
 }

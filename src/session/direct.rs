@@ -106,7 +106,7 @@ pub async fn exec(
         let early = tokio::time::timeout(READY_WAIT, wait_ready(&mut exec.output))
             .await
             .map_err(|_| DirectError::NotReady("no answer in time".into()))??;
-        let socket = netns::connect_unix_owned(pid, PathBuf::from(&dir).join(SOCKET_NAME))
+        let socket = netns::connect_unix_owned(pid, PathBuf::from(&dir), SOCKET_NAME)
             .await
             .map_err(DirectError::Connect)?;
         Ok::<_, DirectError>((early, socket))
