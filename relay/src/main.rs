@@ -1,5 +1,6 @@
-//! labgate's in-container relay, the forwarding path used when the gateway cannot enter a
-//! container's namespaces (it runs rootless, or without the host PID namespace).
+//! labgate's in-container relay: the forwarding path used when the gateway cannot enter a
+//! container's namespaces (it runs rootless, or without the host PID namespace), and, where it
+//! can, the socket that carries the sftp subsystem past the container engine (`serve`).
 //!
 //! The gateway bind-mounts this static binary read-only into every container and execs it:
 //!
