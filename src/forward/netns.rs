@@ -192,7 +192,7 @@ pub fn remove_dir_detached(pid: i32, dir: PathBuf) {
             }
         });
     if let Err(e) = spawned {
-        tracing::debug!("cannot clean an agent socket directory: {e}");
+        tracing::debug!("cannot clean a socket directory: {e}");
     }
 }
 

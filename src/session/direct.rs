@@ -116,9 +116,12 @@ pub async fn exec(
         Ok(c) => c,
         Err(e) => {
             exec.control.hangup().await;
+            // A relay hung up while waiting for its connection leaves its directory behind.
+            netns::remove_dir_detached(pid, PathBuf::from(&dir));
             return Err(e);
         }
     };
+    // The exec's own stdin (the engine's stream) stays unused: the server reads the socket.
     let (read, write) = socket.into_split();
     let stdout = tokio_util::io::ReaderStream::with_capacity(read, READ_CHUNK)
         .map(|r| r.map(ExecOutput::Stdout));
