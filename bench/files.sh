@@ -76,7 +76,7 @@ files_clear() { # which
   esac
 }
 
-files_bench() {
+files_bench() { # [f1: sftp only]
   docker image inspect "$FILES_IMAGE" >/dev/null 2>&1 || scripts/debian-image debian ||
     die "cannot build $FILES_IMAGE"
   files_ssh_opts
@@ -118,6 +118,7 @@ files_bench() {
   rm -f "$T/big" "$T/lab/home/$FILES_USER/big" "$T/osh/big"
   docker exec "$FILES_UC" rm -f /root/big
 
+  [ "${1:-}" != f1 ] || return 0
   log "F2 rsync -a of $FILES_N_SMALL small files x$N_BULK"
   local d per=$((FILES_N_SMALL / 10))
   for d in $(seq 0 9); do
@@ -140,15 +141,16 @@ files_bench() {
 
 files_mbps() { awk -v b="$BYTES" -v s="$(m "$1")" 'BEGIN {printf "%.1f", b / 1e6 / s}'; }
 
-files_report() {
+files_report() { # [f1: sftp only]
   local ul uo ux dl dn dx rl ro rx
   ul=$(files_mbps f1.up.lab) uo=$(files_mbps f1.up.osh) ux=$(files_mbps f1.up.oshx)
   dl=$(files_mbps f1.down.lab) dn=$(files_mbps f1.down.osh) dx=$(files_mbps f1.down.oshx)
-  rl=$(m f2.lab) ro=$(m f2.osh) rx=$(m f2.oshx)
   row "F1 sftp upload ${SIZE_MB} MiB, MB/s" "$ul" "$uo" "$(ratio "$ul" "$uo")" \
     "higher is better; sshd + docker exec sftp-server: $ux MB/s (labgate $(ratio "$ul" "$ux")x)"
   row "F1 sftp download ${SIZE_MB} MiB, MB/s" "$dl" "$dn" "$(ratio "$dl" "$dn")" \
     "higher is better; sshd + docker exec sftp-server: $dx MB/s (labgate $(ratio "$dl" "$dx")x)"
+  [ "${1:-}" != f1 ] || return 0
+  rl=$(m f2.lab) ro=$(m f2.osh) rx=$(m f2.oshx)
   row "F2 rsync $FILES_N_SMALL small files, s" "$rl" "$ro" "$(ratio "$rl" "$ro")" \
     "lower is better; sshd + docker exec rsync: $rx s (labgate $(ratio "$rl" "$rx")x)"
 }

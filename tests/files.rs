@@ -18,9 +18,18 @@ use common::{Gateway, ensure_debian_image};
 /// A user table giving user 0 the Debian image and a uid:gid of its own.
 const DEBIAN_USER: &str = "[users.{u0}]\nimage = \"labgate/debian:test\"\nuid = 1000\ngid = 1001\n";
 
+/// A `[docker]` table mounting labgate's static relay (built once), which the sftp
+/// subsystem's direct path runs; `extra` goes into the same table.
+fn relay_docker(extra: &str) -> String {
+    format!(
+        "[docker]\nrelay_helper = \"{}\"\n{extra}\n",
+        common::static_helper("labgate-relay").display()
+    )
+}
+
 fn debian_gateway() -> Gateway {
     ensure_debian_image();
-    Gateway::start(1, "", DEBIAN_USER)
+    Gateway::start(1, "", &format!("{}{DEBIAN_USER}", relay_docker("")))
 }
 
 /// User 0's home on the host.
@@ -328,9 +337,13 @@ fn git_clones_and_pushes_over_ssh_with_protocol_v2() {
 
 /// A `[docker]` table mounting labgate's static sftp server (built once).
 fn fallback_tail() -> String {
-    format!(
-        "[docker]\nsftp_helper = \"{}\"\n\n[users.{{u0}}]\nuid = 1000\ngid = 1001\n",
+    let sftp = format!(
+        "sftp_helper = \"{}\"",
         common::static_helper("labgate-sftp").display()
+    );
+    format!(
+        "{}\n[users.{{u0}}]\nuid = 1000\ngid = 1001\n",
+        relay_docker(&sftp)
     )
 }
 
@@ -463,4 +476,133 @@ fn sftp_without_any_sftp_server_fails_clearly_and_other_subsystems_are_refused()
         String::from_utf8_lossy(&out.stderr).contains("subsystem request failed"),
         "{out:?}"
     );
+}
+
+/// What the stdin of each `sftp-server` in user 0's container is (`socket:[N]` or
+/// `pipe:[N]`), read on the host (the server makes itself undumpable, so its own user cannot
+/// read its `/proc/PID/fd`).
+fn sftp_server_stdin(gw: &Gateway) -> Vec<String> {
+    let top = Command::new("docker")
+        .args(["top", &gw.container(0), "-o", "pid,comm"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&top.stdout)
+        .lines()
+        .filter_map(|l| match l.split_whitespace().collect::<Vec<_>>()[..] {
+            [pid, "sftp-server"] => std::fs::read_link(format!("/proc/{pid}/fd/0")).ok(),
+            _ => None,
+        })
+        .map(|p| p.display().to_string())
+        .collect()
+}
+
+/// An sftp session of user 0 held open (its stdin is never written to or closed until the
+/// child is dropped), once its server runs; returns it with what the server's stdin is.
+fn held_sftp_session(gw: &Gateway) -> (std::process::Child, String) {
+    let mut ssh = gw.ssh(0);
+    ssh.args(["-s", "sftp"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let child = ssh.spawn().unwrap();
+    let mut fd0 = Vec::new();
+    let running = common::eventually(Duration::from_secs(60), || {
+        fd0 = sftp_server_stdin(gw);
+        !fd0.is_empty()
+    });
+    assert!(running, "no sftp-server ran:\n{}", gw.log());
+    assert_eq!(fd0.len(), 1, "one server: {fd0:?}");
+    (child, fd0.remove(0))
+}
+
+/// Byte-exact `put` then `get` of a few MiB through sftp as user 0.
+fn round_trip(gw: &Gateway, seed: u64) {
+    let local = tempfile::tempdir().unwrap();
+    let data = random_bytes(6 << 20, seed);
+    std::fs::write(local.path().join("up.bin"), &data).unwrap();
+    must(
+        gw,
+        sftp(
+            gw,
+            0,
+            "put up.bin rt.bin\nget rt.bin down.bin\n",
+            local.path(),
+        ),
+    );
+    assert!(
+        std::fs::read(home(gw).join("rt.bin")).unwrap() == data,
+        "uploaded bytes differ"
+    );
+    assert!(
+        std::fs::read(local.path().join("down.bin")).unwrap() == data,
+        "downloaded bytes differ"
+    );
+}
+
+#[test]
+fn sftp_runs_on_a_private_one_shot_socket_that_is_gone_once_connected() {
+    let gw = debian_gateway();
+    round_trip(&gw, 9);
+    assert!(
+        gw.log().contains("subsystem on the direct path"),
+        "{}",
+        gw.log()
+    );
+
+    // While a session runs, its server talks over a socket (not the engine's exec pipes), and
+    // the socket's directory is already gone: nobody else can connect to it.
+    let (mut child, fd0) = held_sftp_session(&gw);
+    assert!(fd0.starts_with("socket:"), "sftp-server's stdin: {fd0}");
+    assert_eq!(
+        gw.ok(0, "ls -d /tmp/labgate-sftp-* 2>/dev/null | wc -l")
+            .trim(),
+        "0"
+    );
+    drop(child.stdin.take());
+    let _ = child.wait();
+    assert!(
+        common::eventually(Duration::from_secs(20), || sftp_server_stdin(&gw)
+            .is_empty()),
+        "the server ended with its session"
+    );
+    assert_eq!(
+        gw.ok(0, "ls -d /tmp/labgate-sftp-* 2>/dev/null | wc -l")
+            .trim(),
+        "0"
+    );
+}
+
+#[test]
+fn sftp_still_runs_on_the_exec_stream_when_forwards_do_not_enter_namespaces() {
+    ensure_debian_image();
+    let tail = format!("{}{DEBIAN_USER}", relay_docker("forward_via = \"exec\""));
+    let gw = Gateway::start(1, "", &tail);
+    round_trip(&gw, 10);
+    let (mut child, fd0) = held_sftp_session(&gw);
+    assert!(fd0.starts_with("pipe:"), "sftp-server's stdin: {fd0}");
+    drop(child.stdin.take());
+    let _ = child.wait();
+    assert!(
+        !gw.log().contains("subsystem on the direct path"),
+        "{}",
+        gw.log()
+    );
+}
+
+#[test]
+fn sftp_falls_back_to_the_exec_stream_when_the_relay_does_not_get_ready() {
+    ensure_debian_image();
+    // A "relay" that exits at once without a word, as a broken or missing one would.
+    let tail = format!("[docker]\nrelay_helper = \"/bin/true\"\n\n{DEBIAN_USER}");
+    let gw = Gateway::start(1, "", &tail);
+    round_trip(&gw, 11);
+    let log = gw.log();
+    assert!(
+        log.contains("subsystem direct path not available: using the exec stream"),
+        "{log}"
+    );
+    let (mut child, fd0) = held_sftp_session(&gw);
+    assert!(fd0.starts_with("pipe:"), "sftp-server's stdin: {fd0}");
+    drop(child.stdin.take());
+    let _ = child.wait();
 }

@@ -245,7 +245,12 @@ fn sftp(gw: &Gateway, batch: &str, cwd: &std::path::Path) {
 #[test]
 fn vscode_sequence_socks_tunnel_second_connection_and_server_surviving_a_disconnect() {
     ensure_debian_image();
-    let gw = Gateway::start(1, "", DEBIAN_USER);
+    // With the relay installed, as deployed: sftp takes its direct path.
+    let tail = format!(
+        "[docker]\nrelay_helper = \"{}\"\n\n{DEBIAN_USER}",
+        common::static_helper("labgate-relay").display()
+    );
+    let gw = Gateway::start(1, "", &tail);
 
     // 1-2: install, start the detached server, reach it through -D on the remote loopback.
     let first = Connection::open(&gw, INSTALL_TCP);
@@ -286,6 +291,7 @@ fn vscode_sequence_socks_tunnel_second_connection_and_server_surviving_a_disconn
         std::fs::read_to_string(local.path().join("token.txt")).unwrap(),
         token
     );
+    assert!(gw.log().contains("subsystem on the direct path"));
 
     // 5: the first client vanishes; the detached server lives on and is still reachable
     // through the second connection; then that one ends cleanly, and a reconnect finds the

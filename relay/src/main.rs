@@ -1,5 +1,6 @@
-//! labgate's in-container relay, the forwarding path used when the gateway cannot enter a
-//! container's namespaces (it runs rootless, or without the host PID namespace).
+//! labgate's in-container relay: the forwarding path used when the gateway cannot enter a
+//! container's namespaces (it runs rootless, or without the host PID namespace), and, where it
+//! can, the socket that carries the sftp subsystem past the container engine (`serve`).
 //!
 //! The gateway bind-mounts this static binary read-only into every container and execs it:
 //!
@@ -7,7 +8,9 @@
 //! - `labgate-relay unix PATH`: connect to the unix socket `PATH` as the container sees it;
 //! - `labgate-relay resolve NAME`: print the container's addresses for `NAME`, one a line;
 //! - `labgate-relay listen DIR NAME`: a private unix socket whose connections the gateway takes
-//!   over one by one (agent forwarding, see [`listen`]).
+//!   over one by one (agent forwarding, see [`listen`]);
+//! - `labgate-relay serve DIR -- ARGV...`: run `ARGV` (the sftp server) on the one connection
+//!   the gateway makes to a private unix socket in `DIR` (see [`serve`]).
 //!
 //! After connecting it writes `connected` (or `error: REASON`) as one line on stderr, then
 //! joins stdin to the socket and the socket to stdout. Stdin EOF half-closes the socket;
@@ -20,6 +23,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 mod listen;
+mod serve;
 
 /// A connected socket of either kind.
 trait Socket: Read + Write + Send + 'static {
@@ -61,7 +65,8 @@ fn connect(args: &[String]) -> io::Result<Box<dyn Socket>> {
         [kind, path] if kind == "unix" => Ok(Box::new(UnixStream::connect(path)?)),
         _ => Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            "usage: labgate-relay tcp ADDR PORT | unix PATH | resolve NAME | listen DIR NAME",
+            "usage: labgate-relay tcp ADDR PORT | unix PATH | resolve NAME | listen DIR NAME \
+             | serve DIR -- ARGV...",
         )),
     }
 }
@@ -94,6 +99,15 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         };
+    }
+    if let [kind, dir, dashes, argv @ ..] = args.as_slice()
+        && kind == "serve"
+        && dashes == "--"
+    {
+        // Returns only when it could not serve.
+        let e = serve::run(std::path::Path::new(dir), argv);
+        eprintln!("error: {e}");
+        return ExitCode::from(127);
     }
     let socket = match connect(&args) {
         Ok(s) => s,

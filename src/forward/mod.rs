@@ -81,7 +81,7 @@ async fn container_pid(
 /// The way into a container: `Some(pid)` to enter its namespaces, `None` for the relay exec.
 /// Under `forward_via = "auto"` the first forward probes whether namespaces can be entered
 /// and the gateway logs which path it uses and why.
-async fn way_in(ctx: &Context, container: &ContainerHandle) -> Option<i32> {
+pub(crate) async fn way_in(ctx: &Context, container: &ContainerHandle) -> Option<i32> {
     let via = ctx.config.borrow().docker.forward_via;
     match via {
         ForwardVia::Namespace => container.pid,

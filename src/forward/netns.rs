@@ -104,6 +104,49 @@ pub async fn connect_unix(pid: i32, path: PathBuf) -> io::Result<tokio::net::Uni
     tokio::net::UnixStream::from_std(stream)
 }
 
+/// Connects to the socket `name` in directory `dir` inside the container's mount namespace,
+/// where the container's user may change what those paths are: `dir` itself must not be a
+/// symlink (it is entered, then `name` is looked at and reached from inside it), `name` must
+/// be a socket file, not a symlink, and its listener must run as the file's owner (a swap
+/// between the look and the connect is caught by that): a socket its owner made, never one
+/// they merely pointed at.
+pub async fn connect_unix_owned(
+    pid: i32,
+    dir: PathBuf,
+    name: &'static str,
+) -> io::Result<tokio::net::UnixStream> {
+    let (stream, owner) = in_namespace(pid, Namespace::Mount, move || {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+        let dir_fd = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_DIRECTORY)
+            .open(&dir)?;
+        // This thread has a cwd of its own (see `enter`).
+        nix::unistd::fchdir(&dir_fd).map_err(io::Error::from)?;
+        let meta = std::fs::symlink_metadata(name)?;
+        if !meta.file_type().is_socket() {
+            return Err(io::Error::other(format!(
+                "{}/{name} is not a socket",
+                dir.display()
+            )));
+        }
+        Ok((std::os::unix::net::UnixStream::connect(name)?, meta.uid()))
+    })
+    .await?;
+    stream.set_nonblocking(true)?;
+    let stream = tokio::net::UnixStream::from_std(stream)?;
+    let listener = stream.peer_cred()?.uid();
+    if listener != owner {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "the socket's listener runs as uid {listener}, its file belongs to uid {owner}"
+            ),
+        ));
+    }
+    Ok(stream)
+}
+
 /// Makes a fresh directory `dir` (mode 0700) and binds a unix socket `dir/name` (mode 0600)
 /// in it, inside the mount namespace of `pid`, both owned by `owner` (uid, gid) when given.
 /// `dir` must not exist yet, so a path planted in advance is never used. The directory is
@@ -149,7 +192,7 @@ pub fn remove_dir_detached(pid: i32, dir: PathBuf) {
             }
         });
     if let Err(e) = spawned {
-        tracing::debug!("cannot clean an agent socket directory: {e}");
+        tracing::debug!("cannot clean a socket directory: {e}");
     }
 }
 
@@ -170,4 +213,49 @@ pub async fn read_file(pid: i32, path: PathBuf, limit: u64) -> io::Result<String
 /// the host PID namespace): the fast path of forwarding.
 pub async fn available(pid: i32) -> bool {
     in_namespace(pid, Namespace::Net, || Ok(())).await.is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fresh directory with a listening socket `s` in it, in this process's namespaces.
+    fn socket_dir() -> (tempfile::TempDir, std::os::unix::net::UnixListener) {
+        let dir = tempfile::tempdir().unwrap();
+        let listener = std::os::unix::net::UnixListener::bind(dir.path().join("s")).unwrap();
+        (dir, listener)
+    }
+
+    #[tokio::test]
+    async fn an_owned_socket_is_reached_but_never_through_a_symlink() {
+        let me = i32::try_from(std::process::id()).unwrap();
+        if !available(me).await {
+            eprintln!("skipped: entering namespaces needs root");
+            return;
+        }
+        let (dir, _listener) = socket_dir();
+        assert!(
+            connect_unix_owned(me, dir.path().to_owned(), "s")
+                .await
+                .is_ok()
+        );
+
+        // A symlinked directory, and a symlink in place of the socket, are refused.
+        let other = tempfile::tempdir().unwrap();
+        let linked_dir = other.path().join("d");
+        std::os::unix::fs::symlink(dir.path(), &linked_dir).unwrap();
+        assert!(connect_unix_owned(me, linked_dir, "s").await.is_err());
+        std::os::unix::fs::symlink(dir.path().join("s"), other.path().join("s")).unwrap();
+        let e = connect_unix_owned(me, other.path().to_owned(), "s")
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("is not a socket"), "{e}");
+
+        // A socket file handed to someone else than its listener's user is refused.
+        std::os::unix::fs::lchown(dir.path().join("s"), Some(54321), None).unwrap();
+        let e = connect_unix_owned(me, dir.path().to_owned(), "s")
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
+    }
 }

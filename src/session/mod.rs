@@ -8,6 +8,7 @@
 //! the [`ContainerRuntime`], and carries bytes, resizes, signals, EOF and the exit status.
 
 pub mod channel;
+pub mod direct;
 pub mod idle;
 pub mod progress;
 pub mod registry;
