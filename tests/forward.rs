@@ -5,10 +5,10 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Gateway, docker_inspect, eventually};
+use common::{Gateway, Tunnel, docker_inspect, eventually};
 
 /// Starts busybox httpd on the container's loopback only, serving `~/www`.
 fn serve_http(gw: &Gateway, i: usize, port: u16) {
@@ -36,48 +36,6 @@ fn via_w(gw: &Gateway, i: usize, target: &str, input: &[u8]) -> std::process::Ou
 
 fn http_get(path: &str) -> Vec<u8> {
     format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").into_bytes()
-}
-
-/// A background `ssh -N` with extra args, killed on drop. The local port is chosen by trying
-/// random ones with ExitOnForwardFailure, so no port is bound-and-dropped.
-struct Tunnel {
-    child: Child,
-    port: u16,
-}
-
-impl Tunnel {
-    fn open(gw: &Gateway, i: usize, forward: impl Fn(u16) -> Vec<String>) -> Tunnel {
-        for attempt in 0..20u32 {
-            let port = 20_000
-                + ((std::process::id().wrapping_mul(7919) + attempt * 104_729) % 40_000) as u16;
-            let mut child = gw
-                .ssh(i)
-                .args(["-N", "-o", "ExitOnForwardFailure=yes"])
-                .args(forward(port))
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
-            let ready = eventually(Duration::from_secs(20), || {
-                matches!(child.try_wait(), Ok(Some(_)))
-                    || TcpStream::connect(("127.0.0.1", port)).is_ok()
-            });
-            if ready && matches!(child.try_wait(), Ok(None)) {
-                return Tunnel { child, port };
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        panic!("could not open a tunnel");
-    }
-}
-
-impl Drop for Tunnel {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn curl(args: &[&str]) -> std::process::Output {

@@ -5,69 +5,26 @@
 
 mod common;
 
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use common::{Gateway, ensure_jupyter_image, eventually};
+use common::{Gateway, Tunnel, ensure_jupyter_image, eventually};
 
 /// User 0 gets the Jupyter image and a uid:gid of its own.
 const JUPYTER_USER: &str =
     "[users.{u0}]\nimage = \"labgate/jupyter:test\"\nuid = 1000\ngid = 1001\n";
 
-/// `ssh -N -L 127.0.0.1:PORT:localhost:8888`, the local port picked by trying random ones with
-/// ExitOnForwardFailure (no port is bound and dropped); killed on drop.
-struct Forward {
-    child: Child,
-    port: u16,
-}
-
-impl Forward {
-    fn open(gw: &Gateway) -> Forward {
-        for attempt in 0..20u32 {
-            let port = 20_000
-                + ((std::process::id().wrapping_mul(4099) + attempt * 104_729 + 7) % 40_000) as u16;
-            let mut child = gw
-                .ssh(0)
-                .args(["-N", "-o", "ExitOnForwardFailure=yes", "-L"])
-                .arg(format!("127.0.0.1:{port}:localhost:8888"))
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap();
-            let ready = eventually(Duration::from_secs(20), || {
-                matches!(child.try_wait(), Ok(Some(_)))
-                    || TcpStream::connect(("127.0.0.1", port)).is_ok()
-            });
-            if ready && matches!(child.try_wait(), Ok(None)) {
-                return Forward { child, port };
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        panic!("could not open -L; gateway log:\n{}", gw.log());
-    }
-
-    /// GET `path` through the forward: (HTTP status, body).
-    fn get(&self, path: &str) -> (String, String) {
-        let out = Command::new("curl")
-            .args(["-sS", "--max-time", "30", "-w", "\n%{http_code}"])
-            .arg(format!("http://127.0.0.1:{}{path}", self.port))
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        match text.rsplit_once('\n') {
-            Some((body, code)) => (code.to_owned(), body.to_owned()),
-            None => (text, String::new()),
-        }
-    }
-}
-
-impl Drop for Forward {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+/// GET `path` through the forward `tunnel` (`-L PORT:localhost:8888`): (HTTP status, body).
+fn get(tunnel: &Tunnel, path: &str) -> (String, String) {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "30", "-w", "\n%{http_code}"])
+        .arg(format!("http://127.0.0.1:{}{path}", tunnel.port))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    match text.rsplit_once('\n') {
+        Some((body, code)) => (code.to_owned(), body.to_owned()),
+        None => (text, String::new()),
     }
 }
 
@@ -85,11 +42,13 @@ fn jupyter_notebook_inside_the_container_answers_through_l_localhost_8888() {
              --NotebookApp.token={token} > jupyter.log 2>&1 < /dev/null &"
         ),
     );
-    let forward = Forward::open(&gw);
+    let forward = Tunnel::open(&gw, 0, |port| {
+        vec!["-L".into(), format!("127.0.0.1:{port}:localhost:8888")]
+    });
     // Jupyter takes a few seconds to start; until then the forward's connection is refused.
     let mut last = (String::new(), String::new());
     let up = eventually(Duration::from_secs(60), || {
-        last = forward.get("/api");
+        last = get(&forward, "/api");
         last.0 == "200"
     });
     let log = gw.run(0, "cat jupyter.log").stdout;
@@ -101,10 +60,10 @@ fn jupyter_notebook_inside_the_container_answers_through_l_localhost_8888() {
     assert!(last.1.contains("\"version\""), "{last:?}");
 
     // The API lists the user's own home, with the token; without it, it refuses.
-    let (code, body) = forward.get(&format!("/api/contents/work?token={token}"));
+    let (code, body) = get(&forward, &format!("/api/contents/work?token={token}"));
     assert_eq!(code, "200", "{body}");
     assert!(body.contains("\"results.csv\""), "{body}");
-    let (code, _) = forward.get("/api/contents/work");
+    let (code, _) = get(&forward, "/api/contents/work");
     assert_eq!(code, "403", "the API needs the token");
 
     // The notebook runs as the configured uid, bound to the container's loopback only.

@@ -19,7 +19,14 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::{Gateway, containers_named, ensure_debian_image, eventually};
+use common::{Gateway, Tunnel, containers_named, ensure_debian_image, eventually};
+
+/// `ssh -N -L 127.0.0.1:PORT:SOCKET` (direct-streamlocal), killed on drop.
+fn socket_forward(gw: &Gateway, socket: &str) -> Tunnel {
+    Tunnel::open(gw, 0, |port| {
+        vec!["-L".into(), format!("127.0.0.1:{port}:{socket}")]
+    })
+}
 
 /// A user table giving user 0 the Debian image and a uid:gid of its own.
 const DEBIAN_USER: &str = "[users.{u0}]\nimage = \"labgate/debian:test\"\nuid = 1000\ngid = 1001\n";
@@ -322,33 +329,6 @@ fn vscode_sequence_socks_tunnel_second_connection_and_server_surviving_a_disconn
     );
 }
 
-/// `ssh -N -L 127.0.0.1:PORT:SOCKET` (direct-streamlocal), the local port picked by trying.
-fn socket_forward(gw: &Gateway, socket: &str) -> (Child, u16) {
-    for attempt in 0..20u32 {
-        let port = 20_000
-            + ((std::process::id().wrapping_mul(6151) + attempt * 104_729 + 17) % 40_000) as u16;
-        let mut child = gw
-            .ssh(0)
-            .args(["-N", "-o", "ExitOnForwardFailure=yes", "-L"])
-            .arg(format!("127.0.0.1:{port}:{socket}"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let ready = eventually(Duration::from_secs(20), || {
-            matches!(child.try_wait(), Ok(Some(_)))
-                || TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
-        if ready && matches!(child.try_wait(), Ok(None)) {
-            return (child, port);
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-    panic!("could not open -L to {socket}; log:\n{}", gw.log());
-}
-
 /// Sends `line` to the echo server behind local `port`, returns its answer line.
 fn ask(port: u16, line: &str) -> String {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -373,17 +353,15 @@ fn vscode_listen_on_socket_reaches_a_unix_socket_under_the_home_across_reconnect
         format!("/home/{}/.vscode-server/server.sock", gw.users[0])
     );
     let pid = first.server_pid();
-    let (mut forward, port) = socket_forward(&gw, &socket);
-    assert_eq!(ask(port, "hello"), format!("server {pid}: hello"));
+    let forward = socket_forward(&gw, &socket);
+    assert_eq!(ask(forward.port, "hello"), format!("server {pid}: hello"));
 
     // The installing connection and the forward go away; the server stays.
     first.vanish();
-    let _ = forward.kill();
-    let _ = forward.wait();
+    drop(forward);
     let again = Connection::open(&gw, INSTALL_SOCKET);
     assert_eq!(again.said, format!("found running server {pid}"));
-    let (mut forward, port) = socket_forward(&gw, &socket);
-    assert_eq!(ask(port, "again"), format!("server {pid}: again"));
-    let _ = forward.kill();
-    let _ = forward.wait();
+    let forward = socket_forward(&gw, &socket);
+    assert_eq!(ask(forward.port, "again"), format!("server {pid}: again"));
+    drop(forward);
 }

@@ -480,3 +480,52 @@ pub fn static_helper(package: &str) -> PathBuf {
     built.push((package.to_owned(), path.clone()));
     path
 }
+
+/// A background `ssh -N` of user `i` with forwarding args, killed on drop. The local port is
+/// chosen by trying random ones with ExitOnForwardFailure, so no port is bound-and-dropped
+/// (another process could take such a port before ssh binds it).
+pub struct Tunnel {
+    /// The ssh client.
+    pub child: Child,
+    /// The local port it listens on.
+    pub port: u16,
+}
+
+impl Tunnel {
+    /// Opens `ssh -N` as user `i` with `forward(port)` as its forwarding args (`-L ...`,
+    /// `-D ...`), trying ports until one is free; panics with the gateway log if none works.
+    pub fn open(gw: &Gateway, i: usize, forward: impl Fn(u16) -> Vec<String>) -> Tunnel {
+        let salt = NEXT_USER.fetch_add(1, Ordering::SeqCst) as u32;
+        for attempt in 0..20u32 {
+            let port = 20_000
+                + ((std::process::id().wrapping_mul(7919) + (attempt + salt * 31) * 104_729)
+                    % 40_000) as u16;
+            let mut child = gw
+                .ssh(i)
+                .args(["-N", "-o", "ExitOnForwardFailure=yes"])
+                .args(forward(port))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let ready = eventually(Duration::from_secs(20), || {
+                matches!(child.try_wait(), Ok(Some(_)))
+                    || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            });
+            if ready && matches!(child.try_wait(), Ok(None)) {
+                return Tunnel { child, port };
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("could not open a tunnel; gateway log:\n{}", gw.log());
+    }
+}
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
