@@ -161,31 +161,11 @@ pub async fn connect_via(
     args: Vec<String>,
 ) -> Result<RelayStream, ForwardError> {
     let (mut output, stdin, control) = start_via(runtime, login, container, &args).await?;
-    let mut status = Vec::new();
-    let mut early_stdout: Vec<Bytes> = Vec::new();
-    let line = loop {
-        match output.next().await {
-            Some(Ok(ExecOutput::Stderr(b))) => {
-                status.extend_from_slice(&b);
-                if let Some(pos) = status.iter().position(|c| *c == b'\n') {
-                    break String::from_utf8_lossy(&status[..pos]).into_owned();
-                }
-            }
-            Some(Ok(ExecOutput::Stdout(b))) => early_stdout.push(b),
-            Some(Err(e)) => return Err(e.into()),
-            None => break String::from_utf8_lossy(&status).trim().to_owned(),
-        }
-    };
+    let (line, early_stdout) = status_line(&mut output).await?;
     if line != "connected" {
-        let reason = line.strip_prefix("error: ").unwrap_or(&line);
-        let reason = if reason.is_empty() {
-            format!("the relay at {RELAY_PATH} did not run (is it mounted in this container?)")
-        } else {
-            reason.to_owned()
-        };
         return Err(ForwardError::Io(io::Error::new(
             io::ErrorKind::ConnectionRefused,
-            reason,
+            refusal(&line),
         )));
     }
     let stdout = futures::stream::iter(early_stdout.into_iter().map(Ok))
@@ -228,8 +208,24 @@ pub async fn listen(
 ) -> Result<RelayListener, ForwardError> {
     let args = ["listen".to_owned(), dir.to_owned(), name.to_owned()];
     let (mut output, stdin, control) = start_via(runtime, login, container, &args).await?;
+    let (line, early_stdout) = status_line(&mut output).await?;
+    let listener = RelayListener {
+        output,
+        pending: early_stdout.concat(),
+        stdin: Some(stdin),
+        control,
+    };
+    if line != "listening" {
+        return Err(ForwardError::Io(io::Error::other(refusal(&line))));
+    }
+    Ok(listener)
+}
+
+/// Reads the relay's first status line (its stderr: `connected`, `listening`, `error: ...`),
+/// keeping what it wrote on stdout meanwhile; the whole stderr trimmed if it ended first.
+async fn status_line(output: &mut Output) -> Result<(String, Vec<Bytes>), ForwardError> {
     let mut status = Vec::new();
-    let mut pending = Vec::new();
+    let mut early_stdout = Vec::new();
     let line = loop {
         match output.next().await {
             Some(Ok(ExecOutput::Stderr(b))) => {
@@ -238,27 +234,20 @@ pub async fn listen(
                     break String::from_utf8_lossy(&status[..pos]).into_owned();
                 }
             }
-            Some(Ok(ExecOutput::Stdout(b))) => pending.extend_from_slice(&b),
+            Some(Ok(ExecOutput::Stdout(b))) => early_stdout.push(b),
             Some(Err(e)) => return Err(e.into()),
             None => break String::from_utf8_lossy(&status).trim().to_owned(),
         }
     };
-    let listener = RelayListener {
-        output,
-        pending,
-        stdin: Some(stdin),
-        control,
-    };
-    if line != "listening" {
-        let reason = line.strip_prefix("error: ").unwrap_or(&line);
-        let reason = if reason.is_empty() {
-            format!("the relay at {RELAY_PATH} did not run (is it mounted in this container?)")
-        } else {
-            reason.to_owned()
-        };
-        return Err(ForwardError::Io(io::Error::other(reason)));
+    Ok((line, early_stdout))
+}
+
+/// Why a relay did not do what it was asked: its `error: ...` line, or that it did not run.
+fn refusal(line: &str) -> String {
+    match line.strip_prefix("error: ").unwrap_or(line) {
+        "" => format!("the relay at {RELAY_PATH} did not run (is it mounted in this container?)"),
+        reason => reason.to_owned(),
     }
-    Ok(listener)
 }
 
 impl RelayListener {
