@@ -606,3 +606,69 @@ fn sftp_falls_back_to_the_exec_stream_when_the_relay_does_not_get_ready() {
     drop(child.stdin.take());
     let _ = child.wait();
 }
+
+#[test]
+fn an_sftp_client_killed_mid_download_leaves_no_server_and_no_fds() {
+    let gw = debian_gateway();
+    // A file far larger than anything buffered on the way (sparse: reads as zeros).
+    gw.ok(0, "truncate -s 4G big.bin");
+    let pid = gw.pid();
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count()
+    };
+    let base_fds = fds();
+    let local = tempfile::tempdir().unwrap();
+    let mut cmd = sftp(&gw, 0, "get big.bin big.bin\n", local.path());
+    // Its own process group, so the kill takes sftp and its ssh at once: a vanished client.
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let mut client = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let got = || {
+        std::fs::metadata(local.path().join("big.bin"))
+            .map(|m| m.len())
+            .unwrap_or(0)
+    };
+    assert!(
+        common::eventually(Duration::from_secs(60), || got() > 32 << 20),
+        "the download did not get going ({} bytes)\n{}",
+        got(),
+        gw.log()
+    );
+    let servers = || {
+        let out = Command::new("docker")
+            .args(["top", &gw.container(0), "-o", "pid,args"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains("sftp-server"))
+            .count()
+    };
+    assert_eq!(servers(), 1, "one sftp-server serves the download");
+    let group = rustix::process::Pid::from_raw(client.id() as i32).unwrap();
+    rustix::process::kill_process_group(group, rustix::process::Signal::KILL).unwrap();
+    client.wait().unwrap();
+
+    assert!(
+        common::eventually(Duration::from_secs(20), || servers() == 0),
+        "the sftp-server outlived its client\n{}",
+        gw.log()
+    );
+    assert!(
+        common::eventually(Duration::from_secs(20), || fds() <= base_fds),
+        "fds: {} after, {base_fds} before",
+        fds()
+    );
+    // The gateway serves on: a fresh sftp session lists the file.
+    let out = must(&gw, sftp(&gw, 0, "ls -l big.bin\n", local.path()));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("big.bin"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
