@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Gateway, ensure_debian_image};
+use common::{Gateway, ensure_debian_image, random_bytes};
 
 /// A user table giving user 0 the Debian image and a uid:gid of its own.
 const DEBIAN_USER: &str = "[users.{u0}]\nimage = \"labgate/debian:test\"\nuid = 1000\ngid = 1001\n";
@@ -35,19 +35,6 @@ fn debian_gateway() -> Gateway {
 /// User 0's home on the host.
 fn home(gw: &Gateway) -> PathBuf {
     gw.dir.path().join(format!("home/{}", gw.users[0]))
-}
-
-/// `len` bytes that compress badly and differ by `seed`.
-fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
 }
 
 /// Runs `cmd` with stdin closed; kills it and fails if it takes longer than `limit`.

@@ -7,7 +7,7 @@ mod common;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{Gateway, eventually};
+use common::{Gateway, eventually, random_bytes};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Users (containers) the sessions are spread over.
@@ -43,20 +43,6 @@ const FD_SLACK: usize = 32;
 fn max_growth_kib() -> u64 {
     let in_flight = (SESSIONS * SESSION_BYTES + FORWARDS * FORWARD_BYTES) as u64 / 1024;
     2 * in_flight + (SESSIONS + FORWARDS) as u64 * PER_CONNECTION_KIB
-}
-
-/// Distinct pseudo-random bytes for stream `seed` (xorshift64), so a byte delivered to the
-/// wrong stream is caught too.
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 /// A `/proc/PID/status` field in KiB (`VmRSS`, `VmHWM`).
@@ -152,7 +138,7 @@ fn round(gw: &Gateway, rt: &tokio::runtime::Runtime, seed: u64) -> Vec<String> {
         .into_iter()
         .enumerate()
         .map(|(i, (name, child, len))| {
-            let data = pattern(seed + i as u64, len);
+            let data = random_bytes(len, seed + i as u64);
             rt.spawn(async move {
                 let (back, ok, err) = echo(child, data.clone()).await;
                 (name, back == data, back.len(), ok, err)

@@ -529,3 +529,17 @@ impl Drop for Tunnel {
         let _ = self.child.wait();
     }
 }
+
+/// `len` pseudo-random bytes (xorshift64) that compress badly and differ by `seed`, so a
+/// byte delivered to the wrong stream is caught too.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
