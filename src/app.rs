@@ -93,6 +93,7 @@ pub async fn serve(
         namespaces: tokio::sync::OnceCell::new(),
         connections: Arc::default(),
         idle: Default::default(),
+        direct_refused: Default::default(),
     });
     crate::admin::start(ctx.clone(), &admin, stop_rx.clone()).await;
     tokio::spawn(crate::session::idle::run(ctx.clone(), stop_rx.clone()));

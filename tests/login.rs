@@ -50,13 +50,19 @@ fn quotas_and_confinement_are_applied_on_create() {
     assert_eq!(f("{{.HostConfig.SecurityOpt}}"), "[no-new-privileges]");
     assert_eq!(f("{{len .HostConfig.PortBindings}}"), "0");
     assert_eq!(f("{{len .NetworkSettings.Ports}}"), "0");
-    let mounts = f("{{range .Mounts}}{{.Source}}:{{.Destination}} {{end}}");
+    let mounts = f("{{range .Mounts}}{{.Source}}:{{.Destination}}:{{.RW}} {{end}}");
     assert!(!mounts.contains("docker.sock"), "{mounts}");
+    // The home, writable; labgate's static relay (installed, as deployed), read-only.
     let home = gw.dir.path().join(format!("home/{}", gw.users[0]));
-    assert_eq!(
-        mounts.trim(),
-        format!("{}:/home/{}", home.display(), gw.users[0])
-    );
+    let relay = common::static_helper("labgate-relay");
+    let mut mounts: Vec<&str> = mounts.split_whitespace().collect();
+    mounts.sort();
+    let mut want = vec![
+        format!("{}:/home/{}:true", home.display(), gw.users[0]),
+        format!("{}:/.labgate/relay:false", relay.display()),
+    ];
+    want.sort();
+    assert_eq!(mounts, want);
     // The quota is real inside: the cgroup limits what the user sees.
     let pids_max = gw.ok(
         0,

@@ -44,26 +44,31 @@ fn stdin_reaches_the_command_and_its_eof_too() {
 #[test]
 fn large_binary_data_passes_both_ways_byte_exact() {
     let gw = Gateway::start(1, "", "");
-    let data: Vec<u8> = (0..3_000_000u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect();
+    let data = common::random_bytes(3_000_000, 76);
+    let out = feed(&gw, "cat > blob && cat blob", &data);
+    assert!(out.status.success());
+    assert_eq!(out.stdout.len(), data.len());
+    assert!(out.stdout == data, "bytes differ");
+}
+
+/// Runs `cmd` as user 0 with `data` as its stdin (written while the output is read).
+fn feed(gw: &Gateway, cmd: &str, data: &[u8]) -> std::process::Output {
     let mut child = gw
         .ssh(0)
-        .arg("cat > blob && cat blob")
+        .arg(cmd)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let mut stdin = child.stdin.take().unwrap();
     let writer = {
-        let data = data.clone();
+        let data = data.to_vec();
         std::thread::spawn(move || stdin.write_all(&data).unwrap())
     };
     let out = child.wait_with_output().unwrap();
     writer.join().unwrap();
-    assert!(out.status.success());
-    assert_eq!(out.stdout.len(), data.len());
-    assert!(out.stdout == data, "bytes differ");
+    out
 }
 
 #[test]
@@ -381,4 +386,94 @@ fn a_command_that_never_reads_stdin_does_not_stall_other_channels() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "alive\n");
     let _ = flood.wait();
     let _ = master.wait();
+}
+
+/// Where a command's stdin, stdout and stderr lead (`socket:[..]`, `pipe:[..]`, `/dev/pts/N`),
+/// one line each, as `readlink` in the command sees them.
+const STDIO: &str = "for f in 0 1 2; do readlink /proc/self/fd/$f; done";
+
+fn stdio_kinds(out: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(out)
+        .lines()
+        .map(|l| l.trim().split(':').next().unwrap_or("").to_owned())
+        .collect()
+}
+
+#[test]
+fn commands_without_a_terminal_talk_over_a_socket_and_with_one_through_the_terminal() {
+    let gw = Gateway::start(1, "", "");
+    // As deployed (the relay installed): stdin and stdout skip the engine's exec stream.
+    let out = gw.ok(0, STDIO);
+    assert_eq!(
+        stdio_kinds(out.as_bytes()),
+        ["socket", "socket", "pipe"],
+        "{out}"
+    );
+    assert!(gw.log().contains("on the direct path"), "{}", gw.log());
+    let out = gw.ssh(0).arg("-tt").arg(STDIO).output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.lines().count(), 3, "{text}");
+    assert!(
+        text.lines().all(|l| l.trim().starts_with("/dev/pts/")),
+        "{text}"
+    );
+}
+
+#[test]
+fn the_exec_stream_serves_commands_alike_when_the_direct_path_is_off() {
+    let gw = Gateway::start(1, "", "[docker]\nforward_via = \"exec\"\n");
+    let out = gw.ok(0, STDIO);
+    assert_eq!(
+        stdio_kinds(out.as_bytes()),
+        ["pipe", "pipe", "pipe"],
+        "{out}"
+    );
+    let out = gw.run(0, "echo out; echo err >&2; exit 42");
+    assert_eq!(out.status.code(), Some(42));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "out\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
+    let data = common::random_bytes(2_000_000, 77);
+    let out = feed(&gw, "cat > blob && wc -c < blob >&2 && cat blob", &data);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stderr).trim(), "2000000");
+    assert!(out.stdout == data, "bytes differ");
+    assert!(!gw.log().contains("on the direct path"), "{}", gw.log());
+}
+
+#[test]
+fn a_container_whose_relay_fails_pays_for_the_attempt_once() {
+    // A "relay" that exits at once without a word, as a broken or missing one would.
+    let gw = Gateway::start(1, "", "[docker]\nrelay_helper = \"/bin/true\"\n");
+    for _ in 0..3 {
+        assert_eq!(gw.ok(0, "echo hi").trim(), "hi");
+    }
+    assert_eq!(
+        gw.log().matches("direct path not available").count(),
+        1,
+        "{}",
+        gw.log()
+    );
+}
+
+#[test]
+fn a_background_job_that_keeps_stdout_does_not_hold_the_session() {
+    let gw = Gateway::start(1, "", "");
+    let n = std::process::id() % 10_000;
+    let marker = format!("sleep 6{n:04}");
+    // The whole list runs in the background, with the command's stdout (a classic of
+    // `ssh host 'cd x && server &'`): the session ends with the shell, as with docker exec.
+    let t0 = Instant::now();
+    let out = gw.run(0, &format!("(echo early; {marker}; echo late) & exit 3"));
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        t0.elapsed() < Duration::from_secs(60),
+        "the session waited for the background job"
+    );
+    assert!(!pids_of(&marker).is_empty(), "the job runs on");
+    for pid in pids_of(&marker) {
+        let _ = Command::new("kill").arg(pid.to_string()).status();
+    }
+    // What the job wrote before the shell's exit may or may not have been read; never "late".
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("late"));
 }

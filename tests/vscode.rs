@@ -298,7 +298,7 @@ fn vscode_sequence_socks_tunnel_second_connection_and_server_surviving_a_disconn
         std::fs::read_to_string(local.path().join("token.txt")).unwrap(),
         token
     );
-    assert!(gw.log().contains("subsystem on the direct path"));
+    assert!(gw.log().contains("on the direct path"));
 
     // 5: the first client vanishes; the detached server lives on and is still reachable
     // through the second connection; then that one ends cleanly, and a reconnect finds the

@@ -7,6 +7,7 @@
 
 pub mod docker;
 pub mod process;
+pub mod rootfs;
 
 use std::collections::BTreeMap;
 use std::io;

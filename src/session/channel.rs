@@ -420,10 +420,12 @@ async fn start(
         user: spec.uid_gid,
         workdir: spec.home_target.clone(),
     };
-    let mut exec = match program {
-        // sftp's bytes go over a socket, not the engine's exec stream, where that can be had.
-        Program::Subsystem(_) => super::direct::start(ctx, container, req).await?,
-        _ => ctx.runtime.exec(container, req).await?,
+    // Byte streams without a terminal (sftp; scp, rsync, git and any piped command) go over a
+    // socket, not the engine's exec stream, where that can be had.
+    let mut exec = if setup.pty.is_none() || matches!(program, Program::Subsystem(_)) {
+        super::direct::start(ctx, container, req).await?
+    } else {
+        ctx.runtime.exec(container, req).await?
     };
     let interactive = *program == Program::Shell && setup.pty.is_some();
     // For an interactive login: the status line and the admin's message of the day; then

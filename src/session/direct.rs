@@ -1,8 +1,9 @@
-//! The sftp subsystem's direct path: its bytes go over a unix socket into the container
-//! instead of through the container engine's exec stream (which costs the engine more CPU per
-//! byte than the whole gateway and caps sftp's speed).
+//! The direct path of sessions without a terminal (sftp, and commands: scp, rsync, git, any
+//! piped command): their stdin and stdout go over a unix socket into the container instead
+//! of through the container engine's exec stream (which costs the engine more CPU per byte
+//! than the whole gateway: a 1 GiB `cat` took three times as long through it).
 //!
-//! The subsystem's usual argv runs under `labgate-relay serve DIR -- ARGV...` through the
+//! The program's usual argv runs under `labgate-relay serve DIR -- ARGV...` through the
 //! normal exec (same user, home, environment): the relay makes a fresh private `DIR` (0700,
 //! the user's) in the container's `/tmp` with a socket in it, says `ready`, accepts one
 //! connection, removes `DIR` and `exec`s the sftp server with stdin/stdout on that connection.
@@ -12,10 +13,13 @@
 //! exec's, so the channel task serves it like any other process.
 //!
 //! Used only where the gateway can enter containers' namespaces and the relay is mounted;
-//! anything going wrong before the socket is connected falls back to the exec stream.
+//! anything going wrong before the socket is connected falls back to the exec stream, and a
+//! container whose relay failed once ([`Refusals`]) uses the exec stream from then on.
 
+use std::collections::HashSet;
 use std::io;
 use std::path::PathBuf;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -56,23 +60,55 @@ pub enum DirectError {
     Connect(io::Error),
 }
 
-/// Starts subsystem `req` on the direct path where it can be used (the gateway enters
-/// containers' namespaces and the relay is installed), else, or when that fails, on the exec
-/// stream as any process.
+/// Containers (by id) whose relay did not get ready once: their sessions use the exec stream
+/// from then on, so a container without a usable relay (made before the relay was installed,
+/// a read-only `/tmp`) pays for the attempt once, not on every command.
+#[derive(Debug, Default)]
+pub struct Refusals(Mutex<HashSet<String>>);
+
+impl Refusals {
+    /// Ids remembered at most; past it the set starts again (a stale id costs one attempt).
+    const LIMIT: usize = 4096;
+
+    fn contains(&self, id: &str) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(id)
+    }
+
+    fn insert(&self, id: &str) {
+        let mut ids = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if ids.len() >= Self::LIMIT {
+            ids.clear();
+        }
+        ids.insert(id.to_owned());
+    }
+}
+
+/// Starts `req` (a subsystem, or a program without a terminal) on the direct path where it
+/// can be used (the gateway enters containers' namespaces, the relay is installed and has not
+/// failed in this container), else, or when that fails, on the exec stream as any process.
 pub async fn start(
     ctx: &Context,
     container: &ContainerHandle,
     req: ExecRequest,
 ) -> Result<Exec, RuntimeError> {
     let relay = ctx.config.borrow().docker.relay_helper.is_file();
-    if relay && let Some(pid) = crate::forward::way_in(ctx, container).await {
+    if relay
+        && !ctx.direct_refused.contains(&container.id)
+        && let Some(pid) = crate::forward::way_in(ctx, container).await
+    {
         match exec(ctx.runtime.as_ref(), container, pid, req.clone()).await {
             Ok(exec) => {
-                debug!("subsystem on the direct path (a socket into the container)");
+                debug!("on the direct path (a socket into the container)");
                 return Ok(exec);
             }
             Err(e) => {
-                warn!(error = %e, "subsystem direct path not available: using the exec stream")
+                if matches!(e, DirectError::NotReady(_)) {
+                    ctx.direct_refused.insert(&container.id);
+                }
+                warn!(error = %e, "direct path not available: using the exec stream")
             }
         }
     }
@@ -96,7 +132,7 @@ pub async fn exec(
     pid: i32,
     req: ExecRequest,
 ) -> Result<Exec, DirectError> {
-    let dir = format!("/tmp/labgate-sftp-{:016x}", rand::random::<u64>());
+    let dir = format!("/tmp/labgate-io-{:016x}", rand::random::<u64>());
     let req = ExecRequest {
         argv: wrap(&dir, req.argv),
         ..req
@@ -121,18 +157,82 @@ pub async fn exec(
             return Err(e);
         }
     };
-    // The exec's own stdin (the engine's stream) stays unused: the server reads the socket.
+    // The exec's own stdin (the engine's stream) stays unused: the program reads the socket.
     let (read, write) = socket.into_split();
     let stdout = tokio_util::io::ReaderStream::with_capacity(read, READ_CHUNK)
-        .map(|r| r.map(ExecOutput::Stdout));
-    let rest: BoxStream<'static, io::Result<ExecOutput>> = exec.output;
+        .map(|r| r.map(ExecOutput::Stdout))
+        .boxed();
     Ok(Exec {
         output: futures::stream::iter(early.into_iter().map(Ok))
-            .chain(futures::stream::select(stdout, rest))
+            .chain(until_exit(stdout, exec.output))
             .boxed(),
         stdin: Box::pin(write),
         control: exec.control,
     })
+}
+
+/// Once the process has exited, how long the socket is still read while bytes keep coming,
+/// and at most. All the process wrote is queued in the socket by then; only a background job
+/// that kept its stdout (`ssh lab 'server &'`) can still hold the socket, and it does not hold
+/// the session (as with the engine's own stream, which also ends about then; OpenSSH would
+/// wait for it).
+const AFTER_EXIT_QUIET: Duration = Duration::from_millis(200);
+const AFTER_EXIT_MAX: Duration = Duration::from_secs(2);
+
+type Output = BoxStream<'static, io::Result<ExecOutput>>;
+
+/// The program's output: `stdout` (the socket) and `rest` (the exec stream: stderr, ending
+/// when the process exits), interleaved as they come; after `rest` ends, `stdout` only until
+/// its end or [`AFTER_EXIT_QUIET`] without a byte ([`AFTER_EXIT_MAX`] at most).
+fn until_exit(stdout: Output, rest: Output) -> Output {
+    struct State {
+        stdout: Option<Output>,
+        rest: Option<Output>,
+        exited: Option<tokio::time::Instant>,
+    }
+    let state = State {
+        stdout: Some(stdout),
+        rest: Some(rest),
+        exited: None,
+    };
+    futures::stream::unfold(state, |mut st| async move {
+        loop {
+            match (st.stdout.as_mut(), st.rest.as_mut()) {
+                (None, None) => return None,
+                (None, Some(rest)) => match rest.next().await {
+                    Some(item) => return Some((item, st)),
+                    None => st.rest = None,
+                },
+                (Some(out), None) => {
+                    let exited = *st.exited.get_or_insert_with(tokio::time::Instant::now);
+                    let wait = AFTER_EXIT_MAX
+                        .saturating_sub(exited.elapsed())
+                        .min(AFTER_EXIT_QUIET);
+                    match tokio::time::timeout(wait, out.next()).await {
+                        Ok(Some(item)) => return Some((item, st)),
+                        Ok(None) => st.stdout = None,
+                        Err(_) => {
+                            debug!(
+                                "stdout still held after the process exited: not waiting for it"
+                            );
+                            st.stdout = None;
+                        }
+                    }
+                }
+                (Some(out), Some(rest)) => tokio::select! {
+                    item = out.next() => match item {
+                        Some(item) => return Some((item, st)),
+                        None => st.stdout = None,
+                    },
+                    item = rest.next() => match item {
+                        Some(item) => return Some((item, st)),
+                        None => st.rest = None,
+                    },
+                },
+            }
+        }
+    })
+    .boxed()
 }
 
 /// Reads the relay's output up to its `ready` line; returns what it wrote on stderr meanwhile
@@ -185,7 +285,19 @@ mod tests {
     }
 
     #[test]
-    fn the_subsystem_runs_under_the_relays_serve_mode() {
+    fn a_refused_container_is_remembered_and_the_set_stays_bounded() {
+        let r = Refusals::default();
+        assert!(!r.contains("a"));
+        r.insert("a");
+        assert!(r.contains("a"));
+        for i in 0..Refusals::LIMIT {
+            r.insert(&i.to_string());
+        }
+        assert!(r.0.lock().unwrap().len() <= Refusals::LIMIT);
+    }
+
+    #[test]
+    fn the_program_runs_under_the_relays_serve_mode() {
         let argv = wrap("/tmp/d", vec!["/bin/sh".into(), "-c".into(), "x".into()]);
         assert_eq!(
             argv,
@@ -199,6 +311,42 @@ mod tests {
                 "x"
             ]
         );
+    }
+
+    fn bytes(b: &'static [u8]) -> ExecOutput {
+        ExecOutput::Stdout(Bytes::from_static(b))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn output_queued_before_the_exit_is_all_read_but_a_held_socket_is_not_waited_for() {
+        // The socket gives two chunks, then stays open (a background job holds it).
+        let stdout = futures::stream::iter(vec![Ok(bytes(b"a")), Ok(bytes(b"b"))])
+            .chain(futures::stream::pending())
+            .boxed();
+        // The exec stream: one stderr chunk, then the exit.
+        let rest = stream(vec![ExecOutput::Stderr(Bytes::from_static(b"e"))]);
+        let got: Vec<ExecOutput> = until_exit(stdout, rest).map(|r| r.unwrap()).collect().await;
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert!(got.contains(&bytes(b"a")) && got.contains(&bytes(b"b")));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn output_that_keeps_coming_after_the_exit_is_cut_at_the_limit() {
+        let ticks = ticks();
+        let rest = stream(vec![]);
+        let t0 = tokio::time::Instant::now();
+        let n = until_exit(ticks, rest).count().await;
+        assert!(n > 5, "read while bytes came: {n}");
+        assert!(t0.elapsed() <= AFTER_EXIT_MAX + Duration::from_millis(100));
+    }
+
+    /// A chunk every 50 ms, forever.
+    fn ticks() -> Output {
+        futures::stream::unfold((), |()| async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Some((Ok(bytes(b"x")), ()))
+        })
+        .boxed()
     }
 
     #[tokio::test]

@@ -38,6 +38,8 @@ pub struct Context {
     pub connections: Arc<registry::Connections>,
     /// When each running container became idle (for idle stop and `labgate status`).
     pub idle: idle::IdleTimers,
+    /// Containers whose direct path failed once (they use the exec stream).
+    pub direct_refused: direct::Refusals,
 }
 
 /// An authenticated user on one connection.

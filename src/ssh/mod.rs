@@ -9,6 +9,7 @@
 pub mod admission;
 pub mod handler;
 pub mod hostkey;
+pub mod quickack;
 pub mod throttle;
 
 use std::borrow::Cow;
@@ -186,7 +187,7 @@ async fn run_connection(
     tokio::pin!(login_timer);
     // A client that never sends its version line waits here: the timer covers it too.
     let session = tokio::select! {
-        r = russh::server::run_stream(config, socket, handler) => match r {
+        r = russh::server::run_stream(config, quickack::QuickAck::new(socket), handler) => match r {
             Ok(s) => s,
             Err(e) => {
                 debug!("handshake failed: {e}");

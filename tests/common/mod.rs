@@ -123,6 +123,14 @@ impl Gateway {
             tail = tail.replace(&format!("{{u{i}}}"), u);
             defaults_extra = defaults_extra.replace(&format!("{{u{i}}}"), u);
         }
+        // As deployed: the static relay is installed, so sessions without a terminal take
+        // their direct path (a test with a `[docker]` table of its own says what it wants).
+        if !tail.contains("[docker]") {
+            tail = format!(
+                "[docker]\nrelay_helper = \"{}\"\n\n{tail}",
+                static_helper("labgate-relay").display()
+            );
+        }
         // A test may set its own login grace.
         let grace = if server_extra.contains("login_grace") {
             ""

@@ -188,7 +188,7 @@ impl DockerRuntime {
         spec: &ContainerSpec,
         old_image: Option<&str>,
         settings: &[&'static str],
-    ) -> Result<String, RuntimeError> {
+    ) -> Result<(String, bollard::models::ContainerInspectResponse), RuntimeError> {
         // Not forced: a container that started meanwhile is refused (409), never killed.
         let opts = bollard::query_parameters::RemoveContainerOptions {
             force: false,
@@ -208,8 +208,8 @@ impl DockerRuntime {
             }
         }
         let id = self.create(docker, spec).await?;
-        self.start(docker, &id, &spec.name).await?;
-        Ok(id)
+        let info = self.start(docker, &id, &spec.name).await?;
+        Ok((id, info))
     }
 
     /// Creates labgate's network if missing (a bridge with inter-container traffic disabled,
@@ -397,7 +397,14 @@ impl DockerRuntime {
         }
     }
 
-    async fn start(&self, docker: &Docker, id: &str, name: &str) -> Result<(), RuntimeError> {
+    /// Starts container `id` and returns the engine's view of it once started (one inspect
+    /// serves both the check below and the caller's placement).
+    async fn start(
+        &self,
+        docker: &Docker,
+        id: &str,
+        name: &str,
+    ) -> Result<bollard::models::ContainerInspectResponse, RuntimeError> {
         let t0 = Instant::now();
         match docker.start_container(id, None).await {
             Ok(()) => {}
@@ -406,12 +413,16 @@ impl DockerRuntime {
             }
             Err(e) => return Err(engine(e)),
         }
+        let info = docker
+            .inspect_container(id, None::<InspectContainerOptions>)
+            .await
+            .map_err(engine)?;
         // A container can start and die at once (no /bin/sh in the image, say).
-        if let Some(dead) = self.not_running(docker, id).await {
+        if let Some(dead) = ended(&info) {
             return Err(dead);
         }
         tracing::info!(container = %name, ms = t0.elapsed().as_millis() as u64, "container started");
-        Ok(())
+        Ok(info)
     }
 
     /// Explains a failed exec: a container that died right after starting (an image without
@@ -432,25 +443,17 @@ impl DockerRuntime {
             .inspect_container(id, None::<InspectContainerOptions>)
             .await
             .ok()?;
-        let state = info.state.unwrap_or_default();
-        if state.running == Some(true) {
-            return None;
-        }
-        let code = state.exit_code.unwrap_or(-1);
-        Some(RuntimeError::Start(
-            match state.error.filter(|e| !e.is_empty()) {
-                Some(e) => e,
-                None => {
-                    format!("it exited at once with code {code} (does the image have /bin/sh?)")
-                }
-            },
-        ))
+        ended(&info)
     }
 
+    /// The login shell: the configured one, else `/bin/bash` when the container has it, else
+    /// `/bin/sh`. Asked of the container's filesystem from the host when its init process
+    /// (`pid`) can be looked into, else of the container with an exec; remembered per id.
     async fn shell_of(
         &self,
         docker: &Docker,
         id: &str,
+        pid: Option<i32>,
         spec: &ContainerSpec,
     ) -> Result<String, RuntimeError> {
         if let Some(shell) = &spec.shell {
@@ -464,6 +467,21 @@ impl DockerRuntime {
         {
             return Ok(s.clone());
         }
+        let bash = match pid.and_then(|pid| crate::runtime::rootfs::executable_in(pid, "/bin/bash"))
+        {
+            Some(bash) => bash,
+            None => self.probe_bash(docker, id).await?,
+        };
+        let shell = if bash { "/bin/bash" } else { "/bin/sh" };
+        self.shells
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_owned(), shell.to_owned());
+        Ok(shell.to_owned())
+    }
+
+    /// Whether `/bin/bash` is executable in container `id`, asked with an exec.
+    async fn probe_bash(&self, docker: &Docker, id: &str) -> Result<bool, RuntimeError> {
         let probe = CreateExecOptions::<String> {
             cmd: Some(vec![
                 "/bin/sh".into(),
@@ -479,16 +497,7 @@ impl DockerRuntime {
             }
             Err(exec::DetachedError::Wait(e)) => return Err(e),
         };
-        let shell = if status == crate::runtime::ExitStatus::Code(0) {
-            "/bin/bash"
-        } else {
-            "/bin/sh"
-        };
-        self.shells
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id.to_owned(), shell.to_owned());
-        Ok(shell.to_owned())
+        Ok(status == crate::runtime::ExitStatus::Code(0))
     }
 }
 
@@ -556,6 +565,21 @@ fn placement(info: &bollard::models::ContainerInspectResponse) -> (Option<i32>, 
 }
 
 /// The image reference a container was made from: its label, else the engine's record.
+/// `Some(error)` when `info` shows a container that is not running, describing how it ended.
+fn ended(info: &bollard::models::ContainerInspectResponse) -> Option<RuntimeError> {
+    let state = info.state.clone().unwrap_or_default();
+    if state.running == Some(true) {
+        return None;
+    }
+    let code = state.exit_code.unwrap_or(-1);
+    Some(RuntimeError::Start(
+        match state.error.filter(|e| !e.is_empty()) {
+            Some(e) => e,
+            None => format!("it exited at once with code {code} (does the image have /bin/sh?)"),
+        },
+    ))
+}
+
 fn image_of(info: &bollard::models::ContainerInspectResponse) -> Option<String> {
     let config = info.config.as_ref()?;
     config
@@ -613,12 +637,12 @@ impl ContainerRuntime for DockerRuntime {
                         .unwrap_or_default(),
                 ) && (old_image.is_some() || !changed.is_empty())
                 {
-                    let id = self
+                    let (id, info) = self
                         .recreate(docker, &id, spec, old_image.as_deref(), &changed)
                         .await?;
                     recreated_from = old_image;
                     remade_for = changed;
-                    (id, EnsureOutcome::Created, None)
+                    (id, EnsureOutcome::Created, Some(info))
                 } else {
                     let t0 = Instant::now();
                     if spec::limits_differ(info.host_config.as_ref(), spec) {
@@ -629,20 +653,20 @@ impl ContainerRuntime for DockerRuntime {
                             .map_err(engine)?;
                         tracing::info!(container = %spec.name, "limits updated before start (memory, cpus, pids)");
                     }
-                    self.start(docker, &id, &spec.name).await?;
+                    let info = self.start(docker, &id, &spec.name).await?;
                     crate::admin::metrics::metrics().container_ready(false, t0.elapsed());
                     tracing::info!(target: "audit", container = %spec.name, "container started");
-                    (id, EnsureOutcome::Started, None)
+                    (id, EnsureOutcome::Started, Some(info))
                 }
             }
             None => {
                 self.ensure_image(docker, spec).await?;
                 let t0 = Instant::now();
                 let id = self.create(docker, spec).await?;
-                self.start(docker, &id, &spec.name).await?;
+                let info = self.start(docker, &id, &spec.name).await?;
                 crate::admin::metrics::metrics().container_ready(true, t0.elapsed());
                 tracing::info!(target: "audit", container = %spec.name, image = %spec.image, "container created");
-                (id, EnsureOutcome::Created, None)
+                (id, EnsureOutcome::Created, Some(info))
             }
         };
         let info = match info {
@@ -653,7 +677,7 @@ impl ContainerRuntime for DockerRuntime {
                 .map_err(engine)?,
         };
         let (pid, ips) = placement(&info);
-        let shell = self.shell_of(docker, &id, spec).await?;
+        let shell = self.shell_of(docker, &id, pid, spec).await?;
         if let Err(e) = self.accounts.ensure(docker, &id, spec, &shell).await {
             // Shells and commands still work without it; sftp-server and scp do not.
             tracing::warn!(container = %spec.name, error = %e, "no account entry for the uid");
