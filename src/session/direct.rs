@@ -40,7 +40,10 @@ const SOCKET_NAME: &str = "serve.sock";
 /// How long the relay may take to say `ready`.
 const READY_WAIT: Duration = Duration::from_secs(10);
 
-/// Bytes read from the socket at a time: large reads, few wakeups.
+/// Bytes read from the socket at a time: the first read's buffer, doubled after each read
+/// that fills it up to the most (large reads, few wakeups, while bytes stream). A buffer is
+/// allocated only once the socket is readable: an idle session holds none.
+const FIRST_CHUNK: usize = 8 * 1024;
 const READ_CHUNK: usize = 256 * 1024;
 
 /// Stdout bytes the relay may print before its `ready` line.
@@ -159,15 +162,42 @@ pub async fn exec(
     };
     // The exec's own stdin (the engine's stream) stays unused: the program reads the socket.
     let (read, write) = socket.into_split();
-    let stdout = tokio_util::io::ReaderStream::with_capacity(read, READ_CHUNK)
-        .map(|r| r.map(ExecOutput::Stdout))
-        .boxed();
+    let stdout = chunks(read).map(|r| r.map(ExecOutput::Stdout)).boxed();
     Ok(Exec {
         output: futures::stream::iter(early.into_iter().map(Ok))
             .chain(until_exit(stdout, exec.output))
             .boxed(),
         stdin: Box::pin(write),
         control: exec.control,
+    })
+}
+
+/// What `read` gives until its end or first error, in chunks of [`FIRST_CHUNK`] growing to
+/// [`READ_CHUNK`] bytes.
+fn chunks(
+    read: tokio::net::unix::OwnedReadHalf,
+) -> impl futures::Stream<Item = io::Result<Bytes>> + Send + 'static {
+    futures::stream::unfold(Some((read, FIRST_CHUNK)), |state| async move {
+        let (read, size) = state?;
+        loop {
+            if let Err(e) = read.readable().await {
+                return Some((Err(e), None));
+            }
+            let mut buf = bytes::BytesMut::with_capacity(size);
+            match read.try_read_buf(&mut buf) {
+                Ok(0) => return None,
+                Ok(n) => {
+                    let next = if n == size {
+                        (size * 2).min(READ_CHUNK)
+                    } else {
+                        size
+                    };
+                    return Some((Ok(buf.freeze()), Some((read, next))));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Some((Err(e), None)),
+            }
+        }
     })
 }
 
@@ -347,6 +377,25 @@ mod tests {
             Some((Ok(bytes(b"x")), ()))
         })
         .boxed()
+    }
+
+    #[tokio::test]
+    async fn socket_chunks_grow_while_full_and_every_byte_arrives_in_order() {
+        let (a, mut b) = tokio::net::UnixStream::pair().unwrap();
+        let (read, _write) = a.into_split();
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let writer = {
+            let data = data.clone();
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                b.write_all(&data).await.unwrap();
+            })
+        };
+        let got: Vec<Bytes> = chunks(read).map(|r| r.unwrap()).collect().await;
+        writer.await.unwrap();
+        assert_eq!(got.concat(), data);
+        assert!(got.iter().all(|c| c.len() <= READ_CHUNK));
+        assert!(got.iter().any(|c| c.len() > FIRST_CHUNK), "the buffer grew");
     }
 
     #[tokio::test]
