@@ -564,7 +564,6 @@ fn placement(info: &bollard::models::ContainerInspectResponse) -> (Option<i32>, 
     (pid, ips)
 }
 
-/// The image reference a container was made from: its label, else the engine's record.
 /// `Some(error)` when `info` shows a container that is not running, describing how it ended.
 fn ended(info: &bollard::models::ContainerInspectResponse) -> Option<RuntimeError> {
     let state = info.state.clone().unwrap_or_default();
@@ -580,6 +579,7 @@ fn ended(info: &bollard::models::ContainerInspectResponse) -> Option<RuntimeErro
     ))
 }
 
+/// The image reference a container was made from: its label, else the engine's record.
 fn image_of(info: &bollard::models::ContainerInspectResponse) -> Option<String> {
     let config = info.config.as_ref()?;
     config
