@@ -26,23 +26,11 @@ struct Agent {
 impl Agent {
     fn start(dir: &Path) -> Agent {
         let sock = dir.join("agent.sock");
-        let child = Command::new("ssh-agent")
-            .arg("-D")
-            .arg("-a")
-            .arg(&sock)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
         let mut agent = Agent {
-            child,
+            child: common::ssh_agent(&sock),
             sock,
             fingerprint: String::new(),
         };
-        assert!(
-            eventually(Duration::from_secs(10), || agent.sock.exists()),
-            "ssh-agent did not make its socket"
-        );
         let key = keygen(dir, "id_agent");
         let st = Command::new("ssh-add")
             .arg(&key.private)

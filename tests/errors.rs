@@ -471,14 +471,7 @@ fn a_client_killed_at_once_leaves_one_container_and_logins_still_work() {
     let gw = Gateway::start(1, "", "");
     let name = gw.container(0);
     for _ in 0..3 {
-        let mut child = gw
-            .ssh(0)
-            .arg("sleep 733")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = gw.spawn_silent(0, "sleep 733");
         std::thread::sleep(Duration::from_millis(50));
         child.kill().unwrap();
         child.wait().unwrap();
@@ -497,14 +490,7 @@ fn a_client_killed_while_its_container_is_created_leaves_one_container() {
     let gw = Gateway::start(1, "", "");
     let name = gw.container(0);
     let user = gw.users[0].clone();
-    let mut child = gw
-        .ssh(0)
-        .arg("sleep 737")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = gw.spawn_silent(0, "sleep 737");
     // Kill the client as soon as the gateway has accepted its command, i.e. while the
     // container is being created.
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -511,35 +511,10 @@ fn a_stalled_forward_does_not_freeze_the_shell_on_the_same_connection() {
     let _ = pusher.join();
 }
 
-/// Builds the static relay helper once (as `scripts/test` and the deploy files do).
-fn relay_binary() -> std::path::PathBuf {
-    static BUILT: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let target_dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("relay");
-            let st = Command::new(env!("CARGO"))
-                .args([
-                    "build",
-                    "--release",
-                    "-p",
-                    "labgate-relay",
-                    "--target",
-                    "x86_64-unknown-linux-gnu",
-                ])
-                .env("RUSTFLAGS", "-C target-feature=+crt-static")
-                .env("CARGO_TARGET_DIR", &target_dir)
-                .status()
-                .unwrap();
-            assert!(st.success(), "building labgate-relay failed");
-            target_dir.join("x86_64-unknown-linux-gnu/release/labgate-relay")
-        })
-        .clone()
-}
-
 fn relay_tail() -> String {
     format!(
         "[docker]\nforward_via = \"exec\"\nrelay_helper = \"{}\"\n",
-        relay_binary().display()
+        common::static_helper("labgate-relay").display()
     )
 }
 

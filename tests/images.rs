@@ -300,14 +300,7 @@ fn a_client_that_leaves_during_the_pull_does_not_stop_it_for_the_next_login() {
     let registry = Registry::start();
     let reference = registry.push("leaver", "1", "RUN head -c 20000000 /dev/urandom > /blob");
     let gw = Gateway::start(1, "", &user_image(&reference));
-    let mut leaver = gw
-        .ssh(0)
-        .arg("true")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut leaver = gw.spawn_silent(0, "true");
     assert!(
         eventually(Duration::from_secs(30), || pulls_of(&gw, &reference) == 1),
         "{}",

@@ -115,16 +115,7 @@ struct Agent(Child, std::path::PathBuf);
 impl Agent {
     fn start(dir: &std::path::Path) -> Agent {
         let sock = dir.join("agent.sock");
-        let child = Command::new("ssh-agent")
-            .arg("-D")
-            .arg("-a")
-            .arg(&sock)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        assert!(eventually(Duration::from_secs(10), || sock.exists()));
-        Agent(child, sock)
+        Agent(common::ssh_agent(&sock), sock)
     }
 }
 

@@ -247,14 +247,7 @@ fn an_interactive_login_shell_runs_in_the_home_directory() {
 
 /// Spawns `ssh user cmd` in the background and waits until `marker` runs on the host.
 fn spawn_until_running(gw: &Gateway, cmd: &str, marker: &str) -> std::process::Child {
-    let child = gw
-        .ssh(0)
-        .arg(cmd)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = gw.spawn_silent(0, cmd);
     assert!(
         eventually(Duration::from_secs(20), || !pids_of(marker).is_empty()),
         "{marker} never started; log:\n{}",

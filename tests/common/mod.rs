@@ -296,6 +296,18 @@ impl Gateway {
         format!("{}@{}", self.users[i], self.addr.ip())
     }
 
+    /// Starts `cmd` as user `i` in the background, its stdio closed; the caller waits for or
+    /// kills the client.
+    pub fn spawn_silent(&self, i: usize, cmd: &str) -> Child {
+        self.ssh(i)
+            .arg(cmd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
     /// Runs `cmd` as user `i` and returns the output.
     pub fn run(&self, i: usize, cmd: &str) -> Output {
         self.ssh(i).arg(cmd).stdin(Stdio::null()).output().unwrap()
@@ -487,6 +499,24 @@ pub fn static_helper(package: &str) -> PathBuf {
     let path = target_dir.join(format!("x86_64-unknown-linux-gnu/release/{package}"));
     built.push((package.to_owned(), path.clone()));
     path
+}
+
+/// Starts a host `ssh-agent` (empty) on socket `sock` and waits for the socket; the caller
+/// kills it.
+pub fn ssh_agent(sock: &Path) -> Child {
+    let child = Command::new("ssh-agent")
+        .arg("-D")
+        .arg("-a")
+        .arg(sock)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || sock.exists()),
+        "ssh-agent did not make its socket"
+    );
+    child
 }
 
 /// A background `ssh -N` of user `i` with forwarding args, killed on drop. The local port is
