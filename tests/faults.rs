@@ -477,38 +477,24 @@ fn an_unreadable_host_key_stops_the_start_with_a_clear_error() {
 fn a_client_killed_mid_forward_leaves_no_fds_and_the_gateway_serves_on() {
     use std::io::Write;
     use std::net::TcpStream;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     let gw = Gateway::start(1, "", "");
-    // 512 MiB served from the container's loopback.
+    // 512 MiB served from the container's loopback, and a service that takes connections and
+    // then neither reads nor writes (`sleep` on the socket).
     gw.ok(
         0,
-        "mkdir -p ~/www && head -c 536870912 /dev/zero > ~/www/big && httpd -p 127.0.0.1:8732 -h ~/www",
+        "mkdir -p ~/www && head -c 536870912 /dev/zero > ~/www/big && httpd -p 127.0.0.1:8732 -h ~/www; \
+         setsid nc -ll -p 8733 -e sleep 600 </dev/null >/dev/null 2>&1 &",
     );
     let pid = gw.pid();
     let base_fds = fd_count(pid);
-    let mut tunnel = None;
-    for attempt in 0..20u32 {
-        let port =
-            20_000 + ((std::process::id().wrapping_mul(7919) + attempt * 104_729) % 40_000) as u16;
-        let mut child = gw
-            .ssh(0)
-            .args(["-N", "-o", "ExitOnForwardFailure=yes"])
-            .args(["-L", &format!("127.0.0.1:{port}:127.0.0.1:8732")])
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
-        let up = eventually(Duration::from_secs(20), || {
-            matches!(child.try_wait(), Ok(Some(_)))
-                || TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
-        if up && matches!(child.try_wait(), Ok(None)) {
-            tunnel = Some((child, port));
-            break;
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-    let (mut child, port) = tunnel.expect("no free local port for -L");
-    let mut conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
+
+    // A download whose reader stops: the client's window fills and the gateway waits for it.
+    let mut download = common::Tunnel::open(&gw, 0, |p| {
+        vec!["-L".into(), format!("127.0.0.1:{p}:127.0.0.1:8732")]
+    });
+    let mut conn = TcpStream::connect(("127.0.0.1", download.port)).unwrap();
     conn.write_all(b"GET /big HTTP/1.0\r\nHost: x\r\n\r\n")
         .unwrap();
     let mut buf = vec![0u8; 1 << 20];
@@ -518,14 +504,67 @@ fn a_client_killed_mid_forward_leaves_no_fds_and_the_gateway_serves_on() {
         assert!(n > 0, "the download ended early\n{}", gw.log());
         got += n;
     }
-    child.kill().unwrap(); // SIGKILL mid-transfer
-    child.wait().unwrap();
-    drop(conn);
 
+    // An upload into the service that never reads: the gateway's queue for it fills.
+    let mut upload = common::Tunnel::open(&gw, 0, |p| {
+        vec!["-L".into(), format!("127.0.0.1:{p}:127.0.0.1:8733")]
+    });
+    let sent = Arc::new(AtomicUsize::new(0));
+    let mut sink = TcpStream::connect(("127.0.0.1", upload.port)).unwrap();
+    let pusher = {
+        let sent = sent.clone();
+        std::thread::spawn(move || {
+            let chunk = vec![7u8; 1 << 20];
+            while sink.write_all(&chunk).is_ok() {
+                sent.fetch_add(chunk.len(), Ordering::SeqCst);
+            }
+        })
+    };
+    // Past the gateway's 64 MiB queue, and no longer moving: everything on the way is full.
+    let mut last = 0;
     assert!(
-        eventually(Duration::from_secs(20), || fd_count(pid) <= base_fds),
-        "fds: {} after, {base_fds} before\n{}",
+        eventually(Duration::from_secs(60), || {
+            std::thread::sleep(Duration::from_millis(500));
+            let now = sent.load(Ordering::SeqCst);
+            let stalled = now == last && now > 64 << 20;
+            last = now;
+            stalled
+        }),
+        "the upload never filled up: {} bytes sent\n{}",
+        sent.load(Ordering::SeqCst),
+        gw.log()
+    );
+    // (Tunnel::open's readiness probes into the silent service stay half-open too.)
+    let open = gw.metric("labgate_forwards").unwrap_or(0.0);
+    assert!(open >= 2.0, "forwards open: {open}");
+
+    // Both clients killed (SIGKILL) with their forwards stuck.
+    download.child.kill().unwrap();
+    download.child.wait().unwrap();
+    upload.child.kill().unwrap();
+    upload.child.wait().unwrap();
+    drop(conn);
+    pusher.join().unwrap();
+
+    // The download's connection ends at once, and its forward with it. The upload's cannot
+    // end by itself: the client's kernel still holds bytes the gateway has not read (russh
+    // reads nothing more while a channel's queue is full), so no FIN comes while the silent
+    // service holds its queue. The admin's kick ends it; then every forward of both
+    // connections must be gone, the ones into the silent service too.
+    assert!(
+        eventually(Duration::from_secs(20), || gw.metric("labgate_connections")
+            == Some(1.0)),
+        "the download's connection is still open\n{}",
+        gw.log()
+    );
+    let kick = gw.labgate(&["kick", &gw.users[0]]);
+    assert!(kick.status.success(), "{kick:?}");
+    assert!(
+        eventually(Duration::from_secs(20), || fd_count(pid) <= base_fds
+            && gw.metric("labgate_forwards") == Some(0.0)),
+        "fds: {} after, {base_fds} before; forwards open: {:?}\n{}",
         fd_count(pid),
+        gw.metric("labgate_forwards"),
         gw.log()
     );
     assert_alive(&gw);

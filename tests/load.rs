@@ -63,11 +63,7 @@ fn fd_count(pid: u32) -> usize {
 
 /// A gauge's value from the gateway's `/metrics`.
 fn gauge(gw: &Gateway, name: &str) -> f64 {
-    let (_, page) = gw.http_get("/metrics");
-    page.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(-1.0)
+    gw.metric(name).unwrap_or(-1.0)
 }
 
 /// Feeds `data` to `child`'s stdin (then closes it) while reading its stdout to the end;

@@ -269,8 +269,22 @@ fn host_key_is_generated_private_and_stable() {
 #[test]
 fn uid_and_gid_own_the_home_and_the_files() {
     use std::os::unix::fs::MetadataExt;
-    let gw = Gateway::start(1, "uid = 1234\ngid = 2345", "");
+    let mut gw = Gateway::start(1, "uid = 1234\ngid = 2345", "");
     assert_eq!(gw.ok(0, "id -u; id -g"), "1234\n2345\n");
+    // The image knows neither id: the gateway gave the container an account for them.
+    let user = gw.users[0].clone();
+    assert_eq!(gw.ok(0, "id -un; id -gn"), format!("{user}\n{user}\n"));
+    let entries = "grep -c ':1234:2345:' /etc/passwd; grep -c ':2345:$' /etc/group";
+    assert_eq!(gw.ok(0, entries), "1\n1\n");
+    assert!(
+        gw.log()
+            .contains("account entry in place (written from the host)"),
+        "a gateway running as root writes the entry without an exec"
+    );
+    // A restarted gateway (which has forgotten it did so) does not add them again.
+    gw.stop();
+    gw.spawn();
+    assert_eq!(gw.ok(0, entries), "1\n1\n");
     gw.ok(0, "touch ~/made-inside");
     let home = gw.dir.path().join(format!("home/{}", gw.users[0]));
     let meta = std::fs::metadata(&home).unwrap();

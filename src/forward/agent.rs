@@ -107,6 +107,7 @@ impl AgentForward {
             }
         };
         let cleanup = Cleanup { pid, dir };
+        let gone = login.gone.clone();
         let task = tokio::spawn(
             async move {
                 let _cleanup = cleanup;
@@ -119,12 +120,12 @@ impl AgentForward {
                             continue;
                         }
                     };
-                    let handle = handle.clone();
+                    let (handle, gone) = (handle.clone(), gone.clone());
                     tokio::spawn(
                         async move {
                             match handle.channel_open_agent().await {
                                 Ok(channel) => {
-                                    pump::pump(channel, stream).await;
+                                    pump::pump(channel, stream, &gone).await;
                                 }
                                 Err(e) => debug!("client refused an agent channel: {e}"),
                             }
@@ -214,7 +215,7 @@ async fn hand_over(
     };
     match handle.channel_open_agent().await {
         Ok(channel) => {
-            pump::pump(channel, stream).await;
+            pump::pump(channel, stream, &login.gone).await;
         }
         Err(e) => debug!("client refused an agent channel: {e}"),
     }

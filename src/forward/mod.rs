@@ -111,13 +111,13 @@ enum Connected<T> {
     Relayed(relay::RelayStream),
 }
 
-async fn pump_any<T>(channel: Channel<Msg>, c: Connected<T>) -> pump::Moved
+async fn pump_any<T>(channel: Channel<Msg>, c: Connected<T>, login: &Login) -> pump::Moved
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
 {
     match c {
-        Connected::Direct(s) => pump::pump(channel, s).await,
-        Connected::Relayed(s) => pump::pump(channel, s).await,
+        Connected::Direct(s) => pump::pump(channel, s, &login.gone).await,
+        Connected::Relayed(s) => pump::pump(channel, s, &login.gone).await,
     }
 }
 
@@ -248,7 +248,7 @@ pub async fn direct_tcpip(
             info!(target: "audit", user = %login.user, %host, port, "forward opened");
             let _open = login.stats.forward();
             reply.accept().await;
-            let moved = pump_any(channel, stream).await;
+            let moved = pump_any(channel, stream, &login).await;
             debug!(%host, port, up = moved.up, down = moved.down, "forward closed");
         }
         Err(e) => {
@@ -291,7 +291,7 @@ pub async fn direct_streamlocal(
             info!(target: "audit", user = %login.user, %path, "unix forward opened");
             let _open = login.stats.forward();
             reply.accept().await;
-            pump_any(channel, stream).await;
+            pump_any(channel, stream, &login).await;
         }
         Err(e) => {
             info!(target: "audit", user = %login.user, %path, error = %e, "unix forward refused");
@@ -355,6 +355,7 @@ impl RemoteForwards {
         let user = login.user.clone();
         info!(target: "audit", user = %user, %address, port = bound, "remote forward listening");
         let open = login.stats.forward();
+        let gone = login.gone.clone();
         let task = tokio::spawn(
             async move {
                 let _open = open;
@@ -369,6 +370,7 @@ impl RemoteForwards {
                     };
                     let handle = handle.clone();
                     let address = address.clone();
+                    let gone = gone.clone();
                     tokio::spawn(
                         async move {
                             match handle
@@ -381,7 +383,7 @@ impl RemoteForwards {
                                 .await
                             {
                                 Ok(channel) => {
-                                    pump::pump(channel, stream).await;
+                                    pump::pump(channel, stream, &gone).await;
                                 }
                                 Err(e) => debug!("client refused a forwarded connection: {e}"),
                             }

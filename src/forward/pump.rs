@@ -18,6 +18,8 @@ use russh::server::Msg;
 use russh::{Channel, ChannelMsg};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 /// Bytes one channel may hold between the client and a socket that is not reading.
 pub const CHANNEL_BUFFER: usize = 64 << 20;
@@ -32,8 +34,26 @@ pub struct Moved {
 }
 
 /// Carries bytes between `channel` and `stream` until both directions have ended, then
-/// closes the channel.
-pub async fn pump<S>(channel: Channel<Msg>, stream: S) -> Moved
+/// closes the channel. Once `gone` (the connection has ended) it stops at once, whatever it
+/// was waiting for: russh wakes no writer waiting on a full window when the connection dies,
+/// and a target that neither reads nor writes would hold the reader at its byte budget.
+pub async fn pump<S>(channel: Channel<Msg>, stream: S, gone: &CancellationToken) -> Moved
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let mut down = 0u64;
+    tokio::select! {
+        moved = carry(channel, stream, &mut down) => moved,
+        _ = gone.cancelled() => {
+            tracing::debug!("connection gone: forward dropped");
+            Moved { up: 0, down }
+        }
+    }
+}
+
+/// [`pump`] until its end; its tasks end with it when it is dropped. `down` counts
+/// target-to-client bytes as they go.
+async fn carry<S>(channel: Channel<Msg>, stream: S, down: &mut u64) -> Moved
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
@@ -49,7 +69,7 @@ where
     let (closed_tx, mut closed_rx) = tokio::sync::watch::channel(false);
     let reader = {
         let budget = budget.clone();
-        tokio::spawn(async move {
+        AbortOnDropHandle::new(tokio::spawn(async move {
             let mut up = 0u64;
             loop {
                 match rx.wait().await {
@@ -75,48 +95,53 @@ where
             }
             // Dropping `queue_tx` tells the writer: no more data (EOF or close).
             up
-        })
+        }))
     };
 
     // Queue → socket; then half-close the socket's write side.
-    let writer = tokio::spawn(async move {
+    let writer = AbortOnDropHandle::new(tokio::spawn(async move {
         while let Some((data, _permit)) = queue_rx.recv().await {
             if sock_write.write_all(&data).await.is_err() {
                 return;
             }
         }
         let _ = sock_write.shutdown().await;
-    });
+    }));
 
-    // Socket → channel, respecting the client's window; then EOF.
-    let mut down = 0u64;
+    // Socket → channel, respecting the client's window; then EOF. The client's close is
+    // watched while waiting for the socket and while waiting for window space.
     let mut out = tx.make_writer();
     let mut buf = vec![0u8; 32 * 1024];
     let mut client_closed = false;
     loop {
-        tokio::select! {
+        let n = tokio::select! {
             r = sock_read.read(&mut buf) => match r {
                 Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if out.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                    down += n as u64;
-                    metrics.forwarded(0, n as u64);
-                }
+                Ok(n) => n,
             },
             // Re-armed each turn; once the reader has ended without a close it stays off.
             true = client_closed_signal(&mut closed_rx) => {
                 client_closed = true;
                 break;
             }
+        };
+        tokio::select! {
+            r = out.write_all(&buf[..n]) => if r.is_err() {
+                break;
+            },
+            true = client_closed_signal(&mut closed_rx) => {
+                client_closed = true;
+                break;
+            }
         }
+        *down += n as u64;
+        metrics.forwarded(0, n as u64);
     }
     if client_closed {
         // The client is done with this channel: drop the target connection at once.
         reader.abort();
         writer.abort();
-        return Moved { up: 0, down };
+        return Moved { up: 0, down: *down };
     }
     let _ = out.flush().await;
     let _ = tx.eof().await;
@@ -124,7 +149,7 @@ where
     let up = reader.await.unwrap_or(0);
     let _ = writer.await;
     let _ = tx.close().await;
-    Moved { up, down }
+    Moved { up, down: *down }
 }
 
 /// True once the client closed the channel; false (and at once) if it can no longer happen.

@@ -257,7 +257,17 @@ async fn serve(
                     pump.abort();
                     return;
                 }
-                Some(ChannelMsg::Data { data }) => stdin.send(data).await,
+                // A process that does not read its stdin fills the feed's queue, and then
+                // this waits; the connection ending must still hang the process up.
+                Some(ChannelMsg::Data { data }) => tokio::select! {
+                    () = stdin.send(data) => {}
+                    () = login.gone.cancelled() => {
+                        debug!("connection gone while input waited: hanging up");
+                        control.hangup().await;
+                        pump.abort();
+                        return;
+                    }
+                },
                 // On a terminal, EOF is ignored as sshd does: half-closing a TTY exec's
                 // stdin makes the engine end its output.
                 Some(ChannelMsg::Eof) if !is_tty => stdin.eof(),

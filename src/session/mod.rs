@@ -62,6 +62,9 @@ pub struct Login {
     pub conn: u64,
     /// What the connection has open (sessions, forwards).
     pub stats: Arc<registry::ConnStats>,
+    /// Cancelled once the connection has ended (see [`crate::ssh`]'s handler): what waits on
+    /// the client or a target selects on it.
+    pub gone: tokio_util::sync::CancellationToken,
 }
 
 impl Login {

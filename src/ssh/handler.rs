@@ -58,6 +58,11 @@ pub struct ConnectionHandler {
     agent: Arc<AgentForward>,
     /// Cancelled to disconnect this connection (admin kick, key removed).
     end: CancellationToken,
+    /// Cancelled when this handler is dropped, that is once the connection has ended by any
+    /// means, or by the connection's task when the session does not end when told to: tasks
+    /// of its channels that may wait on the client (a full window) or on a target (a full
+    /// queue) end on it instead of waiting for ever.
+    gone: CancellationToken,
     /// Keeps the connection in the live registry while the handler lives.
     registration: Option<Registration>,
     /// The connection's place among unauthenticated, then authenticated connections, and
@@ -67,6 +72,7 @@ pub struct ConnectionHandler {
 
 impl Drop for ConnectionHandler {
     fn drop(&mut self) {
+        self.gone.cancel();
         self.agent.close();
         if self.login.is_none()
             && let Some((user, reason)) = self.refused.take()
@@ -101,9 +107,16 @@ impl ConnectionHandler {
             remote: RemoteForwards::default(),
             agent: Arc::default(),
             end,
+            gone: CancellationToken::new(),
             registration: None,
             ticket,
         }
+    }
+
+    /// The token cancelled once this connection is over (see the field's doc); the
+    /// connection's task may cancel it itself, when the session will not end.
+    pub fn gone(&self) -> CancellationToken {
+        self.gone.clone()
     }
 
     fn keys(&self) -> KeyStore {
@@ -176,6 +189,7 @@ impl ConnectionHandler {
             local: self.local,
             conn: self.conn,
             stats: Arc::default(),
+            gone: self.gone.clone(),
         });
         self.registration = Some(self.ctx.connections.register(
             ConnectionInfo {

@@ -144,10 +144,12 @@ pub async fn serve(
             end.clone(),
             ticket,
         );
+        let gone = handler.gone();
         let watch = ConnectionWatch {
             grace: server.login_grace,
             pre_auth,
             end,
+            gone,
             shutdown: shutdown.clone(),
         };
         tasks.spawn(run_connection(config.clone(), socket, handler, watch).instrument(span));
@@ -169,6 +171,8 @@ struct ConnectionWatch {
     pre_auth: PreAuthHandle,
     /// Cancelled to end the connection (admin kick, key removed).
     end: tokio_util::sync::CancellationToken,
+    /// The handler's token for "the connection is over" (see [`ConnectionHandler`]).
+    gone: tokio_util::sync::CancellationToken,
     /// The gateway's shutdown.
     shutdown: watch::Receiver<bool>,
 }
@@ -229,21 +233,40 @@ async fn run_connection(
             }
             _ = w.end.cancelled() => {
                 info!("ended by the gateway (admin kick or key removed)");
-                let _ = handle.disconnect(russh::Disconnect::ByApplication, "connection ended by labgate (admin kick, or its key was removed)".into(), String::new()).await;
-                let _ = tokio::time::timeout(Duration::from_secs(3), &mut session).await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), handle.disconnect(russh::Disconnect::ByApplication, "connection ended by labgate (admin kick, or its key was removed)".into(), String::new())).await;
+                if tokio::time::timeout(Duration::from_secs(3), &mut session).await.is_err() {
+                    force_end(&mut session, &w).await;
+                }
                 break;
             }
             _ = stopped(&mut w.shutdown) => {
                 // One stalled in its key exchange would not act on the disconnect.
                 w.pre_auth.close();
-                let _ = handle.disconnect(russh::Disconnect::ByApplication, "labgate is shutting down".into(), String::new()).await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), handle.disconnect(russh::Disconnect::ByApplication, "labgate is shutting down".into(), String::new())).await;
                 // Let the session end so its channels hang up their processes.
-                let _ = tokio::time::timeout(Duration::from_secs(3), &mut session).await;
+                if tokio::time::timeout(Duration::from_secs(3), &mut session).await.is_err() {
+                    force_end(&mut session, &w).await;
+                }
                 break;
             }
         }
     }
     log_alive_tasks();
+}
+
+/// Ends a session that did not end when told to. russh runs it in a task of its own, which
+/// dropping its future would leave running, and its loop reads nothing while a channel's queue
+/// is full (a forward into a target that does not read). So the channels' tasks end (their
+/// queues go with them), and the session, free to go on, acts on the disconnect it was sent.
+async fn force_end<F: std::future::Future + Unpin>(session: &mut F, w: &ConnectionWatch) {
+    debug!("the session did not end: ending its channels");
+    w.gone.cancel();
+    if tokio::time::timeout(Duration::from_secs(3), session)
+        .await
+        .is_err()
+    {
+        warn!("the session did not end after its channels did");
+    }
 }
 
 /// Logs how many tokio tasks are alive, at debug level under the `labgate::leaks` target,

@@ -354,6 +354,15 @@ impl Gateway {
     }
 
     /// The audit log's lines, parsed (a line that is not JSON fails the test).
+    /// A sample of `name` on the gateway's `/metrics` page (a gauge or counter without
+    /// labels); `None` when the page has none.
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        let (_, page) = self.http_get("/metrics");
+        page.lines()
+            .filter(|l| !l.starts_with('#'))
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    }
+
     pub fn audit(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(self.dir.path().join("audit.jsonl"))
             .unwrap_or_default()

@@ -9,6 +9,11 @@
 //! live in the container's writable layer: a recreated container gets them again, an existing
 //! entry for the uid (an image made for the lab) is left alone. Only when a uid is configured:
 //! root needs no entry.
+//!
+//! The files are written from the host through the container's root
+//! ([`crate::runtime::rootfs::add_account_lines_in`]: no exec, whose 40 ms would fall on the
+//! first login) where the gateway may look into containers; else, or when a file is missing,
+//! by a shell script run as root in the container.
 
 use std::collections::HashSet;
 use std::sync::Mutex;
@@ -16,6 +21,7 @@ use std::sync::Mutex;
 use bollard::Docker;
 use bollard::exec::CreateExecOptions;
 
+use crate::runtime::rootfs::{AccountLine, add_account_lines_in};
 use crate::runtime::{ContainerSpec, ExitStatus, RuntimeError};
 
 /// Adds the entries missing for `$2` (uid) and `$3` (gid). Shell built-ins only (no `grep`
@@ -32,12 +38,14 @@ pub(super) struct Accounts {
 }
 
 impl Accounts {
-    /// Makes sure container `id` has a `passwd`/`group` entry for `spec`'s uid:gid. Safe to
-    /// call on every login: it runs once per container (again only after a failure).
+    /// Makes sure container `id` (whose init is host process `pid`, when known) has a
+    /// `passwd`/`group` entry for `spec`'s uid:gid. Safe to call on every login: it runs once
+    /// per container (again only after a failure).
     pub(super) async fn ensure(
         &self,
         docker: &Docker,
         id: &str,
+        pid: Option<i32>,
         spec: &ContainerSpec,
         shell: &str,
     ) -> Result<(), RuntimeError> {
@@ -46,6 +54,42 @@ impl Accounts {
         };
         if self.lock().contains(id) {
             return Ok(());
+        }
+        if let Some(pid) = pid {
+            let user = spec.user.to_string();
+            let passwd = format!("{user}:x:{uid}:{gid}:{user}:{}:{shell}", spec.home_target);
+            let group = format!("{user}:x:{gid}:");
+            let written = tokio::task::spawn_blocking(move || {
+                let lines = [
+                    AccountLine {
+                        file: "/etc/passwd",
+                        id: uid,
+                        line: &passwd,
+                    },
+                    AccountLine {
+                        file: "/etc/group",
+                        id: gid,
+                        line: &group,
+                    },
+                ];
+                add_account_lines_in(pid, &lines)
+            })
+            .await
+            .ok()
+            .flatten();
+            match written {
+                Some(Ok(added)) => {
+                    tracing::debug!(container = %spec.name, uid, gid, added, "account entry in place (written from the host)");
+                    self.lock().insert(id.to_owned());
+                    return Ok(());
+                }
+                Some(Err(e)) => {
+                    return Err(RuntimeError::Exec(format!(
+                        "adding your account entry: {e}"
+                    )));
+                }
+                None => {}
+            }
         }
         let opts = CreateExecOptions::<String> {
             cmd: Some(vec![

@@ -111,22 +111,23 @@ impl DockerRuntime {
     }
 
     /// Makes sure `spec.image` is on the host as its pull policy says, publishing progress
-    /// for `spec.name`'s waiters.
+    /// for `spec.name`'s waiters. `Some(id)`: the image's id, when no pull ran (after a pull
+    /// the reference may name another image).
     async fn ensure_image(
         &self,
         docker: &Docker,
         spec: &ContainerSpec,
-    ) -> Result<(), RuntimeError> {
-        let present = match docker.inspect_image(&spec.image).await {
-            Ok(_) => true,
+    ) -> Result<Option<String>, RuntimeError> {
+        let (present, id) = match docker.inspect_image(&spec.image).await {
+            Ok(image) => (true, image.id),
             Err(BollardError::DockerResponseServerError {
                 status_code: 404, ..
-            }) => false,
+            }) => (false, None),
             Err(e) => return Err(engine(e)),
         };
         match (spec.pull_policy, present) {
             (PullPolicy::Never, false) => Err(RuntimeError::ImageMissing(spec.image.clone())),
-            (PullPolicy::Never | PullPolicy::Missing, true) => Ok(()),
+            (PullPolicy::Never | PullPolicy::Missing, true) => Ok(id),
             (policy, _) => {
                 let events = self.pull_events.clone();
                 let container = spec.name.clone();
@@ -146,11 +147,11 @@ impl DockerRuntime {
                     })
                     .await;
                 match pulled {
-                    Ok(()) => Ok(()),
+                    Ok(()) => Ok(None),
                     // "always" keeps users working from the copy here when the registry fails.
                     Err(reason) if present => {
                         tracing::warn!(image = %spec.image, %reason, "pull failed; using the image already on this host");
-                        Ok(())
+                        Ok(id)
                     }
                     Err(reason) => Err(RuntimeError::Pull {
                         image: spec.image.clone(),
@@ -170,12 +171,15 @@ impl DockerRuntime {
         info: &bollard::models::ContainerInspectResponse,
         spec: &ContainerSpec,
     ) -> Result<Option<String>, RuntimeError> {
-        self.ensure_image(docker, spec).await?;
+        let known = self.ensure_image(docker, spec).await?;
         let old = image_of(info).unwrap_or_default();
         if old != spec.image {
             return Ok(Some(old));
         }
-        let wanted = docker.inspect_image(&spec.image).await.map_err(engine)?.id;
+        let wanted = match known {
+            Some(id) => Some(id),
+            None => docker.inspect_image(&spec.image).await.map_err(engine)?.id,
+        };
         Ok((wanted.is_some() && wanted != info.image).then_some(old))
     }
 
@@ -678,7 +682,7 @@ impl ContainerRuntime for DockerRuntime {
         };
         let (pid, ips) = placement(&info);
         let shell = self.shell_of(docker, &id, pid, spec).await?;
-        if let Err(e) = self.accounts.ensure(docker, &id, spec, &shell).await {
+        if let Err(e) = self.accounts.ensure(docker, &id, pid, spec, &shell).await {
             // Shells and commands still work without it; sftp-server and scp do not.
             tracing::warn!(container = %spec.name, error = %e, "no account entry for the uid");
         }
