@@ -572,3 +572,77 @@ fn a_client_killed_mid_forward_leaves_no_fds_and_the_gateway_serves_on() {
     let page = gw.ok(0, "wget -q -O - http://127.0.0.1:8732/big | wc -c");
     assert_eq!(page.trim(), (512u64 << 20).to_string());
 }
+
+#[test]
+fn a_kicked_connection_stuck_on_input_nobody_reads_ends_and_hangs_up_its_command() {
+    use std::io::Write;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let gw = Gateway::start(1, "", "");
+    gw.ok(0, "true"); // the container exists
+    let pid = gw.pid();
+    let base_fds = fd_count(pid);
+    let mark = format!("sleep {}", 6000 + std::process::id() % 1000);
+
+    // A command that never reads its stdin, fed from a client that sends without end: the
+    // gateway's queue for it fills, then the whole connection waits.
+    let mut client = gw
+        .ssh(0)
+        .arg(format!("exec {mark}"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut input = client.stdin.take().unwrap();
+    let sent = Arc::new(AtomicUsize::new(0));
+    let feeder = {
+        let sent = sent.clone();
+        std::thread::spawn(move || {
+            let chunk = vec![b'x'; 1 << 20];
+            while input.write_all(&chunk).is_ok() {
+                sent.fetch_add(chunk.len(), Ordering::SeqCst);
+            }
+        })
+    };
+    assert!(
+        eventually(Duration::from_secs(20), || !common::pids_of(&mark)
+            .is_empty()),
+        "the command never ran\n{}",
+        gw.log()
+    );
+    let mut last = 0;
+    assert!(
+        eventually(Duration::from_secs(60), || {
+            std::thread::sleep(Duration::from_millis(500));
+            let now = sent.load(Ordering::SeqCst);
+            let stalled = now == last && now > 64 << 20;
+            last = now;
+            stalled
+        }),
+        "the input never filled up: {} bytes sent\n{}",
+        sent.load(Ordering::SeqCst),
+        gw.log()
+    );
+
+    // The client dies; its connection cannot notice (russh reads nothing while it waits), so
+    // the admin kicks it: the command is hung up and nothing of the connection is left.
+    client.kill().unwrap();
+    client.wait().unwrap();
+    feeder.join().unwrap();
+    let kick = gw.labgate(&["kick", &gw.users[0]]);
+    assert!(kick.status.success(), "{kick:?}");
+    assert!(
+        eventually(Duration::from_secs(20), || common::pids_of(&mark)
+            .is_empty()
+            && gw.metric("labgate_sessions") == Some(0.0)
+            && fd_count(pid) <= base_fds),
+        "left: {:?} running, sessions {:?}, fds {} (before {base_fds})\n{}",
+        common::pids_of(&mark),
+        gw.metric("labgate_sessions"),
+        fd_count(pid),
+        gw.log()
+    );
+    assert_alive(&gw);
+    assert_eq!(gw.ok(0, "echo back"), "back\n");
+}
