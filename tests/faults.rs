@@ -473,12 +473,46 @@ fn an_unreadable_host_key_stops_the_start_with_a_clear_error() {
     );
 }
 
+/// Writes to `sink` from a thread of its own until a write fails (the thread returned ends
+/// then), and returns once more than the gateway's 64 MiB queue has gone into it and nothing
+/// moves any more: everything on the way is full. `what` names it in the failure.
+fn fill_until_stalled(
+    gw: &Gateway,
+    what: &str,
+    mut sink: impl std::io::Write + Send + 'static,
+) -> std::thread::JoinHandle<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let sent = Arc::new(AtomicUsize::new(0));
+    let writer = {
+        let sent = sent.clone();
+        std::thread::spawn(move || {
+            let chunk = vec![b'x'; 1 << 20];
+            while sink.write_all(&chunk).is_ok() {
+                sent.fetch_add(chunk.len(), Ordering::SeqCst);
+            }
+        })
+    };
+    let mut last = 0;
+    assert!(
+        eventually(Duration::from_secs(60), || {
+            std::thread::sleep(Duration::from_millis(500));
+            let now = sent.load(Ordering::SeqCst);
+            let stalled = now == last && now > 64 << 20;
+            last = now;
+            stalled
+        }),
+        "{what} never filled up: {} bytes sent\n{}",
+        sent.load(Ordering::SeqCst),
+        gw.log()
+    );
+    writer
+}
+
 #[test]
 fn a_client_killed_mid_forward_leaves_no_fds_and_the_gateway_serves_on() {
     use std::io::Write;
     use std::net::TcpStream;
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
     let gw = Gateway::start(1, "", "");
     // 512 MiB served from the container's loopback, and a service that takes connections and
     // then neither reads nor writes (`sleep` on the socket).
@@ -509,31 +543,8 @@ fn a_client_killed_mid_forward_leaves_no_fds_and_the_gateway_serves_on() {
     let mut upload = common::Tunnel::open(&gw, 0, |p| {
         vec!["-L".into(), format!("127.0.0.1:{p}:127.0.0.1:8733")]
     });
-    let sent = Arc::new(AtomicUsize::new(0));
-    let mut sink = TcpStream::connect(("127.0.0.1", upload.port)).unwrap();
-    let pusher = {
-        let sent = sent.clone();
-        std::thread::spawn(move || {
-            let chunk = vec![7u8; 1 << 20];
-            while sink.write_all(&chunk).is_ok() {
-                sent.fetch_add(chunk.len(), Ordering::SeqCst);
-            }
-        })
-    };
-    // Past the gateway's 64 MiB queue, and no longer moving: everything on the way is full.
-    let mut last = 0;
-    assert!(
-        eventually(Duration::from_secs(60), || {
-            std::thread::sleep(Duration::from_millis(500));
-            let now = sent.load(Ordering::SeqCst);
-            let stalled = now == last && now > 64 << 20;
-            last = now;
-            stalled
-        }),
-        "the upload never filled up: {} bytes sent\n{}",
-        sent.load(Ordering::SeqCst),
-        gw.log()
-    );
+    let sink = TcpStream::connect(("127.0.0.1", upload.port)).unwrap();
+    let pusher = fill_until_stalled(&gw, "the upload", sink);
     // (Tunnel::open's readiness probes into the silent service stay half-open too.)
     let open = gw.metric("labgate_forwards").unwrap_or(0.0);
     assert!(open >= 2.0, "forwards open: {open}");
@@ -575,9 +586,6 @@ fn a_client_killed_mid_forward_leaves_no_fds_and_the_gateway_serves_on() {
 
 #[test]
 fn a_kicked_connection_stuck_on_input_nobody_reads_ends_and_hangs_up_its_command() {
-    use std::io::Write;
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
     let gw = Gateway::start(1, "", "");
     gw.ok(0, "true"); // the container exists
     let pid = gw.pid();
@@ -594,36 +602,14 @@ fn a_kicked_connection_stuck_on_input_nobody_reads_ends_and_hangs_up_its_command
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut input = client.stdin.take().unwrap();
-    let sent = Arc::new(AtomicUsize::new(0));
-    let feeder = {
-        let sent = sent.clone();
-        std::thread::spawn(move || {
-            let chunk = vec![b'x'; 1 << 20];
-            while input.write_all(&chunk).is_ok() {
-                sent.fetch_add(chunk.len(), Ordering::SeqCst);
-            }
-        })
-    };
+    let input = client.stdin.take().unwrap();
     assert!(
         eventually(Duration::from_secs(20), || !common::pids_of(&mark)
             .is_empty()),
         "the command never ran\n{}",
         gw.log()
     );
-    let mut last = 0;
-    assert!(
-        eventually(Duration::from_secs(60), || {
-            std::thread::sleep(Duration::from_millis(500));
-            let now = sent.load(Ordering::SeqCst);
-            let stalled = now == last && now > 64 << 20;
-            last = now;
-            stalled
-        }),
-        "the input never filled up: {} bytes sent\n{}",
-        sent.load(Ordering::SeqCst),
-        gw.log()
-    );
+    let feeder = fill_until_stalled(&gw, "the input", input);
 
     // The client dies; its connection cannot notice (russh reads nothing while it waits), so
     // the admin kicks it: the command is hung up and nothing of the connection is left.

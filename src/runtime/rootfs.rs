@@ -18,6 +18,28 @@ use rustix::io::Errno;
 /// The most of an account file read (`/etc/passwd` of a large site can be a few MiB).
 const ACCOUNT_FILE_LIMIT: u64 = 16 << 20;
 
+/// The directory `root` (a container's `/proc/PID/root`), opened to resolve paths under.
+fn open_root(root: impl rustix::path::Arg) -> Option<OwnedFd> {
+    open(
+        root,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()
+}
+
+/// A handle that opens nothing (`O_PATH`) on `path` (absolute, as the container sees it)
+/// resolved inside `root`: symlinks are followed within it, magic links not at all.
+fn path_in(root: &OwnedFd, path: &str) -> rustix::io::Result<OwnedFd> {
+    openat2(
+        root,
+        path.trim_start_matches('/'),
+        OFlags::PATH | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+    )
+}
+
 /// Whether `path` (absolute, as the container sees it) is an executable file in the
 /// filesystem of the container whose init is host process `pid`; `None` when that cannot be
 /// looked at from here.
@@ -27,20 +49,8 @@ pub fn executable_in(pid: i32, path: &str) -> Option<bool> {
 
 /// [`executable_in`] for the directory `root` taken as `/`.
 fn executable_under(root: impl rustix::path::Arg, path: &str) -> Option<bool> {
-    let root = open(
-        root,
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .ok()?;
-    let found = openat2(
-        &root,
-        path.trim_start_matches('/'),
-        OFlags::PATH | OFlags::CLOEXEC,
-        Mode::empty(),
-        ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
-    );
-    match found {
+    let root = open_root(root)?;
+    match path_in(&root, path) {
         Ok(fd) => {
             let st = fstat(&fd).ok()?;
             Some(FileType::from_raw_mode(st.st_mode).is_file() && st.st_mode & 0o111 != 0)
@@ -89,12 +99,7 @@ fn add_account_lines_under(
     root: impl rustix::path::Arg,
     lines: &[AccountLine<'_>],
 ) -> Option<Result<usize, AccountError>> {
-    let root = open(
-        root,
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .ok()?;
+    let root = open_root(root)?;
     let mut added = 0;
     for line in lines {
         match add_line(&root, line) {
@@ -112,13 +117,7 @@ fn add_line(root: &OwnedFd, line: &AccountLine<'_>) -> Result<bool, Option<Accou
     let io = |e: std::io::Error| Some(AccountError::Io(line.file.to_owned(), e));
     // First a handle that opens nothing (O_PATH): a FIFO would block, a device would be
     // opened, before their type could be seen.
-    let path = match openat2(
-        root,
-        line.file.trim_start_matches('/'),
-        OFlags::PATH | OFlags::CLOEXEC,
-        Mode::empty(),
-        ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
-    ) {
+    let path = match path_in(root, line.file) {
         Ok(fd) => fd,
         Err(Errno::NOENT) => return Err(None),
         Err(e) => return Err(io(e.into())),

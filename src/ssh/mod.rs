@@ -234,9 +234,7 @@ async fn run_connection(
             _ = w.end.cancelled() => {
                 info!("ended by the gateway (admin kick or key removed)");
                 let _ = tokio::time::timeout(Duration::from_secs(1), handle.disconnect(russh::Disconnect::ByApplication, "connection ended by labgate (admin kick, or its key was removed)".into(), String::new())).await;
-                if tokio::time::timeout(Duration::from_secs(3), &mut session).await.is_err() {
-                    force_end(&mut session, &w).await;
-                }
+                end_after_disconnect(&mut session, &w).await;
                 break;
             }
             _ = stopped(&mut w.shutdown) => {
@@ -244,9 +242,7 @@ async fn run_connection(
                 w.pre_auth.close();
                 let _ = tokio::time::timeout(Duration::from_secs(1), handle.disconnect(russh::Disconnect::ByApplication, "labgate is shutting down".into(), String::new())).await;
                 // Let the session end so its channels hang up their processes.
-                if tokio::time::timeout(Duration::from_secs(3), &mut session).await.is_err() {
-                    force_end(&mut session, &w).await;
-                }
+                end_after_disconnect(&mut session, &w).await;
                 break;
             }
         }
@@ -254,11 +250,21 @@ async fn run_connection(
     log_alive_tasks();
 }
 
-/// Ends a session that did not end when told to. russh runs it in a task of its own, which
-/// dropping its future would leave running, and its loop reads nothing while a channel's queue
-/// is full (a forward into a target that does not read). So the channels' tasks end (their
-/// queues go with them), and the session, free to go on, acts on the disconnect it was sent.
-async fn force_end<F: std::future::Future + Unpin>(session: &mut F, w: &ConnectionWatch) {
+/// Waits up to 3 s for a session sent a disconnect to end, then ends it. russh runs it in a
+/// task of its own, which dropping its future would leave running, and its loop reads nothing
+/// while a channel's queue is full (a forward into a target that does not read). So the
+/// channels' tasks end (their queues go with them), and the session, free to go on, acts on
+/// the disconnect it was sent.
+async fn end_after_disconnect<F: std::future::Future + Unpin>(
+    session: &mut F,
+    w: &ConnectionWatch,
+) {
+    if tokio::time::timeout(Duration::from_secs(3), &mut *session)
+        .await
+        .is_ok()
+    {
+        return;
+    }
     debug!("the session did not end: ending its channels");
     w.gone.cancel();
     if tokio::time::timeout(Duration::from_secs(3), session)
