@@ -94,6 +94,7 @@ pub async fn serve(
         connections: Arc::default(),
         idle: Default::default(),
         direct_refused: Default::default(),
+        pending: Arc::default(),
     });
     crate::admin::start(ctx.clone(), &admin, stop_rx.clone()).await;
     tokio::spawn(crate::session::idle::run(ctx.clone(), stop_rx.clone()));

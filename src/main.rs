@@ -249,6 +249,13 @@ fn check(path: &std::path::Path) -> ExitCode {
         }
     }
     warn_unreadable_registry_secrets(&config);
+    for (table, home, source) in config.homes_under_writable_mounts() {
+        eprintln!(
+            "{}: warning: {table} home {home:?} lies under the writable mount source {}: users who can write there could replace a home with a symlink (labgate refuses to start such a container; keep homes outside writable mounts)",
+            config.source.display(),
+            source.display()
+        );
+    }
     if report.errors.is_empty() && ca_ok {
         println!(
             "{}: OK ({} user(s) with keys in {})",

@@ -102,6 +102,36 @@ impl Config {
         self.users.keys()
     }
 
+    /// Homes that lie under a writable mount source (of any user's quota): `(table, home
+    /// template, mount source)`. Someone who can write there can rename a home and put a
+    /// symlink in its place; labgate refuses to start such a container, but the admin should
+    /// know (`labgate check` warns).
+    pub fn homes_under_writable_mounts(&self) -> Vec<(String, String, PathBuf)> {
+        let all = std::iter::once(&self.defaults)
+            .chain(self.users.values())
+            .chain(self.profiles.quotas.values());
+        let writable: std::collections::BTreeSet<&PathBuf> = all
+            .flat_map(|q| q.mounts.iter().filter(|m| m.writable).map(|m| &m.source))
+            .collect();
+        let homes = std::iter::once(("[defaults]".to_owned(), &self.defaults))
+            .chain(self.users.iter().map(|(u, q)| (format!("[users.{u}]"), q)));
+        let mut found = Vec::new();
+        for (table, quota) in homes {
+            // The directory the homes are made in: the template up to `{user}`.
+            let parent: PathBuf = Path::new(&quota.home)
+                .components()
+                .take_while(|c| !c.as_os_str().to_string_lossy().contains("{user}"))
+                .collect();
+            for source in &writable {
+                if parent.starts_with(source) {
+                    found.push((table.clone(), quota.home.clone(), (*source).clone()));
+                }
+            }
+        }
+        found.dedup_by(|a, b| a.1 == b.1 && a.2 == b.2);
+        found
+    }
+
     /// The quota of `user` logging in as `user+profile`, or why they may not.
     pub fn profile_quota(
         &self,

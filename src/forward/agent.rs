@@ -3,8 +3,8 @@
 //!
 //! One socket per SSH connection, made by the first session channel that asked for it (never
 //! by the handler, which must not wait on Docker): a fresh `/tmp/labgate-agent-RANDOM/`
-//! (0700) holding `agent.sock` (0600), both owned by the user's uid:gid, made from inside the
-//! container's mount namespace ([`super::netns`]), or, where the gateway cannot enter it, by
+//! (0700) holding `agent.sock` (0600), both made as the user (their uid, gid and groups) from
+//! inside the container's mount namespace ([`super::netns`]), or, where the gateway cannot enter it, by
 //! a `labgate-relay listen` exec running as the user ([`super::relay::listen`]), which hands
 //! each connection over through a relay exec of its own. Every channel of the connection that
 //! asked for forwarding gets it as `SSH_AUTH_SOCK`. The listener, the socket and its directory go
@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 use tracing::{Instrument, debug, info, warn};
 
 use super::{netns, pump, relay, way_in};
-use crate::runtime::{ContainerHandle, ContainerSpec};
+use crate::runtime::{ContainerHandle, Identity};
 use crate::session::{Context, Login};
 
 /// The socket's file name inside its directory.
@@ -38,11 +38,13 @@ pub struct AgentForward {
 struct Cleanup {
     pid: i32,
     dir: PathBuf,
+    /// Who made it (and so removes it).
+    who: Option<Identity>,
 }
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        netns::remove_dir_detached(self.pid, std::mem::take(&mut self.dir));
+        netns::remove_dir_detached(self.pid, std::mem::take(&mut self.dir), self.who.take());
     }
 }
 
@@ -98,15 +100,15 @@ impl AgentForward {
         dir: PathBuf,
         handle: Handle,
     ) -> Option<JoinHandle<()>> {
-        let owner = ContainerSpec::new(&login.user, &login.quota).uid_gid;
-        let listener = match netns::bind_unix(pid, dir.clone(), SOCKET_NAME, owner).await {
+        let who = login.identity();
+        let listener = match netns::bind_unix(pid, dir.clone(), SOCKET_NAME, who.as_ref()).await {
             Ok(l) => l,
             Err(e) => {
                 warn!(user = %login.user, dir = %dir.display(), error = %e, "agent socket not made: not forwarded");
                 return None;
             }
         };
-        let cleanup = Cleanup { pid, dir };
+        let cleanup = Cleanup { pid, dir, who };
         let gone = login.gone.clone();
         let task = tokio::spawn(
             async move {
@@ -206,13 +208,15 @@ async fn hand_over(
     handoff: String,
 ) {
     let args = vec!["unix".to_owned(), handoff];
-    let stream = match relay::connect_via(runtime.as_ref(), &login, &container, args).await {
-        Ok(s) => s,
-        Err(e) => {
-            debug!("agent hand-off failed: {e}");
-            return;
-        }
-    };
+    let deadline = tokio::time::Instant::now() + super::CONNECT_TIMEOUT;
+    let stream =
+        match relay::connect_via(runtime.as_ref(), &login, &container, args, deadline).await {
+            Ok(s) => s,
+            Err(e) => {
+                debug!("agent hand-off failed: {e}");
+                return;
+            }
+        };
     match handle.channel_open_agent().await {
         Ok(channel) => {
             pump::pump(channel, stream, &login.gone).await;

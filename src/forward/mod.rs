@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod netns;
+pub mod pending;
 pub mod policy;
 pub mod pump;
 pub mod relay;
@@ -22,6 +23,7 @@ use std::time::Duration;
 use russh::server::{ChannelOpenHandle, Handle, Msg};
 use russh::{Channel, ChannelOpenFailure};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tracing::{Instrument, debug, info, warn};
 
 use crate::config::ForwardVia;
@@ -29,8 +31,12 @@ use crate::runtime::ContainerHandle;
 use crate::session::{Context, Login};
 use policy::{Denied, PermitOpen};
 
-/// How long a connect to a forward target may take.
+/// How long opening a forward may take, from its request to its connection: resolving the
+/// name and trying every address it resolves to, together.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// At most this many of the addresses a name resolves to are tried (a container's
+/// `/etc/hosts` is the user's to write).
+const MAX_ADDRESSES: usize = 8;
 
 /// Why a forward was not opened.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +53,9 @@ pub enum ForwardError {
     /// The name does not resolve inside the container.
     #[error("cannot resolve {0} inside the container")]
     Resolve(String),
+    /// Too many forwards are being opened at once.
+    #[error("{0}")]
+    Busy(#[from] pending::TooMany),
     /// Connecting or binding failed.
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -56,6 +65,7 @@ impl ForwardError {
     fn open_failure(&self) -> ChannelOpenFailure {
         match self {
             ForwardError::Denied(_) => ChannelOpenFailure::AdministrativelyProhibited,
+            ForwardError::Busy(_) => ChannelOpenFailure::ResourceShortage,
             _ => ChannelOpenFailure::ConnectFailed,
         }
     }
@@ -129,18 +139,38 @@ async fn resolve(
     container: &ContainerHandle,
     pid: Option<i32>,
     host: &str,
+    deadline: Instant,
 ) -> Result<Vec<IpAddr>, ForwardError> {
     if let Some(ips) = literal(host) {
         return Ok(ips);
     }
     if let Some(pid) = pid
-        && let Ok(ips) = hosts_file(pid, host).await
+        && let Ok(ips) = hosts_file(pid, host, login.identity()).await
     {
         return Ok(ips);
     }
     // The container's own resolver (its resolv.conf, Docker's embedded DNS), through the
     // relay helper when it is mounted.
-    relay::resolve(ctx, login, container, host).await
+    relay::resolve(ctx, login, container, host, deadline).await
+}
+
+/// The addresses the *gateway's* resolver gives for `host`, when an allow rule names it: a
+/// rule that names a host vouches only for what that name is on the gateway, never for what
+/// the user made it mean in the container's `/etc/hosts`. Empty when no rule names it or the
+/// name does not resolve here.
+async fn vouched(login: &Login, host: &str, port: u16, deadline: Instant) -> Vec<IpAddr> {
+    if !login.quota.forwarding.names(host, port) {
+        return Vec::new();
+    }
+    let lookup = tokio::net::lookup_host((host.to_owned(), port));
+    match tokio::time::timeout_at(deadline, lookup).await {
+        Ok(Ok(addrs)) => addrs.map(|a| a.ip()).collect(),
+        Ok(Err(e)) => {
+            debug!(%host, error = %e, "an allowed name does not resolve on the gateway");
+            Vec::new()
+        }
+        Err(_) => Vec::new(),
+    }
 }
 
 /// `localhost` and IP literals, which need no resolver.
@@ -160,10 +190,14 @@ fn literal(host: &str) -> Option<Vec<IpAddr>> {
     )
 }
 
-/// Looks `host` up in the container's `/etc/hosts`.
-async fn hosts_file(pid: i32, host: &str) -> Result<Vec<IpAddr>, ForwardError> {
+/// Looks `host` up in the container's `/etc/hosts` (read as the user).
+async fn hosts_file(
+    pid: i32,
+    host: &str,
+    who: Option<crate::runtime::Identity>,
+) -> Result<Vec<IpAddr>, ForwardError> {
     let name = host.to_ascii_lowercase();
-    let hosts = netns::read_file(pid, PathBuf::from("/etc/hosts"), 1 << 20)
+    let hosts = netns::read_file(pid, PathBuf::from("/etc/hosts"), 1 << 20, who.as_ref())
         .await
         .unwrap_or_default();
     let found: Vec<IpAddr> = hosts
@@ -205,18 +239,24 @@ pub async fn direct_tcpip(
         })?;
         PermitOpen::parse(login.key.options().permit_open.iter().map(String::as_str))
             .check(&host, port)?;
+        let _pending = ctx.pending.begin(&login.user, &login.opening)?;
         let container = crate::session::ensure_container(&ctx, &login).await?;
+        let deadline = Instant::now() + CONNECT_TIMEOUT;
         let pid = way_in(&ctx, &container).await;
-        let ips = resolve(&ctx, &login, &container, pid, &host).await?;
+        let ips = resolve(&ctx, &login, &container, pid, &host, deadline).await?;
+        let vouched = vouched(&login, &host, port, deadline).await;
         let mut allowed = Vec::new();
         let mut refusal = None;
         for ip in ips {
             match login
                 .quota
                 .forwarding
-                .check(&host, ip, port, &container.ips)
+                .check(&host, ip, port, &container.ips, &vouched)
             {
-                Ok(()) => allowed.push(SocketAddr::new(ip, port)),
+                Ok(()) if allowed.len() < MAX_ADDRESSES => {
+                    allowed.push(SocketAddr::new(ip, port));
+                }
+                Ok(()) => {}
                 Err(e) => refusal = Some(e),
             }
         }
@@ -227,15 +267,18 @@ pub async fn direct_tcpip(
         }
         match pid {
             Some(pid) => Ok(Connected::Direct(
-                netns::connect_tcp(pid, allowed, CONNECT_TIMEOUT).await?,
+                netns::connect_tcp(pid, allowed, deadline, &login.gone).await?,
             )),
             None => {
                 let mut last = None;
                 for addr in allowed {
                     let args = vec!["tcp".into(), addr.ip().to_string(), addr.port().to_string()];
-                    match relay::connect(&ctx, &login, &container, args).await {
+                    match relay::connect(&ctx, &login, &container, args, deadline).await {
                         Ok(s) => return Ok(Connected::Relayed(s)),
                         Err(e) => last = Some(e),
+                    }
+                    if Instant::now() >= deadline {
+                        break;
                     }
                 }
                 Err(last.unwrap_or_else(|| ForwardError::Resolve(host.clone())))
@@ -259,7 +302,8 @@ pub async fn direct_tcpip(
 }
 
 /// Opens a direct-streamlocal channel (`-L port:/path.sock`): connects to the unix socket
-/// at `path` as the container sees it (relative paths are relative to the home directory).
+/// at `path` as the container sees it (relative paths are relative to the home directory),
+/// as the container's user.
 pub async fn direct_streamlocal(
     ctx: Arc<Context>,
     login: Arc<Login>,
@@ -272,15 +316,26 @@ pub async fn direct_streamlocal(
         if !login.quota.forwarding.unix {
             return Err(Denied::Disabled("unix socket").into());
         }
+        let _pending = ctx.pending.begin(&login.user, &login.opening)?;
         let container = crate::session::ensure_container(&ctx, &login).await?;
+        let deadline = Instant::now() + CONNECT_TIMEOUT;
         let mut target = PathBuf::from(format!("/home/{}", login.user));
         target.push(&path);
         match way_in(&ctx, &container).await {
-            Some(pid) => Ok(Connected::Direct(netns::connect_unix(pid, target).await?)),
+            Some(pid) => Ok(Connected::Direct(
+                netns::connect_unix(
+                    pid,
+                    target,
+                    login.identity().as_ref(),
+                    deadline,
+                    &login.gone,
+                )
+                .await?,
+            )),
             None => {
                 let args = vec!["unix".into(), target.to_string_lossy().into_owned()];
                 Ok(Connected::Relayed(
-                    relay::connect(&ctx, &login, &container, args).await?,
+                    relay::connect(&ctx, &login, &container, args, deadline).await?,
                 ))
             }
         }
@@ -348,7 +403,8 @@ impl RemoteForwards {
                 .parse()
                 .map_err(|_| ForwardError::Resolve(other.to_owned()))?,
         };
-        let listener = netns::bind_tcp(pid, SocketAddr::new(ip, port16)).await?;
+        let listener =
+            netns::bind_tcp(pid, SocketAddr::new(ip, port16), login.identity().as_ref()).await?;
         let bound = u32::from(listener.local_addr()?.port());
         let key = (address.to_owned(), if port == 0 { bound } else { port });
         let address = address.to_owned();

@@ -11,8 +11,10 @@ use std::str::FromStr;
 
 use ipnet::IpNet;
 
-/// One `allow` entry: `HOST:PORT`, where HOST is an IP address, a CIDR block or a host name
-/// (matched as the client wrote it), in brackets for IPv6, and PORT is a number or `*`.
+/// One `allow` entry: `HOST:PORT`, where HOST is an IP address, a CIDR block or a host name,
+/// in brackets for IPv6, and PORT is a number or `*`. A name matches a request that names it
+/// and an address the *gateway* resolves it to (never what the container's own `/etc/hosts`,
+/// which the user may write, says it is).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AllowRule {
     host: HostPattern,
@@ -73,13 +75,20 @@ impl fmt::Display for AllowRule {
 }
 
 impl AllowRule {
-    fn matches(&self, requested: &str, ip: IpAddr, port: u16) -> bool {
+    /// Whether the rule allows `ip:port`, asked for as `requested`, which the gateway
+    /// resolves to `vouched`.
+    fn matches(&self, requested: &str, ip: IpAddr, port: u16, vouched: &[IpAddr]) -> bool {
         let port_ok = self.port.is_none_or(|p| p == port);
         let host_ok = match &self.host {
             HostPattern::Net(net) => net.contains(&ip),
-            HostPattern::Name(name) => requested.eq_ignore_ascii_case(name),
+            HostPattern::Name(_) => self.names(requested) && vouched.contains(&ip),
         };
         port_ok && host_ok
+    }
+
+    /// Whether this is a name rule for `requested`.
+    fn names(&self, requested: &str) -> bool {
+        matches!(&self.host, HostPattern::Name(name) if requested.eq_ignore_ascii_case(name))
     }
 }
 
@@ -142,17 +151,32 @@ pub enum Denied {
 }
 
 impl ForwardPolicy {
-    /// Decides whether `ip:port` (resolved from `requested`) may be reached from inside the
-    /// container whose own addresses are `own`.
+    /// Whether an allow rule names `requested` for `port`: then the gateway resolves the name
+    /// itself and passes what it found to [`ForwardPolicy::check`] as `vouched`.
+    pub fn names(&self, requested: &str, port: u16) -> bool {
+        self.allow
+            .iter()
+            .any(|r| r.names(requested) && r.port.is_none_or(|p| p == port))
+    }
+
+    /// Decides whether `ip:port` (resolved from `requested` in the container) may be reached
+    /// from inside the container whose own addresses are `own`; `vouched` are the addresses
+    /// the gateway's own resolver gives for `requested` (for rules that name hosts).
     pub fn check(
         &self,
         requested: &str,
         ip: IpAddr,
         port: u16,
         own: &[IpAddr],
+        vouched: &[IpAddr],
     ) -> Result<(), Denied> {
         let inside = ip.is_loopback() || ip.is_unspecified() || own.contains(&ip);
-        if inside || self.allow.iter().any(|r| r.matches(requested, ip, port)) {
+        if inside
+            || self
+                .allow
+                .iter()
+                .any(|r| r.matches(requested, ip, port, vouched))
+        {
             Ok(())
         } else {
             Err(Denied::Outside {
@@ -225,7 +249,10 @@ mod tests {
         let p = ForwardPolicy::default();
         let own = [ip("172.30.0.5")];
         for target in ["127.0.0.1", "127.0.0.53", "::1", "0.0.0.0", "172.30.0.5"] {
-            assert!(p.check("x", ip(target), 8888, &own).is_ok(), "{target}");
+            assert!(
+                p.check("x", ip(target), 8888, &own, &[]).is_ok(),
+                "{target}"
+            );
         }
     }
 
@@ -242,7 +269,7 @@ mod tests {
             "8.8.8.8",
             "fd00::1",
         ] {
-            let e = p.check(target, ip(target), 22, &own).unwrap_err();
+            let e = p.check(target, ip(target), 22, &own, &[]).unwrap_err();
             assert!(matches!(e, Denied::Outside { .. }), "{target}");
         }
     }
@@ -258,13 +285,30 @@ mod tests {
             ],
             ..Default::default()
         };
-        assert!(p.check("10.0.0.5", ip("10.0.0.5"), 5432, &[]).is_ok());
-        assert!(p.check("10.0.0.5", ip("10.0.0.5"), 5433, &[]).is_err());
-        assert!(p.check("x", ip("192.168.7.200"), 1, &[]).is_ok());
-        assert!(p.check("x", ip("192.168.8.1"), 1, &[]).is_err());
-        assert!(p.check("fd00::1", ip("fd00::1"), 22, &[]).is_ok());
-        assert!(p.check("DB.lab", ip("10.9.9.9"), 3306, &[]).is_ok());
-        assert!(p.check("other", ip("10.9.9.9"), 3306, &[]).is_err());
+        assert!(p.check("10.0.0.5", ip("10.0.0.5"), 5432, &[], &[]).is_ok());
+        assert!(p.check("10.0.0.5", ip("10.0.0.5"), 5433, &[], &[]).is_err());
+        assert!(p.check("x", ip("192.168.7.200"), 1, &[], &[]).is_ok());
+        assert!(p.check("x", ip("192.168.8.1"), 1, &[], &[]).is_err());
+        assert!(p.check("fd00::1", ip("fd00::1"), 22, &[], &[]).is_ok());
+        // A name rule: the name, and an address the gateway resolves it to.
+        let vouched = [ip("10.9.9.9")];
+        assert!(p.names("DB.lab", 3306) && !p.names("DB.lab", 3307) && !p.names("other", 3306));
+        assert!(
+            p.check("DB.lab", ip("10.9.9.9"), 3306, &[], &vouched)
+                .is_ok()
+        );
+        assert!(
+            p.check("other", ip("10.9.9.9"), 3306, &[], &vouched)
+                .is_err()
+        );
+        // What the container says the name is counts for nothing by itself: an address the
+        // gateway does not give for it (the host's bridge address in the user's /etc/hosts),
+        // or a name the gateway cannot resolve at all, is refused.
+        assert!(
+            p.check("db.lab", ip("172.30.0.1"), 3306, &[], &vouched)
+                .is_err()
+        );
+        assert!(p.check("db.lab", ip("10.9.9.9"), 3306, &[], &[]).is_err());
     }
 
     #[test]

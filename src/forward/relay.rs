@@ -12,6 +12,7 @@ use std::task::{Context as TaskContext, Poll};
 use bytes::Bytes;
 use futures::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
 use tokio_util::io::StreamReader;
 
 use super::ForwardError;
@@ -64,25 +65,67 @@ impl AsyncWrite for RelayStream {
     }
 }
 
-/// Runs `labgate-relay ARGS...` in the container and collects its stdout (for `resolve`).
+/// Runs `labgate-relay ARGS...` in the container and collects its stdout (for `resolve`),
+/// within `deadline`: a relay that takes longer (a resolver the user pointed at a black hole)
+/// is hung up.
 async fn run_to_end(
     ctx: &Context,
     login: &Login,
     container: &ContainerHandle,
     args: &[String],
+    deadline: Instant,
 ) -> Result<(String, String), ForwardError> {
-    let mut exec = start(ctx, login, container, args).await?;
+    let (mut output, _stdin, control) = start(ctx, login, container, args).await?;
+    let mut abandon = Abandon(Some(control));
     let (mut out, mut err) = (Vec::new(), Vec::new());
-    while let Some(chunk) = exec.0.next().await {
-        match chunk? {
-            ExecOutput::Stdout(b) => out.extend_from_slice(&b),
-            ExecOutput::Stderr(b) => err.extend_from_slice(&b),
+    let collect = async {
+        while let Some(chunk) = output.next().await {
+            match chunk? {
+                ExecOutput::Stdout(b) => out.extend_from_slice(&b),
+                ExecOutput::Stderr(b) => err.extend_from_slice(&b),
+            }
         }
-    }
+        Ok::<_, ForwardError>(())
+    };
+    within(deadline, &login.gone, "the relay", collect).await??;
+    abandon.0 = None;
     Ok((
         String::from_utf8_lossy(&out).into_owned(),
         String::from_utf8_lossy(&err).into_owned(),
     ))
+}
+
+/// Hangs a relay exec up when dropped armed: one given up on (past its deadline, or its
+/// connection gone) is never left running.
+struct Abandon(Option<Arc<dyn ExecControl>>);
+
+impl Drop for Abandon {
+    fn drop(&mut self) {
+        if let Some(control) = self.0.take() {
+            tokio::spawn(async move { control.hangup().await });
+        }
+    }
+}
+
+/// `work` unless `deadline` passes or the connection ends first.
+async fn within<T>(
+    deadline: Instant,
+    gone: &tokio_util::sync::CancellationToken,
+    what: &str,
+    work: impl std::future::Future<Output = T>,
+) -> Result<T, ForwardError> {
+    tokio::select! {
+        r = tokio::time::timeout_at(deadline, work) => r.map_err(|_| {
+            ForwardError::Io(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("{what}: no answer in time"),
+            ))
+        }),
+        () = gone.cancelled() => Err(ForwardError::Io(io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            "the client went away",
+        ))),
+    }
 }
 
 type Started = (
@@ -112,25 +155,27 @@ async fn start_via(
         argv,
         env: Vec::new(),
         tty: None,
-        user: login.quota.uid.map(|u| (u, login.quota.gid.unwrap_or(u))),
+        user: login.identity().map(|id| (id.uid, id.gid)),
         workdir: format!("/home/{}", login.user),
     };
     let exec = runtime.exec(container, req).await?;
     Ok((exec.output, exec.stdin, Arc::from(exec.control)))
 }
 
-/// The container's addresses for `name`, as its own resolver answers.
+/// The container's addresses for `name`, as its own resolver answers (by `deadline`).
 pub async fn resolve(
     ctx: &Context,
     login: &Login,
     container: &ContainerHandle,
     name: &str,
+    deadline: Instant,
 ) -> Result<Vec<std::net::IpAddr>, ForwardError> {
     let (out, _err) = run_to_end(
         ctx,
         login,
         container,
         &["resolve".to_owned(), name.to_owned()],
+        deadline,
     )
     .await?;
     let ips: Vec<_> = out.lines().filter_map(|l| l.trim().parse().ok()).collect();
@@ -142,14 +187,16 @@ pub async fn resolve(
 }
 
 /// Connects through the relay (`tcp ADDR PORT` or `unix PATH`); returns once the relay said
-/// `connected`, or the reason it could not.
+/// `connected`, or the reason it could not, or that it did not say by `deadline` (then the
+/// relay is hung up).
 pub async fn connect(
     ctx: &Context,
     login: &Login,
     container: &ContainerHandle,
     args: Vec<String>,
+    deadline: Instant,
 ) -> Result<RelayStream, ForwardError> {
-    connect_via(ctx.runtime.as_ref(), login, container, args).await
+    connect_via(ctx.runtime.as_ref(), login, container, args, deadline).await
 }
 
 /// [`connect`] with the backend given directly (for tasks that outlive the session's borrow
@@ -159,9 +206,12 @@ pub async fn connect_via(
     login: &Login,
     container: &ContainerHandle,
     args: Vec<String>,
+    deadline: Instant,
 ) -> Result<RelayStream, ForwardError> {
     let (mut output, stdin, control) = start_via(runtime, login, container, &args).await?;
-    let (line, early_stdout) = status_line(&mut output).await?;
+    let mut abandon = Abandon(Some(control.clone()));
+    let (line, early_stdout) =
+        within(deadline, &login.gone, "the relay", status_line(&mut output)).await??;
     if line != "connected" {
         return Err(ForwardError::Io(io::Error::new(
             io::ErrorKind::ConnectionRefused,
@@ -177,6 +227,7 @@ pub async fn connect_via(
             }
         }))
         .boxed();
+    abandon.0 = None;
     Ok(RelayStream {
         io: tokio::io::join(StreamReader::new(stdout), stdin),
         control,

@@ -6,6 +6,7 @@
 //! user's quota; [`docker`] turns it into Engine API calls.
 
 pub mod docker;
+pub mod hostpath;
 pub mod process;
 pub mod rootfs;
 
@@ -109,6 +110,32 @@ impl ContainerSpec {
             gpus: Vec::new(),
         }
     }
+}
+
+impl ContainerSpec {
+    /// Who the container's processes run as: `None` for the image's user (root).
+    pub fn identity(&self) -> Option<Identity> {
+        self.uid_gid.map(|(uid, gid)| Identity {
+            uid,
+            gid,
+            groups: Vec::new(),
+        })
+    }
+}
+
+/// The credentials a user's processes have in their container. Whenever the gateway touches
+/// a path inside a container that the user can change (a socket to connect, a directory to
+/// make, a file to read), it does so with these credentials and never as root, so the
+/// kernel's own permission checks decide: what the user could not do in a shell, the
+/// gateway does not do for them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// User id.
+    pub uid: u32,
+    /// Primary group id.
+    pub gid: u32,
+    /// Supplementary groups (besides `gid`).
+    pub groups: Vec<u32>,
 }
 
 impl ContainerSpec {
@@ -300,6 +327,10 @@ pub enum RuntimeError {
     /// The home directory could not be prepared.
     #[error("your home directory could not be prepared: {0}")]
     Home(String),
+    /// A bind source (the home, a mount) failed its check: the user gets one line, the log
+    /// the path.
+    #[error("refused to start your container: {}", .0.user_line())]
+    Unsafe(hostpath::Refused),
     /// The GPUs the quota asks for cannot be given (none free, no NVML, no GPU runtime).
     #[error(transparent)]
     Gpu(#[from] crate::gpu::GpuError),

@@ -136,6 +136,11 @@ pub async fn exec(
     req: ExecRequest,
 ) -> Result<Exec, DirectError> {
     let dir = format!("/tmp/labgate-io-{:016x}", rand::random::<u64>());
+    let who = req.user.map(|(uid, gid)| crate::runtime::Identity {
+        uid,
+        gid,
+        groups: Vec::new(),
+    });
     let req = ExecRequest {
         argv: wrap(&dir, req.argv),
         ..req
@@ -145,9 +150,19 @@ pub async fn exec(
         let early = tokio::time::timeout(READY_WAIT, wait_ready(&mut exec.output))
             .await
             .map_err(|_| DirectError::NotReady("no answer in time".into()))??;
-        let socket = netns::connect_unix_owned(pid, PathBuf::from(&dir), SOCKET_NAME)
-            .await
-            .map_err(DirectError::Connect)?;
+        // The relay's own hand-off: bounded by its deadline alone.
+        let deadline = tokio::time::Instant::now() + READY_WAIT;
+        let gone = tokio_util::sync::CancellationToken::new();
+        let socket = netns::connect_unix_owned(
+            pid,
+            PathBuf::from(&dir),
+            SOCKET_NAME,
+            who.as_ref(),
+            deadline,
+            &gone,
+        )
+        .await
+        .map_err(DirectError::Connect)?;
         Ok::<_, DirectError>((early, socket))
     }
     .await;
@@ -156,7 +171,7 @@ pub async fn exec(
         Err(e) => {
             exec.control.hangup().await;
             // A relay hung up while waiting for its connection leaves its directory behind.
-            netns::remove_dir_detached(pid, PathBuf::from(&dir));
+            netns::remove_dir_detached(pid, PathBuf::from(&dir), who);
             return Err(e);
         }
     };

@@ -40,6 +40,8 @@ pub struct Context {
     pub idle: idle::IdleTimers,
     /// Containers whose direct path failed once (they use the exec stream).
     pub direct_refused: direct::Refusals,
+    /// Forwards being opened, per user (bounded: see [`crate::forward::pending`]).
+    pub pending: Arc<crate::forward::pending::PendingOpens>,
 }
 
 /// An authenticated user on one connection.
@@ -65,12 +67,20 @@ pub struct Login {
     /// Cancelled once the connection has ended (see [`crate::ssh`]'s handler): what waits on
     /// the client or a target selects on it.
     pub gone: tokio_util::sync::CancellationToken,
+    /// Forwards this connection is opening (bounded: see [`crate::forward::pending`]).
+    pub opening: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Login {
     /// The name of the container this login works in.
     pub fn container_name(&self) -> String {
         ContainerSpec::new(&self.user, &self.quota).name
+    }
+
+    /// Who this login's processes run as in the container (`None`: the image's user, root);
+    /// what the gateway acts as on paths the user controls.
+    pub fn identity(&self) -> Option<crate::runtime::Identity> {
+        ContainerSpec::new(&self.user, &self.quota).identity()
     }
 }
 

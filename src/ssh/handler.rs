@@ -190,6 +190,7 @@ impl ConnectionHandler {
             conn: self.conn,
             stats: Arc::default(),
             gone: self.gone.clone(),
+            opening: Arc::default(),
         });
         self.registration = Some(self.ctx.connections.register(
             ConnectionInfo {

@@ -11,7 +11,7 @@ pub mod spec;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::AtomicI32;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -27,6 +27,7 @@ use tokio::sync::OnceCell;
 
 use crate::config::DockerConfig;
 use crate::config::{PullPolicy, RegistryAuth};
+use crate::runtime::hostpath::{self, Checked, Refused};
 use crate::runtime::{
     ContainerHandle, ContainerRuntime, ContainerSpec, EnsureOutcome, Exec, ExecRequest, LABEL_GPUS,
     LABEL_IMAGE, LABEL_MANAGED, LABEL_PROFILE, LABEL_SETTINGS, LABEL_USER, ManagedContainer,
@@ -190,6 +191,7 @@ impl DockerRuntime {
         docker: &Docker,
         id: &str,
         spec: &ContainerSpec,
+        binds: &[Checked],
         old_image: Option<&str>,
         settings: &[&'static str],
     ) -> Result<(String, bollard::models::ContainerInspectResponse), RuntimeError> {
@@ -212,7 +214,7 @@ impl DockerRuntime {
             }
         }
         let id = self.create(docker, spec).await?;
-        let info = self.start(docker, &id, &spec.name).await?;
+        let info = self.start(docker, &id, spec, binds).await?;
         Ok((id, info))
     }
 
@@ -402,13 +404,16 @@ impl DockerRuntime {
     }
 
     /// Starts container `id` and returns the engine's view of it once started (one inspect
-    /// serves both the check below and the caller's placement).
+    /// serves both the checks below and the caller's placement). A container that got other
+    /// files at its binds than `binds` as checked is killed before anything runs in it.
     async fn start(
         &self,
         docker: &Docker,
         id: &str,
-        name: &str,
+        spec: &ContainerSpec,
+        binds: &[Checked],
     ) -> Result<bollard::models::ContainerInspectResponse, RuntimeError> {
+        let name = &spec.name;
         let t0 = Instant::now();
         match docker.start_container(id, None).await {
             Ok(()) => {}
@@ -424,6 +429,16 @@ impl DockerRuntime {
         // A container can start and die at once (no /bin/sh in the image, say).
         if let Some(dead) = ended(&info) {
             return Err(dead);
+        }
+        if let Err(refused) = verify_binds(&info, binds) {
+            tracing::warn!(target: "audit", user = %spec.user, container = %name, error = %refused, "container stopped at start: a bind source changed");
+            if let Err(e) = docker
+                .kill_container(id, None::<bollard::query_parameters::KillContainerOptions>)
+                .await
+            {
+                tracing::error!(container = %name, error = %e, "cannot kill a container whose bind changed");
+            }
+            return Err(RuntimeError::Unsafe(refused));
         }
         tracing::info!(container = %name, ms = t0.elapsed().as_millis() as u64, "container started");
         Ok(info)
@@ -521,27 +536,47 @@ fn sized_terminal(size: crate::runtime::TtySize, argv: &[String]) -> Vec<String>
     out
 }
 
-/// Creates the home directory if missing, owned by the configured uid:gid.
-async fn prepare_home(spec: &ContainerSpec) -> Result<(), RuntimeError> {
-    let home = spec.home_source.clone();
-    let owner = spec.uid_gid;
-    tokio::task::spawn_blocking(move || create_home(&home, owner))
-        .await
-        .map_err(|e| RuntimeError::Home(e.to_string()))?
+/// Checks every bind source of `spec` on the host (see [`crate::runtime::hostpath`]): the
+/// home, made if missing, and the admin's mounts. A refusal is logged with its path for the
+/// admin; the user is told one line.
+async fn check_binds(spec: &ContainerSpec) -> Result<Vec<Checked>, RuntimeError> {
+    let spec = spec.clone();
+    let checked = tokio::task::spawn_blocking(move || {
+        let mut binds = vec![hostpath::ensure_home(
+            &spec.home_source,
+            &spec.home_target,
+            spec.uid_gid,
+        )?];
+        for m in &spec.mounts {
+            binds.push(hostpath::check_mount(&m.source, &m.target)?);
+        }
+        Ok::<_, Refused>(binds)
+    })
+    .await
+    .map_err(|e| RuntimeError::Home(e.to_string()))?;
+    checked.map_err(|refused| {
+        tracing::warn!(target: "audit", user = %spec.user, container = %spec.name, error = %refused, "container start refused: a bind source failed its check");
+        RuntimeError::Unsafe(refused)
+    })
 }
 
-fn create_home(home: &Path, owner: Option<(u32, u32)>) -> Result<(), RuntimeError> {
-    use std::os::unix::fs::PermissionsExt;
-    let fail = |e: std::io::Error| RuntimeError::Home(format!("{}: {e}", home.display()));
-    if home.is_dir() {
+/// Whether the container that `info` shows running has, at each bind's target, the file
+/// that was checked; `Err` names the first that it does not.
+fn verify_binds(
+    info: &bollard::models::ContainerInspectResponse,
+    binds: &[Checked],
+) -> Result<(), Refused> {
+    let Some(pid) = placement(info).0 else {
         return Ok(());
+    };
+    for bind in binds {
+        if hostpath::bound_in(pid, bind) == Some(false) {
+            return Err(Refused::Swapped {
+                checked: bind.source.clone(),
+                target: bind.target.clone(),
+            });
+        }
     }
-    std::fs::create_dir_all(home).map_err(fail)?;
-    if let Some((uid, gid)) = owner {
-        std::os::unix::fs::chown(home, Some(uid), Some(gid)).map_err(fail)?;
-        std::fs::set_permissions(home, std::fs::Permissions::from_mode(0o700)).map_err(fail)?;
-    }
-    tracing::info!(home = %home.display(), "home directory created");
     Ok(())
 }
 
@@ -607,7 +642,7 @@ impl ContainerRuntime for DockerRuntime {
         let lock = self.lock_for(&spec.name);
         let _guard = lock.lock().await;
         let (docker, _) = self.client().await?;
-        prepare_home(spec).await?;
+        let binds = check_binds(spec).await?;
         let mut recreated_from = None;
         let mut remade_for = Vec::new();
         let mut pending_image = None;
@@ -642,7 +677,7 @@ impl ContainerRuntime for DockerRuntime {
                 ) && (old_image.is_some() || !changed.is_empty())
                 {
                     let (id, info) = self
-                        .recreate(docker, &id, spec, old_image.as_deref(), &changed)
+                        .recreate(docker, &id, spec, &binds, old_image.as_deref(), &changed)
                         .await?;
                     recreated_from = old_image;
                     remade_for = changed;
@@ -657,7 +692,7 @@ impl ContainerRuntime for DockerRuntime {
                             .map_err(engine)?;
                         tracing::info!(container = %spec.name, "limits updated before start (memory, cpus, pids)");
                     }
-                    let info = self.start(docker, &id, &spec.name).await?;
+                    let info = self.start(docker, &id, spec, &binds).await?;
                     crate::admin::metrics::metrics().container_ready(false, t0.elapsed());
                     tracing::info!(target: "audit", container = %spec.name, "container started");
                     (id, EnsureOutcome::Started, Some(info))
@@ -667,7 +702,7 @@ impl ContainerRuntime for DockerRuntime {
                 self.ensure_image(docker, spec).await?;
                 let t0 = Instant::now();
                 let id = self.create(docker, spec).await?;
-                let info = self.start(docker, &id, &spec.name).await?;
+                let info = self.start(docker, &id, spec, &binds).await?;
                 crate::admin::metrics::metrics().container_ready(true, t0.elapsed());
                 tracing::info!(target: "audit", container = %spec.name, image = %spec.image, "container created");
                 (id, EnsureOutcome::Created, Some(info))
