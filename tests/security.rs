@@ -314,3 +314,78 @@ fn check_warns_about_homes_under_writable_mounts() {
         .unwrap();
     assert!(!String::from_utf8_lossy(&out.stderr).contains("lies under"));
 }
+
+/// The gateway address of labgate's network (the host, as containers see it).
+fn labgate_network_gateway() -> String {
+    let out = Command::new("docker")
+        .args([
+            "network",
+            "inspect",
+            "-f",
+            "{{(index .IPAM.Config 0).Gateway}}",
+            "labgate",
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn an_allowed_name_is_what_the_gateway_resolves_not_the_containers_hosts_file() {
+    let host = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = host.local_addr().unwrap().port();
+    host.set_nonblocking(true).unwrap();
+    let served = Arc::new(AtomicUsize::new(0));
+    let counted = served.clone();
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while Instant::now() < deadline {
+            if let Ok((mut s, _)) = host.accept() {
+                counted.fetch_add(1, Ordering::SeqCst);
+                let _ = s.write_all(b"pong-from-host\n");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    // The admin allows a database by name; the name means nothing on the gateway.
+    let gw = Gateway::start(
+        1,
+        "",
+        &format!("[users.{{u0}}.forwarding]\nallow = [\"db.labgate-test.invalid:{port}\"]\n"),
+    );
+    gw.ok(0, "true");
+    let host_ip = labgate_network_gateway();
+    assert!(!host_ip.is_empty());
+    // The user (root in the container) maps it to the host's bridge address.
+    gw.ok(
+        0,
+        &format!("echo '{host_ip} db.labgate-test.invalid' >> /etc/hosts"),
+    );
+    let out = gw
+        .ssh_info(0)
+        .args(["-W", &format!("db.labgate-test.invalid:{port}")])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("pong"),
+        "the container's /etc/hosts opened the host"
+    );
+    assert!(err.contains("administratively prohibited"), "{err}");
+    assert_eq!(served.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn containers_cannot_make_device_nodes_but_root_in_them_can_still_install() {
+    let gw = Gateway::start(1, "", "");
+    // Root in the container: chown (apt, pip) works, a device node does not.
+    let out = gw.ok(
+        0,
+        "touch /tmp/f && chown 1234:1234 /tmp/f && stat -c %u /tmp/f; \
+         mknod /tmp/mem c 1 1 2>/dev/null && echo made || echo refused",
+    );
+    assert_eq!(out, "1234\nrefused\n");
+    let drop = docker_inspect(&gw.container(0), "{{.HostConfig.CapDrop}}").unwrap();
+    assert!(drop.contains("MKNOD"), "{drop}");
+}

@@ -25,12 +25,20 @@ pub const TARGET: &str = "audit";
 /// The open audit file, once the config named one.
 static SINK: Mutex<Option<File>> = Mutex::new(None);
 
-/// Opens (creating, appending) the audit file; later events go there.
+/// Opens (creating, appending) the audit file, readable by root alone (0600, also when it
+/// existed with a wider mode: it names users, addresses and key fingerprints); later events
+/// go there.
 pub fn open(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let file = OpenOptions::new().create(true).append(true).open(path)?;
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
     *SINK.lock().unwrap_or_else(|p| p.into_inner()) = Some(file);
     Ok(())
 }
@@ -140,7 +148,14 @@ mod tests {
     fn audit_events_become_json_lines_with_span_fields() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
+        // A file left world-readable by an older version is made root's alone.
+        std::fs::write(&path, "").unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            .unwrap();
         open(&path).unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
         let subscriber = tracing_subscriber::registry().with(AuditLayer);
         tracing::subscriber::with_default(subscriber, || {
             let span = tracing::info_span!("conn", conn = 7u64, user = tracing::field::Empty);

@@ -86,15 +86,30 @@ impl HostProcess {
         }
     }
 
-    /// Every process in this process's session or process group (the process included).
-    fn family(&self) -> Vec<i32> {
+    /// Every process in this process's session or process group (the process included),
+    /// each held by a pidfd: a signal sent through it reaches that process or nothing, never
+    /// a process that got its PID after it ended.
+    fn family(&self) -> Vec<Member> {
         let Ok(dir) = std::fs::read_dir("/proc") else {
             return Vec::new();
         };
+        let in_family = |s: &Stat| s.session == self.pid || s.pgrp == self.pid;
         dir.filter_map(Result::ok)
             .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-            .filter(|&pid| {
-                read_stat(pid).is_some_and(|s| s.session == self.pid || s.pgrp == self.pid)
+            .filter(|&pid| read_stat(pid).is_some_and(|s| in_family(&s)))
+            .filter_map(|pid| {
+                let fd = rustix::process::pidfd_open(
+                    rustix::process::Pid::from_raw(pid)?,
+                    rustix::process::PidfdFlags::empty(),
+                )
+                .ok()?;
+                // Read again once held: the PID may have changed hands since the scan.
+                let stat = read_stat(pid).filter(in_family)?;
+                Some(Member {
+                    pid,
+                    start_time: stat.start_time,
+                    fd,
+                })
             })
             .collect()
     }
@@ -106,16 +121,14 @@ impl HostProcess {
             return;
         }
         let family = self.family();
-        for &pid in &family {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGHUP);
+        for member in &family {
+            member.signal(rustix::process::Signal::HUP);
         }
         let _ = kill(Pid::from_raw(self.pid), Signal::SIGCONT);
         let deadline = std::time::Instant::now() + grace;
-        let remaining = |family: &[i32]| -> Vec<i32> {
-            family
-                .iter()
-                .copied()
-                .filter(|&pid| read_stat(pid).is_some() && !ignores_sighup(pid))
+        let remaining = |family: &[Member]| -> Vec<usize> {
+            (0..family.len())
+                .filter(|&i| family[i].alive() && !ignores_sighup(family[i].pid))
                 .collect()
         };
         while std::time::Instant::now() < deadline {
@@ -124,10 +137,32 @@ impl HostProcess {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        for pid in remaining(&family) {
-            tracing::debug!(pid, "process survived SIGHUP: SIGKILL");
-            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        for i in remaining(&family) {
+            tracing::debug!(pid = family[i].pid, "process survived SIGHUP: SIGKILL");
+            family[i].signal(rustix::process::Signal::KILL);
         }
+    }
+}
+
+/// A process of the family being hung up, held by a pidfd.
+struct Member {
+    /// Its PID when it was found (for `/proc` reads only, never for signals).
+    pid: i32,
+    /// Its start time then: a process with this PID and another start time is not it.
+    start_time: u64,
+    /// The process itself.
+    fd: std::os::fd::OwnedFd,
+}
+
+impl Member {
+    /// Whether it still runs (as far as `/proc` tells; signals go through the pidfd anyway).
+    fn alive(&self) -> bool {
+        read_stat(self.pid).is_some_and(|s| s.start_time == self.start_time)
+    }
+
+    /// Sends `signal` to it, or to nothing if it has ended.
+    fn signal(&self, signal: rustix::process::Signal) {
+        let _ = rustix::process::pidfd_send_signal(&self.fd, signal);
     }
 }
 
@@ -192,5 +227,62 @@ mod tests {
             "the SIGHUP-ignoring child survives"
         );
         let _ = kill(Pid::from_raw(ignorer), Signal::SIGKILL);
+    }
+
+    #[test]
+    fn a_member_whose_pid_was_reused_is_never_signalled() {
+        // A process of the family ends; another process is then given its PID (through
+        // ns_last_pid, as root). The member held for the ended one must not reach it.
+        let mut first = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = first.id() as i32;
+        let member = Member {
+            pid,
+            start_time: read_stat(pid).unwrap().start_time,
+            fd: rustix::process::pidfd_open(
+                rustix::process::Pid::from_raw(pid).unwrap(),
+                rustix::process::PidfdFlags::empty(),
+            )
+            .unwrap(),
+        };
+        first.kill().unwrap();
+        first.wait().unwrap();
+        let mut reused = None;
+        for _ in 0..200 {
+            if std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).is_err() {
+                break;
+            }
+            let child = std::process::Command::new("sleep")
+                .arg("30")
+                .spawn()
+                .unwrap();
+            if child.id() as i32 == pid {
+                reused = Some(child);
+                break;
+            }
+            let mut child = child;
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let Some(mut second) = reused else {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "could not get PID {pid} again (needs root)"
+            );
+            eprintln!("skipped: could not get PID {pid} again (needs root)");
+            return;
+        };
+        // (Start times count clock ticks: both may well have started in the same one, so only
+        // the pidfd tells them apart.)
+        member.signal(rustix::process::Signal::KILL);
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            second.try_wait().unwrap().is_none(),
+            "the process that got the PID was killed"
+        );
+        let _ = second.kill();
+        let _ = second.wait();
     }
 }

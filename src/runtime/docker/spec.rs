@@ -21,6 +21,16 @@ use crate::runtime::{
 /// milliseconds, not Docker's 10 s timeout). Plain POSIX sh, so any image with a shell works.
 pub const KEEPALIVE: &str = "trap 'exit 0' TERM INT HUP; while :; do sleep 3600 & wait $!; done";
 
+/// Capabilities of the engine's default set that user containers do not get. Kept: what
+/// `apt`, `pip` and `su` as root need (CHOWN, DAC_OVERRIDE, FOWNER, FSETID, SETUID, SETGID),
+/// `ping` (NET_RAW), KILL and NET_BIND_SERVICE. Dropped: device nodes (MKNOD: a node made in
+/// a bind-mounted directory is a way to the host's devices for whoever may open it there),
+/// file capabilities and capability bounding (SETFCAP, SETPCAP), chroot (SYS_CHROOT) and the
+/// kernel audit log (AUDIT_WRITE). Debuggers (gdb, py-spy) attach to the user's own processes
+/// without any capability.
+pub const DROPPED_CAPABILITIES: [&str; 5] =
+    ["MKNOD", "SETFCAP", "SETPCAP", "SYS_CHROOT", "AUDIT_WRITE"];
+
 /// Longest hostname the kernel accepts (a DNS label is 63).
 const HOSTNAME_MAX: usize = 63;
 
@@ -118,6 +128,7 @@ pub fn create_body(spec: &ContainerSpec, network: &str) -> ContainerCreateBody {
             init: Some(true),
             privileged: Some(false),
             security_opt: Some(vec!["no-new-privileges".into()]),
+            cap_drop: Some(DROPPED_CAPABILITIES.map(str::to_owned).to_vec()),
             publish_all_ports: Some(false),
             port_bindings: None,
             network_mode: Some(network.to_owned()),
@@ -277,6 +288,9 @@ mod tests {
         );
         assert!(hc.port_bindings.is_none() && body.exposed_ports.is_none());
         assert_eq!(hc.publish_all_ports, Some(false));
+        let dropped = hc.cap_drop.unwrap();
+        assert!(dropped.iter().any(|c| c == "MKNOD"), "{dropped:?}");
+        assert!(hc.cap_add.is_none(), "no capability is ever added");
         assert!(hc.binds.is_none());
         assert_eq!(hc.network_mode.as_deref(), Some("labgate"));
         let mounts = hc.mounts.unwrap();
