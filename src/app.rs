@@ -177,6 +177,13 @@ async fn apply_live_limits(mut config: watch::Receiver<Arc<Config>>, runtime: Ar
 
 /// Finds the containers labgate manages, so a restarted gateway knows them.
 async fn reconcile(runtime: Arc<DockerRuntime>) {
+    match runtime.migrate_names().await {
+        Ok(0) | Err(_) => {}
+        Ok(n) => info!(
+            renamed = n,
+            "profile containers renamed to labgate-USER.PROFILE"
+        ),
+    }
     match runtime.list_managed().await {
         Ok(list) => {
             let running = list.iter().filter(|c| c.state == "running").count();

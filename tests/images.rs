@@ -517,9 +517,9 @@ fn profiles_give_allowed_users_their_own_container_with_the_same_home_and_refuse
     let gw = Gateway::start(2, "", tail);
     let (u0, u1) = (gw.users[0].clone(), gw.users[1].clone());
     let _cleanup = Containers(vec![
-        format!("labgate-{u0}-big"),
-        format!("labgate-{u0}-small"),
-        format!("labgate-{u1}-small"),
+        format!("labgate-{u0}.big"),
+        format!("labgate-{u0}.small"),
+        format!("labgate-{u1}.small"),
     ]);
     let as_profile = |i: usize, profile: &str, cmd: &str| -> Output {
         gw.ssh_as(&format!("{}+{profile}", gw.users[i]), &gw.keys[i].private)
@@ -534,9 +534,9 @@ fn profiles_give_allowed_users_their_own_container_with_the_same_home_and_refuse
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(
         text(&out.stdout),
-        format!("labgate-{u0}-big\nshared\n/home/{u0} {u0}\n")
+        format!("labgate-{u0}.big\nshared\n/home/{u0} {u0}\n")
     );
-    let big = format!("labgate-{u0}-big");
+    let big = format!("labgate-{u0}.big");
     assert_eq!(
         docker_inspect(&big, "{{.HostConfig.Memory}}").unwrap(),
         (300u64 << 20).to_string()
@@ -587,8 +587,8 @@ fn profiles_give_allowed_users_their_own_container_with_the_same_home_and_refuse
         "{}",
         text(&unknown.stderr)
     );
-    assert_eq!(common::containers_named(&format!("labgate-{u1}-big")), 0);
-    assert_eq!(common::containers_named(&format!("labgate-{u1}-nope")), 0);
+    assert_eq!(common::containers_named(&format!("labgate-{u1}.big")), 0);
+    assert_eq!(common::containers_named(&format!("labgate-{u1}.nope")), 0);
     // A malformed profile part is an invalid user name: authentication fails.
     let bad = as_profile(0, "Big", "true");
     assert_eq!(bad.status.code(), Some(255));

@@ -389,3 +389,97 @@ fn containers_cannot_make_device_nodes_but_root_in_them_can_still_install() {
     let drop = docker_inspect(&gw.container(0), "{{.HostConfig.CapDrop}}").unwrap();
     assert!(drop.contains("MKNOD"), "{drop}");
 }
+
+/// Removes these containers when dropped (profile containers and users a test made itself).
+struct RemoveOnDrop(Vec<String>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        for c in &self.0 {
+            let _ = Command::new("docker")
+                .args(["rm", "-f", c])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+#[test]
+fn a_profile_container_never_takes_another_users_name_and_old_ones_are_renamed() {
+    let mut gw = Gateway::start(1, "", "[profiles.x]\nusers = [\"{u0}\"]\n");
+    let u0 = gw.users[0].clone();
+    let other = format!("{u0}-x");
+    let _cleanup = RemoveOnDrop(vec![
+        format!("labgate-{u0}.x"),
+        format!("labgate-{u0}-x"),
+        format!("labgate-{other}"),
+    ]);
+    // A profile container as an older gateway named it, labelled as labgate's.
+    gw.stop();
+    let made = Command::new("docker")
+        .args(["create", "--name", &format!("labgate-{u0}-x")])
+        .args(["--label", "labgate.managed=true"])
+        .args(["--label", &format!("labgate.user={u0}")])
+        .args(["--label", "labgate.profile=x"])
+        .args(["--entrypoint", "/bin/sh", common::IMAGE, "-c"])
+        .arg("trap 'exit 0' TERM; while :; do sleep 3600 & wait $!; done")
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let old_id = String::from_utf8_lossy(&made.stdout).trim().to_owned();
+    gw.spawn();
+    // Renamed at start, by its labels: the same container under the new name.
+    assert!(
+        eventually(Duration::from_secs(20), || docker_inspect(
+            &format!("labgate-{u0}.x"),
+            "{{.Id}}"
+        )
+        .as_deref()
+            == Some(old_id.as_str())),
+        "{}",
+        gw.log()
+    );
+    let as_profile = gw
+        .ssh_as(&format!("{u0}+x"), &gw.keys[0].private)
+        .arg("echo in-profile")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&as_profile.stdout), "in-profile\n");
+    assert_eq!(
+        docker_inspect(&format!("labgate-{u0}.x"), "{{.Id}}").as_deref(),
+        Some(old_id.as_str())
+    );
+    // User `U-x` (a valid, different user) gets a container of their own beside it.
+    std::fs::write(
+        gw.dir.path().join(format!("keys/{other}.pub")),
+        &gw.keys[0].public,
+    )
+    .unwrap();
+    let theirs = gw
+        .ssh_as(&other, &gw.keys[0].private)
+        .arg("id -un 2>/dev/null; hostname")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        theirs.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&theirs.stderr),
+        gw.log()
+    );
+    assert!(String::from_utf8_lossy(&theirs.stdout).ends_with(&format!("labgate-{other}\n")));
+    assert_eq!(
+        docker_inspect(
+            &format!("labgate-{other}"),
+            "{{index .Config.Labels \"labgate.user\"}}"
+        )
+        .as_deref(),
+        Some(other.as_str())
+    );
+}

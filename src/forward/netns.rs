@@ -498,15 +498,22 @@ mod tests {
             assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
         }
         assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
-        // No thread of theirs is left blocked in a connect.
-        let threads = std::fs::read_dir("/proc/self/task")
-            .unwrap()
-            .filter_map(Result::ok)
-            .filter(|t| {
-                std::fs::read_to_string(t.path().join("comm"))
-                    .is_ok_and(|c| c.trim() == "labgate-ns")
-            })
-            .count();
-        assert_eq!(threads, 0);
+        // No thread of theirs is left blocked in a connect (other tests' namespace threads
+        // live for a moment: wait for them).
+        let ns_threads = || {
+            std::fs::read_dir("/proc/self/task")
+                .unwrap()
+                .filter_map(Result::ok)
+                .filter(|t| {
+                    std::fs::read_to_string(t.path().join("comm"))
+                        .is_ok_and(|c| c.trim() == "labgate-ns")
+                })
+                .count()
+        };
+        let t1 = std::time::Instant::now();
+        while ns_threads() > 0 && t1.elapsed() < Duration::from_secs(3) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(ns_threads(), 0);
     }
 }

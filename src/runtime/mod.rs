@@ -50,7 +50,8 @@ pub struct ContainerSpec {
     pub user: Username,
     /// The profile (`user+profile` logins): its own container, the same home.
     pub profile: Option<ProfileName>,
-    /// Container name: `labgate-USER`, or `labgate-USER-PROFILE` for a profile.
+    /// Container name: `labgate-USER`, or `labgate-USER.PROFILE` for a profile (see
+    /// [`container_name`]).
     pub name: String,
     /// Image reference.
     pub image: String,
@@ -86,12 +87,8 @@ pub struct ContainerSpec {
 impl ContainerSpec {
     /// The spec for `user` under `quota`.
     pub fn new(user: &Username, quota: &Quota) -> Self {
-        let name = match &quota.profile {
-            Some(p) => format!("labgate-{user}-{p}"),
-            None => format!("labgate-{user}"),
-        };
         ContainerSpec {
-            name,
+            name: container_name(user, quota.profile.as_ref()),
             user: user.clone(),
             profile: quota.profile.clone(),
             image: quota.image.clone(),
@@ -110,6 +107,23 @@ impl ContainerSpec {
             gpus: Vec::new(),
         }
     }
+}
+
+/// The container of `user` (and `profile`): `labgate-USER`, `labgate-USER.PROFILE`. No user
+/// or profile name has a `.`, so no two (user, profile) pairs share a name (with `-`,
+/// `alice`'s profile `x` and user `alice-x` did).
+pub fn container_name(user: &Username, profile: Option<&ProfileName>) -> String {
+    match profile {
+        Some(p) => format!("labgate-{user}.{p}"),
+        None => format!("labgate-{user}"),
+    }
+}
+
+/// The name a profile's container had before [`container_name`] used `.`: such containers are
+/// renamed (found by their labels, never by the name alone) when the gateway starts or the
+/// user next logs in.
+pub fn legacy_profile_name(user: &Username, profile: &ProfileName) -> String {
+    format!("labgate-{user}-{profile}")
 }
 
 impl ContainerSpec {

@@ -25,6 +25,7 @@ use bollard::query_parameters::{
 };
 use tokio::sync::OnceCell;
 
+use crate::auth::Username;
 use crate::config::DockerConfig;
 use crate::config::{PullPolicy, RegistryAuth};
 use crate::runtime::hostpath::{self, Checked, Refused};
@@ -347,6 +348,72 @@ impl DockerRuntime {
         }
     }
 
+    /// Renames the container `from` to `to` if its labels say it is `user`'s container of
+    /// `profile` (a container from before profile containers were named with `.`); true
+    /// when it was renamed.
+    async fn migrate_name(
+        &self,
+        docker: &Docker,
+        from: &str,
+        to: &str,
+        user: &str,
+        profile: &str,
+    ) -> Result<bool, RuntimeError> {
+        let Some(info) = self.inspect_named(docker, from).await? else {
+            return Ok(false);
+        };
+        let labels = info
+            .config
+            .as_ref()
+            .and_then(|c| c.labels.clone())
+            .unwrap_or_default();
+        if labels.get(LABEL_MANAGED).map(String::as_str) != Some("true")
+            || labels.get(LABEL_USER).map(String::as_str) != Some(user)
+            || labels.get(LABEL_PROFILE).map(String::as_str) != Some(profile)
+        {
+            return Ok(false);
+        }
+        let id = info.id.unwrap_or_else(|| from.to_owned());
+        docker
+            .rename_container(
+                &id,
+                bollard::query_parameters::RenameContainerOptions {
+                    name: to.to_owned(),
+                },
+            )
+            .await
+            .map_err(engine)?;
+        tracing::info!(target: "audit", user, profile, from, to, "container renamed");
+        Ok(true)
+    }
+
+    /// Renames every profile container still under its old name (`labgate-USER-PROFILE`) to
+    /// `labgate-USER.PROFILE`; the number renamed.
+    pub async fn migrate_names(&self) -> Result<usize, RuntimeError> {
+        let (docker, _) = self.client().await?;
+        let mut renamed = 0;
+        for c in self.list_managed().await? {
+            let (Some(profile), Ok(user)) = (&c.profile, Username::parse(&c.user)) else {
+                continue;
+            };
+            let (old, new) = (
+                crate::runtime::legacy_profile_name(&user, profile),
+                crate::runtime::container_name(&user, Some(profile)),
+            );
+            if c.name == old {
+                let lock = self.lock_for(&new);
+                let _guard = lock.lock().await;
+                if self
+                    .migrate_name(docker, &old, &new, user.as_str(), profile.as_str())
+                    .await?
+                {
+                    renamed += 1;
+                }
+            }
+        }
+        Ok(renamed)
+    }
+
     /// Checks the engine answers (for `labgate check` and start-up logs).
     pub async fn ping(&self) -> Result<(), RuntimeError> {
         let (docker, _) = self.client().await?;
@@ -643,10 +710,26 @@ impl ContainerRuntime for DockerRuntime {
         let _guard = lock.lock().await;
         let (docker, _) = self.client().await?;
         let binds = check_binds(spec).await?;
+        let mut found = self.inspect_named(docker, &spec.name).await?;
+        if found.is_none()
+            && let Some(profile) = &spec.profile
+            && self
+                .migrate_name(
+                    docker,
+                    &crate::runtime::legacy_profile_name(&spec.user, profile),
+                    &spec.name,
+                    spec.user.as_str(),
+                    profile.as_str(),
+                )
+                .await?
+        {
+            // Made before profile containers were named with `.`, and renamed now.
+            found = self.inspect_named(docker, &spec.name).await?;
+        }
         let mut recreated_from = None;
         let mut remade_for = Vec::new();
         let mut pending_image = None;
-        let (id, outcome, info) = match self.inspect_named(docker, &spec.name).await? {
+        let (id, outcome, info) = match found {
             Some(info) => {
                 let labels = info
                     .config
