@@ -68,3 +68,75 @@ fn control_characters_from_clients_never_forge_a_log_line() {
         gw.audit()
     );
 }
+
+/// Whether a line of `netstat -ltn` in user `i`'s container has local address `addr`.
+fn listening_on(gw: &Gateway, i: usize, addr: &str) -> bool {
+    gw.ok(i, "netstat -ltn")
+        .lines()
+        .any(|l| l.split_whitespace().nth(3) == Some(addr))
+}
+
+#[test]
+fn remote_forwards_listen_on_the_container_loopback_unless_the_key_names_the_address() {
+    let gw = Gateway::start(2, "", "");
+    // User 0: any listener, as the client asks for it: "", "*" (also sent as ""), 0.0.0.0.
+    let mut t0 = gw
+        .ssh(0)
+        .args(["-N", "-o", "ExitOnForwardFailure=yes"])
+        .args(["-R", ":9000:localhost:1"])
+        .args(["-R", "*:9001:localhost:1"])
+        .args(["-R", "0.0.0.0:9002:localhost:1"])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || listening_on(
+            &gw,
+            0,
+            "127.0.0.1:9002"
+        ) || listening_on(
+            &gw,
+            0,
+            "0.0.0.0:9002"
+        )),
+        "{}",
+        gw.log()
+    );
+    for port in 9000..=9002 {
+        assert!(listening_on(&gw, 0, &format!("127.0.0.1:{port}")), "{port}");
+        assert!(!listening_on(&gw, 0, &format!("0.0.0.0:{port}")), "{port}");
+    }
+    // User 1's key names 0.0.0.0:9100: that one listener binds the wildcard; a permitted
+    // port without an address stays on the loopback.
+    let file = gw.dir.path().join(format!("keys/{}.pub", gw.users[1]));
+    std::fs::write(
+        &file,
+        format!(
+            "permitlisten=\"0.0.0.0:9100\",permitlisten=\"9101\" {}",
+            gw.keys[1].public
+        ),
+    )
+    .unwrap();
+    let mut t1 = gw
+        .ssh(1)
+        .args(["-N", "-o", "ExitOnForwardFailure=yes"])
+        .args(["-R", "0.0.0.0:9100:localhost:1"])
+        .args(["-R", ":9101:localhost:1"])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || listening_on(
+            &gw,
+            1,
+            "0.0.0.0:9100"
+        )),
+        "{}",
+        gw.log()
+    );
+    assert!(listening_on(&gw, 1, "127.0.0.1:9101"));
+    for t in [&mut t0, &mut t1] {
+        let _ = t.kill();
+        let _ = t.wait();
+    }
+}

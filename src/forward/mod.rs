@@ -338,16 +338,8 @@ impl RemoteForwards {
         let pid = way_in(ctx, &container)
             .await
             .ok_or(ForwardError::NoNamespace)?;
-        let ip = match address {
-            "" | "*" | "0.0.0.0" => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            "::" => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-            "localhost" => IpAddr::V4(Ipv4Addr::LOCALHOST),
-            other => other
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .parse()
-                .map_err(|_| ForwardError::Resolve(other.to_owned()))?,
-        };
+        let named = login.key.options().names_listen_address(address, port);
+        let ip = policy::listen_ip(address, named).map_err(ForwardError::Resolve)?;
         let listener = netns::bind_tcp(pid, SocketAddr::new(ip, port16)).await?;
         let bound = u32::from(listener.local_addr()?.port());
         let key = (address.to_owned(), if port == 0 { bound } else { port });
