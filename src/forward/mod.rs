@@ -303,6 +303,8 @@ pub async fn direct_streamlocal(
 /// The `-R` listeners of one connection; they close when it does.
 #[derive(Default)]
 pub struct RemoteForwards {
+    /// The accept loop of each listener, by the address and port the client asked for;
+    /// at most [`MAX_REMOTE_FORWARDS`](crate::session::limits::MAX_REMOTE_FORWARDS).
     listeners: HashMap<(String, u32), JoinHandle<()>>,
 }
 
@@ -327,6 +329,11 @@ impl RemoteForwards {
                 port,
             }
             .into());
+        }
+        let max = crate::session::limits::MAX_REMOTE_FORWARDS;
+        let replaces = port != 0 && self.listeners.contains_key(&(address.to_owned(), port));
+        if self.listeners.len() >= max && !replaces {
+            return Err(Denied::TooManyListeners(max).into());
         }
         let port16 = u16::try_from(port).map_err(|_| {
             ForwardError::Io(std::io::Error::new(

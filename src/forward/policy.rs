@@ -139,6 +139,9 @@ pub enum Denied {
         /// Port.
         port: u32,
     },
+    /// The connection holds as many `-R` listeners as one connection may.
+    #[error("{0} remote forwards are open on this connection (the most one connection may hold)")]
+    TooManyListeners(usize),
 }
 
 impl ForwardPolicy {
