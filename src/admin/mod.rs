@@ -13,10 +13,11 @@
 //!
 //! The socket is created mode 0600 (bound under a temporary name, restricted, then renamed
 //! into place), so only its owner — root, for a system gateway — can act; the loopback port
-//! only reads.
+//! only reads. The text log's fields are escaped by [`logtext`].
 
 pub mod audit;
 pub mod client;
+pub mod logtext;
 pub mod metrics;
 pub mod status;
 

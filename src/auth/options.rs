@@ -160,6 +160,24 @@ impl KeyOptions {
     }
 }
 
+impl KeyOptions {
+    /// Whether a `permitlisten=` entry names the address `host` itself (an entry with a host
+    /// that is neither empty nor `*`) for `port`: the admin's leave for a `-R` listener on
+    /// that address instead of the container's loopback (see
+    /// [`crate::forward::policy::listen_ip`]).
+    pub fn names_listen_address(&self, host: &str, port: u32) -> bool {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        !host.is_empty()
+            && self.permit_listen.iter().any(|entry| {
+                let Some((h, p)) = split_host_port(entry) else {
+                    return false;
+                };
+                let port_ok = p == "*" || p.parse::<u32>().is_ok_and(|p| p == port);
+                !matches!(h, "" | "*") && h.eq_ignore_ascii_case(host) && port_ok
+            })
+    }
+}
+
 /// Option names that take no value.
 const FLAGS: &[&str] = &[
     "restrict",
@@ -574,6 +592,22 @@ mod tests {
         let at = parse_expiry("20300101Z").unwrap();
         assert!(o.authorize(ip, at).is_ok());
         assert!(o.authorize(ip, at + Duration::from_secs(1)).is_err());
+    }
+
+    #[test]
+    fn only_an_entry_with_that_very_address_names_a_listen_address() {
+        let o = p(
+            r#"permitlisten="0.0.0.0:9000",permitlisten="[::]:*",permitlisten="*:7000",permitlisten="8080""#,
+        );
+        assert!(o.names_listen_address("0.0.0.0", 9000));
+        assert!(!o.names_listen_address("0.0.0.0", 9001));
+        assert!(o.names_listen_address("::", 1));
+        assert!(o.names_listen_address("[::]", 1));
+        // A pattern or a bare port is not the admin naming an address.
+        assert!(!o.names_listen_address("0.0.0.0", 7000));
+        assert!(!o.names_listen_address("", 8080));
+        assert!(!o.names_listen_address("*", 7000));
+        assert!(!p("").names_listen_address("0.0.0.0", 1));
     }
 
     #[test]

@@ -169,6 +169,14 @@ pub struct ServerConfig {
     pub keys_dir: PathBuf,
     /// Authenticated connections at once; a login past it is refused (and logged).
     pub max_connections: usize,
+    /// Authenticated connections of one user at once, all profiles together (`alice` and
+    /// `alice+gpu` count as alice's), so one user cannot fill `max_connections`; a login
+    /// past it is refused (and logged). Default [`DEFAULT_MAX_CONNECTIONS_PER_USER`].
+    pub max_connections_per_user: usize,
+    /// Session channels (shells, commands, sftp) open at once on one connection, as sshd's
+    /// `MaxSessions`; one more is refused with a channel open failure that says why.
+    /// Read at each channel open. Default [`DEFAULT_MAX_SESSIONS`].
+    pub max_sessions: usize,
     /// Connections not yet authenticated at once; a new one past it closes the oldest of the
     /// address holding the most (see `ssh::admission`), so a crowd that never logs in cannot
     /// lock a real user out.
@@ -189,6 +197,13 @@ pub struct ServerConfig {
     /// `None`: certificates are refused. Read at each certificate login.
     pub trusted_user_ca_keys: Option<PathBuf>,
 }
+
+/// Default of `[server] max_connections_per_user`: more than a user's editor windows,
+/// terminals and transfers need at once (VS Code holds two or three connections a window).
+pub const DEFAULT_MAX_CONNECTIONS_PER_USER: usize = 32;
+
+/// Default of `[server] max_sessions`: sshd's `MaxSessions` default.
+pub const DEFAULT_MAX_SESSIONS: usize = 10;
 
 /// `[admin]`: how the admin reaches the running gateway.
 #[derive(Debug, Clone, PartialEq)]
@@ -361,6 +376,8 @@ struct RawServer {
     host_key: Option<PathBuf>,
     keys_dir: Option<PathBuf>,
     max_connections: Option<Positive>,
+    max_connections_per_user: Option<Positive>,
+    max_sessions: Option<Positive>,
     max_startups: Option<Positive>,
     login_grace: Option<HumanDuration>,
     keepalive: Option<HumanDuration>,
@@ -610,6 +627,14 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         ),
         keys_dir: resolve(raw.server.keys_dir.unwrap_or_else(|| PathBuf::from("keys"))),
         max_connections: raw.server.max_connections.map_or(1024, |n| n.0 as usize),
+        max_connections_per_user: raw
+            .server
+            .max_connections_per_user
+            .map_or(DEFAULT_MAX_CONNECTIONS_PER_USER, |n| n.0 as usize),
+        max_sessions: raw
+            .server
+            .max_sessions
+            .map_or(DEFAULT_MAX_SESSIONS, |n| n.0 as usize),
         max_startups: raw.server.max_startups.map_or(256, |n| n.0 as usize),
         login_grace: raw
             .server

@@ -106,6 +106,9 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.server.max_connections != new.server.max_connections {
         changed.push("server.max_connections");
     }
+    if old.server.max_connections_per_user != new.server.max_connections_per_user {
+        changed.push("server.max_connections_per_user");
+    }
     if old.server.max_startups != new.server.max_startups {
         changed.push("server.max_startups");
     }

@@ -92,6 +92,8 @@ listen = "0.0.0.0:2022"
 host_key = "/var/lib/labgate/host_ed25519_key"
 keys_dir = "/etc/labgate/keys"
 max_connections = 64
+max_connections_per_user = 8
+max_sessions = 4
 max_startups = 32
 login_grace = "20s"
 keepalive = "1m"
@@ -129,6 +131,8 @@ fn full_config_reads_every_field() {
     );
     assert_eq!(cfg.server.keys_dir, Path::new("/etc/labgate/keys"));
     assert_eq!(cfg.server.max_connections, 64);
+    assert_eq!(cfg.server.max_connections_per_user, 8);
+    assert_eq!(cfg.server.max_sessions, 4);
     assert_eq!(cfg.server.max_startups, 32);
     assert_eq!(cfg.server.login_grace, Duration::from_secs(20));
     assert_eq!(cfg.server.keepalive, Duration::from_secs(60));
@@ -188,6 +192,8 @@ fn omitted_fields_get_their_documented_defaults() {
     );
     assert_eq!(cfg.server.keys_dir, Path::new("/etc/labgate/keys"));
     assert_eq!(cfg.server.max_connections, 1024);
+    assert_eq!(cfg.server.max_connections_per_user, 32);
+    assert_eq!(cfg.server.max_sessions, 10);
     assert_eq!(cfg.server.max_startups, 256);
     assert_eq!(cfg.server.login_grace, Duration::from_secs(30));
     assert_eq!(cfg.server.keepalive, Duration::from_secs(30));
@@ -534,7 +540,7 @@ fn cpus_must_be_above_zero() {
 }
 
 #[test]
-fn pids_max_connections_and_max_startups_must_be_at_least_one() {
+fn pids_and_the_server_bounds_must_be_at_least_one() {
     assert_err(
         "[defaults]\nimage = \"busybox\"\npids = 0\n",
         3,
@@ -549,6 +555,18 @@ fn pids_max_connections_and_max_startups_must_be_at_least_one() {
     );
     assert_err(
         "[server]\nmax_startups = 0\n[defaults]\nimage = \"busybox\"\n",
+        2,
+        16,
+        &["at least 1", "not 0"],
+    );
+    assert_err(
+        "[server]\nmax_connections = 3\nmax_connections_per_user = 0\n[defaults]\nimage = \"busybox\"\n",
+        3,
+        28,
+        &["at least 1", "not 0"],
+    );
+    assert_err(
+        "[server]\nmax_sessions = 0\n[defaults]\nimage = \"busybox\"\n",
         2,
         16,
         &["at least 1", "not 0"],

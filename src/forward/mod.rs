@@ -358,6 +358,8 @@ pub async fn direct_streamlocal(
 /// The `-R` listeners of one connection; they close when it does.
 #[derive(Default)]
 pub struct RemoteForwards {
+    /// The accept loop of each listener, by the address and port the client asked for;
+    /// at most [`MAX_REMOTE_FORWARDS`](crate::session::limits::MAX_REMOTE_FORWARDS).
     listeners: HashMap<(String, u32), JoinHandle<()>>,
 }
 
@@ -383,6 +385,11 @@ impl RemoteForwards {
             }
             .into());
         }
+        let max = crate::session::limits::MAX_REMOTE_FORWARDS;
+        let replaces = port != 0 && self.listeners.contains_key(&(address.to_owned(), port));
+        if self.listeners.len() >= max && !replaces {
+            return Err(Denied::TooManyListeners(max).into());
+        }
         let port16 = u16::try_from(port).map_err(|_| {
             ForwardError::Io(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
@@ -393,16 +400,8 @@ impl RemoteForwards {
         let pid = way_in(ctx, &container)
             .await
             .ok_or(ForwardError::NoNamespace)?;
-        let ip = match address {
-            "" | "*" | "0.0.0.0" => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            "::" => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-            "localhost" => IpAddr::V4(Ipv4Addr::LOCALHOST),
-            other => other
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .parse()
-                .map_err(|_| ForwardError::Resolve(other.to_owned()))?,
-        };
+        let named = login.key.options().names_listen_address(address, port);
+        let ip = policy::listen_ip(address, named).map_err(ForwardError::Resolve)?;
         let listener =
             netns::bind_tcp(pid, SocketAddr::new(ip, port16), login.identity().as_ref()).await?;
         let bound = u32::from(listener.local_addr()?.port());

@@ -148,6 +148,9 @@ pub enum Denied {
         /// Port.
         port: u32,
     },
+    /// The connection holds as many `-R` listeners as one connection may.
+    #[error("{0} remote forwards are open on this connection (the most one connection may hold)")]
+    TooManyListeners(usize),
 }
 
 impl ForwardPolicy {
@@ -236,9 +239,56 @@ impl PermitOpen {
     }
 }
 
+/// Where a `-R` listener binds inside the container, as sshd does with `GatewayPorts no`:
+/// on the loopback (`127.0.0.1`, or `::1` when the client names an IPv6 address) whatever
+/// address the client asks for (`""`, which `ssh -R :PORT` and `-R '*:PORT'` send,
+/// `localhost`, `0.0.0.0`, `::`, a host name), so a forwarded port is reachable from the
+/// container only. The one exception is an address the key's `permitlisten` names itself
+/// (`named`, see [`crate::auth::KeyOptions::names_listen_address`]): then the address as the
+/// client wrote it; `Err` with the name when that is not an IP address.
+pub fn listen_ip(address: &str, named: bool) -> Result<IpAddr, String> {
+    let host = address.trim_start_matches('[').trim_end_matches(']');
+    let asked = match host {
+        "" | "*" => Ok(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+        h if h.eq_ignore_ascii_case("localhost") => Ok(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)),
+        h => h.parse::<IpAddr>().map_err(|_| address.to_owned()),
+    };
+    match asked {
+        Ok(ip) if named => Ok(ip),
+        Err(name) if named => Err(name),
+        Ok(IpAddr::V6(_)) => Ok(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)),
+        _ => Ok(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remote_listeners_bind_the_loopback_unless_the_key_names_the_address() {
+        for asked in [
+            "",
+            "*",
+            "localhost",
+            "0.0.0.0",
+            "127.0.0.1",
+            "172.30.0.5",
+            "lab.example",
+        ] {
+            assert_eq!(listen_ip(asked, false), Ok(ip("127.0.0.1")), "{asked:?}");
+        }
+        for asked in ["::", "[::]", "::1", "fd00::5"] {
+            assert_eq!(listen_ip(asked, false), Ok(ip("::1")), "{asked:?}");
+        }
+        assert_eq!(listen_ip("0.0.0.0", true), Ok(ip("0.0.0.0")));
+        assert_eq!(listen_ip("[::]", true), Ok(ip("::")));
+        assert_eq!(listen_ip("172.30.0.5", true), Ok(ip("172.30.0.5")));
+        assert_eq!(
+            listen_ip("lab.example", true),
+            Err("lab.example".to_owned())
+        );
+    }
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()

@@ -17,8 +17,10 @@ use futures::StreamExt;
 use russh::server::{Handle, Msg};
 use russh::{Channel, ChannelId, ChannelMsg, Sig};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
+use super::limits::{EnvBudget, EnvVerdict};
 use super::{Context, Login, subsystem};
 use crate::forward::agent::AgentForward;
 use crate::runtime::{
@@ -55,6 +57,9 @@ struct Pty {
 struct Setup {
     pty: Option<Pty>,
     env: Vec<(String, String)>,
+    /// What `env` holds against the per-channel bounds (the handler counts the same way
+    /// and has answered each request).
+    env_budget: EnvBudget,
     /// The client asked for agent forwarding (`-A`) and the key allows it.
     agent: bool,
 }
@@ -70,14 +75,17 @@ struct EarlyInput {
 }
 
 /// Serves one session channel until it closes. `handle` sends exit-signal, which the channel
-/// half has no method for, and opens agent channels; `agent` is the connection's agent socket.
+/// half has no method for, and opens agent channels; `agent` is the connection's agent socket;
+/// `alive` is held until the task ends (the handler counts the connection's sessions by it).
 pub async fn run(
     channel: Channel<Msg>,
     login: Arc<Login>,
     ctx: Arc<Context>,
     handle: Handle,
     agent: Arc<AgentForward>,
+    alive: Arc<()>,
 ) {
+    let _alive = alive;
     let id = channel.id();
     let span = tracing::info_span!("channel", channel = %id);
     serve(channel, login, ctx, handle, agent)
@@ -130,7 +138,10 @@ async fn serve(
                 ..
             }) => {
                 if login.quota.accepts_env(&variable_name) {
-                    setup.env.push((variable_name, variable_value));
+                    match setup.env_budget.admit(&variable_name, &variable_value) {
+                        EnvVerdict::Accept => setup.env.push((variable_name, variable_value)),
+                        EnvVerdict::Refuse { .. } => {} // the handler logged it
+                    }
                 } else {
                     debug!(name = %variable_name, "env request refused by accept_env");
                 }
@@ -177,7 +188,10 @@ async fn serve(
     let mut pulls_open = true;
     let container = ContainerSpec::new(&login.user, &login.quota).name;
     let mut view = super::progress::ProgressView::new(setup.pty.as_ref().map(|p| p.size.cols));
-    let start = start(&ctx, &login, &setup, &program, original, agent);
+    // Cancelled when the channel closes or the connection ends: the start then stops
+    // waiting for the container and never starts the process.
+    let cancel = login.gone.child_token();
+    let start = start(&ctx, &login, &setup, &program, original, agent, &cancel);
     tokio::pin!(start);
     let started = loop {
         tokio::select! {
@@ -188,7 +202,10 @@ async fn serve(
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => pulls_open = false,
             },
             msg = rx.wait(), if early.len < EARLY_INPUT_LIMIT && !early.closed => match msg {
-                None | Some(ChannelMsg::Close) => early.closed = true,
+                None | Some(ChannelMsg::Close) => {
+                    early.closed = true;
+                    cancel.cancel();
+                }
                 Some(ChannelMsg::Data { data }) => {
                     early.len += data.len();
                     early.data.push(data);
@@ -205,7 +222,11 @@ async fn serve(
     };
     view.finish(&tx).await;
     let exec = match started {
-        Ok(exec) => exec,
+        Ok(Some(exec)) => exec,
+        Ok(None) => {
+            debug!("channel or connection gone while the session started: nothing started");
+            return;
+        }
         Err(e) => {
             warn!(user = %login.user, error = %e, "session not started");
             if !early.closed {
@@ -361,17 +382,43 @@ impl Drop for StdinFeed {
     }
 }
 
-/// Ensures the container runs and starts the program in it.
+/// `fut`'s output, or `None` when `cancel` fires first (then `fut` is dropped). A token
+/// already cancelled wins over a future already ready.
+async fn unless_cancelled<F: std::future::Future>(
+    cancel: &CancellationToken,
+    fut: F,
+) -> Option<F::Output> {
+    tokio::select! {
+        biased;
+        () = cancel.cancelled() => None,
+        out = fut => Some(out),
+    }
+}
+
+/// Ensures the container runs and starts the program in it; `None` when `cancel` fired
+/// (the channel closed, the connection ended) before the program was started. The
+/// container's start runs in a task of its own, never dropped half-way (the user's other
+/// sessions may wait for it too): this session only stops waiting for it. Once the process
+/// is being started, it is not cancelled: the caller hangs it up.
 async fn start(
-    ctx: &Context,
-    login: &Login,
+    ctx: &Arc<Context>,
+    login: &Arc<Login>,
     setup: &Setup,
     program: &Program,
     original_command: Option<String>,
     agent: Option<(&AgentForward, Handle)>,
-) -> Result<crate::runtime::Exec, RuntimeError> {
+    cancel: &CancellationToken,
+) -> Result<Option<crate::runtime::Exec>, RuntimeError> {
     let spec = ContainerSpec::new(&login.user, &login.quota);
-    let started = super::start_container(ctx, login).await?;
+    let starting = tokio::spawn({
+        let (ctx, login) = (ctx.clone(), login.clone());
+        async move { super::start_container(&ctx, &login).await }.in_current_span()
+    });
+    let started = match unless_cancelled(cancel, starting).await {
+        None => return Ok(None),
+        Some(Ok(started)) => started?,
+        Some(Err(e)) => return Err(RuntimeError::Engine(format!("container start failed: {e}"))),
+    };
     let container = &started.container;
     let argv = match program {
         Program::Shell => vec![container.shell.clone(), "-l".into()],
@@ -422,6 +469,9 @@ async fn start(
     );
     if let Some(original) = original_command {
         env.push(("SSH_ORIGINAL_COMMAND".to_owned(), original));
+    }
+    if cancel.is_cancelled() {
+        return Ok(None);
     }
     let req = ExecRequest {
         argv,
@@ -490,7 +540,7 @@ async fn start(
             .chain(exec.output)
             .boxed();
     }
-    Ok(exec)
+    Ok(Some(exec))
 }
 
 /// The line telling a user their running container has another image than the configured one.
@@ -684,6 +734,30 @@ mod tests {
         assert_eq!(program, cmd);
         assert!(original.is_some_and(|o| o.ends_with("sftp-server")));
         assert_eq!(force_command(Program::Shell, None), (Program::Shell, None));
+    }
+
+    #[tokio::test]
+    async fn a_start_stops_waiting_once_cancelled_and_a_cancelled_one_never_proceeds() {
+        let cancel = CancellationToken::new();
+        assert_eq!(unless_cancelled(&cancel, async { 7 }).await, Some(7));
+        // Waiting for a container that does not come: the channel closes.
+        let waiting = tokio::spawn({
+            let cancel = cancel.clone();
+            async move { unless_cancelled(&cancel, std::future::pending::<()>()).await }
+        });
+        tokio::task::yield_now().await;
+        cancel.cancel();
+        assert_eq!(waiting.await.unwrap(), None);
+        // Already cancelled: even a ready start is not taken (no exec is made after it).
+        let mut proceeded = false;
+        let out = unless_cancelled(&cancel, async { proceeded = true }).await;
+        assert_eq!(out, None);
+        assert!(!proceeded);
+        // The connection's `gone` cancels every channel's start.
+        let gone = CancellationToken::new();
+        let channel = gone.child_token();
+        gone.cancel();
+        assert_eq!(unless_cancelled(&channel, async { 1 }).await, None);
     }
 
     #[test]

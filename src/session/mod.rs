@@ -10,6 +10,7 @@
 pub mod channel;
 pub mod direct;
 pub mod idle;
+pub mod limits;
 pub mod progress;
 pub mod registry;
 pub mod subsystem;

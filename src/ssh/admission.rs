@@ -6,8 +6,9 @@
 //!   itself, a client from another address is not touched, and a real client behind the
 //!   crowd's NAT, who authenticates within a second, is never its oldest. The accept loop
 //!   never waits.
-//! - An authenticated connection counts against `max_connections`; a login past it is
-//!   refused.
+//! - An authenticated connection counts against `max_connections`, and against its user's
+//!   `max_connections_per_user` (all profiles of the user together); a login past either
+//!   is refused, so one user cannot lock the others out.
 //! - A refusal to an address that keeps failing waits its back-off ([`super::throttle`]),
 //!   once per connection; a successful login never waits.
 
@@ -23,6 +24,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, warn};
 
 use crate::admin::metrics::metrics;
+use crate::auth::Username;
 
 use super::throttle::{FailureTable, Source, ThrottlePolicy};
 
@@ -147,6 +149,31 @@ impl PreAuthHandle {
 #[error("the gateway is full: {0} connection(s) logged in (max_connections)")]
 pub struct Full(pub usize);
 
+/// Why [`Ticket::authenticate`] refused a login.
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    /// `max_connections` connections are authenticated.
+    #[error(transparent)]
+    Full(#[from] Full),
+    /// The user holds `max_connections_per_user` of them.
+    #[error("{user} has {max} connection(s) logged in (max_connections_per_user = {max})")]
+    User {
+        /// The user (the account, whatever profile each connection used).
+        user: Username,
+        /// The bound.
+        max: usize,
+    },
+}
+
+/// Authenticated connections by user, each bounded.
+#[derive(Debug)]
+struct PerUser {
+    /// The bound (`max_connections_per_user`).
+    max: usize,
+    /// Connections of each user holding one now; a user with none has no entry.
+    count: HashMap<Username, usize>,
+}
+
 /// The unauthenticated connections and what the bound has closed.
 #[derive(Debug)]
 struct PreAuth {
@@ -169,13 +196,19 @@ pub struct Admission {
     authenticated: Arc<Semaphore>,
     /// `max_connections`, for messages.
     max_connections: usize,
+    /// Authenticated connections of each user, against `max_connections_per_user`.
+    per_user: Arc<Mutex<PerUser>>,
     /// Recent authentication failures by address.
     failures: Mutex<FailureTable>,
 }
 
 impl Admission {
     /// Admission with these bounds and the default back-off.
-    pub fn new(max_startups: usize, max_connections: usize) -> Arc<Admission> {
+    pub fn new(
+        max_startups: usize,
+        max_connections: usize,
+        max_connections_per_user: usize,
+    ) -> Arc<Admission> {
         Arc::new(Admission {
             pre_auth: Mutex::new(PreAuth {
                 startups: Startups::new(max_startups),
@@ -185,6 +218,10 @@ impl Admission {
             max_startups,
             authenticated: Arc::new(Semaphore::new(max_connections)),
             max_connections,
+            per_user: Arc::new(Mutex::new(PerUser {
+                max: max_connections_per_user.max(1),
+                count: HashMap::new(),
+            })),
             failures: Mutex::new(FailureTable::new(ThrottlePolicy::default())),
         })
     }
@@ -242,6 +279,7 @@ impl Admission {
             source,
             authenticated,
             permit: None,
+            user: None,
             delayed: false,
         };
         Ok((ticket, handle))
@@ -267,17 +305,21 @@ pub struct Ticket {
     authenticated: Arc<AtomicBool>,
     /// Held once authenticated.
     permit: Option<OwnedSemaphorePermit>,
+    /// The user's place, held once authenticated.
+    user: Option<UserPlace>,
     /// Whether a refusal on this connection already waited its back-off.
     delayed: bool,
 }
 
 impl Ticket {
-    /// Counts the connection as authenticated (it leaves the unauthenticated set), unless
-    /// `max_connections` are: then it stays unauthenticated and the login is to be refused.
-    pub fn authenticate(&mut self) -> Result<(), Full> {
+    /// Counts the connection as authenticated as `user` (it leaves the unauthenticated
+    /// set), unless `max_connections` are, or `max_connections_per_user` of the user's: then
+    /// it stays unauthenticated and the login is to be refused.
+    pub fn authenticate(&mut self, user: &Username) -> Result<(), Refused> {
         if self.permit.is_some() {
             return Ok(());
         }
+        let place = UserPlace::take(&self.admission.per_user, user)?;
         let permit = self
             .admission
             .authenticated
@@ -285,6 +327,7 @@ impl Ticket {
             .try_acquire_owned()
             .map_err(|_| Full(self.admission.max_connections))?;
         self.permit = Some(permit);
+        self.user = Some(place);
         self.authenticated.store(true, Ordering::SeqCst);
         let mut pre = lock(&self.admission.pre_auth);
         pre.startups.remove(self.source, self.conn);
@@ -315,6 +358,47 @@ impl Drop for Ticket {
             let mut pre = lock(&self.admission.pre_auth);
             pre.startups.remove(self.source, self.conn);
             metrics().unauthenticated(pre.startups.len());
+        }
+    }
+}
+
+/// One authenticated connection of a user, counted in [`PerUser`] until dropped.
+#[derive(Debug)]
+struct UserPlace {
+    /// The shared counts.
+    per_user: Arc<Mutex<PerUser>>,
+    /// Whose place.
+    user: Username,
+}
+
+impl UserPlace {
+    /// Takes a place for `user`, unless the user holds the bound.
+    fn take(per_user: &Arc<Mutex<PerUser>>, user: &Username) -> Result<UserPlace, Refused> {
+        let mut table = lock(per_user);
+        let max = table.max;
+        let count = table.count.entry(user.clone()).or_insert(0);
+        if *count >= max {
+            return Err(Refused::User {
+                user: user.clone(),
+                max,
+            });
+        }
+        *count += 1;
+        Ok(UserPlace {
+            per_user: per_user.clone(),
+            user: user.clone(),
+        })
+    }
+}
+
+impl Drop for UserPlace {
+    fn drop(&mut self) {
+        let mut table = lock(&self.per_user);
+        if let Some(count) = table.count.get_mut(&self.user) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                table.count.remove(&self.user);
+            }
         }
     }
 }
@@ -421,18 +505,19 @@ mod tests {
             clients.push(tokio::net::TcpStream::connect(addr).await.unwrap());
             sockets.push(listener.accept().await.unwrap());
         }
-        let admission = Admission::new(2, 1);
+        let admission = Admission::new(2, 1, 8);
         let (mut a, _) = admission.admit(1, sockets[0].1, &sockets[0].0).unwrap();
         let (mut b, b_handle) = admission.admit(2, sockets[1].1, &sockets[1].0).unwrap();
         assert_eq!(admission.unauthenticated(), 2);
-        a.authenticate().unwrap();
+        let alice = Username::parse("alice").unwrap();
+        a.authenticate(&alice).unwrap();
         assert_eq!(admission.unauthenticated(), 1);
         assert!(b_handle.closer.upgrade().is_some());
         // One authenticated connection is the bound: b's login is refused, b still waits.
-        assert!(b.authenticate().is_err());
+        assert!(matches!(b.authenticate(&alice), Err(Refused::Full(_))));
         assert_eq!(admission.unauthenticated(), 1);
         drop(a);
-        b.authenticate().unwrap();
+        b.authenticate(&alice).unwrap();
         assert_eq!(admission.unauthenticated(), 0);
         assert!(b_handle.is_authenticated());
         assert!(
@@ -449,7 +534,7 @@ mod tests {
         use tokio::io::AsyncReadExt;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let admission = Admission::new(1, 8);
+        let admission = Admission::new(1, 8, 8);
         let mut old_client = tokio::net::TcpStream::connect(addr).await.unwrap();
         let (old, old_peer) = listener.accept().await.unwrap();
         let (_old_ticket, _) = admission.admit(1, old_peer, &old).unwrap();
@@ -462,5 +547,41 @@ mod tests {
         let mut old = old;
         assert_eq!(old.read(&mut buf).await.unwrap(), 0);
         assert_eq!(admission.unauthenticated(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_user_holds_at_most_max_connections_per_user_and_others_still_log_in() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut clients = Vec::new();
+        let mut sockets = Vec::new();
+        for _ in 0..4 {
+            clients.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+            sockets.push(listener.accept().await.unwrap());
+        }
+        let admission = Admission::new(8, 3, 2);
+        let mut tickets: Vec<Ticket> = sockets
+            .iter()
+            .zip(1..)
+            .map(|((s, peer), id)| admission.admit(id, *peer, s).unwrap().0)
+            .collect();
+        let alice = Username::parse("alice").unwrap();
+        let bob = Username::parse("bob").unwrap();
+        tickets[0].authenticate(&alice).unwrap();
+        tickets[1].authenticate(&alice).unwrap();
+        let refused = tickets[2].authenticate(&alice).unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            "alice has 2 connection(s) logged in (max_connections_per_user = 2)"
+        );
+        // The refusal took no place: bob gets the last one.
+        tickets[3].authenticate(&bob).unwrap();
+        assert_eq!(admission.unauthenticated(), 1);
+        // One of alice's ends: her third gets in... once the gateway has room for it.
+        drop(tickets.remove(0));
+        tickets[1].authenticate(&alice).unwrap();
+        assert!(lock(&admission.per_user).count.get(&alice) == Some(&2));
+        drop(tickets);
+        assert!(lock(&admission.per_user).count.is_empty());
     }
 }

@@ -4,16 +4,16 @@
 //! and hands each session channel to its own task. It never awaits Docker: a callback runs
 //! on the connection's read loop, and anything slow would freeze the whole connection.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::SystemTime;
 
 use russh::keys::PublicKey;
 use russh::keys::ssh_key::Certificate;
 use russh::server::{Auth, ChannelOpenHandle, Handler, Msg, Session};
-use russh::{Channel, ChannelId, MethodKind, MethodSet};
+use russh::{Channel, ChannelId, ChannelOpenFailure, MethodKind, MethodSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
@@ -21,9 +21,13 @@ use crate::admin::metrics::metrics;
 use crate::auth::{self, AuthorizedKey, KeyOrigin, KeyStore, Refusal, Username};
 use crate::forward::agent::AgentForward;
 use crate::forward::{self, RemoteForwards};
+use crate::session::limits::{self, EnvBudget, EnvVerdict};
 use crate::session::registry::{ConnectionInfo, Registration};
 use crate::session::{Context, Login, channel, subsystem};
 use crate::ssh::admission::Ticket;
+
+/// SSH_OPEN_RESOURCE_SHORTAGE (RFC 4254): the reason code of a session past `max_sessions`.
+const RESOURCE_SHORTAGE: u32 = 4;
 
 /// Errors that end a connection.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +51,13 @@ pub struct ConnectionHandler {
     login: Option<Arc<Login>>,
     /// Channels that already run a program: a second shell/exec on them is refused.
     started: HashSet<ChannelId>,
+    /// Session channels, against `[server] max_sessions`: each channel's task holds the
+    /// strong side of its token while it lives, so a channel counts until its task ends
+    /// (russh does not call `channel_close` for a channel the server closed first).
+    sessions: HashMap<ChannelId, Weak<()>>,
+    /// The `env` each open session channel has been given, against the per-channel bounds
+    /// (the channel task keeps the values and counts the same way).
+    env: HashMap<ChannelId, EnvBudget>,
     /// The connection's tracing span; channel tasks run inside it.
     span: tracing::Span,
     /// The last refused `(user, reason)`, logged once when an unauthenticated connection
@@ -54,6 +65,8 @@ pub struct ConnectionHandler {
     refused: Option<(String, auth::Refusal)>,
     /// This connection's `-R` listeners; dropped (closed) with the connection.
     remote: RemoteForwards,
+    /// Whether a `-R` request past the per-connection bound was refused (and logged) yet.
+    listeners_refused: bool,
     /// This connection's agent socket (`-A`), made by the first channel that asks for it.
     agent: Arc<AgentForward>,
     /// Cancelled to disconnect this connection (admin kick, key removed).
@@ -102,9 +115,12 @@ impl ConnectionHandler {
             conn,
             login: None,
             started: HashSet::new(),
+            sessions: HashMap::new(),
+            env: HashMap::new(),
             span,
             refused: None,
             remote: RemoteForwards::default(),
+            listeners_refused: false,
             agent: Arc::default(),
             end,
             gone: CancellationToken::new(),
@@ -163,8 +179,8 @@ impl ConnectionHandler {
                 return Self::publickey_only();
             }
         };
-        if let Err(full) = self.ticket.authenticate() {
-            warn!(conn = self.conn, user = %user, peer = %self.peer, "login refused: {full}");
+        if let Err(refused) = self.ticket.authenticate(&user) {
+            warn!(conn = self.conn, user = %user, peer = %self.peer, "login refused: {refused}");
             return Self::publickey_only();
         }
         let (quota, denied) = crate::session::login_quota(&self.ctx, &user, profile.as_ref());
@@ -207,6 +223,14 @@ impl ConnectionHandler {
         ));
         self.login = Some(login);
         Auth::Accept
+    }
+
+    /// Drops what is kept about session channels whose task has ended.
+    fn forget_ended_sessions(&mut self) {
+        self.sessions.retain(|_, alive| alive.strong_count() > 0);
+        let live = &self.sessions;
+        self.started.retain(|c| live.contains_key(c));
+        self.env.retain(|c, _| live.contains_key(c));
     }
 
     /// Marks `channel` as running a program; false if it already was.
@@ -299,6 +323,25 @@ impl Handler for ConnectionHandler {
         let Some(login) = self.login.clone() else {
             return Ok(()); // dropping `reply` refuses the channel
         };
+        self.forget_ended_sessions();
+        let max = self.ctx.config.borrow().server.max_sessions;
+        if self.sessions.len() >= max {
+            let reason = format!(
+                "{} session channels are open on this connection (max_sessions)",
+                self.sessions.len()
+            );
+            let _e = self.span.enter();
+            info!(user = %login.user, "session refused: {reason}");
+            reply
+                .reject(ChannelOpenFailure::Other {
+                    code: RESOURCE_SHORTAGE,
+                    reason,
+                })
+                .await;
+            return Ok(());
+        }
+        let alive = Arc::new(());
+        self.sessions.insert(channel.id(), Arc::downgrade(&alive));
         reply.accept().await;
         tokio::spawn(
             channel::run(
@@ -307,6 +350,7 @@ impl Handler for ConnectionHandler {
                 self.ctx.clone(),
                 session.handle(),
                 self.agent.clone(),
+                alive,
             )
             .instrument(self.span.clone()),
         );
@@ -387,8 +431,15 @@ impl Handler for ConnectionHandler {
                 Ok(true)
             }
             Err(e) => {
-                let _e = self.span.enter();
-                info!(target: "audit", user = %login.user, address, port = *port, error = %e, "remote forward refused");
+                // Past the bound, only the connection's first refusal is logged.
+                let over = matches!(
+                    e,
+                    forward::ForwardError::Denied(forward::policy::Denied::TooManyListeners(_))
+                );
+                if !(over && std::mem::replace(&mut self.listeners_refused, true)) {
+                    let _e = self.span.enter();
+                    info!(target: "audit", user = %login.user, address, port = *port, error = %e, "remote forward refused");
+                }
                 Ok(false)
             }
         }
@@ -442,14 +493,31 @@ impl Handler for ConnectionHandler {
         &mut self,
         channel: ChannelId,
         name: &str,
-        _value: &str,
+        value: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let accepted = self
+        let mut accepted = self
             .login
             .as_ref()
             .is_some_and(|l| l.quota.accepts_env(name))
             && !self.started.contains(&channel);
+        if accepted {
+            match self.env.entry(channel).or_default().admit(name, value) {
+                EnvVerdict::Accept => {}
+                EnvVerdict::Refuse { first } => {
+                    accepted = false;
+                    if first {
+                        let _e = self.span.enter();
+                        warn!(
+                            channel = %channel,
+                            "env requests past {} variables or {} bytes on one channel: refused (logged once per channel)",
+                            limits::MAX_ENV_VARS,
+                            limits::MAX_ENV_BYTES
+                        );
+                    }
+                }
+            }
+        }
         if accepted {
             session.channel_success(channel)?;
         } else {
@@ -515,6 +583,8 @@ impl Handler for ConnectionHandler {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         self.started.remove(&channel);
+        self.sessions.remove(&channel);
+        self.env.remove(&channel);
         Ok(())
     }
 }

@@ -106,7 +106,11 @@ pub async fn serve(
     server: ServerConfig,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let admission = Admission::new(server.max_startups, server.max_connections);
+    let admission = Admission::new(
+        server.max_startups,
+        server.max_connections,
+        server.max_connections_per_user,
+    );
     let next_id = AtomicU64::new(1);
     let mut backoff = Duration::from_millis(10);
     let tasks = tokio_util::task::TaskTracker::new();
