@@ -171,7 +171,8 @@ fn two_hundred_sessions_and_fifty_forwards_move_every_byte_in_bounded_memory() {
     let tail: String = (0..USERS)
         .map(|i| format!("[users.{{u{i}}}]\npids = 512\n"))
         .collect();
-    let gw = Gateway::start(USERS, "", &tail);
+    // Many connections per user here (the default per-user bound is 32).
+    let gw = Gateway::start_with_server(USERS, "max_connections_per_user = 128\n", "", &tail);
     for i in 0..USERS {
         gw.ok(i, "true");
     }

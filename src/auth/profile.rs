@@ -6,8 +6,8 @@ use serde::{Deserialize, Deserializer};
 
 use super::{InvalidUsername, Username};
 
-/// A profile's name, checked against `[a-z0-9][a-z0-9_-]{0,31}` so that `labgate-USER-NAME`
-/// is a valid container name.
+/// A profile's name, checked against `[a-z0-9][a-z0-9_-]{0,31}` so that `labgate-USER.NAME`
+/// is a valid container name that no user's container has (no user name has a `.`).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ProfileName(String);
 

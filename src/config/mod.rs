@@ -768,12 +768,6 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             ));
         };
         for user in allowed.into_inner() {
-            // labgate-USER-PROFILE must not be the container of a configured user.
-            if let Ok(clash) = Username::parse(&format!("{user}-{name}"))
-                && raw_users.contains_key(&clash)
-            {
-                return Err(v.at(span, format!("profile {name} of user {user} would use the container name of user {clash} (labgate-{clash}); rename the profile")));
-            }
             let own = raw_users.get(&user).unwrap_or(&raw_defaults);
             let mut q = quota(p.clone().over(own), span.clone())?;
             q.profile = Some(name.clone());

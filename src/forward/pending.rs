@@ -12,9 +12,9 @@ use std::sync::{Arc, Mutex};
 use crate::auth::Username;
 
 /// Opens in progress one connection may have.
-pub const PER_CONNECTION: usize = 16;
+pub const PER_CONNECTION: usize = 64;
 /// Opens in progress one user may have, over all their connections.
-pub const PER_USER: usize = 64;
+pub const PER_USER: usize = 256;
 
 /// Why an open was refused here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
