@@ -95,6 +95,7 @@ pub async fn serve(
         idle: Default::default(),
         direct_refused: Default::default(),
         pending: Arc::default(),
+        identities: Arc::default(),
     });
     crate::admin::start(ctx.clone(), &admin, stop_rx.clone()).await;
     tokio::spawn(crate::session::idle::run(ctx.clone(), stop_rx.clone()));
@@ -142,7 +143,7 @@ async fn apply_live_limits(mut config: watch::Receiver<Arc<Config>>, runtime: Ar
             };
             let (old, new) = (c.quota(&previous, &user), c.quota(&current, &user));
             if (old.memory, old.cpus, old.pids) != (new.memory, new.cpus, new.pids) {
-                let spec = crate::runtime::ContainerSpec::new(&user, new);
+                let spec = crate::runtime::ContainerSpec::new(&user, new, None);
                 match runtime.update_limits(&spec).await {
                     Ok(true) => {
                         info!(user = %user, container = %c.name, "reload: live limits applied (memory, cpus, pids)")

@@ -7,6 +7,7 @@
 //! which users exist; the reason is logged.
 
 pub mod cert;
+pub mod identity;
 pub mod keys;
 pub mod options;
 pub mod profile;

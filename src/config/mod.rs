@@ -102,6 +102,18 @@ impl Config {
         self.users.keys()
     }
 
+    /// The uids the config gives by number (never handed out under `uid = "auto"`).
+    pub fn fixed_uids(&self) -> std::collections::BTreeSet<u32> {
+        std::iter::once(&self.defaults)
+            .chain(self.users.values())
+            .chain(self.profiles.quotas.values())
+            .filter_map(|q| match q.uid {
+                Some(UidRule::Fixed(uid)) => Some(uid),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Homes that lie under a writable mount source (of any user's quota): `(table, home
     /// template, mount source)`. Someone who can write there can rename a home and put a
     /// symlink in its place; labgate refuses to start such a container, but the admin should
@@ -196,6 +208,85 @@ pub struct ServerConfig {
     /// File of CA public keys trusted to sign user certificates (sshd's `TrustedUserCAKeys`);
     /// `None`: certificates are refused. Read at each certificate login.
     pub trusted_user_ca_keys: Option<PathBuf>,
+    /// Where the gateway keeps what must outlive it (the uids given under `uid = "auto"`).
+    pub state_dir: PathBuf,
+    /// The uids `uid = "auto"` gives out, lowest free first.
+    pub auto_uids: std::ops::RangeInclusive<u32>,
+}
+
+/// Default of `[server] state_dir`.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/labgate";
+
+/// Default of `[server] auto_uids`: above the uids of host accounts and below the ranges
+/// rootless containers map (subuids usually start at 100000 + 65536 per user; this range is
+/// one a lab keeps free of host accounts).
+pub const DEFAULT_AUTO_UIDS: std::ops::RangeInclusive<u32> = 200_000..=299_999;
+
+/// `uid` of a quota: who a user's processes run as in their container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UidRule {
+    /// This uid (and `gid`, default the same number).
+    Fixed(u32),
+    /// The host account of the login's name (NSS): its uid, gid and supplementary groups,
+    /// so files in shared mounts belong to the same person on the host and in the container.
+    Host,
+    /// A stable uid per user from `[server] auto_uids`, recorded in `[server] state_dir` so it
+    /// never changes and is never given to another user.
+    Auto,
+}
+
+impl<'de> Deserialize<'de> for UidRule {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = UidRule;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a uid number, \"host\" or \"auto\"")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<UidRule, E> {
+                u32::try_from(v)
+                    .map(UidRule::Fixed)
+                    .map_err(|_| E::custom(format!("uid {v} is out of range (0 to 4294967295)")))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<UidRule, E> {
+                self.visit_i64(i64::try_from(v).unwrap_or(-1))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<UidRule, E> {
+                match v {
+                    "host" => Ok(UidRule::Host),
+                    "auto" => Ok(UidRule::Auto),
+                    other => Err(E::custom(format!(
+                        "uid {other:?}: write a number, \"host\" (the host account of the same name) or \"auto\" (a uid labgate picks and keeps)"
+                    ))),
+                }
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// `[server] auto_uids = "FIRST-LAST"`.
+#[derive(Debug, Clone)]
+struct UidRange(std::ops::RangeInclusive<u32>);
+
+impl<'de> Deserialize<'de> for UidRange {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let bad = || {
+            serde::de::Error::custom(format!(
+                "auto_uids {s:?}: write FIRST-LAST, e.g. \"200000-299999\", with 1000 <= FIRST <= LAST"
+            ))
+        };
+        let (a, b) = s.split_once('-').ok_or_else(bad)?;
+        let (a, b): (u32, u32) = (
+            a.trim().parse().map_err(|_| bad())?,
+            b.trim().parse().map_err(|_| bad())?,
+        );
+        if a < 1000 || a > b {
+            return Err(bad());
+        }
+        Ok(UidRange(a..=b))
+    }
 }
 
 /// Default of `[server] max_connections_per_user`: more than a user's editor windows,
@@ -274,9 +365,10 @@ pub struct Quota {
     pub shell: Option<String>,
     /// Fixed environment variables.
     pub env: BTreeMap<String, String>,
-    /// User id the shell runs as (`None`: the image's default user, usually root).
-    pub uid: Option<u32>,
-    /// Group id the shell runs as (defaults to `uid` when only that is given).
+    /// Who the user's processes run as (`None`: the image's default user, usually root).
+    pub uid: Option<UidRule>,
+    /// Primary group id (defaults to a fixed `uid`'s number, the host account's group for
+    /// `"host"`, the uid for `"auto"`).
     pub gid: Option<u32>,
     /// Patterns of environment variables a client may send (`LC_*` matches a prefix).
     pub accept_env: Vec<String>,
@@ -385,6 +477,8 @@ struct RawServer {
     login_status: Option<bool>,
     end_sessions_on_key_removal: Option<bool>,
     trusted_user_ca_keys: Option<Spanned<PathBuf>>,
+    state_dir: Option<PathBuf>,
+    auto_uids: Option<UidRange>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -443,7 +537,7 @@ struct RawQuota {
     mounts: Option<Vec<RawMount>>,
     shell: Option<ContainerPath>,
     env: Option<BTreeMap<EnvName, String>>,
-    uid: Option<u32>,
+    uid: Option<UidRule>,
     gid: Option<u32>,
     accept_env: Option<Vec<Spanned<String>>>,
     forwarding: Option<RawForwarding>,
@@ -656,6 +750,12 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             }
             p => p.map(|p| resolve(p.into_inner())),
         },
+        state_dir: resolve(
+            raw.server
+                .state_dir
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+        ),
+        auto_uids: raw.server.auto_uids.map_or(DEFAULT_AUTO_UIDS, |r| r.0),
     };
     let admin = AdminConfig {
         socket: resolve(
@@ -881,7 +981,10 @@ impl Validator<'_> {
                 .into_iter()
                 .map(|(k, v)| (k.0, v))
                 .collect(),
-            gid: raw.gid.or(raw.uid),
+            gid: raw.gid.or(match raw.uid {
+                Some(UidRule::Fixed(uid)) => Some(uid),
+                _ => None,
+            }),
             uid: raw.uid,
             accept_env,
             forwarding: self.forwarding(raw.forwarding.unwrap_or_default())?,

@@ -174,7 +174,7 @@ fn full_config_reads_every_field() {
         ]
     );
     // Only uid given: the shell runs as uid:uid.
-    assert_eq!((q.uid, q.gid), (Some(1000), Some(1000)));
+    assert_eq!((q.uid, q.gid), (Some(UidRule::Fixed(1000)), Some(1000)));
     // accept_env not given: the safe default list.
     assert_eq!(q.accept_env, ["TERM", "LANG", "LC_*", "GIT_PROTOCOL"]);
 
@@ -234,7 +234,7 @@ accept_env = ["TERM", "LC_*", "MY_APP_*"]
     assert_eq!(q.cpus, Some(8.0));
     assert_eq!(q.shm, Some(ByteSize(3 * GIB / 2)));
     // An explicit gid wins over uid.
-    assert_eq!((q.uid, q.gid), (Some(1000), Some(100)));
+    assert_eq!((q.uid, q.gid), (Some(UidRule::Fixed(1000)), Some(100)));
     assert_eq!(q.accept_env, ["TERM", "LC_*", "MY_APP_*"]);
 }
 
@@ -281,7 +281,7 @@ fn user_tables_override_only_the_fields_they_set() {
     assert_eq!(a.home, d.home);
     assert_eq!(a.mounts, d.mounts);
     assert_eq!(a.env, d.env);
-    assert_eq!((a.uid, a.gid), (Some(1000), Some(1000)));
+    assert_eq!((a.uid, a.gid), (Some(UidRule::Fixed(1000)), Some(1000)));
     assert_eq!(a.accept_env, d.accept_env);
 
     let b = cfg.quota_for(&bob);
@@ -305,7 +305,7 @@ fn user_tables_override_only_the_fields_they_set() {
         BTreeMap::from([("EXTRA".to_owned(), "1".to_owned())])
     );
     // bob's own uid, and the gid follows it.
-    assert_eq!((b.uid, b.gid), (Some(2001), Some(2001)));
+    assert_eq!((b.uid, b.gid), (Some(UidRule::Fixed(2001)), Some(2001)));
 
     // No table: exactly the defaults, and the defaults themselves are untouched by the users.
     assert_eq!(cfg.quota_for(&carol), d);
@@ -1251,12 +1251,6 @@ fn image_config_errors_have_positions() {
         &["username must not be empty"],
     );
     assert_err(
-        "[defaults]\nimage = \"x\"\n\n[users.al-gpu]\n\n[profiles.gpu]\nusers = [\"al\"]\n",
-        6,
-        1,
-        &["container name of user al-gpu"],
-    );
-    assert_err(
         "[defaults]\nimage = \"x\"\n\n[profiles.gpu]\nusers = [\"Bad\"]\n",
         5,
         9,
@@ -1290,5 +1284,69 @@ fn trusted_user_ca_keys_is_optional_and_resolved_against_the_config_directory() 
         2,
         24,
         &["invalid type"],
+    );
+}
+
+#[test]
+fn uid_is_a_number_host_or_auto_and_auto_uids_a_range() {
+    let q = ok("[defaults]\nimage = \"busybox\"\nuid = \"host\"\n").defaults;
+    assert_eq!((q.uid, q.gid), (Some(UidRule::Host), None));
+    let c = ok(
+        "[server]\nauto_uids = \"300000-300999\"\nstate_dir = \"/srv/labgate\"\n\
+                [defaults]\nimage = \"busybox\"\nuid = \"auto\"\n\
+                [users.alice]\nuid = 5000\n[users.bob]\nuid = \"host\"\ngid = 100\n",
+    );
+    assert_eq!(
+        (c.defaults.uid, c.defaults.gid),
+        (Some(UidRule::Auto), None)
+    );
+    assert_eq!(c.server.auto_uids, 300_000..=300_999);
+    assert_eq!(c.server.state_dir, Path::new("/srv/labgate"));
+    let bob = c.quota_for(&Username::parse("bob").unwrap());
+    assert_eq!((bob.uid, bob.gid), (Some(UidRule::Host), Some(100)));
+    assert_eq!(c.fixed_uids(), [5000].into());
+    let d = ok("[defaults]\nimage = \"busybox\"\n");
+    assert_eq!(d.server.auto_uids, DEFAULT_AUTO_UIDS);
+    assert_eq!(d.server.state_dir, Path::new(DEFAULT_STATE_DIR));
+
+    let e = err_at("[defaults]\nimage = \"busybox\"\nuid = \"alice\"\n");
+    assert_eq!((e.line, e.column), (3, 7), "{e:?}");
+    assert!(
+        e.message
+            .contains("uid \"alice\": write a number, \"host\""),
+        "{}",
+        e.message
+    );
+    let e = err_at("[defaults]\nimage = \"busybox\"\nuid = -1\n");
+    assert!(
+        e.message.contains("uid -1 is out of range"),
+        "{}",
+        e.message
+    );
+    for bad in ["\"10-5\"", "\"0-100000\"", "\"x\""] {
+        let e = err_at(&format!(
+            "[server]\nauto_uids = {bad}\n[defaults]\nimage = \"busybox\"\n"
+        ));
+        assert!(
+            e.message.contains("write FIRST-LAST"),
+            "{bad}: {}",
+            e.message
+        );
+    }
+}
+
+#[test]
+fn a_profile_and_a_user_of_the_same_dashed_name_have_their_own_containers() {
+    let c = ok("[defaults]\nimage = \"x\"\n\n[users.al-gpu]\n\n[profiles.gpu]\nusers = [\"al\"]\n");
+    let al = Username::parse("al").unwrap();
+    let gpu = ProfileName::parse("gpu").unwrap();
+    let profile = c.profile_quota(&al, &gpu).unwrap();
+    assert_eq!(
+        crate::runtime::container_name(&al, profile.profile.as_ref()),
+        "labgate-al.gpu"
+    );
+    assert_eq!(
+        crate::runtime::container_name(&Username::parse("al-gpu").unwrap(), None),
+        "labgate-al-gpu"
     );
 }

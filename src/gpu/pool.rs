@@ -646,7 +646,7 @@ mod tests {
         )
         .unwrap()
         .defaults;
-        ContainerSpec::new(&user(u), &quota)
+        ContainerSpec::new(&user(u), &quota, None)
     }
 
     async fn login(

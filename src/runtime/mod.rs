@@ -79,14 +79,17 @@ pub struct ContainerSpec {
     pub env: BTreeMap<String, String>,
     /// `uid:gid` processes run as, if configured.
     pub uid_gid: Option<(u32, u32)>,
+    /// Supplementary groups of that uid (a host account's, for `uid = "host"`).
+    pub groups: Vec<u32>,
     /// GPUs to give the container, by UUID: chosen by [`crate::gpu::pool::GpuPool`], never
     /// from the quota directly (empty from [`ContainerSpec::new`]).
     pub gpus: Vec<crate::gpu::GpuUuid>,
 }
 
 impl ContainerSpec {
-    /// The spec for `user` under `quota`.
-    pub fn new(user: &Username, quota: &Quota) -> Self {
+    /// The spec for `user` under `quota`, whose processes run as `identity` (resolved from
+    /// the quota's `uid` at login: see `auth::identity`; `None`: the image's user).
+    pub fn new(user: &Username, quota: &Quota, identity: Option<&Identity>) -> Self {
         ContainerSpec {
             name: container_name(user, quota.profile.as_ref()),
             user: user.clone(),
@@ -103,7 +106,8 @@ impl ContainerSpec {
             mounts: quota.mounts.clone(),
             shell: quota.shell.clone(),
             env: quota.env.clone(),
-            uid_gid: quota.uid.map(|u| (u, quota.gid.unwrap_or(u))),
+            uid_gid: identity.map(|i| (i.uid, i.gid)),
+            groups: identity.map(|i| i.groups.clone()).unwrap_or_default(),
             gpus: Vec::new(),
         }
     }
@@ -132,7 +136,7 @@ impl ContainerSpec {
         self.uid_gid.map(|(uid, gid)| Identity {
             uid,
             gid,
-            groups: Vec::new(),
+            groups: self.groups.clone(),
         })
     }
 }
@@ -326,6 +330,9 @@ pub enum RuntimeError {
     /// The login asked for a profile it may not use.
     #[error(transparent)]
     Profile(#[from] crate::config::ProfileRefusal),
+    /// The login has no identity to run as (`uid = "host"` without a host account...).
+    #[error(transparent)]
+    Identity(#[from] crate::auth::identity::IdentityError),
     /// A container with our name exists but is not ours.
     #[error("a container named {0} exists but is not managed by labgate; ask your admin")]
     NameTaken(String),

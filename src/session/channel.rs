@@ -23,9 +23,7 @@ use tracing::{Instrument, debug, info, warn};
 use super::limits::{EnvBudget, EnvVerdict};
 use super::{Context, Login, subsystem};
 use crate::forward::agent::AgentForward;
-use crate::runtime::{
-    ContainerSpec, ExecControl, ExecOutput, ExecRequest, ExitStatus, RuntimeError, TtySize,
-};
+use crate::runtime::{ExecControl, ExecOutput, ExecRequest, ExitStatus, RuntimeError, TtySize};
 
 /// Bytes of stdin kept while the container starts; beyond this the channel is not read (the
 /// client is slowed by SSH flow control instead).
@@ -186,7 +184,7 @@ async fn serve(
     // Subscribed before the start, so no step of a pull it waits for is missed.
     let mut pulls = ctx.runtime.pull_events();
     let mut pulls_open = true;
-    let container = ContainerSpec::new(&login.user, &login.quota).name;
+    let container = login.container_name();
     let mut view = super::progress::ProgressView::new(setup.pty.as_ref().map(|p| p.size.cols));
     // Cancelled when the channel closes or the connection ends: the start then stops
     // waiting for the container and never starts the process.
@@ -409,7 +407,7 @@ async fn start(
     agent: Option<(&AgentForward, Handle)>,
     cancel: &CancellationToken,
 ) -> Result<Option<crate::runtime::Exec>, RuntimeError> {
-    let spec = ContainerSpec::new(&login.user, &login.quota);
+    let spec = login.spec();
     let starting = tokio::spawn({
         let (ctx, login) = (ctx.clone(), login.clone());
         async move { super::start_container(&ctx, &login).await }.in_current_span()

@@ -43,6 +43,8 @@ pub struct Context {
     pub direct_refused: direct::Refusals,
     /// Forwards being opened, per user (bounded: see [`crate::forward::pending`]).
     pub pending: Arc<crate::forward::pending::PendingOpens>,
+    /// Resolves logins' identities (`uid = "host"`, `"auto"`).
+    pub identities: Arc<crate::auth::identity::Identities>,
 }
 
 /// An authenticated user on one connection.
@@ -70,18 +72,26 @@ pub struct Login {
     pub gone: tokio_util::sync::CancellationToken,
     /// Forwards this connection is opening (bounded: see [`crate::forward::pending`]).
     pub opening: Arc<std::sync::atomic::AtomicUsize>,
+    /// Who this login's processes run as, resolved at login from the quota's `uid`, or why
+    /// it could not be (then every session and forward fails with that).
+    pub identity: Result<Option<crate::runtime::Identity>, crate::auth::identity::IdentityError>,
 }
 
 impl Login {
     /// The name of the container this login works in.
     pub fn container_name(&self) -> String {
-        ContainerSpec::new(&self.user, &self.quota).name
+        crate::runtime::container_name(&self.user, self.quota.profile.as_ref())
     }
 
     /// Who this login's processes run as in the container (`None`: the image's user, root);
     /// what the gateway acts as on paths the user controls.
     pub fn identity(&self) -> Option<crate::runtime::Identity> {
-        ContainerSpec::new(&self.user, &self.quota).identity()
+        self.identity.clone().ok().flatten()
+    }
+
+    /// The spec of this login's container.
+    pub fn spec(&self) -> ContainerSpec {
+        ContainerSpec::new(&self.user, &self.quota, self.identity().as_ref())
     }
 }
 
@@ -104,7 +114,10 @@ pub async fn start_container(
     if let Some(refusal) = &login.denied {
         return Err(refusal.clone().into());
     }
-    let spec = ContainerSpec::new(&login.user, &login.quota);
+    if let Err(e) = &login.identity {
+        return Err(e.clone().into());
+    }
+    let spec = login.spec();
     ctx.gpus
         .ensure_running(ctx.runtime.as_ref(), spec, &login.quota.gpus)
         .await

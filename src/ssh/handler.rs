@@ -184,6 +184,11 @@ impl ConnectionHandler {
             return Self::publickey_only();
         }
         let (quota, denied) = crate::session::login_quota(&self.ctx, &user, profile.as_ref());
+        let config = self.ctx.config.borrow().clone();
+        let identity = self.ctx.identities.resolve(&user, &quota, &config).await;
+        if let Err(e) = &identity {
+            warn!(conn = self.conn, user = %user, "login has no identity to run as: {e}");
+        }
         self.span.record("user", user.as_str());
         let _e = self.span.enter();
         metrics().login("accepted");
@@ -207,6 +212,7 @@ impl ConnectionHandler {
             stats: Arc::default(),
             gone: self.gone.clone(),
             opening: Arc::default(),
+            identity,
         });
         self.registration = Some(self.ctx.connections.register(
             ConnectionInfo {

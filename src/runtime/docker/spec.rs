@@ -129,6 +129,8 @@ pub fn create_body(spec: &ContainerSpec, network: &str) -> ContainerCreateBody {
             privileged: Some(false),
             security_opt: Some(vec!["no-new-privileges".into()]),
             cap_drop: Some(DROPPED_CAPABILITIES.map(str::to_owned).to_vec()),
+            group_add: (!spec.groups.is_empty())
+                .then(|| spec.groups.iter().map(u32::to_string).collect()),
             publish_all_ports: Some(false),
             port_bindings: None,
             network_mode: Some(network.to_owned()),
@@ -169,6 +171,9 @@ struct Settings {
     shm: Option<u64>,
     env: std::collections::BTreeMap<String, String>,
     user: Option<(u32, u32)>,
+    /// Supplementary groups; absent from labels written before they existed (and when none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    groups: Vec<u32>,
 }
 
 impl Settings {
@@ -192,6 +197,7 @@ impl Settings {
             shm: spec.shm.map(|s| s.0),
             env: spec.env.clone(),
             user: spec.uid_gid,
+            groups: spec.groups.clone(),
         }
     }
 }
@@ -218,7 +224,7 @@ pub fn changed_settings(label: &str, spec: &ContainerSpec) -> Vec<&'static str> 
     if old.env != new.env {
         changed.push("env");
     }
-    if old.user != new.user {
+    if old.user != new.user || old.groups != new.groups {
         changed.push("uid");
     }
     changed
@@ -260,6 +266,7 @@ mod tests {
             shell: None,
             env: [("OMP_NUM_THREADS".to_string(), "2".to_string())].into(),
             uid_gid: Some((1000, 100)),
+            groups: vec![],
             gpus: vec![],
         }
     }
