@@ -90,10 +90,8 @@ pub async fn serve(
         config: config_rx,
         runtime,
         gpus,
-        namespaces: tokio::sync::OnceCell::new(),
         connections: Arc::default(),
         idle: Default::default(),
-        direct_refused: Default::default(),
         pending: Arc::default(),
         identities: Arc::default(),
     });

@@ -9,6 +9,8 @@
 //! - `labgate-relay resolve NAME`: print the container's addresses for `NAME`, one a line;
 //! - `labgate-relay listen DIR NAME`: a private unix socket whose connections the gateway takes
 //!   over one by one (agent forwarding, see [`listen`]);
+//! - `labgate-relay listen-tcp DIR ADDR PORT`: a TCP listener inside the container whose
+//!   connections the gateway takes over the same way (`-R`);
 //! - `labgate-relay serve DIR -- ARGV...`: run `ARGV` (the sftp server) on the one connection
 //!   the gateway makes to a private unix socket in `DIR` (see [`serve`]).
 //!
@@ -26,7 +28,7 @@ mod listen;
 mod serve;
 
 /// A connected socket of either kind.
-trait Socket: Read + Write + Send + 'static {
+pub(crate) trait Socket: Read + Write + Send + 'static {
     fn try_clone_box(&self) -> io::Result<Box<dyn Socket>>;
     fn shutdown_write(&self) -> io::Result<()>;
 }
@@ -66,7 +68,7 @@ fn connect(args: &[String]) -> io::Result<Box<dyn Socket>> {
         _ => Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "usage: labgate-relay tcp ADDR PORT | unix PATH | resolve NAME | listen DIR NAME \
-             | serve DIR -- ARGV...",
+             | listen-tcp DIR ADDR PORT | serve DIR -- ARGV...",
         )),
     }
 }
@@ -89,10 +91,21 @@ fn main() -> ExitCode {
             }
         };
     }
-    if let [kind, dir, name] = args.as_slice()
-        && kind == "listen"
-    {
-        return match listen::run(std::path::Path::new(dir), name) {
+    let bind = match args.as_slice() {
+        [kind, dir, name] if kind == "listen" => Some((dir, listen::Bind::Unix(name.clone()))),
+        [kind, dir, addr, port] if kind == "listen-tcp" => {
+            match (addr.parse::<std::net::IpAddr>(), port.parse::<u16>()) {
+                (Ok(ip), Ok(port)) => Some((dir, listen::Bind::Tcp((ip, port).into()))),
+                _ => {
+                    eprintln!("error: listen-tcp: bad address or port");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        _ => None,
+    };
+    if let Some((dir, bind)) = bind {
+        return match listen::run(std::path::Path::new(dir), bind) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e}");
@@ -143,7 +156,8 @@ fn main() -> ExitCode {
     }
     // The target has closed its side. Exiting closes stdout, which the gateway turns into an
     // EOF for the client; anything the client still sends has nowhere to go (std alone cannot
-    // close fd 1 while the process lives on).
+    // close fd 1 while the process lives on: a client that half-closes before its answer
+    // arrives, `nc </dev/null`, loses the answer on this path).
     drop(up);
     ExitCode::SUCCESS
 }

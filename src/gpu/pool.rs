@@ -547,6 +547,13 @@ mod tests {
         async fn exec(&self, _: &ContainerHandle, _: ExecRequest) -> Result<Exec, RuntimeError> {
             Err(RuntimeError::Exec("fake".into()))
         }
+        async fn reach(
+            self: Arc<Self>,
+            _: &ContainerHandle,
+            _: crate::runtime::reach::Reacher,
+        ) -> Arc<dyn crate::runtime::reach::Reach> {
+            unreachable!("the GPU pool never reaches into containers")
+        }
         async fn list_managed(&self) -> Result<Vec<ManagedContainer>, RuntimeError> {
             Ok(Vec::new())
         }

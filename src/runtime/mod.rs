@@ -6,9 +6,7 @@
 //! user's quota; [`docker`] turns it into Engine API calls.
 
 pub mod docker;
-pub mod hostpath;
-pub mod process;
-pub mod rootfs;
+pub mod reach;
 
 use std::collections::BTreeMap;
 use std::io;
@@ -351,7 +349,7 @@ pub enum RuntimeError {
     /// A bind source (the home, a mount) failed its check: the user gets one line, the log
     /// the path.
     #[error("refused to start your container: {}", .0.user_line())]
-    Unsafe(hostpath::Refused),
+    Unsafe(docker::hostpath::Refused),
     /// The GPUs the quota asks for cannot be given (none free, no NVML, no GPU runtime).
     #[error(transparent)]
     Gpu(#[from] crate::gpu::GpuError),
@@ -390,6 +388,14 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// Finds or creates the container of `spec.user` and makes sure it runs. Safe to call
     /// concurrently for the same user: exactly one container results.
     async fn ensure_running(&self, spec: &ContainerSpec) -> Result<ContainerHandle, RuntimeError>;
+
+    /// The way into the running `container` for `who`: forwards, agent sockets, name
+    /// lookups and the stdio fast path of commands go through it (see [`reach`]).
+    async fn reach(
+        self: std::sync::Arc<Self>,
+        container: &ContainerHandle,
+        who: reach::Reacher,
+    ) -> std::sync::Arc<dyn reach::Reach>;
 
     /// Starts a process in a running container.
     async fn exec(

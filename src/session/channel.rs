@@ -481,7 +481,7 @@ async fn start(
     // Byte streams without a terminal (sftp; scp, rsync, git and any piped command) go over a
     // socket, not the engine's exec stream, where that can be had.
     let mut exec = if setup.pty.is_none() || matches!(program, Program::Subsystem(_)) {
-        super::direct::start(ctx, container, req).await?
+        login.reach(ctx, container).await.start_stdio(req).await?
     } else {
         ctx.runtime.exec(container, req).await?
     };
@@ -598,9 +598,13 @@ async fn pump_output(
         Err(e) => {
             warn!("exit status unknown: {e}");
             let end = if tty { "\r\n" } else { "\n" };
-            let line = format!(
-                "labgate: lost contact with the container engine; the session ended ({e}){end}"
-            );
+            let line = match e {
+                // The container died under the process (or before it could run).
+                RuntimeError::Start(_) => format!("labgate: {e}{end}"),
+                e => format!(
+                    "labgate: lost contact with the container engine; the session ended ({e}){end}"
+                ),
+            };
             let _ = stderr.write_all(line.as_bytes()).await;
             let _ = stderr.flush().await;
             None

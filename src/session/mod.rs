@@ -8,7 +8,6 @@
 //! the [`ContainerRuntime`], and carries bytes, resizes, signals, EOF and the exit status.
 
 pub mod channel;
-pub mod direct;
 pub mod idle;
 pub mod limits;
 pub mod progress;
@@ -32,15 +31,10 @@ pub struct Context {
     pub runtime: Arc<dyn ContainerRuntime>,
     /// The host's GPUs and who holds them; every container start goes through it.
     pub gpus: Arc<crate::gpu::pool::GpuPool>,
-    /// Whether this gateway may enter containers' namespaces (probed once, by the first
-    /// forward); when not, forwards go through the relay exec.
-    pub namespaces: tokio::sync::OnceCell<bool>,
     /// The live connections.
     pub connections: Arc<registry::Connections>,
     /// When each running container became idle (for idle stop and `labgate status`).
     pub idle: idle::IdleTimers,
-    /// Containers whose direct path failed once (they use the exec stream).
-    pub direct_refused: direct::Refusals,
     /// Forwards being opened, per user (bounded: see [`crate::forward::pending`]).
     pub pending: Arc<crate::forward::pending::PendingOpens>,
     /// Resolves logins' identities (`uid = "host"`, `"auto"`).
@@ -87,6 +81,24 @@ impl Login {
     /// what the gateway acts as on paths the user controls.
     pub fn identity(&self) -> Option<crate::runtime::Identity> {
         self.identity.clone().ok().flatten()
+    }
+
+    /// Who the way into the container acts for: this login's identity, home and end.
+    pub fn reacher(&self) -> crate::runtime::reach::Reacher {
+        crate::runtime::reach::Reacher {
+            identity: self.identity(),
+            home: format!("/home/{}", self.user),
+            gone: self.gone.clone(),
+        }
+    }
+
+    /// The way into `container` for this login.
+    pub async fn reach(
+        &self,
+        ctx: &Context,
+        container: &ContainerHandle,
+    ) -> Arc<dyn crate::runtime::reach::Reach> {
+        ctx.runtime.clone().reach(container, self.reacher()).await
     }
 
     /// The spec of this login's container.

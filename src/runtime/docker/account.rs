@@ -11,7 +11,7 @@
 //! root needs no entry.
 //!
 //! The files are written from the host through the container's root
-//! ([`crate::runtime::rootfs::add_account_lines_in`]: no exec, whose 40 ms would fall on the
+//! ([`super::rootfs::add_account_lines_in`]: no exec, whose 40 ms would fall on the
 //! first login) where the gateway may look into containers; else, or when a file is missing,
 //! by a shell script run as root in the container.
 
@@ -21,7 +21,7 @@ use std::sync::Mutex;
 use bollard::Docker;
 use bollard::exec::CreateExecOptions;
 
-use crate::runtime::rootfs::{AccountLine, add_account_lines_in};
+use super::rootfs::{AccountLine, add_account_lines_in};
 use crate::runtime::{ContainerSpec, ExitStatus, RuntimeError};
 
 /// Adds the entries missing for `$2` (uid) and `$3` (gid). Shell built-ins only (no `grep`

@@ -23,7 +23,7 @@ use tokio::net::UnixStream;
 use tokio_util::codec::{Decoder, FramedRead};
 use tokio_util::io::ReaderStream;
 
-use crate::runtime::process::HostProcess;
+use super::process::HostProcess;
 use crate::runtime::{Exec, ExecControl, ExecOutput, ExitStatus, RuntimeError, TtySize};
 
 /// Starts exec `exec_id` attached, over a fresh connection to `socket`, and returns its
@@ -207,6 +207,22 @@ impl ExecControl for DockerExecControl {
                 .map_err(|e| RuntimeError::Engine(e.to_string()))?;
             if info.running != Some(true) {
                 let code = info.exit_code.unwrap_or(255);
+                // 126/127 from the engine itself: the exec could not run, which a container
+                // that died right after starting (no shell in the image) also causes when
+                // the exec slipped in before its death. Say what really happened.
+                if matches!(code, 126 | 127)
+                    && let Some(id) = info.container_id.as_deref()
+                    && let Ok(container) = self
+                        .docker
+                        .inspect_container(
+                            id,
+                            None::<bollard::query_parameters::InspectContainerOptions>,
+                        )
+                        .await
+                    && let Some(dead) = super::ended(&container)
+                {
+                    return Err(dead);
+                }
                 let delivered = self.delivered.load(Ordering::SeqCst);
                 if delivered > 0 && code == 128 + i64::from(delivered) {
                     return Ok(ExitStatus::Signal(delivered));

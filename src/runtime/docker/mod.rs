@@ -3,10 +3,17 @@
 //! per-user locks so concurrent first logins create exactly one container.
 
 mod account;
+mod direct;
 pub mod exec;
 mod gpus;
+pub mod hostpath;
+pub mod netns;
 pub mod prepull;
+pub mod process;
 pub mod pull;
+mod reach;
+mod relay;
+pub mod rootfs;
 pub mod spec;
 
 use std::collections::HashMap;
@@ -26,14 +33,14 @@ use bollard::query_parameters::{
 use tokio::sync::OnceCell;
 
 use crate::auth::Username;
-use crate::config::DockerConfig;
+use crate::config::{DockerConfig, ForwardVia};
 use crate::config::{PullPolicy, RegistryAuth};
-use crate::runtime::hostpath::{self, Checked, Refused};
 use crate::runtime::{
     ContainerHandle, ContainerRuntime, ContainerSpec, EnsureOutcome, Exec, ExecRequest, LABEL_GPUS,
     LABEL_IMAGE, LABEL_MANAGED, LABEL_PROFILE, LABEL_SETTINGS, LABEL_USER, ManagedContainer,
     PullEvent, RuntimeError,
 };
+use hostpath::{Checked, Refused};
 
 /// How long an exec's processes get between SIGHUP and SIGKILL after a hangup.
 const HANGUP_GRACE: Duration = Duration::from_secs(2);
@@ -67,6 +74,13 @@ pub struct DockerRuntime {
     puller: Arc<pull::Puller>,
     /// Progress of the pulls container starts wait for (see [`ContainerRuntime::pull_events`]).
     pull_events: tokio::sync::broadcast::Sender<PullEvent>,
+    /// How the way in ([`reach`]) gets into containers.
+    forward_via: ForwardVia,
+    /// Whether this gateway may enter containers' namespaces (probed once, by the first way
+    /// in that would); when not, ways in use the relay exec.
+    namespaces: OnceCell<bool>,
+    /// Containers whose direct path failed once (their commands use the exec stream).
+    direct_refused: direct::Refusals,
 }
 
 impl DockerRuntime {
@@ -87,6 +101,9 @@ impl DockerRuntime {
             network_id: OnceCell::new(),
             puller: Arc::default(),
             pull_events: tokio::sync::broadcast::channel(1024).0,
+            forward_via: cfg.forward_via,
+            namespaces: OnceCell::new(),
+            direct_refused: direct::Refusals::default(),
         }
     }
 
@@ -553,8 +570,7 @@ impl DockerRuntime {
         {
             return Ok(s.clone());
         }
-        let bash = match pid.and_then(|pid| crate::runtime::rootfs::executable_in(pid, "/bin/bash"))
-        {
+        let bash = match pid.and_then(|pid| rootfs::executable_in(pid, "/bin/bash")) {
             Some(bash) => bash,
             None => self.probe_bash(docker, id).await?,
         };
@@ -603,7 +619,7 @@ fn sized_terminal(size: crate::runtime::TtySize, argv: &[String]) -> Vec<String>
     out
 }
 
-/// Checks every bind source of `spec` on the host (see [`crate::runtime::hostpath`]): the
+/// Checks every bind source of `spec` on the host (see [`hostpath`]): the
 /// home, made if missing, and the admin's mounts. A refusal is logged with its path for the
 /// admin; the user is told one line.
 async fn check_binds(spec: &ContainerSpec) -> Result<Vec<Checked>, RuntimeError> {
@@ -819,6 +835,20 @@ impl ContainerRuntime for DockerRuntime {
 
     fn pull_events(&self) -> tokio::sync::broadcast::Receiver<PullEvent> {
         self.pull_events.subscribe()
+    }
+
+    async fn reach(
+        self: Arc<Self>,
+        container: &ContainerHandle,
+        who: crate::runtime::reach::Reacher,
+    ) -> Arc<dyn crate::runtime::reach::Reach> {
+        let pid = self.way_in(container).await;
+        Arc::new(reach::DockerReach {
+            runtime: self,
+            container: container.clone(),
+            who,
+            pid,
+        })
     }
 
     async fn exec(

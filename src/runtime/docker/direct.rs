@@ -8,7 +8,7 @@
 //! the user's) in the container's `/tmp` with a socket in it, says `ready`, accepts one
 //! connection, removes `DIR` and `exec`s the sftp server with stdin/stdout on that connection.
 //! The gateway connects from inside the container's mount namespace
-//! ([`crate::forward::netns::connect_unix_owned`]) and hands the session a [`Exec`] whose
+//! ([`super::netns::connect_unix_owned`]) and hands the session a [`Exec`] whose
 //! stdin and stdout are the socket and whose stderr, exit status, signals and hangup are the
 //! exec's, so the channel task serves it like any other process.
 //!
@@ -26,10 +26,9 @@ use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 
-use tracing::{debug, warn};
+use tracing::debug;
 
-use super::Context;
-use crate::forward::netns;
+use super::netns;
 use crate::runtime::{
     ContainerHandle, ContainerRuntime, Exec, ExecOutput, ExecRequest, RELAY_PATH, RuntimeError,
 };
@@ -73,49 +72,20 @@ impl Refusals {
     /// Ids remembered at most; past it the set starts again (a stale id costs one attempt).
     const LIMIT: usize = 4096;
 
-    fn contains(&self, id: &str) -> bool {
+    pub(super) fn contains(&self, id: &str) -> bool {
         self.0
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .contains(id)
     }
 
-    fn insert(&self, id: &str) {
+    pub(super) fn insert(&self, id: &str) {
         let mut ids = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if ids.len() >= Self::LIMIT {
             ids.clear();
         }
         ids.insert(id.to_owned());
     }
-}
-
-/// Starts `req` (a subsystem, or a program without a terminal) on the direct path where it
-/// can be used (the gateway enters containers' namespaces, the relay is installed and has not
-/// failed in this container), else, or when that fails, on the exec stream as any process.
-pub async fn start(
-    ctx: &Context,
-    container: &ContainerHandle,
-    req: ExecRequest,
-) -> Result<Exec, RuntimeError> {
-    let relay = ctx.config.borrow().docker.relay_helper.is_file();
-    if relay
-        && !ctx.direct_refused.contains(&container.id)
-        && let Some(pid) = crate::forward::way_in(ctx, container).await
-    {
-        match exec(ctx.runtime.as_ref(), container, pid, req.clone()).await {
-            Ok(exec) => {
-                debug!("on the direct path (a socket into the container)");
-                return Ok(exec);
-            }
-            Err(e) => {
-                if matches!(e, DirectError::NotReady(_)) {
-                    ctx.direct_refused.insert(&container.id);
-                }
-                warn!(error = %e, "direct path not available: using the exec stream")
-            }
-        }
-    }
-    ctx.runtime.exec(container, req).await
 }
 
 /// The argv that serves `argv` on a socket in `dir`.

@@ -15,11 +15,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 use tokio_util::io::StreamReader;
 
-use super::ForwardError;
+use crate::runtime::reach::{ReachError, Reacher};
 use crate::runtime::{
     ContainerHandle, ContainerRuntime, ExecControl, ExecOutput, ExecRequest, RELAY_PATH,
 };
-use crate::session::{Context, Login};
 
 type Output = futures::stream::BoxStream<'static, io::Result<ExecOutput>>;
 type StdoutReader = StreamReader<futures::stream::BoxStream<'static, io::Result<Bytes>>, Bytes>;
@@ -69,13 +68,13 @@ impl AsyncWrite for RelayStream {
 /// within `deadline`: a relay that takes longer (a resolver the user pointed at a black hole)
 /// is hung up.
 async fn run_to_end(
-    ctx: &Context,
-    login: &Login,
+    runtime: &dyn ContainerRuntime,
+    who: &Reacher,
     container: &ContainerHandle,
     args: &[String],
     deadline: Instant,
-) -> Result<(String, String), ForwardError> {
-    let (mut output, _stdin, control) = start(ctx, login, container, args).await?;
+) -> Result<(String, String), ReachError> {
+    let (mut output, _stdin, control) = start(runtime, who, container, args).await?;
     let mut abandon = Abandon(Some(control));
     let (mut out, mut err) = (Vec::new(), Vec::new());
     let collect = async {
@@ -85,9 +84,9 @@ async fn run_to_end(
                 ExecOutput::Stderr(b) => err.extend_from_slice(&b),
             }
         }
-        Ok::<_, ForwardError>(())
+        Ok::<_, ReachError>(())
     };
-    within(deadline, &login.gone, "the relay", collect).await??;
+    within(deadline, &who.gone, "the relay", collect).await??;
     abandon.0 = None;
     Ok((
         String::from_utf8_lossy(&out).into_owned(),
@@ -113,15 +112,15 @@ async fn within<T>(
     gone: &tokio_util::sync::CancellationToken,
     what: &str,
     work: impl std::future::Future<Output = T>,
-) -> Result<T, ForwardError> {
+) -> Result<T, ReachError> {
     tokio::select! {
         r = tokio::time::timeout_at(deadline, work) => r.map_err(|_| {
-            ForwardError::Io(io::Error::new(
+            ReachError::Io(io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!("{what}: no answer in time"),
             ))
         }),
-        () = gone.cancelled() => Err(ForwardError::Io(io::Error::new(
+        () = gone.cancelled() => Err(ReachError::Io(io::Error::new(
             io::ErrorKind::ConnectionAborted,
             "the client went away",
         ))),
@@ -134,29 +133,21 @@ type Started = (
     Arc<dyn ExecControl>,
 );
 
+/// Starts `labgate-relay ARGS...` in `container` as `who`, in their home.
 async fn start(
-    ctx: &Context,
-    login: &Login,
-    container: &ContainerHandle,
-    args: &[String],
-) -> Result<Started, ForwardError> {
-    start_via(ctx.runtime.as_ref(), login, container, args).await
-}
-
-async fn start_via(
     runtime: &dyn ContainerRuntime,
-    login: &Login,
+    who: &Reacher,
     container: &ContainerHandle,
     args: &[String],
-) -> Result<Started, ForwardError> {
+) -> Result<Started, ReachError> {
     let mut argv = vec![RELAY_PATH.to_owned()];
     argv.extend(args.iter().cloned());
     let req = ExecRequest {
         argv,
         env: Vec::new(),
         tty: None,
-        user: login.identity().map(|id| (id.uid, id.gid)),
-        workdir: format!("/home/{}", login.user),
+        user: who.identity.as_ref().map(|id| (id.uid, id.gid)),
+        workdir: who.home.clone(),
     };
     let exec = runtime.exec(container, req).await?;
     Ok((exec.output, exec.stdin, Arc::from(exec.control)))
@@ -164,15 +155,15 @@ async fn start_via(
 
 /// The container's addresses for `name`, as its own resolver answers (by `deadline`).
 pub async fn resolve(
-    ctx: &Context,
-    login: &Login,
+    runtime: &dyn ContainerRuntime,
+    who: &Reacher,
     container: &ContainerHandle,
     name: &str,
     deadline: Instant,
-) -> Result<Vec<std::net::IpAddr>, ForwardError> {
+) -> Result<Vec<std::net::IpAddr>, ReachError> {
     let (out, _err) = run_to_end(
-        ctx,
-        login,
+        runtime,
+        who,
         container,
         &["resolve".to_owned(), name.to_owned()],
         deadline,
@@ -180,40 +171,28 @@ pub async fn resolve(
     .await?;
     let ips: Vec<_> = out.lines().filter_map(|l| l.trim().parse().ok()).collect();
     if ips.is_empty() {
-        Err(ForwardError::Resolve(name.to_owned()))
+        Err(ReachError::Resolve(name.to_owned()))
     } else {
         Ok(ips)
     }
 }
 
-/// Connects through the relay (`tcp ADDR PORT` or `unix PATH`); returns once the relay said
-/// `connected`, or the reason it could not, or that it did not say by `deadline` (then the
-/// relay is hung up).
+/// Connects through the relay (`tcp ADDR PORT` or `unix PATH`) as `who`; returns once the
+/// relay said `connected`, or the reason it could not, or that it did not say by `deadline`
+/// (then the relay is hung up).
 pub async fn connect(
-    ctx: &Context,
-    login: &Login,
-    container: &ContainerHandle,
-    args: Vec<String>,
-    deadline: Instant,
-) -> Result<RelayStream, ForwardError> {
-    connect_via(ctx.runtime.as_ref(), login, container, args, deadline).await
-}
-
-/// [`connect`] with the backend given directly (for tasks that outlive the session's borrow
-/// of the [`Context`]).
-pub async fn connect_via(
     runtime: &dyn ContainerRuntime,
-    login: &Login,
+    who: &Reacher,
     container: &ContainerHandle,
     args: Vec<String>,
     deadline: Instant,
-) -> Result<RelayStream, ForwardError> {
-    let (mut output, stdin, control) = start_via(runtime, login, container, &args).await?;
+) -> Result<RelayStream, ReachError> {
+    let (mut output, stdin, control) = start(runtime, who, container, &args).await?;
     let mut abandon = Abandon(Some(control.clone()));
     let (line, early_stdout) =
-        within(deadline, &login.gone, "the relay", status_line(&mut output)).await??;
+        within(deadline, &who.gone, "the relay", status_line(&mut output)).await??;
     if line != "connected" {
-        return Err(ForwardError::Io(io::Error::new(
+        return Err(ReachError::Io(io::Error::new(
             io::ErrorKind::ConnectionRefused,
             refusal(&line),
         )));
@@ -236,7 +215,7 @@ pub async fn connect_via(
 
 /// A `labgate-relay listen DIR NAME` exec: a private unix socket in the container whose
 /// connections are handed over one by one (`conn N` on its stdout; the gateway then connects
-/// to `DIR/.N` with [`connect_via`]). Dropping it closes the relay's stdin, on which it
+/// to `DIR/.N` with [`connect`]). Dropping it closes the relay's stdin, on which it
 /// removes `DIR` and exits; one that does not is hung up.
 pub struct RelayListener {
     output: Output,
@@ -252,13 +231,48 @@ const LISTENER_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 /// Starts `labgate-relay listen DIR NAME` as the user; returns once it said `listening`.
 pub async fn listen(
     runtime: &dyn ContainerRuntime,
-    login: &Login,
+    who: &Reacher,
     container: &ContainerHandle,
     dir: &str,
     name: &str,
-) -> Result<RelayListener, ForwardError> {
+) -> Result<RelayListener, ReachError> {
     let args = ["listen".to_owned(), dir.to_owned(), name.to_owned()];
-    let (mut output, stdin, control) = start_via(runtime, login, container, &args).await?;
+    Ok(listen_with(runtime, who, container, &args).await?.0)
+}
+
+/// Starts `labgate-relay listen-tcp DIR ADDR PORT` as the user (`-R` on the exec path);
+/// returns once it said `listening PORT`, with that (bound) port.
+pub async fn listen_tcp(
+    runtime: &dyn ContainerRuntime,
+    who: &Reacher,
+    container: &ContainerHandle,
+    dir: &str,
+    addr: std::net::SocketAddr,
+) -> Result<(RelayListener, u16), ReachError> {
+    let args = [
+        "listen-tcp".to_owned(),
+        dir.to_owned(),
+        addr.ip().to_string(),
+        addr.port().to_string(),
+    ];
+    let (listener, rest) = listen_with(runtime, who, container, &args).await?;
+    let port = rest.trim().parse().map_err(|_| {
+        ReachError::Io(io::Error::other(format!(
+            "the relay said it listens on {rest:?}"
+        )))
+    })?;
+    Ok((listener, port))
+}
+
+/// Starts a listening relay with `args`; returns once it said `listening`, with what
+/// followed that word on its line.
+async fn listen_with(
+    runtime: &dyn ContainerRuntime,
+    who: &Reacher,
+    container: &ContainerHandle,
+    args: &[String],
+) -> Result<(RelayListener, String), ReachError> {
+    let (mut output, stdin, control) = start(runtime, who, container, args).await?;
     let (line, early_stdout) = status_line(&mut output).await?;
     let listener = RelayListener {
         output,
@@ -266,15 +280,15 @@ pub async fn listen(
         stdin: Some(stdin),
         control,
     };
-    if line != "listening" {
-        return Err(ForwardError::Io(io::Error::other(refusal(&line))));
+    match line.strip_prefix("listening") {
+        Some(rest) => Ok((listener, rest.to_owned())),
+        None => Err(ReachError::Io(io::Error::other(refusal(&line)))),
     }
-    Ok(listener)
 }
 
 /// Reads the relay's first status line (its stderr: `connected`, `listening`, `error: ...`),
 /// keeping what it wrote on stdout meanwhile; the whole stderr trimmed if it ended first.
-async fn status_line(output: &mut Output) -> Result<(String, Vec<Bytes>), ForwardError> {
+async fn status_line(output: &mut Output) -> Result<(String, Vec<Bytes>), ReachError> {
     let mut status = Vec::new();
     let mut early_stdout = Vec::new();
     let line = loop {
@@ -302,18 +316,16 @@ fn refusal(line: &str) -> String {
 }
 
 impl RelayListener {
-    /// The number of the next connection to take over; `None` once the relay has ended.
-    pub async fn next_connection(&mut self) -> Option<u64> {
+    /// The number of the next connection to take over, and where it came from when the
+    /// relay said (TCP); `None` once the relay has ended.
+    pub async fn next_connection(&mut self) -> Option<(u64, Option<std::net::SocketAddr>)> {
         loop {
             while let Some(pos) = self.pending.iter().position(|c| *c == b'\n') {
                 let line: Vec<u8> = self.pending.drain(..=pos).collect();
                 let text = String::from_utf8_lossy(&line);
-                if let Some(n) = text
-                    .trim()
-                    .strip_prefix("conn ")
-                    .and_then(|n| n.parse().ok())
-                {
-                    return Some(n);
+                let mut words = text.trim().strip_prefix("conn ").unwrap_or("").split(' ');
+                if let Some(n) = words.next().and_then(|n| n.parse().ok()) {
+                    return Some((n, words.next().and_then(|p| p.parse().ok())));
                 }
             }
             match self.output.next().await? {

@@ -299,14 +299,15 @@ pub async fn connect_unix_owned(
 pub async fn bind_unix(
     pid: i32,
     dir: PathBuf,
-    name: &'static str,
+    name: &str,
     who: Option<&Identity>,
 ) -> io::Result<tokio::net::UnixListener> {
+    let name = name.to_owned();
     let listener = in_namespace(pid, Namespace::Mount, who, move || {
         use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
         std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
         let made = (|| {
-            let path = dir.join(name);
+            let path = dir.join(&name);
             let listener = std::os::unix::net::UnixListener::bind(&path)?;
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
             Ok(listener)
