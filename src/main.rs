@@ -250,6 +250,7 @@ fn check(path: &std::path::Path) -> ExitCode {
         }
     }
     warn_unreadable_registry_secrets(&config);
+    report_helpers(&config);
     for (table, home, source) in config.homes_under_writable_mounts() {
         eprintln!(
             "{}: warning: {table} home {home:?} lies under the writable mount source {}: users who can write there could replace a home with a symlink (labgate refuses to start such a container; keep homes outside writable mounts)",
@@ -267,6 +268,60 @@ fn check(path: &std::path::Path) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+/// `labgate check` on the helpers: which were found (stdout), and a warning naming what is
+/// lost for each one missing or dynamically linked. Neither fails the check: the gateway runs
+/// without them, degraded.
+fn report_helpers(config: &config::Config) {
+    let docker = &config.docker;
+    let helpers = [
+        (
+            &docker.relay_helper,
+            config::helpers::RELAY,
+            "relay_helper",
+            "no direct path: sessions without a terminal (scp, rsync, git, sftp) go through the engine's exec stream, and forwards fail where the gateway cannot enter containers' namespaces (forward_via = \"exec\")",
+        ),
+        (
+            &docker.sftp_helper,
+            config::helpers::SFTP,
+            "sftp_helper",
+            "images without their own sftp-server get no sftp (nor scp, which speaks sftp)",
+        ),
+    ];
+    let file = config.source.display();
+    for (helper, name, key, without) in helpers {
+        if !helper.found {
+            if helper.origin == config::helpers::Origin::Configured {
+                eprintln!(
+                    "{file}: warning: [docker] {key} = {:?} does not exist: {without}",
+                    helper.path
+                );
+            } else {
+                let searched: Vec<String> = helper
+                    .searched
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect();
+                eprintln!(
+                    "{file}: warning: no {name} helper (looked for {}): {without}",
+                    searched.join(", ")
+                );
+            }
+            continue;
+        }
+        println!(
+            "helper {name}: {} ({})",
+            helper.path.display(),
+            helper.origin
+        );
+        if config::helpers::is_dynamically_linked(&helper.path) == Some(true) {
+            eprintln!(
+                "{file}: warning: helper {} is dynamically linked: it runs only in images whose C library suits it (elsewhere: {without}); build it static as scripts/deb does",
+                helper.path.display()
+            );
+        }
     }
 }
 

@@ -425,6 +425,17 @@ fn shipped_configs_parse() {
     assert_eq!(demo.defaults.home_for(&user("demo")), dir.join("home/demo"));
 }
 
+#[test]
+fn a_configured_helper_is_resolved_against_the_config_directory() {
+    let cfg = ok("[docker]\nrelay_helper = \"helpers/relay\"\n\n[defaults]\nimage = \"busybox\"\n");
+    assert_eq!(
+        cfg.docker.relay_helper.path,
+        Path::new("/etc/labgate/helpers/relay")
+    );
+    assert_eq!(cfg.docker.relay_helper.origin, helpers::Origin::Configured);
+    assert!(!cfg.docker.relay_helper.found);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Errors: position and message.
 

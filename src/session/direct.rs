@@ -97,7 +97,7 @@ pub async fn start(
     container: &ContainerHandle,
     req: ExecRequest,
 ) -> Result<Exec, RuntimeError> {
-    let relay = ctx.config.borrow().docker.relay_helper.is_file();
+    let relay = ctx.config.borrow().docker.relay_helper.path.is_file();
     if relay
         && !ctx.direct_refused.contains(&container.id)
         && let Some(pid) = crate::forward::way_in(ctx, container).await
