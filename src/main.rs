@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 use hyper::Method;
 use labgate::admin::client;
 use labgate::auth::KeyStore;
@@ -14,9 +14,26 @@ use tracing_subscriber::Layer as _;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `labgate --version`: the crate's version and the commit it was built from (build.rs).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("LABGATE_COMMIT"),
+    ")"
+);
+
+/// What `--help` and the man page add after the commands: where the files are.
+const FILES: &str = "\
+Files (as the Debian package installs them):
+  /etc/labgate/labgate.toml   the config (`labgate check` validates it)
+  /etc/labgate/keys/NAME.pub  one file per user: their public keys
+  /var/lib/labgate            the host key and the users' homes
+  /usr/lib/labgate            the helpers bind-mounted into containers (labgate-relay, labgate-sftp)
+  /var/log/labgate            the audit log";
+
 /// An SSH gateway that gives every lab member their own container.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version = VERSION, about, after_long_help = FILES)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -78,6 +95,18 @@ enum Command {
         #[arg(long, default_value = "/var/run/docker.sock")]
         docker: String,
     },
+    /// Print the shell completion script for SHELL, e.g.
+    /// `labgate completions bash > /etc/bash_completion.d/labgate`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (labgate.1 and one per command) into DIR.
+    #[command(hide = true)]
+    Man {
+        /// Directory to write them into (created if missing).
+        dir: PathBuf,
+    },
 }
 
 /// How an admin command finds the running gateway.
@@ -125,6 +154,29 @@ fn main() -> ExitCode {
         .init();
     match cli.command {
         Command::Check { config } => check(&config),
+        Command::Completions { shell } => {
+            // Into memory first: a closed stdout is an error to report, not a panic.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "labgate", &mut script);
+            match std::io::Write::write_all(&mut std::io::stdout(), &script) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("labgate: cannot write the completion script: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Man { dir } => {
+            match std::fs::create_dir_all(&dir)
+                .and_then(|()| clap_mangen::generate_to(Cli::command(), &dir))
+            {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("labgate: cannot write man pages to {}: {e}", dir.display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Gpus { admin } => run(async move {
             let socket = admin.socket()?;
             match client::request(&socket, Method::GET, "/gpus").await {
