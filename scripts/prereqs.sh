@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs and starts what labgate's demo and tests need on a fresh Debian machine:
 # the OpenSSH client, a static busybox (the demo/test image is built from it, no registry
-# needed), a registry for the image tests (docker-registry, htpasswd) and a running Docker
-# Engine. Safe to run again: it only acts on what is missing.
+# needed), a registry for the image tests (docker-registry, htpasswd), dpkg-dev for the
+# package test and a running Docker Engine. Safe to run again: it only acts on what is missing.
 set -euo pipefail
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -22,6 +22,9 @@ command -v git >/dev/null 2>&1 || missing+=(git)
 # The image tests run a real registry on a loopback port, some with basic auth (bcrypt htpasswd).
 command -v docker-registry >/dev/null 2>&1 || missing+=(docker-registry)
 command -v htpasswd >/dev/null 2>&1 || missing+=(apache2-utils)
+# The package test builds the .deb (scripts/deb: cargo-deb, installed by it from crates.io, and
+# dpkg-shlibdeps) and verifies its unit with systemd-analyze where systemd is installed.
+command -v dpkg-shlibdeps >/dev/null 2>&1 || missing+=(dpkg-dev)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "prereqs: installing ${missing[*]}" >&2
   as_root apt-get update -qq

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 use hyper::Method;
 use labgate::admin::client;
 use labgate::auth::KeyStore;
@@ -14,9 +14,26 @@ use tracing_subscriber::Layer as _;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `labgate --version`: the crate's version and the commit it was built from (build.rs).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("LABGATE_COMMIT"),
+    ")"
+);
+
+/// What `--help` and the man page add after the commands: where the files are.
+const FILES: &str = "\
+Files (as the Debian package installs them):
+  /etc/labgate/labgate.toml   the config (`labgate check` validates it)
+  /etc/labgate/keys/NAME.pub  one file per user: their public keys
+  /var/lib/labgate            the host key and the users' homes
+  /usr/lib/labgate            the helpers bind-mounted into containers (labgate-relay, labgate-sftp)
+  /var/log/labgate            the audit log";
+
 /// An SSH gateway that gives every lab member their own container.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version = VERSION, about, after_long_help = FILES)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -78,6 +95,18 @@ enum Command {
         #[arg(long, default_value = "/var/run/docker.sock")]
         docker: String,
     },
+    /// Print the shell completion script for SHELL, e.g.
+    /// `labgate completions bash > /etc/bash_completion.d/labgate`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (labgate.1 and one per command) into DIR.
+    #[command(hide = true)]
+    Man {
+        /// Directory to write them into (created if missing).
+        dir: PathBuf,
+    },
 }
 
 /// How an admin command finds the running gateway.
@@ -125,6 +154,29 @@ fn main() -> ExitCode {
         .init();
     match cli.command {
         Command::Check { config } => check(&config),
+        Command::Completions { shell } => {
+            // Into memory first: a closed stdout is an error to report, not a panic.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "labgate", &mut script);
+            match std::io::Write::write_all(&mut std::io::stdout(), &script) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("labgate: cannot write the completion script: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Man { dir } => {
+            match std::fs::create_dir_all(&dir)
+                .and_then(|()| clap_mangen::generate_to(Cli::command(), &dir))
+            {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("labgate: cannot write man pages to {}: {e}", dir.display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Gpus { admin } => run(async move {
             let socket = admin.socket()?;
             match client::request(&socket, Method::GET, "/gpus").await {
@@ -250,6 +302,7 @@ fn check(path: &std::path::Path) -> ExitCode {
         }
     }
     warn_unreadable_registry_secrets(&config);
+    report_helpers(&config);
     for (table, home, source) in config.homes_under_writable_mounts() {
         eprintln!(
             "{}: warning: {table} home {home:?} lies under the writable mount source {}: users who can write there could replace a home with a symlink (labgate refuses to start such a container; keep homes outside writable mounts)",
@@ -267,6 +320,60 @@ fn check(path: &std::path::Path) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+/// `labgate check` on the helpers: which were found (stdout), and a warning naming what is
+/// lost for each one missing or dynamically linked. Neither fails the check: the gateway runs
+/// without them, degraded.
+fn report_helpers(config: &config::Config) {
+    let docker = &config.docker;
+    let helpers = [
+        (
+            &docker.relay_helper,
+            config::helpers::RELAY,
+            "relay_helper",
+            "no direct path: sessions without a terminal (scp, rsync, git, sftp) go through the engine's exec stream, and forwards fail where the gateway cannot enter containers' namespaces (forward_via = \"exec\")",
+        ),
+        (
+            &docker.sftp_helper,
+            config::helpers::SFTP,
+            "sftp_helper",
+            "images without their own sftp-server get no sftp (nor scp, which speaks sftp)",
+        ),
+    ];
+    let file = config.source.display();
+    for (helper, name, key, without) in helpers {
+        if !helper.found {
+            if helper.origin == config::helpers::Origin::Configured {
+                eprintln!(
+                    "{file}: warning: [docker] {key} = {:?} does not exist: {without}",
+                    helper.path
+                );
+            } else {
+                let searched: Vec<String> = helper
+                    .searched
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect();
+                eprintln!(
+                    "{file}: warning: no {name} helper (looked for {}): {without}",
+                    searched.join(", ")
+                );
+            }
+            continue;
+        }
+        println!(
+            "helper {name}: {} ({})",
+            helper.path.display(),
+            helper.origin
+        );
+        if config::helpers::is_dynamically_linked(&helper.path) == Some(true) {
+            eprintln!(
+                "{file}: warning: helper {} is dynamically linked: it runs only in images whose C library suits it (elsewhere: {without}); build it static as scripts/deb does",
+                helper.path.display()
+            );
+        }
     }
 }
 

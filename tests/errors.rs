@@ -259,16 +259,59 @@ fn check(config: &Path) -> Output {
         .unwrap()
 }
 
-/// A directory with `labgate.toml` (text as given) and an empty `keys/`.
+/// A directory with `labgate.toml` (text as given), an empty `keys/` and the two helpers
+/// [`VALID`] names in `helpers/`.
 fn check_dir(config: &str) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("keys")).unwrap();
+    std::fs::create_dir_all(dir.path().join("helpers")).unwrap();
+    for helper in ["labgate-relay", "labgate-sftp"] {
+        std::fs::write(dir.path().join("helpers").join(helper), "#!/bin/sh\n").unwrap();
+    }
     let path = dir.path().join("labgate.toml");
     std::fs::write(&path, config).unwrap();
     (dir, path)
 }
 
-const VALID: &str = "[server]\nlisten = \"127.0.0.1:0\"\nkeys_dir = \"keys\"\n\n[defaults]\nimage = \"labgate/busybox\"\nmemory = \"256M\"\ncpus = 0.5\n";
+const VALID: &str = "[server]\nlisten = \"127.0.0.1:0\"\nkeys_dir = \"keys\"\n\n[docker]\nrelay_helper = \"helpers/labgate-relay\"\nsftp_helper = \"helpers/labgate-sftp\"\n\n[defaults]\nimage = \"labgate/busybox\"\nmemory = \"256M\"\ncpus = 0.5\n";
+
+#[test]
+fn check_names_the_helpers_it_found_and_what_is_lost_without_one() {
+    let (dir, path) = check_dir(&VALID.replace("helpers/labgate-sftp", "absent/labgate-sftp"));
+    let out = check(&path);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let err = stderr_of(&out);
+    // Degraded, not broken: the gateway runs without a helper.
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let relay = dir.path().join("helpers/labgate-relay");
+    assert!(
+        stdout.contains(&format!(
+            "helper labgate-relay: {} (configured)",
+            relay.display()
+        )),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("helper labgate-sftp"), "{stdout}");
+    assert!(
+        err.contains("[docker] sftp_helper = ")
+            && err.contains("absent/labgate-sftp\" does not exist")
+            && err.contains("images without their own sftp-server get no sftp"),
+        "{err}"
+    );
+    assert!(!err.contains("labgate-relay"), "{err}");
+
+    // A dynamically linked helper (what a plain `cargo build` makes) runs only in some images.
+    let exe = env!("CARGO_BIN_EXE_labgate");
+    let (_dir, path) = check_dir(&VALID.replace("helpers/labgate-relay", exe));
+    let out = check(&path);
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains(&format!("helper {exe} is dynamically linked"))
+            && err.contains("no direct path"),
+        "{err}"
+    );
+}
 
 #[test]
 fn check_accepts_a_valid_config_and_keys() {

@@ -7,6 +7,7 @@
 //! directory of the config file.
 
 mod gpu;
+pub mod helpers;
 pub mod images;
 pub mod reload;
 pub mod units;
@@ -320,11 +321,12 @@ pub struct DockerConfig {
     /// off (created if missing), so users cannot reach each other's containers.
     pub network: String,
     /// The static `labgate-relay` binary, bind-mounted read-only into containers for the
-    /// exec forwarding path (absent: that path is unavailable).
-    pub relay_helper: PathBuf,
+    /// direct path and the exec forwarding path (absent: those are unavailable). Configured
+    /// or found by [`helpers::locate`].
+    pub relay_helper: helpers::Helper,
     /// The static `labgate-sftp` binary, bind-mounted read-only into containers: the `sftp`
     /// subsystem of an image without its own sftp-server (absent: such images get none).
-    pub sftp_helper: PathBuf,
+    pub sftp_helper: helpers::Helper,
     /// How forwards reach into containers.
     pub forward_via: ForwardVia,
 }
@@ -777,6 +779,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         },
         audit_log: raw.admin.audit_log.map(resolve),
     };
+    let helper_dirs = helpers::search_dirs();
     let docker = DockerConfig {
         socket: resolve(
             raw.docker
@@ -785,15 +788,15 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         ),
         timeout: raw.docker.timeout.map_or(Duration::from_secs(60), |d| d.0),
         network: raw.docker.network.unwrap_or_else(|| "labgate".to_owned()),
-        relay_helper: resolve(
-            raw.docker
-                .relay_helper
-                .unwrap_or_else(|| PathBuf::from("/usr/local/lib/labgate/labgate-relay")),
+        relay_helper: helpers::locate(
+            helpers::RELAY,
+            raw.docker.relay_helper.map(resolve),
+            &helper_dirs,
         ),
-        sftp_helper: resolve(
-            raw.docker
-                .sftp_helper
-                .unwrap_or_else(|| PathBuf::from("/usr/local/lib/labgate/labgate-sftp")),
+        sftp_helper: helpers::locate(
+            helpers::SFTP,
+            raw.docker.sftp_helper.map(resolve),
+            &helper_dirs,
         ),
         forward_via: raw.docker.forward_via.unwrap_or_default(),
     };

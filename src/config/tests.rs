@@ -425,6 +425,54 @@ fn shipped_configs_parse() {
     assert_eq!(demo.defaults.home_for(&user("demo")), dir.join("home/demo"));
 }
 
+#[test]
+fn the_package_config_names_the_paths_the_package_and_its_unit_provide() {
+    // deploy/labgate.toml is /etc/labgate/labgate.toml in the Debian package: every path in
+    // it must be one the package makes (postinst) or the unit allows the gateway to write.
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/labgate.toml");
+    let cfg = load(&path).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(cfg.server.keys_dir, Path::new("/etc/labgate/keys"));
+    assert_eq!(
+        cfg.server.host_key,
+        Path::new("/var/lib/labgate/host_ed25519_key")
+    );
+    assert_eq!(
+        cfg.defaults.home_for(&user("alice")),
+        Path::new("/var/lib/labgate/home/alice")
+    );
+    assert_eq!(cfg.admin.socket, Path::new("/run/labgate/admin.sock"));
+    assert_eq!(
+        cfg.admin.audit_log.as_deref(),
+        Some(Path::new("/var/log/labgate/audit.jsonl"))
+    );
+    // The helpers are left to the search (which finds the package's).
+    assert_ne!(cfg.docker.relay_helper.origin, helpers::Origin::Configured);
+    assert_ne!(cfg.docker.sftp_helper.origin, helpers::Origin::Configured);
+    let unit = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/labgate.service"),
+    )
+    .unwrap();
+    for line in [
+        "ExecStart=/usr/bin/labgate serve --config /etc/labgate/labgate.toml",
+        "ReadWritePaths=/var/lib/labgate",
+        "RuntimeDirectory=labgate",
+        "LogsDirectory=labgate",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "the unit has {line}");
+    }
+}
+
+#[test]
+fn a_configured_helper_is_resolved_against_the_config_directory() {
+    let cfg = ok("[docker]\nrelay_helper = \"helpers/relay\"\n\n[defaults]\nimage = \"busybox\"\n");
+    assert_eq!(
+        cfg.docker.relay_helper.path,
+        Path::new("/etc/labgate/helpers/relay")
+    );
+    assert_eq!(cfg.docker.relay_helper.origin, helpers::Origin::Configured);
+    assert!(!cfg.docker.relay_helper.found);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Errors: position and message.
 

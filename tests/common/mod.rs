@@ -131,6 +131,18 @@ impl Gateway {
                 static_helper("labgate-relay").display()
             );
         }
+        // Tests say which helpers they mount: one a test leaves out is absent, whatever the
+        // gateway's own search would find (the package's, or the dynamically linked debug
+        // builds beside target/debug/labgate).
+        for key in ["relay_helper", "sftp_helper"] {
+            if !tail.contains(key) {
+                tail = tail.replacen(
+                    "[docker]\n",
+                    &format!("[docker]\n{key} = \"absent/{key}\"\n"),
+                    1,
+                );
+            }
+        }
         // A test may set its own login grace.
         let grace = if server_extra.contains("login_grace") {
             ""
