@@ -94,6 +94,20 @@ fn sighup_reloads_too() {
 }
 
 #[test]
+fn a_changed_way_into_containers_is_reported_as_needing_a_restart() {
+    let gw = Gateway::start(1, "", "");
+    edit(&gw, "[docker]\n", "[docker]\nforward_via = \"exec\"\n");
+    assert!(
+        eventually(Duration::from_secs(10), || gw
+            .log()
+            .contains("docker.forward_via")),
+        "{}",
+        gw.log()
+    );
+    assert!(gw.log().contains("takes effect only after a restart"));
+}
+
+#[test]
 fn a_changed_listen_address_is_reported_as_needing_a_restart() {
     let gw = Gateway::start(1, "", "");
     edit(&gw, "listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:1\"");

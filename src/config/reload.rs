@@ -118,6 +118,15 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.docker.network != new.docker.network {
         changed.push("docker.network");
     }
+    if old.docker.forward_via != new.docker.forward_via {
+        changed.push("docker.forward_via");
+    }
+    if old.docker.relay_helper.path != new.docker.relay_helper.path {
+        changed.push("docker.relay_helper");
+    }
+    if old.docker.sftp_helper.path != new.docker.sftp_helper.path {
+        changed.push("docker.sftp_helper");
+    }
     if old.admin != new.admin {
         changed.push("admin (socket, listen, audit_log)");
     }
