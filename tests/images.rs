@@ -151,23 +151,6 @@ impl Drop for Registry {
         }
     }
 }
-
-/// Removes named containers at the end of a test (profile containers, which the gateway
-/// harness does not know).
-struct Containers(Vec<String>);
-
-impl Drop for Containers {
-    fn drop(&mut self) {
-        for c in &self.0 {
-            let _ = Command::new("docker")
-                .args(["rm", "-f", c])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-        }
-    }
-}
-
 /// The port of the registry's `msg="listening on 127.0.0.1:PORT"` log line.
 fn listening_port(log: &str) -> Option<u16> {
     let rest = log.split("listening on 127.0.0.1:").nth(1)?;
@@ -516,7 +499,7 @@ fn profiles_give_allowed_users_their_own_container_with_the_same_home_and_refuse
                 [profiles.small]\nmemory = \"64M\"\nusers = [\"{u0}\", \"{u1}\"]\n";
     let gw = Gateway::start(2, "", tail);
     let (u0, u1) = (gw.users[0].clone(), gw.users[1].clone());
-    let _cleanup = Containers(vec![
+    let _cleanup = common::RemoveContainers(vec![
         format!("labgate-{u0}.big"),
         format!("labgate-{u0}.small"),
         format!("labgate-{u1}.small"),

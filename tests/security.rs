@@ -390,27 +390,12 @@ fn containers_cannot_make_device_nodes_but_root_in_them_can_still_install() {
     assert!(drop.contains("MKNOD"), "{drop}");
 }
 
-/// Removes these containers when dropped (profile containers and users a test made itself).
-struct RemoveOnDrop(Vec<String>);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        for c in &self.0 {
-            let _ = Command::new("docker")
-                .args(["rm", "-f", c])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-        }
-    }
-}
-
 #[test]
 fn a_profile_container_never_takes_another_users_name_and_old_ones_are_renamed() {
     let mut gw = Gateway::start(1, "", "[profiles.x]\nusers = [\"{u0}\"]\n");
     let u0 = gw.users[0].clone();
     let other = format!("{u0}-x");
-    let _cleanup = RemoveOnDrop(vec![
+    let _cleanup = common::RemoveContainers(vec![
         format!("labgate-{u0}.x"),
         format!("labgate-{u0}-x"),
         format!("labgate-{other}"),

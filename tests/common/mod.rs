@@ -405,6 +405,21 @@ impl Drop for Gateway {
     }
 }
 
+/// Removes these containers when dropped (profile containers, users a test made itself).
+pub struct RemoveContainers(pub Vec<String>);
+
+impl Drop for RemoveContainers {
+    fn drop(&mut self) {
+        for c in &self.0 {
+            let _ = Command::new("docker")
+                .args(["rm", "-f", c])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
 /// How many containers (running or not) are named exactly `name`.
 pub fn containers_named(name: &str) -> usize {
     let out = Command::new("docker")

@@ -379,15 +379,7 @@ impl DockerRuntime {
         let Some(info) = self.inspect_named(docker, from).await? else {
             return Ok(false);
         };
-        let labels = info
-            .config
-            .as_ref()
-            .and_then(|c| c.labels.clone())
-            .unwrap_or_default();
-        if labels.get(LABEL_MANAGED).map(String::as_str) != Some("true")
-            || labels.get(LABEL_USER).map(String::as_str) != Some(user)
-            || labels.get(LABEL_PROFILE).map(String::as_str) != Some(profile)
-        {
+        if !is_ours(&info, user, Some(profile)) {
             return Ok(false);
         }
         let id = info.id.unwrap_or_else(|| from.to_owned());
@@ -663,6 +655,20 @@ fn verify_binds(
     Ok(())
 }
 
+/// Whether `info` is labgate's container of `user` (and `profile`), by its labels: a
+/// container with our name but not our labels is never touched.
+fn is_ours(
+    info: &bollard::models::ContainerInspectResponse,
+    user: &str,
+    profile: Option<&str>,
+) -> bool {
+    let labels = info.config.as_ref().and_then(|c| c.labels.as_ref());
+    let label = |key: &str| labels.and_then(|l| l.get(key)).map(String::as_str);
+    label(LABEL_MANAGED) == Some("true")
+        && label(LABEL_USER) == Some(user)
+        && label(LABEL_PROFILE) == profile
+}
+
 /// The host PID of the container's init process and the container's own addresses.
 fn placement(info: &bollard::models::ContainerInspectResponse) -> (Option<i32>, Vec<IpAddr>) {
     let pid = info
@@ -752,11 +758,11 @@ impl ContainerRuntime for DockerRuntime {
                     .as_ref()
                     .and_then(|c| c.labels.clone())
                     .unwrap_or_default();
-                if labels.get(LABEL_MANAGED).map(String::as_str) != Some("true")
-                    || labels.get(LABEL_USER) != Some(&spec.user.to_string())
-                    || labels.get(LABEL_PROFILE).map(String::as_str)
-                        != spec.profile.as_ref().map(|p| p.as_str())
-                {
+                if !is_ours(
+                    &info,
+                    spec.user.as_str(),
+                    spec.profile.as_ref().map(|p| p.as_str()),
+                ) {
                     return Err(RuntimeError::NameTaken(spec.name.clone()));
                 }
                 let id = info.id.clone().unwrap_or_else(|| spec.name.clone());
