@@ -135,7 +135,7 @@ async fn apply_live_limits(mut config: watch::Receiver<Arc<Config>>, runtime: Ar
                 continue;
             }
         };
-        for c in running.iter().filter(|c| c.state == "running") {
+        for c in running.iter().filter(|c| c.state.is_running()) {
             let Some((user, _)) = c.owner() else {
                 continue;
             };
@@ -185,7 +185,7 @@ async fn reconcile(runtime: Arc<DockerRuntime>) {
     }
     match runtime.list_managed().await {
         Ok(list) => {
-            let running = list.iter().filter(|c| c.state == "running").count();
+            let running = list.iter().filter(|c| c.state.is_running()).count();
             info!(
                 managed = list.len(),
                 running, "reconciled with the containers labgate manages"

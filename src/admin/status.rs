@@ -78,13 +78,13 @@ pub async fn collect(ctx: &Context) -> Result<Status, RuntimeError> {
                 idle_secs: ctx
                     .idle
                     .idle_since(&c.name)
-                    .filter(|_| c.state == "running")
+                    .filter(|_| c.state.is_running())
                     .map(|t| now.duration_since(t).unwrap_or_default().as_secs()),
                 idle_stop_secs: idle_stop.map(|d| d.as_secs()),
                 gpus: c.gpus.iter().map(ToString::to_string).collect(),
                 name: c.name,
                 user: c.user,
-                state: c.state,
+                state: c.state.to_string(),
                 image: c.image,
             }
         })
@@ -128,7 +128,7 @@ pub async fn stop_user(ctx: &Context, user: &Username) -> Result<Vec<String>, Ru
         let Some((owner, holder)) = c.owner() else {
             continue;
         };
-        if &owner != user || c.state != "running" {
+        if &owner != user || !c.state.is_running() {
             continue;
         }
         if ctx

@@ -223,6 +223,64 @@ impl ManagedContainer {
     }
 }
 
+/// What a backend says a container is doing (the Docker Engine's words; a cluster backend
+/// maps its own onto them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ContainerState {
+    /// Made, never started.
+    Created,
+    /// Its processes run.
+    Running,
+    /// Frozen.
+    Paused,
+    /// Being restarted by the engine.
+    Restarting,
+    /// Being removed.
+    Removing,
+    /// Stopped (idle stop, `labgate stop`, or its main process ended).
+    Exited,
+    /// Could not be stopped or removed cleanly.
+    Dead,
+    /// A state this version does not know, as the backend named it.
+    Unknown(String),
+}
+
+impl ContainerState {
+    /// The state the engine names `word`.
+    pub fn from_engine(word: &str) -> Self {
+        match word {
+            "created" => Self::Created,
+            "running" => Self::Running,
+            "paused" => Self::Paused,
+            "restarting" => Self::Restarting,
+            "removing" => Self::Removing,
+            "exited" => Self::Exited,
+            "dead" => Self::Dead,
+            other => Self::Unknown(other.to_owned()),
+        }
+    }
+
+    /// Whether its processes run (a paused container's do not).
+    pub fn is_running(&self) -> bool {
+        *self == Self::Running
+    }
+}
+
+impl std::fmt::Display for ContainerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Created => "created",
+            Self::Running => "running",
+            Self::Paused => "paused",
+            Self::Restarting => "restarting",
+            Self::Removing => "removing",
+            Self::Exited => "exited",
+            Self::Dead => "dead",
+            Self::Unknown(word) => word,
+        })
+    }
+}
+
 /// A container labgate manages, as listed at start.
 #[derive(Debug, Clone)]
 pub struct ManagedContainer {
@@ -234,8 +292,8 @@ pub struct ManagedContainer {
     pub user: String,
     /// The profile of a `user+profile` container, from its label.
     pub profile: Option<crate::auth::ProfileName>,
-    /// Backend state (`running`, `exited`, ...).
-    pub state: String,
+    /// What the engine says it is doing.
+    pub state: ContainerState,
     /// Image reference it was created from.
     pub image: String,
     /// GPUs its label records.
@@ -414,4 +472,31 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// Stops the container `name` (its processes get SIGTERM, then SIGKILL after a grace
     /// period); the container and the home stay. `Ok(false)` when it was not running.
     async fn stop(&self, name: &str) -> Result<bool, RuntimeError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_states_read_and_print_as_the_engine_names_them() {
+        for word in [
+            "created",
+            "running",
+            "paused",
+            "restarting",
+            "removing",
+            "exited",
+            "dead",
+        ] {
+            let state = ContainerState::from_engine(word);
+            assert!(!matches!(state, ContainerState::Unknown(_)), "{word}");
+            assert_eq!(state.to_string(), word);
+            assert_eq!(state.is_running(), word == "running");
+        }
+        let odd = ContainerState::from_engine("frozen-ish");
+        assert_eq!(odd, ContainerState::Unknown("frozen-ish".into()));
+        assert_eq!(odd.to_string(), "frozen-ish");
+        assert!(!odd.is_running());
+    }
 }

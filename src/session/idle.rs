@@ -74,7 +74,7 @@ async fn sweep(ctx: &Context, config: &Config) {
             return;
         }
     };
-    let running: Vec<&ManagedContainer> = list.iter().filter(|c| c.state == "running").collect();
+    let running: Vec<&ManagedContainer> = list.iter().filter(|c| c.state.is_running()).collect();
     ctx.idle
         .timers()
         .retain(|name, _| running.iter().any(|c| &c.name == name));

@@ -944,7 +944,9 @@ impl ContainerRuntime for DockerRuntime {
                     user: label(LABEL_USER),
                     profile: crate::auth::ProfileName::parse(&label(LABEL_PROFILE)).ok(),
                     gpus: crate::gpu::GpuUuid::parse_list(&label(LABEL_GPUS)),
-                    state: c.state.map(|s| s.to_string()).unwrap_or_default(),
+                    state: crate::runtime::ContainerState::from_engine(
+                        &c.state.map(|s| s.to_string()).unwrap_or_default(),
+                    ),
                     image: c.image.clone().unwrap_or_default(),
                 }
             })
