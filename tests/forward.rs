@@ -8,7 +8,7 @@ use std::net::{TcpListener, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Gateway, Tunnel, docker_inspect, eventually};
+use common::{Gateway, Tunnel, docker_inspect, eventually, gateway_ip};
 
 /// Starts busybox httpd on the container's loopback only, serving `~/www`.
 fn serve_http(gw: &Gateway, i: usize, port: u16) {
@@ -186,20 +186,6 @@ fn a_forward_only_connection_starts_the_container() {
         docker_inspect(&gw.container(0), "{{.State.Running}}").unwrap(),
         "true"
     );
-}
-
-fn gateway_ip(network: &str) -> String {
-    let out = Command::new("docker")
-        .args([
-            "network",
-            "inspect",
-            "-f",
-            "{{(index .IPAM.Config 0).Gateway}}",
-            network,
-        ])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 /// A one-shot TCP server on the host that answers `pong`.

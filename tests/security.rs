@@ -315,21 +315,6 @@ fn check_warns_about_homes_under_writable_mounts() {
     assert!(!String::from_utf8_lossy(&out.stderr).contains("lies under"));
 }
 
-/// The gateway address of labgate's network (the host, as containers see it).
-fn labgate_network_gateway() -> String {
-    let out = Command::new("docker")
-        .args([
-            "network",
-            "inspect",
-            "-f",
-            "{{(index .IPAM.Config 0).Gateway}}",
-            "labgate",
-        ])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
 #[test]
 fn an_allowed_name_is_what_the_gateway_resolves_not_the_containers_hosts_file() {
     let host = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
@@ -354,7 +339,7 @@ fn an_allowed_name_is_what_the_gateway_resolves_not_the_containers_hosts_file() 
         &format!("[users.{{u0}}.forwarding]\nallow = [\"db.labgate-test.invalid:{port}\"]\n"),
     );
     gw.ok(0, "true");
-    let host_ip = labgate_network_gateway();
+    let host_ip = common::gateway_ip("labgate");
     assert!(!host_ip.is_empty());
     // The user (root in the container) maps it to the host's bridge address.
     gw.ok(

@@ -180,7 +180,7 @@ pub async fn direct_streamlocal(
         let _pending = ctx.pending.begin(&login.user, &login.opening)?;
         let container = crate::session::ensure_container(&ctx, &login).await?;
         let deadline = Instant::now() + CONNECT_TIMEOUT;
-        let mut target = std::path::PathBuf::from(format!("/home/{}", login.user));
+        let mut target = std::path::PathBuf::from(login.home());
         target.push(&path);
         let reach = login.reach(&ctx, &container).await;
         Ok(reach

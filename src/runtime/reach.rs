@@ -43,7 +43,7 @@ pub trait Acceptor: Send {
 pub struct Reacher {
     /// The user's identity in the container (`None`: the image's user).
     pub identity: Option<Identity>,
-    /// Their home inside the container (relative unix socket paths start there).
+    /// Their home inside the container (where relay execs run).
     pub home: String,
     /// Cancelled when the connection has ended.
     pub gone: CancellationToken,

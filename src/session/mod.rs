@@ -83,11 +83,16 @@ impl Login {
         self.identity.clone().ok().flatten()
     }
 
+    /// The user's home inside the container.
+    pub fn home(&self) -> String {
+        format!("/home/{}", self.user)
+    }
+
     /// Who the way into the container acts for: this login's identity, home and end.
     pub fn reacher(&self) -> crate::runtime::reach::Reacher {
         crate::runtime::reach::Reacher {
             identity: self.identity(),
-            home: format!("/home/{}", self.user),
+            home: self.home(),
             gone: self.gone.clone(),
         }
     }

@@ -420,6 +420,21 @@ impl Drop for RemoveContainers {
     }
 }
 
+/// The gateway address of Docker network `network` (the host, as its containers see it).
+pub fn gateway_ip(network: &str) -> String {
+    let out = Command::new("docker")
+        .args([
+            "network",
+            "inspect",
+            "-f",
+            "{{(index .IPAM.Config 0).Gateway}}",
+            network,
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
 /// How many containers (running or not) are named exactly `name`.
 pub fn containers_named(name: &str) -> usize {
     let out = Command::new("docker")
