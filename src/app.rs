@@ -10,9 +10,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::config::{self, Config, ConfigError};
-use crate::gpu::pool::GpuPool;
 use crate::runtime::ContainerRuntime;
-use crate::runtime::docker::DockerRuntime;
 use crate::session::Context;
 use crate::ssh;
 
@@ -56,8 +54,7 @@ pub async fn serve(
     {
         warn!(path = %path.display(), "cannot open the audit log ({e}); audit events go only to the log");
     }
-    let runtime = Arc::new(DockerRuntime::new(&config.docker));
-    let gpus = Arc::new(GpuPool::open(&config.gpu, runtime.clone()).await);
+    let runtime = crate::runtime::open(&config).await;
     let russh_config = Arc::new(ssh::russh_config(&config.server, host_key));
     let server = config.server.clone();
     let listener = TcpListener::bind(server.listen)
@@ -70,16 +67,12 @@ pub async fn serve(
         addr: server.listen,
         source,
     })?;
-    tokio::spawn(reconcile(runtime.clone()));
-    tokio::spawn(rebuild_gpu_holdings(gpus.clone()));
+    tokio::spawn(recover(runtime.clone()));
     let source = config.source.clone();
     let admin = config.admin.clone();
     let (config_tx, config_rx) = watch::channel(Arc::new(config));
     tokio::spawn(apply_live_limits(config_rx.clone(), runtime.clone()));
-    tokio::spawn(crate::runtime::docker::prepull::on_change(
-        config_rx.clone(),
-        runtime.clone(),
-    ));
+    runtime.clone().follow_config(config_rx.clone());
     // Watching starts before the listening line, so no edit made after it is missed.
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut reload_stop = stop_rx.clone();
@@ -89,7 +82,6 @@ pub async fn serve(
     let ctx = Arc::new(Context {
         config: config_rx,
         runtime,
-        gpus,
         connections: Arc::default(),
         idle: Default::default(),
         pending: Arc::default(),
@@ -123,7 +115,10 @@ pub async fn serve(
 
 /// After each reload, applies changed memory/CPU/process limits to running containers
 /// (`docker update`) and tells the admin which other changes wait for a recreate.
-async fn apply_live_limits(mut config: watch::Receiver<Arc<Config>>, runtime: Arc<DockerRuntime>) {
+async fn apply_live_limits(
+    mut config: watch::Receiver<Arc<Config>>,
+    runtime: Arc<dyn ContainerRuntime>,
+) {
     let mut previous = config.borrow().clone();
     while config.changed().await.is_ok() {
         let current = config.borrow_and_update().clone();
@@ -174,39 +169,12 @@ async fn apply_live_limits(mut config: watch::Receiver<Arc<Config>>, runtime: Ar
     }
 }
 
-/// Finds the containers labgate manages, so a restarted gateway knows them.
-async fn reconcile(runtime: Arc<DockerRuntime>) {
-    match runtime.migrate_names().await {
-        Ok(0) | Err(_) => {}
-        Ok(n) => info!(
-            renamed = n,
-            "profile containers renamed to labgate-USER.PROFILE"
-        ),
-    }
-    match runtime.list_managed().await {
-        Ok(list) => {
-            let running = list.iter().filter(|c| c.state.is_running()).count();
-            info!(
-                managed = list.len(),
-                running, "reconciled with the containers labgate manages"
-            );
-            for c in &list {
-                tracing::debug!(user = %c.user, id = %c.id, state = %c.state, "managed container");
-            }
-        }
-        Err(e) => {
-            warn!("cannot list managed containers: {e}; logins will fail until Docker is reachable")
-        }
-    }
-}
-
-/// Rebuilds who holds which GPU from the labels of the running containers, so a restarted
-/// gateway never hands out a GPU a running container has. (Until it succeeds, the first login
-/// that involves GPUs does it.)
-async fn rebuild_gpu_holdings(gpus: Arc<GpuPool>) {
-    if let Err(e) = gpus.rebuild().await {
+/// Brings the backend in line with what runs (containers labgate manages, GPU holdings), so
+/// a restarted gateway knows them.
+async fn recover(runtime: Arc<dyn ContainerRuntime>) {
+    if let Err(e) = runtime.recover().await {
         warn!(
-            "cannot rebuild GPU holdings from container labels: {e}; retried at the next GPU login"
+            "cannot list managed containers: {e}; logins will fail until the container engine is reachable"
         );
     }
 }

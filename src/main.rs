@@ -187,7 +187,7 @@ fn main() -> ExitCode {
                         socket.display()
                     );
                     let loaded = config::load(&admin.config)?;
-                    print!("{}", labgate::gpu::report(&loaded).await?);
+                    print!("{}", labgate::runtime::gpu_report(&loaded).await?);
                 }
                 Err(e) => return Err(e.into()),
             }

@@ -110,14 +110,17 @@ pub async fn collect(ctx: &Context) -> Result<Status, RuntimeError> {
 
 /// The GPU table with this gateway's holdings.
 pub async fn gpu_table(ctx: &Context) -> Result<String, crate::gpu::GpuError> {
-    let gpus = ctx.gpus.inventory(0).await?;
-    Ok(crate::gpu::render_table(&gpus, Some(&ctx.gpus.holders())))
+    let gpus = ctx.runtime.gpus().await?;
+    Ok(crate::gpu::render_table(
+        &gpus,
+        Some(&ctx.runtime.gpu_holders()),
+    ))
 }
 
 /// Updates the GPU gauges before a scrape.
 pub async fn refresh_gpu_metrics(ctx: &Context) {
-    let total = ctx.gpus.inventory(0).await.map(|g| g.len()).unwrap_or(0);
-    metrics().gpus(total, ctx.gpus.holders().len());
+    let total = ctx.runtime.gpus().await.map(|g| g.len()).unwrap_or(0);
+    metrics().gpus(total, ctx.runtime.gpu_holders().len());
 }
 
 /// Stops every running container of `user` (their connections were asked to end first);
@@ -125,17 +128,13 @@ pub async fn refresh_gpu_metrics(ctx: &Context) {
 pub async fn stop_user(ctx: &Context, user: &Username) -> Result<Vec<String>, RuntimeError> {
     let mut stopped = Vec::new();
     for c in ctx.runtime.list_managed().await? {
-        let Some((owner, holder)) = c.owner() else {
+        let Some((owner, _)) = c.owner() else {
             continue;
         };
         if &owner != user || !c.state.is_running() {
             continue;
         }
-        if ctx
-            .gpus
-            .stop(ctx.runtime.as_ref(), &c.name, &holder, || true)
-            .await?
-        {
+        if ctx.runtime.stop(&c, Box::new(|| true)).await? {
             stopped.push(c.name);
         }
     }

@@ -14,7 +14,6 @@ use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
 use super::{ConfigError, Positive, Validator};
-use crate::gpu::GpuUuid;
 
 /// The library name NVIDIA's driver installs (the unversioned `.so` needs the dev package).
 pub const DEFAULT_NVML_LIBRARY: &str = "libnvidia-ml.so.1";
@@ -99,6 +98,61 @@ impl GpuRequest {
 impl PartialEq<u32> for GpuRequest {
     fn eq(&self, n: &u32) -> bool {
         self.count() == *n as usize
+    }
+}
+
+/// A GPU's UUID as NVML reports it (`GPU-8c5a3b1e-...`), the only stable name of a GPU.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GpuUuid(String);
+
+impl GpuUuid {
+    /// Checks `s` is a GPU UUID: `GPU-` or `MIG-` followed by letters, digits, `-` or `/`
+    /// (never a comma or space: UUIDs are joined with commas in a container label).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let rest = s.strip_prefix("GPU-").or_else(|| s.strip_prefix("MIG-"));
+        match rest {
+            Some(rest)
+                if !rest.is_empty()
+                    && s.len() <= 96
+                    && rest
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '/') =>
+            {
+                Ok(GpuUuid(s.to_owned()))
+            }
+            _ => Err(format!(
+                "invalid GPU UUID {s:?}: expected GPU-... as `nvidia-smi -L` prints it"
+            )),
+        }
+    }
+
+    /// The UUID text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Parses a comma-separated list, as stored in the container label; invalid entries are
+    /// skipped (a label is not trusted input).
+    pub fn parse_list(s: &str) -> Vec<GpuUuid> {
+        s.split(',')
+            .map(str::trim)
+            .filter_map(|u| GpuUuid::parse(u).ok())
+            .collect()
+    }
+
+    /// `uuids` joined with commas, the label form.
+    pub fn join(uuids: &[GpuUuid]) -> String {
+        uuids
+            .iter()
+            .map(GpuUuid::as_str)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+impl fmt::Display for GpuUuid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
     }
 }
 

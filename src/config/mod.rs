@@ -23,7 +23,7 @@ use toml::Spanned;
 
 use crate::auth::Username;
 use crate::forward::policy::{AllowRule, ForwardPolicy};
-pub use gpu::{DEFAULT_NVML_LIBRARY, GpuConfig, GpuMode, GpuPin, GpuRequest};
+pub use gpu::{DEFAULT_NVML_LIBRARY, GpuConfig, GpuMode, GpuPin, GpuRequest, GpuUuid};
 pub use images::{ProfileRefusal, Profiles, PullPolicy, RegistryAuth};
 pub use units::{ByteSize, HumanDuration};
 

@@ -1094,7 +1094,7 @@ memory = "1G"
         cfg.quota_for(&user("alice")).gpus,
         GpuRequest::Pinned(vec![
             GpuPin::Uuid(
-                crate::gpu::GpuUuid::parse("GPU-8c5a3b1e-0f9d-4d5e-9b1a-2f3c4d5e6f70").unwrap()
+                crate::config::GpuUuid::parse("GPU-8c5a3b1e-0f9d-4d5e-9b1a-2f3c4d5e6f70").unwrap()
             ),
             GpuPin::Index(3),
         ])

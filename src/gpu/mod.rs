@@ -3,7 +3,7 @@
 //! Owns the GPU inventory ([`GpuInventory`], implemented over NVML in [`nvml`]), the pure
 //! allocation rules ([`allocator`]: exclusive or shared, least-used first, pinned GPUs,
 //! rebuilt from container labels, resume of a container whose GPUs were taken), and the
-//! [`pool::GpuPool`] that ties them to the container backend at login. GPUs are always named by
+//! GPU pool of the local backend (`runtime::docker::pool`), which ties them to container starts. GPUs are always named by
 //! UUID ([`GpuUuid`]) when they leave this module: indices change with driver and PCI order.
 //!
 //! NVML is optional: a host without the library (every CPU-only machine) runs the gateway
@@ -11,71 +11,13 @@
 
 pub mod allocator;
 pub mod nvml;
-pub mod pool;
 
 use std::collections::BTreeMap;
-use std::fmt;
 
 use async_trait::async_trait;
 
 use crate::auth::Username;
-use crate::config::Config;
-use crate::runtime::docker::DockerRuntime;
-
-/// A GPU's UUID as NVML reports it (`GPU-8c5a3b1e-...`), the only stable name of a GPU.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct GpuUuid(String);
-
-impl GpuUuid {
-    /// Checks `s` is a GPU UUID: `GPU-` or `MIG-` followed by letters, digits, `-` or `/`
-    /// (never a comma or space: UUIDs are joined with commas in a container label).
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let rest = s.strip_prefix("GPU-").or_else(|| s.strip_prefix("MIG-"));
-        match rest {
-            Some(rest)
-                if !rest.is_empty()
-                    && s.len() <= 96
-                    && rest
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '/') =>
-            {
-                Ok(GpuUuid(s.to_owned()))
-            }
-            _ => Err(format!(
-                "invalid GPU UUID {s:?}: expected GPU-... as `nvidia-smi -L` prints it"
-            )),
-        }
-    }
-
-    /// The UUID text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    /// Parses a comma-separated list, as stored in the container label; invalid entries are
-    /// skipped (a label is not trusted input).
-    pub fn parse_list(s: &str) -> Vec<GpuUuid> {
-        s.split(',')
-            .map(str::trim)
-            .filter_map(|u| GpuUuid::parse(u).ok())
-            .collect()
-    }
-
-    /// `uuids` joined with commas, the label form.
-    pub fn join(uuids: &[GpuUuid]) -> String {
-        uuids
-            .iter()
-            .map(GpuUuid::as_str)
-            .collect::<Vec<_>>()
-            .join(",")
-    }
-}
-
-impl fmt::Display for GpuUuid {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+pub use crate::config::GpuUuid;
 
 /// One GPU as the inventory saw it.
 #[derive(Debug, Clone, PartialEq)]
@@ -215,32 +157,6 @@ pub fn render_table(
         out.push('\n');
     }
     out
-}
-
-/// The `labgate gpus` table for `config`: GPUs from NVML, holders from the labels of the
-/// running containers (`?` with a warning when Docker cannot be reached).
-pub async fn report(config: &Config) -> Result<String, GpuError> {
-    let inventory = nvml::NvmlInventory::open(config.gpu.nvml_library.clone())
-        .await
-        .map_err(GpuError::NoNvml)?;
-    let gpus = inventory.list().await?;
-    let docker = DockerRuntime::new(&config.docker);
-    let holders = match pool::GpuContainers::running_gpus(&docker).await {
-        Ok(running) => {
-            let mut map: BTreeMap<GpuUuid, Vec<Username>> = BTreeMap::new();
-            for (user, uuids) in running {
-                for uuid in uuids {
-                    map.entry(uuid).or_default().push(user.clone());
-                }
-            }
-            Some(map)
-        }
-        Err(e) => {
-            tracing::warn!("GPU holders unknown: {e}");
-            None
-        }
-    };
-    Ok(render_table(&gpus, holders.as_ref()))
 }
 
 /// One line per GPU for a login banner: index, name, use and memory.

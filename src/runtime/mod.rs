@@ -6,12 +6,15 @@
 //! user's quota; [`docker`] turns it into Engine API calls.
 
 pub mod docker;
+#[cfg(test)]
+pub mod fake;
 pub mod reach;
 
 use std::collections::BTreeMap;
 use std::io;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -19,7 +22,8 @@ use futures::stream::BoxStream;
 use tokio::io::AsyncWrite;
 
 use crate::auth::{ProfileName, Username};
-use crate::config::{ByteSize, Mount, PullPolicy, Quota, RegistryAuth};
+use crate::config::{ByteSize, GpuRequest, GpuUuid, Mount, PullPolicy, Quota, RegistryAuth};
+use crate::gpu::{GpuError, GpuInfo};
 
 /// Label on every container labgate manages.
 pub const LABEL_MANAGED: &str = "labgate.managed";
@@ -79,9 +83,12 @@ pub struct ContainerSpec {
     pub uid_gid: Option<(u32, u32)>,
     /// Supplementary groups of that uid (a host account's, for `uid = "host"`).
     pub groups: Vec<u32>,
-    /// GPUs to give the container, by UUID: chosen by [`crate::gpu::pool::GpuPool`], never
-    /// from the quota directly (empty from [`ContainerSpec::new`]).
-    pub gpus: Vec<crate::gpu::GpuUuid>,
+    /// The GPUs the quota asks for: the backend decides which (the local one from its NVML
+    /// inventory, a cluster backend through its engine).
+    pub gpu_request: GpuRequest,
+    /// GPUs to give the container, by UUID: set by the backend's own allocation, never from
+    /// the quota directly (empty from [`ContainerSpec::new`]).
+    pub gpus: Vec<GpuUuid>,
 }
 
 impl ContainerSpec {
@@ -106,6 +113,7 @@ impl ContainerSpec {
             env: quota.env.clone(),
             uid_gid: identity.map(|i| (i.uid, i.gid)),
             groups: identity.map(|i| i.groups.clone()).unwrap_or_default(),
+            gpu_request: quota.gpus.clone(),
             gpus: Vec::new(),
         }
     }
@@ -176,8 +184,9 @@ pub struct ContainerHandle {
     pub shell: String,
     /// Whether this call created it (first login), started it (resume) or found it running.
     pub outcome: EnsureOutcome,
-    /// Host PID of the container's init process, when visible: the way into its namespaces.
-    pub pid: Option<i32>,
+    /// What the backend that made this handle needs to find the container again (local
+    /// Docker: the host PID of its init); opaque above the seam.
+    pub engine_data: Option<Arc<dyn std::any::Any + Send + Sync>>,
     /// The container's own addresses on its networks.
     pub ips: Vec<std::net::IpAddr>,
     /// Set when this start made the container again from another image: the image it had.
@@ -188,6 +197,55 @@ pub struct ContainerHandle {
     /// Set when the container runs from another image than the configured one (which it
     /// gets when it next starts): the image it runs.
     pub pending_image: Option<String>,
+    /// The GPUs it has, by UUID.
+    pub gpus: Vec<GpuUuid>,
+    /// What the user should hear about its GPUs, when something happened to them.
+    pub gpu_notice: Option<GpuNotice>,
+}
+
+impl ContainerHandle {
+    /// A handle with nothing to report: found `outcome`, no GPUs, no notices (backends fill
+    /// in the rest).
+    pub fn new(id: String, name: String, shell: String, outcome: EnsureOutcome) -> Self {
+        ContainerHandle {
+            id,
+            name,
+            shell,
+            outcome,
+            engine_data: None,
+            ips: Vec::new(),
+            recreated_from: None,
+            remade_for: Vec::new(),
+            pending_image: None,
+            gpus: Vec::new(),
+            gpu_notice: None,
+        }
+    }
+}
+
+/// Something about a container's GPUs the user should hear at login: data, worded by
+/// [`crate::session::text`].
+#[derive(Debug, Clone)]
+pub enum GpuNotice {
+    /// Made again with `gpus` because the GPUs it had are held by others (`taken`), or,
+    /// with `taken` empty, because it was made before the quota included GPUs.
+    MadeAgain {
+        /// Its GPUs now.
+        gpus: Vec<GpuUuid>,
+        /// The GPUs it had and who holds them.
+        taken: Vec<crate::gpu::allocator::Taken>,
+    },
+    /// Made again with `gpus` because the GPU quota changed.
+    QuotaChanged {
+        /// Its GPUs now.
+        gpus: Vec<GpuUuid>,
+    },
+    /// The quota asks for `count` GPUs that the running container does not have: they come
+    /// when it is made again.
+    NotYetGiven {
+        /// GPUs the quota asks for.
+        count: usize,
+    },
 }
 
 /// What `ensure_running` had to do.
@@ -297,7 +355,7 @@ pub struct ManagedContainer {
     /// Image reference it was created from.
     pub image: String,
     /// GPUs its label records.
-    pub gpus: Vec<crate::gpu::GpuUuid>,
+    pub gpus: Vec<GpuUuid>,
 }
 
 /// A terminal's size.
@@ -469,9 +527,48 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// count) to the running container of `spec.user`. `Ok(false)` when none is running.
     async fn update_limits(&self, spec: &ContainerSpec) -> Result<bool, RuntimeError>;
 
-    /// Stops the container `name` (its processes get SIGTERM, then SIGKILL after a grace
-    /// period); the container and the home stay. `Ok(false)` when it was not running.
-    async fn stop(&self, name: &str) -> Result<bool, RuntimeError>;
+    /// Stops `container` (its processes get SIGTERM, then SIGKILL after a grace period) and
+    /// frees what it holds (GPUs), if `still_wanted` says so once no start of it is under
+    /// way (so no login is starting it meanwhile); the container and the home stay.
+    /// `Ok(false)` when it was not stopped (not running, or `still_wanted` said no).
+    async fn stop(
+        &self,
+        container: &ManagedContainer,
+        still_wanted: StillWanted,
+    ) -> Result<bool, RuntimeError>;
+
+    /// The GPUs this backend gives containers, with their live use; an error says why there
+    /// are none (no NVML on this host).
+    async fn gpus(&self) -> Result<Vec<GpuInfo>, GpuError>;
+
+    /// Who holds which GPU, as the backend knows it (`user` or `user+profile`).
+    fn gpu_holders(&self) -> BTreeMap<GpuUuid, Vec<Username>>;
+
+    /// Run once when the gateway starts: brings the backend's own state in line with the
+    /// engine's (containers labgate manages, GPU holdings) and logs what it found.
+    async fn recover(&self) -> Result<(), RuntimeError>;
+
+    /// Follows config reloads for what the backend does ahead of logins (pulling changed
+    /// images); nothing by default.
+    fn follow_config(
+        self: std::sync::Arc<Self>,
+        _config: tokio::sync::watch::Receiver<std::sync::Arc<crate::config::Config>>,
+    ) {
+    }
+}
+
+/// Asked once a stop may go ahead: `false` calls it off (a login arrived meanwhile).
+pub type StillWanted = Box<dyn FnOnce() -> bool + Send>;
+
+/// The `labgate gpus` table when no gateway runs: asked of the backend `config` names.
+pub async fn gpu_report(config: &crate::config::Config) -> Result<String, GpuError> {
+    docker::gpus::report(config).await
+}
+
+/// The backend `config` names (`[cluster] engine`; local Docker by default), ready to use.
+pub async fn open(config: &crate::config::Config) -> Arc<dyn ContainerRuntime> {
+    let gpus = docker::pool::GpuPool::open(&config.gpu).await;
+    Arc::new(docker::DockerRuntime::new(&config.docker, gpus))
 }
 
 #[cfg(test)]

@@ -229,11 +229,7 @@ async fn serve(
             warn!(user = %login.user, error = %e, "session not started");
             if !early.closed {
                 let mut stderr = tx.make_writer_ext(Some(1));
-                let line = if setup.pty.is_some() {
-                    format!("labgate: {e}\r\n")
-                } else {
-                    format!("labgate: {e}\n")
-                };
+                let line = super::text::not_started(&e, setup.pty.is_some());
                 let _ = stderr.write_all(line.as_bytes()).await;
                 let _ = stderr.flush().await;
                 let _ = tx.exit_status(EXIT_NOT_STARTED).await;
@@ -410,14 +406,14 @@ async fn start(
     let spec = login.spec();
     let starting = tokio::spawn({
         let (ctx, login) = (ctx.clone(), login.clone());
-        async move { super::start_container(&ctx, &login).await }.in_current_span()
+        async move { super::ensure_container(&ctx, &login).await }.in_current_span()
     });
-    let started = match unless_cancelled(cancel, starting).await {
+    let container = match unless_cancelled(cancel, starting).await {
         None => return Ok(None),
         Some(Ok(started)) => started?,
         Some(Err(e)) => return Err(RuntimeError::Engine(format!("container start failed: {e}"))),
     };
-    let container = &started.container;
+    let container = &container;
     let argv = match program {
         Program::Shell => vec![container.shell.clone(), "-l".into()],
         Program::Command(cmd) => vec![container.shell.clone(), "-c".into(), cmd.clone()],
@@ -485,67 +481,33 @@ async fn start(
     } else {
         ctx.runtime.exec(container, req).await?
     };
-    let interactive = *program == Program::Shell && setup.pty.is_some();
-    // For an interactive login: the status line and the admin's message of the day; then
-    // GPU notices (stderr) and, for a login shell, the banner of the user's GPUs (stdout).
-    let mut greeting = Vec::new();
-    if interactive {
-        let banner = super::login_banner(&ctx.config.borrow().server, login, &started);
-        if !banner.is_empty() {
-            greeting.push(ExecOutput::Stdout(Bytes::from(
-                banner.replace('\n', "\r\n"),
-            )));
-        }
+    let shell = *program == Program::Shell;
+    let tty = setup.pty.is_some();
+    // The GPU banner of a login shell shows their live use.
+    let gpus = if shell && tty && !container.gpus.is_empty() {
+        ctx.runtime.gpus().await.unwrap_or_else(|e| {
+            debug!("no GPU banner: {e}");
+            Vec::new()
+        })
+    } else {
+        Vec::new()
+    };
+    let server = ctx.config.borrow().server.clone();
+    let greeting = super::text::Greeting {
+        server: &server,
+        quota: &login.quota,
+        container,
+        shell,
+        tty,
+        gpus: &gpus,
     }
-    greeting.extend(
-        ctx.gpus
-            .greeting(&started, *program == Program::Shell, setup.pty.is_some())
-            .await,
-    );
-    if container.recreated_from.is_none() && !container.remade_for.is_empty() {
-        let eol = if setup.pty.is_some() { "\r\n" } else { "\n" };
-        let line = format!(
-            "labgate: your container was made again for the new settings ({}); your home is kept{eol}",
-            container.remade_for.join(", ")
-        );
-        greeting.insert(0, ExecOutput::Stderr(Bytes::from(line)));
-    }
-    if let Some(old) = &container.recreated_from {
-        let eol = if setup.pty.is_some() { "\r\n" } else { "\n" };
-        let image = &login.quota.image;
-        let was = if old == image {
-            "was an older image of that name".to_owned()
-        } else {
-            format!("was {old}")
-        };
-        let line = format!(
-            "labgate: your container was recreated from image {image} ({was}); your home is kept{eol}"
-        );
-        greeting.insert(0, ExecOutput::Stderr(Bytes::from(line)));
-    }
-    // A pending image change is said to interactive shells only: scripts keep a quiet stderr.
-    if let Some(running) = container
-        .pending_image
-        .as_ref()
-        .filter(|_| *program == Program::Shell)
-    {
-        let eol = if setup.pty.is_some() { "\r\n" } else { "\n" };
-        let line = pending_notice(running, &login.quota.image);
-        greeting.insert(0, ExecOutput::Stderr(Bytes::from(format!("{line}{eol}"))));
-    }
+    .render();
     if !greeting.is_empty() {
         exec.output = futures::stream::iter(greeting.into_iter().map(Ok))
             .chain(exec.output)
             .boxed();
     }
     Ok(Some(exec))
-}
-
-/// The line telling a user their running container has another image than the configured one.
-fn pending_notice(running: &str, image: &str) -> String {
-    format!(
-        "labgate: your container runs image {running}; image {image} is used from its next start (home kept)"
-    )
 }
 
 /// Applies a key's forced command (`command="..."`, a certificate's `force-command`): whatever
@@ -597,14 +559,7 @@ async fn pump_output(
         }
         Err(e) => {
             warn!("exit status unknown: {e}");
-            let end = if tty { "\r\n" } else { "\n" };
-            let line = match e {
-                // The container died under the process (or before it could run).
-                RuntimeError::Start(_) => format!("labgate: {e}{end}"),
-                e => format!(
-                    "labgate: lost contact with the container engine; the session ended ({e}){end}"
-                ),
-            };
+            let line = super::text::ended(&e, tty);
             let _ = stderr.write_all(line.as_bytes()).await;
             let _ = stderr.flush().await;
             None
@@ -700,7 +655,7 @@ mod tests {
     #[test]
     fn a_pending_image_notice_names_both_images() {
         assert_eq!(
-            pending_notice("lab/a:1", "lab/a:2"),
+            super::super::text::pending_image("lab/a:1", "lab/a:2"),
             "labgate: your container runs image lab/a:1; image lab/a:2 is used from its next start (home kept)"
         );
     }

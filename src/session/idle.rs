@@ -47,6 +47,14 @@ fn period(config: &Config) -> Option<Duration> {
         .map(|d| (d / 4).clamp(Duration::from_secs(1), Duration::from_secs(60)))
 }
 
+/// Moves the start of `name`'s idle time `by` into the past (tests: time passing).
+#[cfg(test)]
+pub(crate) fn backdate(timers: &IdleTimers, name: &str, by: Duration) {
+    if let Some(since) = timers.timers().get_mut(name) {
+        *since -= by;
+    }
+}
+
 /// Runs idle stop until `stop` turns true.
 pub async fn run(ctx: Arc<Context>, mut stop: watch::Receiver<bool>) {
     loop {
@@ -66,7 +74,7 @@ pub async fn run(ctx: Arc<Context>, mut stop: watch::Receiver<bool>) {
 }
 
 /// One look at every managed container.
-async fn sweep(ctx: &Context, config: &Config) {
+pub(crate) async fn sweep(ctx: &Context, config: &Config) {
     let list = match ctx.runtime.list_managed().await {
         Ok(list) => list,
         Err(e) => {
@@ -79,13 +87,13 @@ async fn sweep(ctx: &Context, config: &Config) {
         .timers()
         .retain(|name, _| running.iter().any(|c| &c.name == name));
     let gpus = if running.iter().any(|c| !c.gpus.is_empty()) {
-        ctx.gpus.inventory(0).await.unwrap_or_default()
+        ctx.runtime.gpus().await.unwrap_or_default()
     } else {
         Vec::new()
     };
     let now = SystemTime::now();
     for c in running {
-        let Some((user, holder)) = c.owner() else {
+        let Some((user, _)) = c.owner() else {
             continue;
         };
         let Some(limit) = c.quota(config, &user).idle_stop else {
@@ -103,7 +111,7 @@ async fn sweep(ctx: &Context, config: &Config) {
         let since = *ctx.idle.timers().entry(c.name.clone()).or_insert(now);
         let idle = now.duration_since(since).unwrap_or_default();
         if idle >= limit {
-            stop_idle(ctx, c, &user, &holder, idle).await;
+            stop_idle(ctx, c, &user, idle).await;
         }
     }
 }
@@ -116,20 +124,12 @@ fn busy_gpu<'a>(mine: &'a [GpuUuid], all: &[GpuInfo], threshold: u32) -> Option<
     })
 }
 
-async fn stop_idle(
-    ctx: &Context,
-    c: &ManagedContainer,
-    user: &Username,
-    holder: &Username,
-    idle: Duration,
-) {
+async fn stop_idle(ctx: &Context, c: &ManagedContainer, user: &Username, idle: Duration) {
     let connections = ctx.connections.clone();
     let name = c.name.clone();
     let result = ctx
-        .gpus
-        .stop(ctx.runtime.as_ref(), &c.name, holder, move || {
-            !connections.in_use(&name)
-        })
+        .runtime
+        .stop(c, Box::new(move || !connections.in_use(&name)))
         .await;
     match result {
         Ok(true) => {

@@ -13,6 +13,7 @@ pub mod limits;
 pub mod progress;
 pub mod registry;
 pub mod subsystem;
+pub mod text;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,10 +28,8 @@ use crate::runtime::{ContainerHandle, ContainerRuntime, ContainerSpec, RuntimeEr
 pub struct Context {
     /// The config in force; a login snapshots it.
     pub config: watch::Receiver<Arc<Config>>,
-    /// The container backend.
+    /// The container backend (which also decides containers' GPUs).
     pub runtime: Arc<dyn ContainerRuntime>,
-    /// The host's GPUs and who holds them; every container start goes through it.
-    pub gpus: Arc<crate::gpu::pool::GpuPool>,
     /// The live connections.
     pub connections: Arc<registry::Connections>,
     /// When each running container became idle (for idle stop and `labgate status`).
@@ -112,89 +111,21 @@ impl Login {
     }
 }
 
-/// Makes sure `login`'s container runs (creating or starting it) and returns it. Every way
-/// into a container goes through here: shells, commands and forwards alike.
+/// Makes sure `login`'s container runs (creating or starting it, with the GPUs its quota
+/// asks for) and returns it. Every way into a container goes through here: shells, commands
+/// and forwards alike. The backend decides the GPUs and refuses a quota it cannot serve; it
+/// never starts a container without the GPUs the quota asks for.
 pub async fn ensure_container(
     ctx: &Context,
     login: &Login,
 ) -> Result<ContainerHandle, RuntimeError> {
-    Ok(start_container(ctx, login).await?.container)
-}
-
-/// [`ensure_container`], also saying which GPUs the container has and what the user should be
-/// told about them (recreated with other GPUs...). The GPU pool decides the GPUs and refuses
-/// a quota it cannot serve; it never starts a container without the GPUs the quota asks for.
-pub async fn start_container(
-    ctx: &Context,
-    login: &Login,
-) -> Result<crate::gpu::pool::Started, RuntimeError> {
     if let Some(refusal) = &login.denied {
         return Err(refusal.clone().into());
     }
     if let Err(e) = &login.identity {
         return Err(e.clone().into());
     }
-    let spec = login.spec();
-    ctx.gpus
-        .ensure_running(ctx.runtime.as_ref(), spec, &login.quota.gpus)
-        .await
-}
-
-/// What an interactive login sees before its shell: the status line (container and what
-/// happened to it, image, quota, GPUs, idle stop) when `[server] login_status` is on, then
-/// `[server] motd`. Lines end with `\n`; empty when both are off.
-pub fn login_banner(
-    server: &crate::config::ServerConfig,
-    login: &Login,
-    started: &crate::gpu::pool::Started,
-) -> String {
-    use crate::runtime::EnsureOutcome;
-    let mut out = String::new();
-    if server.login_status {
-        let q = &login.quota;
-        let c = &started.container;
-        let what = match c.outcome {
-            EnsureOutcome::Created => "created",
-            EnsureOutcome::Started => "started",
-            EnsureOutcome::Running => "running",
-        };
-        let mut parts = vec![
-            format!("container {} ({what})", c.name),
-            format!("image {}", q.image),
-        ];
-        let mut quota = Vec::new();
-        if let Some(cpus) = q.cpus {
-            quota.push(format!("{cpus} CPUs"));
-        }
-        if let Some(m) = q.memory {
-            quota.push(format!("{m} memory"));
-        }
-        if let Some(s) = q.shm {
-            quota.push(format!("{s} shm"));
-        }
-        if let Some(p) = q.pids {
-            quota.push(format!("{p} processes"));
-        }
-        if !quota.is_empty() {
-            parts.push(quota.join(", "));
-        }
-        parts.push(match started.gpus.len() {
-            0 => "no GPUs".to_owned(),
-            n => format!("{n} GPU(s) {}", crate::gpu::GpuUuid::join(&started.gpus)),
-        });
-        if let Some(idle) = q.idle_stop {
-            parts.push(format!(
-                "stopped after {} without a connection",
-                humantime::format_duration(idle)
-            ));
-        }
-        out.push_str(&format!("labgate: {}\n", parts.join(" | ")));
-    }
-    if let Some(motd) = &server.motd {
-        out.push_str(motd.trim_end_matches('\n'));
-        out.push('\n');
-    }
-    out
+    ctx.runtime.ensure_running(&login.spec()).await
 }
 
 /// The quota a login gets: the user's own, or for `user+profile` the profile's, or (with the
@@ -211,3 +142,6 @@ pub fn login_quota(
         Some(Err(refusal)) => (Arc::new(config.quota_for(user).clone()), Some(refusal)),
     }
 }
+
+#[cfg(test)]
+mod tests;

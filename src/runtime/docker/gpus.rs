@@ -8,11 +8,13 @@ use async_trait::async_trait;
 use bollard::errors::Error as BollardError;
 use bollard::query_parameters::RemoveContainerOptions;
 
+use super::pool::{GpuContainers, Recorded};
 use super::{DockerRuntime, engine};
 use crate::auth::Username;
 use crate::gpu::GpuUuid;
-use crate::gpu::pool::{GpuContainers, Recorded};
-use crate::runtime::{ContainerSpec, LABEL_GPUS, LABEL_MANAGED, LABEL_USER, RuntimeError};
+use crate::runtime::{
+    ContainerHandle, ContainerSpec, LABEL_GPUS, LABEL_MANAGED, LABEL_USER, RuntimeError,
+};
 
 /// What Docker says when a container asks for a device driver it does not have (no NVIDIA
 /// container toolkit): `could not select device driver "nvidia" with capabilities: [[gpu]]`.
@@ -32,6 +34,14 @@ fn gpus_of(labels: &HashMap<String, String>) -> Vec<GpuUuid> {
 
 #[async_trait]
 impl GpuContainers for DockerRuntime {
+    async fn start(&self, spec: &ContainerSpec) -> Result<ContainerHandle, RuntimeError> {
+        self.start_with_gpus(spec).await
+    }
+
+    async fn stop_container(&self, name: &str) -> Result<bool, RuntimeError> {
+        self.stop_named(name).await
+    }
+
     async fn recorded_gpus(&self, spec: &ContainerSpec) -> Result<Option<Recorded>, RuntimeError> {
         let (docker, _) = self.client().await?;
         let Some(info) = self.inspect_named(docker, &spec.name).await? else {
@@ -91,6 +101,37 @@ impl GpuContainers for DockerRuntime {
     fn lacks_gpu_support(&self, err: &RuntimeError) -> bool {
         no_gpu_runtime(err)
     }
+}
+
+/// The `labgate gpus` table without a running gateway: GPUs from NVML, holders from the
+/// labels of the running containers (`?` with a warning when Docker cannot be reached).
+pub async fn report(config: &crate::config::Config) -> Result<String, crate::gpu::GpuError> {
+    use crate::gpu::{GpuError, GpuInventory, nvml::NvmlInventory, render_table};
+    let inventory = NvmlInventory::open(config.gpu.nvml_library.clone())
+        .await
+        .map_err(GpuError::NoNvml)?;
+    let gpus = inventory.list().await?;
+    let docker = DockerRuntime::new(
+        &config.docker,
+        super::pool::GpuPool::new(Err("not used".into()), config.gpu.mode),
+    );
+    let holders = match docker.running_gpus().await {
+        Ok(running) => {
+            let mut map: std::collections::BTreeMap<GpuUuid, Vec<Username>> =
+                std::collections::BTreeMap::new();
+            for (user, uuids) in running {
+                for uuid in uuids {
+                    map.entry(uuid).or_default().push(user.clone());
+                }
+            }
+            Some(map)
+        }
+        Err(e) => {
+            tracing::warn!("GPU holders unknown: {e}");
+            None
+        }
+    };
+    Ok(render_table(&gpus, holders.as_ref()))
 }
 
 #[cfg(test)]

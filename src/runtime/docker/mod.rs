@@ -5,9 +5,10 @@
 mod account;
 mod direct;
 pub mod exec;
-mod gpus;
+pub mod gpus;
 pub mod hostpath;
 pub mod netns;
+pub mod pool;
 pub mod prepull;
 pub mod process;
 pub mod pull;
@@ -81,13 +82,31 @@ pub struct DockerRuntime {
     namespaces: OnceCell<bool>,
     /// Containers whose direct path failed once (their commands use the exec stream).
     direct_refused: direct::Refusals,
+    /// The host's GPUs (NVML) and who holds them: every container start goes through it.
+    gpus: pool::GpuPool,
+}
+
+/// What a local Docker handle carries below the seam ([`ContainerHandle::engine_data`]).
+#[derive(Debug, Clone, Copy)]
+struct Local {
+    /// Host PID of the container's init, when visible: the way into its namespaces.
+    pid: Option<i32>,
+}
+
+/// The host PID of `container`'s init, if this backend made the handle and saw one.
+fn pid_of(container: &ContainerHandle) -> Option<i32> {
+    container
+        .engine_data
+        .as_ref()
+        .and_then(|d| d.downcast_ref::<Local>())
+        .and_then(|l| l.pid)
 }
 
 impl DockerRuntime {
     /// A backend talking to the engine at `cfg.socket`. Does no I/O and never fails: the
     /// socket may appear later (a stopped daemon removes it), and until then each login is
-    /// told the engine is not reachable.
-    pub fn new(cfg: &DockerConfig) -> Self {
+    /// told the engine is not reachable. Containers get their GPUs from `gpus`.
+    pub fn new(cfg: &DockerConfig, gpus: pool::GpuPool) -> Self {
         Self {
             timeout: cfg.timeout,
             client: OnceCell::new(),
@@ -104,6 +123,7 @@ impl DockerRuntime {
             forward_via: cfg.forward_via,
             namespaces: OnceCell::new(),
             direct_refused: direct::Refusals::default(),
+            gpus,
         }
     }
 
@@ -725,9 +745,10 @@ fn engine(e: BollardError) -> RuntimeError {
     }
 }
 
-#[async_trait]
-impl ContainerRuntime for DockerRuntime {
-    async fn ensure_running(&self, spec: &ContainerSpec) -> Result<ContainerHandle, RuntimeError> {
+impl DockerRuntime {
+    /// Finds or creates `spec`'s container with exactly `spec.gpus` (the pool decided them)
+    /// and makes sure it runs.
+    async fn start_with_gpus(&self, spec: &ContainerSpec) -> Result<ContainerHandle, RuntimeError> {
         let lock = self.lock_for(&spec.name);
         let _guard = lock.lock().await;
         let (docker, _) = self.client().await?;
@@ -826,17 +847,114 @@ impl ContainerRuntime for DockerRuntime {
             // Shells and commands still work without it; sftp-server and scp do not.
             tracing::warn!(container = %spec.name, error = %e, "no account entry for the uid");
         }
-        Ok(ContainerHandle {
-            id,
-            name: spec.name.clone(),
-            shell,
-            outcome,
-            pid,
-            ips,
-            recreated_from,
-            remade_for,
-            pending_image,
-        })
+        let mut handle = ContainerHandle::new(id, spec.name.clone(), shell, outcome);
+        handle.engine_data = Some(Arc::new(Local { pid }));
+        handle.ips = ips;
+        handle.recreated_from = recreated_from;
+        handle.remade_for = remade_for;
+        handle.pending_image = pending_image;
+        handle.gpus = spec.gpus.clone();
+        Ok(handle)
+    }
+
+    /// Stops the container `name` (SIGTERM, then SIGKILL after a grace period); `Ok(false)`
+    /// when it was not running.
+    async fn stop_named(&self, name: &str) -> Result<bool, RuntimeError> {
+        let lock = self.lock_for(name);
+        let _guard = lock.lock().await;
+        let (docker, _) = self.client().await?;
+        let running = self
+            .inspect_named(docker, name)
+            .await?
+            .and_then(|i| i.state)
+            .is_some_and(|s| s.running == Some(true));
+        if !running {
+            return Ok(false);
+        }
+        let opts = bollard::query_parameters::StopContainerOptions {
+            t: Some(STOP_GRACE_SECS),
+            signal: None,
+        };
+        match docker.stop_container(name, Some(opts)).await {
+            Ok(()) => {
+                tracing::info!(target: "audit", container = %name, "container stopped");
+                Ok(true)
+            }
+            Err(BollardError::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(false),
+            Err(e) => Err(engine(e)),
+        }
+    }
+}
+
+#[async_trait]
+impl ContainerRuntime for DockerRuntime {
+    async fn ensure_running(&self, spec: &ContainerSpec) -> Result<ContainerHandle, RuntimeError> {
+        self.gpus.ensure_running(self, spec.clone()).await
+    }
+
+    async fn stop(
+        &self,
+        container: &ManagedContainer,
+        still_wanted: crate::runtime::StillWanted,
+    ) -> Result<bool, RuntimeError> {
+        match container.owner() {
+            Some((_, holder)) => {
+                self.gpus
+                    .stop(self, &container.name, &holder, still_wanted)
+                    .await
+            }
+            // Not a valid owner: it holds no GPUs this gateway gave.
+            None if still_wanted() => self.stop_named(&container.name).await,
+            None => Ok(false),
+        }
+    }
+
+    async fn gpus(&self) -> Result<Vec<crate::gpu::GpuInfo>, crate::gpu::GpuError> {
+        self.gpus.inventory(0).await
+    }
+
+    fn gpu_holders(
+        &self,
+    ) -> std::collections::BTreeMap<crate::config::GpuUuid, Vec<crate::auth::Username>> {
+        self.gpus.holders()
+    }
+
+    async fn recover(&self) -> Result<(), RuntimeError> {
+        match self.migrate_names().await {
+            Ok(0) | Err(_) => {}
+            Ok(n) => tracing::info!(
+                renamed = n,
+                "profile containers renamed to labgate-USER.PROFILE"
+            ),
+        }
+        let list = self.list_managed().await?;
+        let running = list.iter().filter(|c| c.state.is_running()).count();
+        tracing::info!(
+            managed = list.len(),
+            running,
+            "reconciled with the containers labgate manages"
+        );
+        for c in &list {
+            tracing::debug!(user = %c.user, id = %c.id, state = %c.state, "managed container");
+        }
+        // Who holds which GPU, from the running containers' labels, so a restarted gateway
+        // never hands out a GPU a running container has. (Until it succeeds, the first login
+        // that involves GPUs does it.)
+        if let Err(e) = self.gpus.rebuild(self).await {
+            tracing::warn!(
+                "cannot rebuild GPU holdings from container labels: {e}; retried at the next GPU login"
+            );
+        }
+        Ok(())
+    }
+
+    fn follow_config(
+        self: Arc<Self>,
+        config: tokio::sync::watch::Receiver<Arc<crate::config::Config>>,
+    ) {
+        tokio::spawn(prepull::on_change(config, self));
     }
 
     fn pull_events(&self) -> tokio::sync::broadcast::Receiver<PullEvent> {
@@ -951,33 +1069,5 @@ impl ContainerRuntime for DockerRuntime {
                 }
             })
             .collect())
-    }
-
-    async fn stop(&self, name: &str) -> Result<bool, RuntimeError> {
-        let lock = self.lock_for(name);
-        let _guard = lock.lock().await;
-        let (docker, _) = self.client().await?;
-        let running = self
-            .inspect_named(docker, name)
-            .await?
-            .and_then(|i| i.state)
-            .is_some_and(|s| s.running == Some(true));
-        if !running {
-            return Ok(false);
-        }
-        let opts = bollard::query_parameters::StopContainerOptions {
-            t: Some(STOP_GRACE_SECS),
-            signal: None,
-        };
-        match docker.stop_container(name, Some(opts)).await {
-            Ok(()) => {
-                tracing::info!(target: "audit", container = %name, "container stopped");
-                Ok(true)
-            }
-            Err(BollardError::DockerResponseServerError {
-                status_code: 404, ..
-            }) => Ok(false),
-            Err(e) => Err(engine(e)),
-        }
     }
 }

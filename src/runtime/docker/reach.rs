@@ -37,10 +37,10 @@ impl DockerRuntime {
     /// and the gateway logs which path it uses and why.
     pub(super) async fn way_in(&self, container: &ContainerHandle) -> Option<i32> {
         match self.forward_via {
-            ForwardVia::Namespace => container.pid,
+            ForwardVia::Namespace => super::pid_of(container),
             ForwardVia::Exec => None,
             ForwardVia::Auto => {
-                let pid = container.pid?;
+                let pid = super::pid_of(container)?;
                 let usable = *self
                     .namespaces
                     .get_or_init(|| async move {

@@ -267,6 +267,7 @@ mod tests {
             env: [("OMP_NUM_THREADS".to_string(), "2".to_string())].into(),
             uid_gid: Some((1000, 100)),
             groups: vec![],
+            gpu_request: Default::default(),
             gpus: vec![],
         }
     }

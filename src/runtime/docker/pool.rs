@@ -1,8 +1,10 @@
-//! The GPU pool: the allocator behind a lock, the inventory, and the container backend, put
-//! together to give one login its container with the GPUs its quota allows.
+//! The local backend's GPU pool: the allocator behind a lock and the host's NVML inventory,
+//! put together to give one login its container with the GPUs its quota allows.
 //!
-//! [`GpuPool::ensure_running`] is the only way a session starts a container; it decides the
-//! GPUs, then calls the backend's `ensure_running`, per user one at a time:
+//! It sits behind the seam: [`super::DockerRuntime`] owns one, and its `ensure_running` goes
+//! through [`GpuPool::ensure_running`], which decides the GPUs, then starts the container
+//! ([`GpuContainers::start`]), per user one at a time. (A cluster backend leaves GPUs to its
+//! engine and has no pool.)
 //!
 //! | container            | GPUs                                                           |
 //! | -------------------- | -------------------------------------------------------------- |
@@ -21,20 +23,26 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use tokio::sync::OnceCell;
 use tracing::{info, warn};
 
-use super::allocator::{AllocError, Allocator, Reconciled, Resume, Taken};
-use super::nvml::NvmlInventory;
-use super::{GpuError, GpuInfo, GpuInventory, GpuUuid};
 use crate::auth::Username;
 use crate::config::{GpuConfig, GpuMode, GpuRequest};
-use crate::runtime::{ContainerHandle, ContainerRuntime, ContainerSpec, ExecOutput, RuntimeError};
+use crate::gpu::allocator::{AllocError, Allocator, Reconciled, Resume};
+use crate::gpu::nvml::NvmlInventory;
+use crate::gpu::{GpuError, GpuInfo, GpuInventory, GpuUuid};
+use crate::runtime::{ContainerHandle, ContainerSpec, GpuNotice, RuntimeError};
 
-/// What the pool needs from the container backend besides [`ContainerRuntime`].
+/// What the pool needs from the engine: the containers' recorded GPUs, and starting and
+/// stopping them once it has decided.
 #[async_trait]
 pub trait GpuContainers: Send + Sync {
+    /// Finds or creates `spec`'s container with exactly `spec.gpus` and makes sure it runs.
+    async fn start(&self, spec: &ContainerSpec) -> Result<ContainerHandle, RuntimeError>;
+
+    /// Stops the container `name`; `Ok(false)` when it was not running.
+    async fn stop_container(&self, name: &str) -> Result<bool, RuntimeError>;
+
     /// Whether `spec`'s container runs and the GPUs its label records; `None` when there is
     /// no such container, or it is not labgate's (then `ensure_running` refuses it).
     async fn recorded_gpus(&self, spec: &ContainerSpec) -> Result<Option<Recorded>, RuntimeError>;
@@ -60,24 +68,10 @@ pub struct Recorded {
     pub gpus: Vec<GpuUuid>,
 }
 
-/// A started container and what the user should hear about its GPUs.
-#[derive(Debug, Clone)]
-pub struct Started {
-    /// The running container.
-    pub container: ContainerHandle,
-    /// Its GPUs.
-    pub gpus: Vec<GpuUuid>,
-    /// A line for the user when something happened they should know (recreated with other
-    /// GPUs, quota not applied yet).
-    pub notice: Option<String>,
-}
-
 /// The host's GPUs and who holds them. One per gateway.
 pub struct GpuPool {
     /// NVML, or why it is unavailable.
     inventory: Result<Arc<dyn GpuInventory>, String>,
-    /// Container labels, removal, listing.
-    backend: Arc<dyn GpuContainers>,
     /// The holdings; locked only for pure, short decisions (never across an await).
     allocator: Mutex<Allocator>,
     /// One lock per user: a user's GPU decision and container start happen one at a time.
@@ -87,15 +81,10 @@ pub struct GpuPool {
 }
 
 impl GpuPool {
-    /// A pool over `inventory` (or the reason there is none) and `backend`.
-    pub fn new(
-        inventory: Result<Arc<dyn GpuInventory>, String>,
-        backend: Arc<dyn GpuContainers>,
-        mode: GpuMode,
-    ) -> Self {
+    /// A pool over `inventory` (or the reason there is none).
+    pub fn new(inventory: Result<Arc<dyn GpuInventory>, String>, mode: GpuMode) -> Self {
         GpuPool {
             inventory,
-            backend,
             allocator: Mutex::new(Allocator::new(mode)),
             users: Mutex::new(HashMap::new()),
             rebuilt: OnceCell::new(),
@@ -104,7 +93,7 @@ impl GpuPool {
 
     /// Loads NVML as `config` says and logs, once, what was found or why GPUs are
     /// unavailable. Never fails: without NVML the gateway serves logins that need no GPU.
-    pub async fn open(config: &GpuConfig, backend: Arc<dyn GpuContainers>) -> Self {
+    pub async fn open(config: &GpuConfig) -> Self {
         let inventory: Result<Arc<dyn GpuInventory>, String> =
             match NvmlInventory::open(config.nvml_library.clone()).await {
                 Ok(nvml) => Ok(Arc::new(nvml)),
@@ -115,7 +104,7 @@ impl GpuPool {
                     Err(reason)
                 }
             };
-        let pool = GpuPool::new(inventory, backend, config.mode);
+        let pool = GpuPool::new(inventory, config.mode);
         if let Ok(inv) = &pool.inventory {
             match inv.list().await {
                 Ok(gpus) => {
@@ -170,9 +159,9 @@ impl GpuPool {
 
     /// Brings holdings in line with the containers that run now: adopts the GPUs of running
     /// containers (their labels), releases those of containers that stopped.
-    pub async fn reconcile(&self) -> Result<Reconciled, RuntimeError> {
+    pub async fn reconcile(&self, backend: &dyn GpuContainers) -> Result<Reconciled, RuntimeError> {
         let seen = self.allocator().stamp();
-        let running = self.backend.running_gpus().await?;
+        let running = backend.running_gpus().await?;
         let result = self.allocator().reconcile(&running, seen);
         for user in &result.adopted {
             info!(user = %user, gpus = %GpuUuid::join(&self.held_by(user)), "GPU holding rebuilt from container label");
@@ -190,9 +179,9 @@ impl GpuPool {
 
     /// Rebuilds holdings from the running containers' labels, once: later calls return at
     /// once. Every GPU decision waits for it.
-    pub async fn rebuild(&self) -> Result<(), RuntimeError> {
+    pub async fn rebuild(&self, backend: &dyn GpuContainers) -> Result<(), RuntimeError> {
         self.rebuilt
-            .get_or_try_init(|| async { self.reconcile().await.map(|_| ()) })
+            .get_or_try_init(|| async { self.reconcile(backend).await.map(|_| ()) })
             .await
             .map(|_| ())
     }
@@ -203,11 +192,12 @@ impl GpuPool {
     /// allocation, which is rare (first login, recreate).
     async fn allocate(
         &self,
+        backend: &dyn GpuContainers,
         user: &Username,
         request: &GpuRequest,
         gpus: &[GpuInfo],
     ) -> Result<Vec<GpuUuid>, RuntimeError> {
-        self.reconcile().await?;
+        self.reconcile(backend).await?;
         Ok(self
             .allocator()
             .allocate(user, request, gpus, SystemTime::now())
@@ -220,19 +210,21 @@ impl GpuPool {
         Ok(self.inventory(request.count()).await?)
     }
 
-    /// Makes sure `spec.user`'s container runs with GPUs as `request` (their quota) asks, as
-    /// the table in the module doc says. Safe to call concurrently: per user one at a time,
-    /// across users never oversubscribing a GPU.
+    /// Makes sure `spec.user`'s container runs with GPUs as `spec.gpu_request` (their quota)
+    /// asks, as the table in the module doc says, and returns it with its GPUs and what the
+    /// user should hear about them. Safe to call concurrently: per user one at a time, across
+    /// users never oversubscribing a GPU.
     pub async fn ensure_running(
         &self,
-        runtime: &dyn ContainerRuntime,
+        backend: &dyn GpuContainers,
         mut spec: ContainerSpec,
-        request: &GpuRequest,
-    ) -> Result<Started, RuntimeError> {
+    ) -> Result<ContainerHandle, RuntimeError> {
+        let request = spec.gpu_request.clone();
+        let request = &request;
         let user = spec.holder();
         let lock = self.user_lock(&user);
         let _serial = lock.lock().await;
-        let recorded = self.backend.recorded_gpus(&spec).await?;
+        let recorded = backend.recorded_gpus(&spec).await?;
         let wants = request.count() > 0;
         let has_recorded = recorded.as_ref().is_some_and(|r| !r.gpus.is_empty());
         if !wants && !has_recorded {
@@ -240,14 +232,9 @@ impl GpuPool {
             if self.allocator().release(&user).is_some() {
                 info!(user = %user, "GPUs released: container has none");
             }
-            let container = runtime.ensure_running(&spec).await?;
-            return Ok(Started {
-                container,
-                gpus: Vec::new(),
-                notice: None,
-            });
+            return backend.start(&spec).await;
         }
-        self.rebuild().await?;
+        self.rebuild(backend).await?;
         let now = SystemTime::now();
         let mut notice = None;
         let mut claim = Claim {
@@ -262,10 +249,9 @@ impl GpuPool {
                     warn!(user = %user, gpus = %GpuUuid::join(&over), "running container holds GPUs beyond the mode's limit");
                 }
                 if wants && r.gpus.is_empty() {
-                    notice = Some(format!(
-                        "your quota now includes {} GPU(s); your running container has none. They are given when it is made again (ask your admin)",
-                        request.count()
-                    ));
+                    notice = Some(GpuNotice::NotYetGiven {
+                        count: request.count(),
+                    });
                 }
                 spec.gpus = r.gpus;
             }
@@ -273,9 +259,12 @@ impl GpuPool {
                 // Stopped, made before the quota had GPUs: make it again with them.
                 let inv = self.inventory_for(request).await?;
                 claim.armed = true;
-                let ids = self.allocate(&user, request, &inv).await?;
-                self.backend.remove_stopped(&spec).await?;
-                notice = Some(recreated_notice(&[], &ids));
+                let ids = self.allocate(backend, &user, request, &inv).await?;
+                backend.remove_stopped(&spec).await?;
+                notice = Some(GpuNotice::MadeAgain {
+                    gpus: ids.clone(),
+                    taken: Vec::new(),
+                });
                 spec.gpus = ids;
             }
             Some(r) => {
@@ -283,19 +272,22 @@ impl GpuPool {
                 let inv = self.inventory(request.count()).await;
                 let listed = inv.as_deref().unwrap_or_default();
                 claim.armed = true;
-                self.reconcile().await?;
+                self.reconcile(backend).await?;
                 let resumed = self
                     .allocator()
                     .resume(&user, &r.gpus, request, listed, now);
                 match resumed {
                     Ok(Resume::Reuse(ids)) => spec.gpus = ids,
                     Ok(Resume::Recreate { gpus, taken }) => {
-                        self.backend.remove_stopped(&spec).await?;
+                        backend.remove_stopped(&spec).await?;
                         if taken.is_empty() {
-                            notice = Some(quota_changed_notice(&gpus));
+                            notice = Some(GpuNotice::QuotaChanged { gpus: gpus.clone() });
                             info!(user = %user, gpus = %GpuUuid::join(&gpus), "container made again: its GPU quota changed");
                         } else {
-                            notice = Some(recreated_notice(&taken, &gpus));
+                            notice = Some(GpuNotice::MadeAgain {
+                                gpus: gpus.clone(),
+                                taken,
+                            });
                             info!(user = %user, gpus = %GpuUuid::join(&gpus), "container made again: its GPUs were taken");
                         }
                         spec.gpus = gpus;
@@ -314,24 +306,22 @@ impl GpuPool {
             None => {
                 let inv = self.inventory_for(request).await?;
                 claim.armed = true;
-                spec.gpus = self.allocate(&user, request, &inv).await?;
+                spec.gpus = self.allocate(backend, &user, request, &inv).await?;
             }
         }
         if !spec.gpus.is_empty() {
             info!(target: "audit", user = %user, gpus = %GpuUuid::join(&spec.gpus), "GPUs allocated");
         }
-        match runtime.ensure_running(&spec).await {
-            Ok(container) => {
+        match backend.start(&spec).await {
+            Ok(mut container) => {
                 self.allocator()
                     .confirm(&user, &spec.gpus, SystemTime::now());
                 claim.armed = false;
-                Ok(Started {
-                    container,
-                    gpus: spec.gpus,
-                    notice,
-                })
+                container.gpus = spec.gpus;
+                container.gpu_notice = notice;
+                Ok(container)
             }
-            Err(e) if !spec.gpus.is_empty() && self.backend.lacks_gpu_support(&e) => {
+            Err(e) if !spec.gpus.is_empty() && backend.lacks_gpu_support(&e) => {
                 Err(GpuError::NoGpuRuntime(e.to_string()).into())
             }
             Err(e) => Err(e),
@@ -346,7 +336,7 @@ impl GpuPool {
     /// `Ok(false)` when it was not stopped (not running, or `still_wanted` said no).
     pub async fn stop(
         &self,
-        runtime: &dyn ContainerRuntime,
+        backend: &dyn GpuContainers,
         name: &str,
         user: &Username,
         still_wanted: impl FnOnce() -> bool,
@@ -356,41 +346,11 @@ impl GpuPool {
         if !still_wanted() {
             return Ok(false);
         }
-        let stopped = runtime.stop(name).await?;
+        let stopped = backend.stop_container(name).await?;
         if let Some(h) = self.allocator().release(user) {
             info!(user = %user, gpus = %GpuUuid::join(&h.gpus), "GPUs released: container stopped");
         }
         Ok(stopped)
-    }
-
-    /// What to show before a program's output: the notice of `started` (stderr) and, for an
-    /// interactive shell (`shell` on a terminal), one banner line per GPU it has, with live
-    /// use (stdout). Terminals get `\r\n` line ends.
-    pub async fn greeting(&self, started: &Started, shell: bool, tty: bool) -> Vec<ExecOutput> {
-        let eol = if tty { "\r\n" } else { "\n" };
-        let mut out = Vec::new();
-        if let Some(notice) = &started.notice {
-            out.push(ExecOutput::Stderr(Bytes::from(format!(
-                "labgate: {notice}{eol}"
-            ))));
-        }
-        if shell && tty && !started.gpus.is_empty() {
-            let mine: Vec<GpuInfo> = match self.inventory(0).await {
-                Ok(all) => all
-                    .into_iter()
-                    .filter(|g| started.gpus.contains(&g.uuid))
-                    .collect(),
-                Err(e) => {
-                    tracing::debug!("no GPU banner: {e}");
-                    Vec::new()
-                }
-            };
-            if !mine.is_empty() {
-                let banner = super::render_banner(&mine).replace('\n', eol);
-                out.push(ExecOutput::Stdout(Bytes::from(banner)));
-            }
-        }
-        out
     }
 }
 
@@ -409,45 +369,13 @@ impl Drop for Claim<'_> {
     }
 }
 
-fn quota_changed_notice(ids: &[GpuUuid]) -> String {
-    let with = if ids.is_empty() {
-        "without GPUs".to_owned()
-    } else {
-        format!("with GPU(s) {}", GpuUuid::join(ids))
-    };
-    format!(
-        "your container was made again {with} because your GPU quota changed; your home and mounts are kept, other changes inside the container are not"
-    )
-}
-
-fn recreated_notice(taken: &[Taken], ids: &[GpuUuid]) -> String {
-    let taken = taken
-        .iter()
-        .map(Taken::to_string)
-        .collect::<Vec<_>>()
-        .join("; ");
-    let reason = if taken.is_empty() {
-        "it was made before your quota included GPUs".to_owned()
-    } else {
-        format!("the GPUs it had are in use ({taken})")
-    };
-    let with = if ids.is_empty() {
-        "without GPUs".to_owned()
-    } else {
-        format!("with GPU(s) {}", GpuUuid::join(ids))
-    };
-    format!(
-        "your container was made again {with} because {reason}; your home and mounts are kept, other changes inside the container are not"
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
     use crate::config::GpuPin;
-    use crate::runtime::{EnsureOutcome, Exec, ExecRequest, ManagedContainer};
+    use crate::runtime::EnsureOutcome;
 
     fn user(s: &str) -> Username {
         Username::parse(s).unwrap()
@@ -503,15 +431,8 @@ mod tests {
     }
 
     #[async_trait]
-    impl ContainerRuntime for FakeEngine {
-        async fn update_limits(&self, _spec: &ContainerSpec) -> Result<bool, RuntimeError> {
-            Ok(false)
-        }
-
-        async fn ensure_running(
-            &self,
-            spec: &ContainerSpec,
-        ) -> Result<ContainerHandle, RuntimeError> {
+    impl GpuContainers for FakeEngine {
+        async fn start(&self, spec: &ContainerSpec) -> Result<ContainerHandle, RuntimeError> {
             tokio::task::yield_now().await;
             let u = spec.holder().to_string();
             let mut containers = self.containers.lock().unwrap();
@@ -532,32 +453,14 @@ mod tests {
                 return Err(RuntimeError::Start(msg));
             }
             containers.insert(u, (true, gpus));
-            Ok(ContainerHandle {
-                id: spec.name.clone(),
-                name: spec.name.clone(),
-                shell: "/bin/sh".into(),
-                outcome: EnsureOutcome::Created,
-                pid: None,
-                ips: Vec::new(),
-                recreated_from: None,
-                remade_for: Vec::new(),
-                pending_image: None,
-            })
+            Ok(ContainerHandle::new(
+                spec.name.clone(),
+                spec.name.clone(),
+                "/bin/sh".into(),
+                EnsureOutcome::Created,
+            ))
         }
-        async fn exec(&self, _: &ContainerHandle, _: ExecRequest) -> Result<Exec, RuntimeError> {
-            Err(RuntimeError::Exec("fake".into()))
-        }
-        async fn reach(
-            self: Arc<Self>,
-            _: &ContainerHandle,
-            _: crate::runtime::reach::Reacher,
-        ) -> Arc<dyn crate::runtime::reach::Reach> {
-            unreachable!("the GPU pool never reaches into containers")
-        }
-        async fn list_managed(&self) -> Result<Vec<ManagedContainer>, RuntimeError> {
-            Ok(Vec::new())
-        }
-        async fn stop(&self, name: &str) -> Result<bool, RuntimeError> {
+        async fn stop_container(&self, name: &str) -> Result<bool, RuntimeError> {
             let u = name.trim_start_matches("labgate-");
             let mut containers = self.containers.lock().unwrap();
             Ok(containers
@@ -565,10 +468,6 @@ mod tests {
                 .map(|c| std::mem::replace(&mut c.0, false))
                 .unwrap_or(false))
         }
-    }
-
-    #[async_trait]
-    impl GpuContainers for FakeEngine {
         async fn recorded_gpus(
             &self,
             spec: &ContainerSpec,
@@ -610,7 +509,7 @@ mod tests {
     fn pool(n: u32, mode: GpuMode) -> (Arc<GpuPool>, Arc<FakeEngine>) {
         let engine = Arc::new(FakeEngine::default());
         let inv: Arc<dyn GpuInventory> = Arc::new(FakeInventory((0..n).map(gpu).collect()));
-        let pool = GpuPool::new(Ok(inv), engine.clone(), mode);
+        let pool = GpuPool::new(Ok(inv), mode);
         (Arc::new(pool), engine)
     }
 
@@ -628,10 +527,8 @@ mod tests {
         let mut gpu = spec("alice");
         gpu.profile = Some(crate::auth::ProfileName::parse("gpu").unwrap());
         gpu.name = "labgate-alice-gpu".into();
-        let started = pool
-            .ensure_running(engine.as_ref(), gpu, &ONE)
-            .await
-            .unwrap();
+        gpu.gpu_request = ONE;
+        let started = pool.ensure_running(engine.as_ref(), gpu).await.unwrap();
         assert_eq!(started.gpus, vec![uuid(0)]);
         // Plain alice has no GPUs in her quota: her login must not release the profile's.
         let plain = login(&pool, &engine, "alice", GpuRequest::default())
@@ -661,8 +558,10 @@ mod tests {
         engine: &FakeEngine,
         u: &str,
         request: GpuRequest,
-    ) -> Result<Started, RuntimeError> {
-        pool.ensure_running(engine, spec(u), &request).await
+    ) -> Result<ContainerHandle, RuntimeError> {
+        let mut spec = spec(u);
+        spec.gpu_request = request;
+        pool.ensure_running(engine, spec).await
     }
 
     const ONE: GpuRequest = GpuRequest::Count(1);
@@ -728,7 +627,8 @@ mod tests {
         engine.stop("alice");
         // Free again: the same container, the same GPU, nothing to tell.
         let again = login(&pool, &engine, "alice", ONE).await.unwrap();
-        assert_eq!((again.gpus, again.notice), (vec![uuid(0)], None));
+        assert_eq!(again.gpus, vec![uuid(0)]);
+        assert!(again.gpu_notice.is_none(), "{:?}", again.gpu_notice);
         assert_eq!(engine.created().len(), 1);
 
         engine.stop("alice");
@@ -740,7 +640,7 @@ mod tests {
         );
         let back = login(&pool, &engine, "alice", ONE).await.unwrap();
         assert_eq!(back.gpus, vec![uuid(1)]);
-        let notice = back.notice.unwrap();
+        let notice = crate::session::text::gpu_notice(&back.gpu_notice.unwrap());
         assert!(
             notice.contains("made again with GPU(s) GPU-f001"),
             "{notice}"
@@ -798,7 +698,6 @@ mod tests {
         let engine = Arc::new(FakeEngine::default());
         let pool = GpuPool::new(
             Err("cannot load NVML library libnvidia-ml.so.1: not found".into()),
-            engine.clone(),
             GpuMode::Exclusive,
         );
         assert!(pool.unavailable().is_some());
@@ -841,10 +740,10 @@ mod tests {
         engine.stop("alice");
         let s = login(&pool, &engine, "alice", ONE).await.unwrap();
         assert_eq!(s.gpus, vec![uuid(0)]);
+        let notice = crate::session::text::gpu_notice(&s.gpu_notice.unwrap());
         assert!(
-            s.notice
-                .unwrap()
-                .contains("before your quota included GPUs")
+            notice.contains("before your quota included GPUs"),
+            "{notice}"
         );
     }
 
@@ -855,25 +754,5 @@ mod tests {
         login(&pool, &engine, "b", ONE).await.unwrap();
         let err = login(&pool, &engine, "c", ONE).await.unwrap_err();
         assert!(err.to_string().contains("is held by a for"), "{err}");
-    }
-
-    #[tokio::test]
-    async fn the_greeting_has_the_notice_and_a_banner_for_login_shells() {
-        let (pool, engine) = pool(1, GpuMode::Exclusive);
-        let mut s = login(&pool, &engine, "alice", ONE).await.unwrap();
-        s.notice = Some("hello".into());
-        let g = pool.greeting(&s, true, true).await;
-        assert_eq!(g[0], ExecOutput::Stderr(Bytes::from("labgate: hello\r\n")));
-        assert_eq!(
-            g[1],
-            ExecOutput::Stdout(Bytes::from(
-                "GPU 0 Fake H100 (GPU-f000): 0% busy, 0.0/80.0 GiB used\r\n"
-            ))
-        );
-        assert_eq!(
-            pool.greeting(&s, false, false).await.len(),
-            1,
-            "no banner for commands"
-        );
     }
 }

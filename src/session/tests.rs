@@ -1,0 +1,291 @@
+//! The session layer against the in-process fake backend ([`crate::runtime::fake`]): what a
+//! login, idle stop and the admin's stop do, with no Docker.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::watch;
+
+use super::registry::ConnectionInfo;
+use super::text::Greeting;
+use super::*;
+use crate::auth::keys::KeyFile;
+use crate::config::GpuUuid;
+use crate::gpu::GpuInfo;
+use crate::runtime::fake::FakeRuntime;
+use crate::runtime::{EnsureOutcome, ExecOutput, GpuNotice};
+
+const KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHn7MrEI7ZE5jvoV0hWr8ya2DvjoZH2sGUTMv7Ur2DPt";
+
+fn config(extra: &str) -> Config {
+    crate::config::parse(
+        Path::new("/etc/labgate/labgate.toml"),
+        &format!("[defaults]\nimage = \"lab/base:1\"\nmemory = \"1G\"\n{extra}"),
+    )
+    .unwrap()
+}
+
+fn context(config: Config) -> (Arc<Context>, Arc<FakeRuntime>) {
+    let fake = Arc::new(FakeRuntime::default());
+    let ctx = Arc::new(Context {
+        config: watch::channel(Arc::new(config)).1,
+        runtime: fake.clone(),
+        connections: Arc::default(),
+        idle: Default::default(),
+        pending: Arc::default(),
+        identities: Arc::default(),
+    });
+    (ctx, fake)
+}
+
+fn user(name: &str) -> Username {
+    Username::parse(name).unwrap()
+}
+
+fn login(ctx: &Context, name: &str, profile: Option<&str>) -> Login {
+    let user = user(name);
+    let profile = profile.map(|p| crate::auth::ProfileName::parse(p).unwrap());
+    let (quota, denied) = login_quota(ctx, &user, profile.as_ref());
+    let key = KeyFile::parse(Path::new("keys/x.pub"), KEY).keys[0].clone();
+    Login {
+        user,
+        key,
+        quota,
+        denied,
+        peer: "192.0.2.7:40000".parse().unwrap(),
+        local: "192.0.2.1:22".parse().unwrap(),
+        conn: 1,
+        stats: Arc::default(),
+        gone: Default::default(),
+        opening: Arc::default(),
+        identity: Ok(None),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_first_logins_make_one_container() {
+    let (ctx, fake) = context(config(""));
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                let login = login(&ctx, "alice", None);
+                ensure_container(&ctx, &login).await.map(|c| c.outcome)
+            })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for t in tasks {
+        outcomes.push(t.await.unwrap().unwrap());
+    }
+    assert_eq!(fake.created.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        outcomes
+            .iter()
+            .filter(|o| **o == EnsureOutcome::Created)
+            .count(),
+        1,
+        "{outcomes:?}"
+    );
+    assert!(fake.running("labgate-alice"));
+}
+
+#[tokio::test]
+async fn the_spec_carries_the_quota_and_a_profile_has_its_own_container() {
+    let (ctx, fake) = context(config(
+        "gpus = 1\n\n[profiles.big]\nimage = \"lab/big:2\"\nmemory = \"8G\"\nusers = [\"alice\"]\n",
+    ));
+    let plain = login(&ctx, "alice", None);
+    ensure_container(&ctx, &plain).await.unwrap();
+    let big = login(&ctx, "alice", Some("big"));
+    let c = ensure_container(&ctx, &big).await.unwrap();
+    assert_eq!(c.name, "labgate-alice.big");
+    let containers = fake.containers();
+    let spec = &containers["labgate-alice.big"].spec;
+    assert_eq!(spec.image, "lab/big:2");
+    assert_eq!(spec.memory.map(|m| m.to_string()).as_deref(), Some("8G"));
+    assert_eq!(spec.gpu_request.count(), 1, "the backend decides which");
+    assert_eq!(containers["labgate-alice"].spec.image, "lab/base:1");
+}
+
+#[tokio::test]
+async fn refused_logins_never_reach_the_backend() {
+    let (ctx, fake) = context(config(
+        "\n[profiles.big]\nimage = \"lab/big:2\"\nusers = [\"carol\"]\n",
+    ));
+    // A profile alice may not use: authenticated, but every session is refused.
+    let denied = login(&ctx, "alice", Some("big"));
+    assert!(denied.denied.is_some());
+    let err = ensure_container(&ctx, &denied).await.unwrap_err();
+    assert!(err.to_string().contains("big"), "{err}");
+    // No identity to run as.
+    let mut nobody = login(&ctx, "bob", None);
+    nobody.identity = Err(crate::auth::identity::IdentityError::NoHostAccount(
+        "bob".into(),
+    ));
+    assert!(ensure_container(&ctx, &nobody).await.is_err());
+    assert_eq!(fake.created.load(Ordering::SeqCst), 0);
+    assert!(fake.containers().is_empty());
+}
+
+#[tokio::test]
+async fn a_failed_start_reaches_the_user_as_one_line() {
+    let (ctx, fake) = context(config(""));
+    *fake.refuse.lock().unwrap() = Some("OCI runtime create failed".into());
+    let err = ensure_container(&ctx, &login(&ctx, "alice", None))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        text::not_started(&err, true),
+        "labgate: your container failed to start: OCI runtime create failed\r\n"
+    );
+    assert_eq!(
+        text::not_started(&err, false),
+        "labgate: your container failed to start: OCI runtime create failed\n"
+    );
+}
+
+fn register(ctx: &Context, name: &str, container: &str) -> registry::Registration {
+    ctx.connections.register(
+        ConnectionInfo {
+            conn: 7,
+            user: user(name),
+            container: container.to_owned(),
+            peer: "192.0.2.7:40000".parse().unwrap(),
+            fingerprint: "SHA256:x".into(),
+            key: None,
+            since: SystemTime::now(),
+            stats: Arc::default(),
+        },
+        Default::default(),
+    )
+}
+
+#[tokio::test]
+async fn idle_stop_stops_only_unused_idle_containers() {
+    let (ctx, fake) = context(config("idle_stop = \"1h\"\n"));
+    for name in ["alice", "bob", "carol"] {
+        ensure_container(&ctx, &login(&ctx, name, None))
+            .await
+            .unwrap();
+    }
+    // carol's GPU is busy; bob has a connection open.
+    let gpu = GpuUuid::parse("GPU-c0").unwrap();
+    fake.containers()
+        .get_mut("labgate-carol")
+        .unwrap()
+        .spec
+        .gpus = vec![gpu.clone()];
+    *fake.gpus.lock().unwrap() = vec![GpuInfo {
+        index: 0,
+        uuid: gpu,
+        name: "Fake".into(),
+        memory_total: 1 << 30,
+        mig_mode: None,
+        utilization: Some(90),
+        memory_used: 0,
+        processes: Vec::new(),
+    }];
+    let _bob = register(&ctx, "bob", "labgate-bob");
+    let config = ctx.config.borrow().clone();
+    idle::sweep(&ctx, &config).await;
+    assert!(
+        fake.running("labgate-alice"),
+        "idle, but not for an hour yet"
+    );
+    // An hour passes for alice.
+    idle::backdate(&ctx.idle, "labgate-alice", Duration::from_secs(3601));
+    idle::sweep(&ctx, &config).await;
+    assert!(!fake.running("labgate-alice"), "idle for an hour: stopped");
+    assert!(fake.running("labgate-bob"), "in use");
+    assert!(fake.running("labgate-carol"), "its GPU is busy");
+    assert!(ctx.idle.idle_since("labgate-bob").is_none());
+    assert!(ctx.idle.idle_since("labgate-carol").is_none());
+}
+
+#[tokio::test]
+async fn the_admins_stop_stops_every_running_container_of_that_user_only() {
+    let (ctx, fake) = context(config(
+        "\n[profiles.big]\nimage = \"lab/big:2\"\nusers = [\"alice\"]\n",
+    ));
+    for (name, profile) in [("alice", None), ("alice", Some("big")), ("bob", None)] {
+        ensure_container(&ctx, &login(&ctx, name, profile))
+            .await
+            .unwrap();
+    }
+    let mut stopped = crate::admin::status::stop_user(&ctx, &user("alice"))
+        .await
+        .unwrap();
+    stopped.sort();
+    assert_eq!(stopped, vec!["labgate-alice", "labgate-alice.big"]);
+    assert!(fake.running("labgate-bob"));
+    assert!(
+        crate::admin::status::stop_user(&ctx, &user("alice"))
+            .await
+            .unwrap()
+            .is_empty(),
+        "nothing left running"
+    );
+}
+
+fn texts(chunks: &[ExecOutput]) -> Vec<(&'static str, String)> {
+    chunks
+        .iter()
+        .map(|c| match c {
+            ExecOutput::Stdout(b) => ("out", String::from_utf8_lossy(b).into_owned()),
+            ExecOutput::Stderr(b) => ("err", String::from_utf8_lossy(b).into_owned()),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_login_shell_hears_notices_on_stderr_then_the_status_line_and_gpu_banner() {
+    let (ctx, _fake) = context(config("cpus = 2\nidle_stop = \"2h\"\n"));
+    let login = login(&ctx, "alice", None);
+    let mut c = ensure_container(&ctx, &login).await.unwrap();
+    let gpu = GpuUuid::parse("GPU-f000").unwrap();
+    c.gpus = vec![gpu.clone()];
+    c.pending_image = Some("lab/base:0".into());
+    c.gpu_notice = Some(GpuNotice::NotYetGiven { count: 2 });
+    let live = [GpuInfo {
+        index: 0,
+        uuid: gpu,
+        name: "Fake H100".into(),
+        memory_total: 80 << 30,
+        mig_mode: None,
+        utilization: Some(0),
+        memory_used: 0,
+        processes: Vec::new(),
+    }];
+    let server = ctx.config.borrow().server.clone();
+    let shell = Greeting {
+        server: &server,
+        quota: &login.quota,
+        container: &c,
+        shell: true,
+        tty: true,
+        gpus: &live,
+    };
+    assert_eq!(
+        texts(&shell.render()),
+        vec![
+            ("err", "labgate: your container runs image lab/base:0; image lab/base:1 is used from its next start (home kept)\r\n".into()),
+            ("out", "labgate: container labgate-alice (created) | image lab/base:1 | 2 CPUs, 1G memory | 1 GPU(s) GPU-f000 | stopped after 2h without a connection\r\n".into()),
+            ("err", "labgate: your quota now includes 2 GPU(s); your running container has none. They are given when it is made again (ask your admin)\r\n".into()),
+            ("out", "GPU 0 Fake H100 (GPU-f000): 0% busy, 0.0/80.0 GiB used\r\n".into()),
+        ]
+    );
+    // A command keeps stdout exact: only the GPU notice, on stderr, with `\n`.
+    let command = Greeting {
+        shell: false,
+        tty: false,
+        ..shell
+    };
+    assert_eq!(
+        texts(&command.render()),
+        vec![("err", "labgate: your quota now includes 2 GPU(s); your running container has none. They are given when it is made again (ask your admin)\n".into())]
+    );
+}

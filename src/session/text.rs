@@ -1,0 +1,223 @@
+//! Every line labgate itself says to a user in their session: the login status line, the
+//! notices about their container (made again, another image pending, GPUs), why a session
+//! did not start or ended, in one place and one voice.
+//!
+//! Lines start with `labgate: ` and end with `\r\n` on a terminal (the PTY is in raw mode
+//! while the gateway writes) and `\n` otherwise. Notices go to stderr, so a command's stdout
+//! stays byte-exact; the status line, the message of the day and the GPU banner go to an
+//! interactive shell's stdout, as sshd's motd does. Pure functions: the session decides when
+//! to say what, this module only how.
+
+use bytes::Bytes;
+
+use crate::config::{GpuUuid, Quota, ServerConfig};
+use crate::gpu::GpuInfo;
+use crate::runtime::{ContainerHandle, EnsureOutcome, ExecOutput, GpuNotice, RuntimeError};
+
+/// The line end for a session with (`tty`) or without a terminal.
+pub fn eol(tty: bool) -> &'static str {
+    if tty { "\r\n" } else { "\n" }
+}
+
+/// `labgate: TEXT` and the line end.
+pub fn line(text: &str, tty: bool) -> String {
+    format!("labgate: {text}{}", eol(tty))
+}
+
+/// Why a session did not start (the error is phrased for the user).
+pub fn not_started(e: &RuntimeError, tty: bool) -> String {
+    line(&e.to_string(), tty)
+}
+
+/// Why a session ended without an exit status: the container died under the process, or
+/// the engine stopped answering.
+pub fn ended(e: &RuntimeError, tty: bool) -> String {
+    match e {
+        RuntimeError::Start(_) => line(&e.to_string(), tty),
+        e => line(
+            &format!("lost contact with the container engine; the session ended ({e})"),
+            tty,
+        ),
+    }
+}
+
+/// The status line before an interactive shell (container and what happened to it, image,
+/// quota, GPUs, idle stop) when `[server] login_status` is on, then `[server] motd`. Lines
+/// end with `\n`; empty when both are off.
+pub fn login_banner(server: &ServerConfig, quota: &Quota, container: &ContainerHandle) -> String {
+    let mut out = String::new();
+    if server.login_status {
+        let what = match container.outcome {
+            EnsureOutcome::Created => "created",
+            EnsureOutcome::Started => "started",
+            EnsureOutcome::Running => "running",
+        };
+        let mut parts = vec![
+            format!("container {} ({what})", container.name),
+            format!("image {}", quota.image),
+        ];
+        let mut limits = Vec::new();
+        if let Some(cpus) = quota.cpus {
+            limits.push(format!("{cpus} CPUs"));
+        }
+        if let Some(m) = quota.memory {
+            limits.push(format!("{m} memory"));
+        }
+        if let Some(s) = quota.shm {
+            limits.push(format!("{s} shm"));
+        }
+        if let Some(p) = quota.pids {
+            limits.push(format!("{p} processes"));
+        }
+        if !limits.is_empty() {
+            parts.push(limits.join(", "));
+        }
+        parts.push(match container.gpus.len() {
+            0 => "no GPUs".to_owned(),
+            n => format!("{n} GPU(s) {}", GpuUuid::join(&container.gpus)),
+        });
+        if let Some(idle) = quota.idle_stop {
+            parts.push(format!(
+                "stopped after {} without a connection",
+                humantime::format_duration(idle)
+            ));
+        }
+        out.push_str(&format!("labgate: {}\n", parts.join(" | ")));
+    }
+    if let Some(motd) = &server.motd {
+        out.push_str(motd.trim_end_matches('\n'));
+        out.push('\n');
+    }
+    out
+}
+
+/// What the user hears about their container's GPUs.
+pub fn gpu_notice(notice: &GpuNotice) -> String {
+    let with = |ids: &[GpuUuid]| {
+        if ids.is_empty() {
+            "without GPUs".to_owned()
+        } else {
+            format!("with GPU(s) {}", GpuUuid::join(ids))
+        }
+    };
+    let kept = "your home and mounts are kept, other changes inside the container are not";
+    match notice {
+        GpuNotice::NotYetGiven { count } => format!(
+            "your quota now includes {count} GPU(s); your running container has none. They are given when it is made again (ask your admin)"
+        ),
+        GpuNotice::QuotaChanged { gpus } => format!(
+            "your container was made again {} because your GPU quota changed; {kept}",
+            with(gpus)
+        ),
+        GpuNotice::MadeAgain { gpus, taken } => {
+            let reason = if taken.is_empty() {
+                "it was made before your quota included GPUs".to_owned()
+            } else {
+                let held: Vec<String> = taken.iter().map(ToString::to_string).collect();
+                format!("the GPUs it had are in use ({})", held.join("; "))
+            };
+            format!(
+                "your container was made again {} because {reason}; {kept}",
+                with(gpus)
+            )
+        }
+    }
+}
+
+/// The line telling a user their running container has another image than the configured one.
+pub fn pending_image(running: &str, image: &str) -> String {
+    format!(
+        "labgate: your container runs image {running}; image {image} is used from its next start (home kept)"
+    )
+}
+
+/// The line telling a user their container was made from another image (`old`) than before.
+pub fn recreated_from(old: &str, image: &str) -> String {
+    let was = if old == image {
+        "was an older image of that name".to_owned()
+    } else {
+        format!("was {old}")
+    };
+    format!("labgate: your container was recreated from image {image} ({was}); your home is kept")
+}
+
+/// The line telling a user their container was made again for changed settings.
+pub fn remade_for(settings: &[&str]) -> String {
+    format!(
+        "labgate: your container was made again for the new settings ({}); your home is kept",
+        settings.join(", ")
+    )
+}
+
+/// One line per GPU for the banner of a login shell: index, name, use and memory.
+pub fn gpu_banner(gpus: &[GpuInfo]) -> String {
+    crate::gpu::render_banner(gpus)
+}
+
+/// What a session shows before its program's output.
+pub struct Greeting<'a> {
+    /// The gateway's settings (status line, motd).
+    pub server: &'a ServerConfig,
+    /// The login's quota.
+    pub quota: &'a Quota,
+    /// The container it runs in.
+    pub container: &'a ContainerHandle,
+    /// Whether the program is the login shell (not a command or subsystem).
+    pub shell: bool,
+    /// Whether the session has a terminal.
+    pub tty: bool,
+    /// The live state of the backend's GPUs, for the banner (only looked at for a login
+    /// shell on a terminal with GPUs).
+    pub gpus: &'a [GpuInfo],
+}
+
+impl Greeting<'_> {
+    /// The chunks, in order: notices about the container on stderr (an image change pending,
+    /// made again), then for an interactive shell the status line and motd on stdout, the
+    /// GPU notice on stderr and the GPU banner on stdout.
+    pub fn render(&self) -> Vec<ExecOutput> {
+        let eol = eol(self.tty);
+        let c = self.container;
+        let err = |s: String| ExecOutput::Stderr(Bytes::from(s));
+        let mut out = Vec::new();
+        // A pending image change is said to interactive shells only: scripts keep a quiet
+        // stderr.
+        if let Some(running) = c.pending_image.as_ref().filter(|_| self.shell) {
+            out.push(err(format!(
+                "{}{eol}",
+                pending_image(running, &self.quota.image)
+            )));
+        }
+        if let Some(old) = &c.recreated_from {
+            out.push(err(format!(
+                "{}{eol}",
+                recreated_from(old, &self.quota.image)
+            )));
+        } else if !c.remade_for.is_empty() {
+            out.push(err(format!("{}{eol}", remade_for(&c.remade_for))));
+        }
+        if self.shell && self.tty {
+            let banner = login_banner(self.server, self.quota, c);
+            if !banner.is_empty() {
+                out.push(ExecOutput::Stdout(Bytes::from(banner.replace('\n', eol))));
+            }
+        }
+        if let Some(notice) = &c.gpu_notice {
+            out.push(err(line(&gpu_notice(notice), self.tty)));
+        }
+        if self.shell && self.tty && !c.gpus.is_empty() {
+            let mine: Vec<GpuInfo> = self
+                .gpus
+                .iter()
+                .filter(|g| c.gpus.contains(&g.uuid))
+                .cloned()
+                .collect();
+            if !mine.is_empty() {
+                out.push(ExecOutput::Stdout(Bytes::from(
+                    gpu_banner(&mine).replace('\n', eol),
+                )));
+            }
+        }
+        out
+    }
+}
