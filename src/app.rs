@@ -10,8 +10,8 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::config::{self, Config, ConfigError};
+use crate::login::Context;
 use crate::runtime::ContainerRuntime;
-use crate::session::Context;
 use crate::ssh;
 
 /// Errors that stop the gateway from starting.
@@ -89,7 +89,7 @@ pub async fn serve(
     });
     crate::admin::start(ctx.clone(), &admin, stop_rx.clone()).await;
     tokio::spawn(crate::session::idle::run(ctx.clone(), stop_rx.clone()));
-    tokio::spawn(crate::session::registry::end_when_key_removed(
+    tokio::spawn(crate::login::registry::end_when_key_removed(
         ctx.clone(),
         stop_rx.clone(),
     ));

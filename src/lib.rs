@@ -36,6 +36,7 @@ pub mod config;
 pub mod demo;
 pub mod forward;
 pub mod gpu;
+pub mod login;
 pub mod runtime;
 pub mod session;
 pub mod ssh;

@@ -39,7 +39,7 @@ use tracing::{debug, info, warn};
 
 use crate::auth::Username;
 use crate::config::AdminConfig;
-use crate::session::Context;
+use crate::login::Context;
 
 /// Why the admin endpoints could not be set up (the gateway runs on without them).
 #[derive(Debug, thiserror::Error)]

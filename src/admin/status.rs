@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use super::metrics::metrics;
 use crate::auth::Username;
+use crate::login::Context;
 use crate::runtime::RuntimeError;
-use crate::session::Context;
 
 /// The gateway's state, as served at `GET /status`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

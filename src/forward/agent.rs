@@ -15,8 +15,8 @@ use tokio::task::JoinHandle;
 use tracing::{Instrument, debug, info, warn};
 
 use super::pump;
+use crate::login::{Context, Login};
 use crate::runtime::ContainerHandle;
-use crate::session::{Context, Login};
 
 /// The socket's file name inside its directory.
 const SOCKET_NAME: &str = "agent.sock";

@@ -9,14 +9,12 @@
 //! before any shell.
 
 pub mod agent;
-pub mod pending;
 pub mod policy;
 pub mod pump;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
 
 use russh::server::{ChannelOpenHandle, Handle, Msg};
 use russh::{Channel, ChannelOpenFailure};
@@ -24,13 +22,15 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info};
 
+use crate::login::{Context, Login};
 use crate::runtime::reach::{BoxedStream, ReachError};
-use crate::session::{Context, Login};
 use policy::{Denied, PermitOpen};
 
-/// How long opening a forward may take, from its request to its connection: resolving the
-/// name and trying every address it resolves to, together.
-pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// `-R` listeners one connection may hold at once.
+pub const MAX_REMOTE_FORWARDS: usize = 64;
+
+/// How long opening a forward may take (see [`crate::runtime::reach::CONNECT_TIMEOUT`]).
+use crate::runtime::reach::CONNECT_TIMEOUT;
 /// At most this many of the addresses a name resolves to are tried (a container's
 /// `/etc/hosts` is the user's to write).
 const MAX_ADDRESSES: usize = 8;
@@ -52,7 +52,7 @@ pub enum ForwardError {
     Resolve(String),
     /// Too many forwards are being opened at once.
     #[error("{0}")]
-    Busy(#[from] pending::TooMany),
+    Busy(#[from] crate::login::pending::TooMany),
     /// Connecting or binding failed.
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -119,7 +119,7 @@ pub async fn direct_tcpip(
         PermitOpen::parse(login.key.options().permit_open.iter().map(String::as_str))
             .check(&host, port)?;
         let _pending = ctx.pending.begin(&login.user, &login.opening)?;
-        let container = crate::session::ensure_container(&ctx, &login).await?;
+        let container = crate::login::ensure_container(&ctx, &login).await?;
         let deadline = Instant::now() + CONNECT_TIMEOUT;
         let reach = login.reach(&ctx, &container).await;
         let ips = reach.resolve(&host, deadline).await?;
@@ -178,7 +178,7 @@ pub async fn direct_streamlocal(
             return Err(Denied::Disabled("unix socket").into());
         }
         let _pending = ctx.pending.begin(&login.user, &login.opening)?;
-        let container = crate::session::ensure_container(&ctx, &login).await?;
+        let container = crate::login::ensure_container(&ctx, &login).await?;
         let deadline = Instant::now() + CONNECT_TIMEOUT;
         let mut target = std::path::PathBuf::from(login.home());
         target.push(&path);
@@ -206,7 +206,7 @@ pub async fn direct_streamlocal(
 #[derive(Default)]
 pub struct RemoteForwards {
     /// The accept loop of each listener, by the address and port the client asked for;
-    /// at most [`MAX_REMOTE_FORWARDS`](crate::session::limits::MAX_REMOTE_FORWARDS).
+    /// at most [`MAX_REMOTE_FORWARDS`](MAX_REMOTE_FORWARDS).
     listeners: HashMap<(String, u32), JoinHandle<()>>,
 }
 
@@ -232,7 +232,7 @@ impl RemoteForwards {
             }
             .into());
         }
-        let max = crate::session::limits::MAX_REMOTE_FORWARDS;
+        let max = MAX_REMOTE_FORWARDS;
         let replaces = port != 0 && self.listeners.contains_key(&(address.to_owned(), port));
         if self.listeners.len() >= max && !replaces {
             return Err(Denied::TooManyListeners(max).into());
@@ -243,7 +243,7 @@ impl RemoteForwards {
                 "port out of range",
             ))
         })?;
-        let container = crate::session::ensure_container(ctx, login).await?;
+        let container = crate::login::ensure_container(ctx, login).await?;
         let named = login.key.options().names_listen_address(address, port);
         let ip = policy::listen_ip(address, named).map_err(ForwardError::Resolve)?;
         let reach = login.reach(ctx, &container).await;

@@ -20,6 +20,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Exec, ExecRequest, Identity, RuntimeError};
 
+/// How long opening a forward may take, from its request to its connection: resolving the
+/// name and trying every address it resolves to, together.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A byte stream to something inside a container.
 pub trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
 

@@ -21,8 +21,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
 use super::limits::{EnvBudget, EnvVerdict};
-use super::{Context, Login, subsystem};
+use super::subsystem;
 use crate::forward::agent::AgentForward;
+use crate::login::{Context, Login};
 use crate::runtime::{ExecControl, ExecOutput, ExecRequest, ExitStatus, RuntimeError, TtySize};
 
 /// Bytes of stdin kept while the container starts; beyond this the channel is not read (the
@@ -406,7 +407,7 @@ async fn start(
     let spec = login.spec();
     let starting = tokio::spawn({
         let (ctx, login) = (ctx.clone(), login.clone());
-        async move { super::ensure_container(&ctx, &login).await }.in_current_span()
+        async move { crate::login::ensure_container(&ctx, &login).await }.in_current_span()
     });
     let container = match unless_cancelled(cancel, starting).await {
         None => return Ok(None),

@@ -8,34 +8,18 @@
 //! look at the connections, so a login that arrives at that moment either keeps the container
 //! or starts it again; it never gets a container stopped under it.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use super::Context;
 use crate::admin::metrics::metrics;
 use crate::auth::Username;
 use crate::config::Config;
 use crate::gpu::{GpuInfo, GpuUuid};
+use crate::login::Context;
 use crate::runtime::ManagedContainer;
-
-/// When each running, unused container became idle.
-#[derive(Debug, Default)]
-pub struct IdleTimers(Mutex<HashMap<String, SystemTime>>);
-
-impl IdleTimers {
-    fn timers(&self) -> MutexGuard<'_, HashMap<String, SystemTime>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Since when container `name` has been idle, if it is.
-    pub fn idle_since(&self, name: &str) -> Option<SystemTime> {
-        self.timers().get(name).copied()
-    }
-}
 
 /// How often containers are looked at: a quarter of the shortest `idle_stop`, between one
 /// second and a minute. `None` when no quota stops containers.
@@ -49,7 +33,7 @@ fn period(config: &Config) -> Option<Duration> {
 
 /// Moves the start of `name`'s idle time `by` into the past (tests: time passing).
 #[cfg(test)]
-pub(crate) fn backdate(timers: &IdleTimers, name: &str, by: Duration) {
+pub(crate) fn backdate(timers: &crate::login::IdleTimers, name: &str, by: Duration) {
     if let Some(since) = timers.timers().get_mut(name) {
         *since -= by;
     }

@@ -1,5 +1,5 @@
-//! What one client may make the gateway hold on one connection: session channels, `env`
-//! requests per channel, `-R` listeners. Each bound is checked where the request arrives (the
+//! What one client may make the gateway hold on one session channel: `env` requests (the
+//! `-R` listeners of a connection are bounded in [`crate::forward`]). Each bound is checked where the request arrives (the
 //! handler, which answers at once) and refused with the protocol's failure reply; the
 //! excess is logged once, not once per request.
 //!
@@ -11,9 +11,6 @@ pub const MAX_ENV_VARS: usize = 64;
 
 /// Bytes of `env` (names plus values) one session channel may set.
 pub const MAX_ENV_BYTES: usize = 64 << 10;
-
-/// `-R` listeners one connection may hold at once.
-pub const MAX_REMOTE_FORWARDS: usize = 64;
 
 /// What [`EnvBudget::admit`] decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

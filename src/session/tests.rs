@@ -8,12 +8,15 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 
-use super::registry::ConnectionInfo;
 use super::text::Greeting;
 use super::*;
+use crate::auth::Username;
 use crate::auth::keys::KeyFile;
+use crate::config::Config;
 use crate::config::GpuUuid;
 use crate::gpu::GpuInfo;
+use crate::login::registry::{self, ConnectionInfo};
+use crate::login::{Context, Login, ensure_container, login_quota};
 use crate::runtime::fake::FakeRuntime;
 use crate::runtime::{EnsureOutcome, ExecOutput, GpuNotice};
 

@@ -221,3 +221,52 @@ impl Greeting<'_> {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Username;
+    use crate::gpu::allocator::Taken;
+
+    #[test]
+    fn gpu_notices_say_what_happened_and_what_is_kept() {
+        let f001 = GpuUuid::parse("GPU-f001").unwrap();
+        let taken = Taken {
+            index: Some(0),
+            uuid: GpuUuid::parse("GPU-f000").unwrap(),
+            holders: vec![(Username::parse("bob").unwrap(), None)],
+        };
+        assert_eq!(
+            gpu_notice(&GpuNotice::MadeAgain {
+                gpus: vec![f001.clone()],
+                taken: vec![taken],
+            }),
+            "your container was made again with GPU(s) GPU-f001 because the GPUs it had are in use (GPU 0 (GPU-f000) is held by bob); your home and mounts are kept, other changes inside the container are not"
+        );
+        assert_eq!(
+            gpu_notice(&GpuNotice::MadeAgain {
+                gpus: vec![f001],
+                taken: Vec::new(),
+            }),
+            "your container was made again with GPU(s) GPU-f001 because it was made before your quota included GPUs; your home and mounts are kept, other changes inside the container are not"
+        );
+        assert_eq!(
+            gpu_notice(&GpuNotice::QuotaChanged { gpus: Vec::new() }),
+            "your container was made again without GPUs because your GPU quota changed; your home and mounts are kept, other changes inside the container are not"
+        );
+    }
+
+    #[test]
+    fn lines_end_as_the_session_needs() {
+        assert_eq!(line("x", true), "labgate: x\r\n");
+        assert_eq!(line("x", false), "labgate: x\n");
+        assert_eq!(
+            recreated_from("lab/a:1", "lab/a:1"),
+            "labgate: your container was recreated from image lab/a:1 (was an older image of that name); your home is kept"
+        );
+        assert_eq!(
+            remade_for(&["mounts/home", "shm"]),
+            "labgate: your container was made again for the new settings (mounts/home, shm); your home is kept"
+        );
+    }
+}

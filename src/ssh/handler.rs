@@ -21,9 +21,10 @@ use crate::admin::metrics::metrics;
 use crate::auth::{self, AuthorizedKey, KeyOrigin, KeyStore, Refusal, Username};
 use crate::forward::agent::AgentForward;
 use crate::forward::{self, RemoteForwards};
+use crate::login::registry::{ConnectionInfo, Registration};
+use crate::login::{Context, Login};
 use crate::session::limits::{self, EnvBudget, EnvVerdict};
-use crate::session::registry::{ConnectionInfo, Registration};
-use crate::session::{Context, Login, channel, subsystem};
+use crate::session::{channel, subsystem};
 use crate::ssh::admission::Ticket;
 
 /// SSH_OPEN_RESOURCE_SHORTAGE (RFC 4254): the reason code of a session past `max_sessions`.
@@ -183,7 +184,7 @@ impl ConnectionHandler {
             warn!(conn = self.conn, user = %user, peer = %self.peer, "login refused: {refused}");
             return Self::publickey_only();
         }
-        let (quota, denied) = crate::session::login_quota(&self.ctx, &user, profile.as_ref());
+        let (quota, denied) = crate::login::login_quota(&self.ctx, &user, profile.as_ref());
         let config = self.ctx.config.borrow().clone();
         let identity = self.ctx.identities.resolve(&user, &quota, &config).await;
         if let Err(e) = &identity {

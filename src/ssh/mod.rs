@@ -25,7 +25,7 @@ use tokio::sync::watch;
 use tracing::{Instrument, debug, info, warn};
 
 use crate::config::ServerConfig;
-use crate::session::Context;
+use crate::login::Context;
 use admission::{Admission, PreAuthHandle};
 use handler::ConnectionHandler;
 

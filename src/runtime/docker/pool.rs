@@ -640,16 +640,18 @@ mod tests {
         );
         let back = login(&pool, &engine, "alice", ONE).await.unwrap();
         assert_eq!(back.gpus, vec![uuid(1)]);
-        let notice = crate::session::text::gpu_notice(&back.gpu_notice.unwrap());
-        assert!(
-            notice.contains("made again with GPU(s) GPU-f001"),
-            "{notice}"
-        );
-        assert!(
-            notice.contains("GPU 0 (GPU-f000) is held by bob"),
-            "{notice}"
-        );
-        assert!(notice.contains("home and mounts are kept"), "{notice}");
+        match back.gpu_notice {
+            Some(GpuNotice::MadeAgain { gpus, taken }) => {
+                assert_eq!(gpus, vec![uuid(1)]);
+                assert_eq!(taken.len(), 1, "{taken:?}");
+                let held = taken[0].to_string();
+                assert!(
+                    held.starts_with("GPU 0 (GPU-f000) is held by bob"),
+                    "{held}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
         assert_eq!(
             engine.created(),
             vec![

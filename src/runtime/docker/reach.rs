@@ -153,7 +153,7 @@ impl Acceptor for RelayAcceptor {
         loop {
             let (n, peer) = self.listener.next_connection().await?;
             let args = vec!["unix".to_owned(), format!("{}/.{n}", self.dir)];
-            let deadline = Instant::now() + crate::forward::CONNECT_TIMEOUT;
+            let deadline = Instant::now() + crate::runtime::reach::CONNECT_TIMEOUT;
             let runtime: &dyn ContainerRuntime = self.runtime.as_ref();
             match relay::connect(runtime, &self.who, &self.container, args, deadline).await {
                 Ok(s) => return Some((Box::new(s), peer)),
