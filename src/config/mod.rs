@@ -9,11 +9,13 @@
 //! - `raw`: the file format as serde reads it (`Raw*` tables, checked newtypes, merging).
 //! - `validated`: the types the rest of labgate reads, and the named defaults.
 //! - `validation`: raw → validated ([`parse`]), with positions.
+//! - `changes`: what a reload changes in a quota ([`Quota::changes`] → [`QuotaChanges`]).
 //! - `gpu`, [`images`] (`[registries]`, `[profiles]`, pull policies), [`units`], [`helpers`],
 //!   [`reload`].
 //!
 //! Every public type is re-exported here: `crate::config::Quota`, never the submodule path.
 
+mod changes;
 mod gpu;
 pub mod helpers;
 pub mod images;
@@ -25,6 +27,7 @@ mod validation;
 
 use std::path::{Path, PathBuf};
 
+pub use changes::QuotaChanges;
 pub use gpu::{DEFAULT_NVML_LIBRARY, GpuConfig, GpuMode, GpuPin, GpuRequest};
 pub use images::{ProfileRefusal, Profiles, PullPolicy, RegistryAuth};
 pub use units::{ByteSize, HumanDuration};
