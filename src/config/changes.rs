@@ -72,6 +72,9 @@ mod tests {
     use super::*;
     use crate::config::{ByteSize, GpuRequest, Mount, UidRule, parse};
 
+    /// One edit of a quota, as the cases below list them.
+    type Edit = fn(&mut Quota);
+
     fn base() -> Quota {
         parse(
             Path::new("/etc/labgate/labgate.toml"),
@@ -96,7 +99,7 @@ mod tests {
     #[test]
     fn limits_are_live() {
         for edit in [
-            (|q: &mut Quota| q.memory = Some(ByteSize(2 << 30))) as fn(&mut Quota),
+            (|q: &mut Quota| q.memory = Some(ByteSize(2 << 30))) as Edit,
             |q| q.cpus = Some(2.5),
             |q| q.pids = None,
         ] {
@@ -112,7 +115,7 @@ mod tests {
 
     #[test]
     fn recreate_groups_each_setting() {
-        let cases: [(fn(&mut Quota), &str); 9] = [
+        let cases: [(Edit, &str); 9] = [
             (|q| q.image = "lab/base:2".into(), QuotaChanges::IMAGE),
             (|q| q.home = "/srv/home/{user}".into(), QuotaChanges::MOUNTS),
             (
