@@ -52,7 +52,7 @@ pub enum ClientError {
 }
 
 /// Reads a successful answer's JSON `body` as `command`'s answer type.
-pub fn parse<T: serde::de::DeserializeOwned>(
+pub(crate) fn parse<T: serde::de::DeserializeOwned>(
     command: &'static str,
     body: &str,
 ) -> Result<T, ClientError> {
@@ -60,7 +60,11 @@ pub fn parse<T: serde::de::DeserializeOwned>(
 }
 
 /// Sends `method path` to the gateway at `socket`; returns the body of a successful answer.
-pub async fn request(socket: &Path, method: Method, path: &str) -> Result<String, ClientError> {
+pub(crate) async fn request(
+    socket: &Path,
+    method: Method,
+    path: &str,
+) -> Result<String, ClientError> {
     let protocol = |message: String| ClientError::Protocol {
         path: socket.to_owned(),
         message,

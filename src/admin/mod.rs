@@ -48,7 +48,7 @@ const USERS_PREFIX: &str = "/users/";
 
 /// Why the admin endpoints could not be set up (the gateway runs on without them).
 #[derive(Debug, thiserror::Error)]
-pub enum AdminError {
+pub(crate) enum AdminError {
     /// Another live gateway answers on the socket.
     #[error("{0}: another gateway is serving this admin socket")]
     SocketInUse(PathBuf),
@@ -74,7 +74,7 @@ pub enum AdminError {
 
 /// Binds the admin socket and the metrics listener as `config` says and serves them until
 /// `stop` turns true. Problems are logged; the gateway serves SSH regardless.
-pub async fn start(ctx: Arc<Context>, config: &AdminConfig, stop: watch::Receiver<bool>) {
+pub(crate) async fn start(ctx: Arc<Context>, config: &AdminConfig, stop: watch::Receiver<bool>) {
     match bind_socket(&config.socket).await {
         Ok(listener) => {
             info!(socket = %config.socket.display(), "admin socket ready");

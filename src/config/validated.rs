@@ -51,7 +51,7 @@ impl Config {
     }
 
     /// The uids the config gives by number (never handed out under `uid = "auto"`).
-    pub fn fixed_uids(&self) -> std::collections::BTreeSet<u32> {
+    pub(crate) fn fixed_uids(&self) -> std::collections::BTreeSet<u32> {
         std::iter::once(&self.defaults)
             .chain(self.users.values())
             .chain(self.profiles.quotas.values())
@@ -66,7 +66,7 @@ impl Config {
     /// template, mount source)`. Someone who can write there can rename a home and put a
     /// symlink in its place; labgate refuses to start such a container, but the admin should
     /// know (`labgate check` warns).
-    pub fn homes_under_writable_mounts(&self) -> Vec<(String, String, PathBuf)> {
+    pub(crate) fn homes_under_writable_mounts(&self) -> Vec<(String, String, PathBuf)> {
         let all = std::iter::once(&self.defaults)
             .chain(self.users.values())
             .chain(self.profiles.quotas.values());

@@ -10,7 +10,7 @@ use crate::gpu::GpuError;
 use crate::session::Context;
 
 /// The route on the admin socket.
-pub const PATH: &str = "/gpus";
+pub(crate) const PATH: &str = "/gpus";
 
 /// Why `labgate gpus` printed no table.
 #[derive(Debug, thiserror::Error)]
@@ -27,7 +27,7 @@ pub enum GpusError {
 }
 
 /// The handler: the GPU table with this gateway's holdings.
-pub async fn table(ctx: &Context) -> Result<String, GpuError> {
+pub(crate) async fn table(ctx: &Context) -> Result<String, GpuError> {
     let gpus = ctx.gpus.inventory(0).await?;
     Ok(crate::gpu::render_table(&gpus, Some(&ctx.gpus.holders())))
 }

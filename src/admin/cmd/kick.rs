@@ -11,7 +11,7 @@ use crate::auth::Username;
 use crate::session::Context;
 
 /// The action's name in its route, `/users/NAME/kick`.
-pub const ACTION: &str = "kick";
+pub(crate) const ACTION: &str = "kick";
 
 /// The answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -21,7 +21,7 @@ pub struct Kicked {
 }
 
 /// The handler: asks every connection of `user` to end (audited).
-pub fn kick(ctx: &Context, user: &Username) -> Kicked {
+pub(crate) fn kick(ctx: &Context, user: &Username) -> Kicked {
     let kicked = ctx.connections.kick(user);
     info!(target: "audit", user = %user, connections = kicked, "admin kick");
     Kicked { kicked }

@@ -13,7 +13,7 @@ use crate::runtime::RuntimeError;
 use crate::session::Context;
 
 /// The route on the admin socket.
-pub const PATH: &str = "/status";
+pub(crate) const PATH: &str = "/status";
 
 /// The gateway's state, as served at `GET /status`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -67,7 +67,7 @@ pub struct ConnectionStatus {
 }
 
 /// The handler: gathers the status (needs the engine for the container list).
-pub async fn collect(ctx: &Context) -> Result<Status, RuntimeError> {
+pub(crate) async fn collect(ctx: &Context) -> Result<Status, RuntimeError> {
     let managed = ctx.runtime.list_managed().await?;
     let connections = ctx.connections.list();
     let config = ctx.config.borrow().clone();

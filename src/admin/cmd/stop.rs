@@ -12,7 +12,7 @@ use crate::runtime::RuntimeError;
 use crate::session::Context;
 
 /// The action's name in its route, `/users/NAME/stop`.
-pub const ACTION: &str = "stop";
+pub(crate) const ACTION: &str = "stop";
 
 /// The answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -24,7 +24,7 @@ pub struct Stopped {
 }
 
 /// The handler: kicks `user`, then stops their running containers (audited).
-pub async fn stop(ctx: &Context, user: &Username) -> Result<Stopped, RuntimeError> {
+pub(crate) async fn stop(ctx: &Context, user: &Username) -> Result<Stopped, RuntimeError> {
     let kicked = ctx.connections.kick(user);
     let stopped = stop_containers(ctx, user).await?;
     info!(target: "audit", user = %user, connections = kicked, containers = ?stopped, "admin stop");
