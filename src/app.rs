@@ -135,7 +135,8 @@ async fn apply_live_limits(
                 continue;
             };
             let (old, new) = (c.quota(&previous, &user), c.quota(&current, &user));
-            if (old.memory, old.cpus, old.pids) != (new.memory, new.cpus, new.pids) {
+            let changes = crate::config::Quota::changes(old, new);
+            if changes.live {
                 let spec = crate::runtime::ContainerSpec::new(&user, new, None);
                 match runtime.update_limits(&spec).await {
                     Ok(true) => {
@@ -147,22 +148,8 @@ async fn apply_live_limits(
                     }
                 }
             }
-            let mut later = Vec::new();
-            if old.image != new.image {
-                later.push("image");
-            }
-            if old.mounts != new.mounts || old.home != new.home {
-                later.push("mounts/home");
-            }
-            if old.gpus != new.gpus {
-                later.push("gpus");
-            }
-            if old.shm != new.shm || old.env != new.env || old.uid != new.uid || old.gid != new.gid
-            {
-                later.push("shm/env/uid");
-            }
-            if !later.is_empty() {
-                info!(user = %user, container = %c.name, changed = ?later, "reload: these changes apply when the container next starts (idle stop, `labgate stop`); it is made again then, home and mounts kept");
+            if !changes.recreate.is_empty() {
+                info!(user = %user, container = %c.name, changed = ?changes.recreate, "reload: these changes apply when the container next starts (idle stop, `labgate stop`); it is made again then, home and mounts kept");
             }
         }
         previous = current;

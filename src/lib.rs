@@ -19,8 +19,9 @@
 //!   signalling.
 //! - [`gpu`]: the GPU inventory (NVML), the allocator (exclusive or shared, by UUID, never
 //!   oversubscribed) and the pool that gives a login its GPUs.
-//! - [`admin`]: the admin socket (`labgate status | stop | kick | gpus`), `/metrics` and
-//!   `/healthz`, the audit log, the process-wide metrics.
+//! - [`admin`]: the admin socket (`labgate status | stop | kick | gpus`, one module each in
+//!   [`admin::cmd`]), `/metrics` and `/healthz`, the audit log, the process-wide metrics.
+//! - [`check`]: `labgate check`, the config and key files validated like `sshd -t`.
 //! - [`demo`]: the embedded demo setup (locally built busybox image, demo user and key).
 //! - [`app`]: the composition root: wires config, backend and server, runs until a signal.
 //!
@@ -32,6 +33,7 @@
 pub mod admin;
 pub mod app;
 pub mod auth;
+pub mod check;
 pub mod config;
 pub mod demo;
 pub mod forward;

@@ -5,9 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{CommandFactory as _, Parser, Subcommand};
-use hyper::Method;
-use labgate::admin::client;
-use labgate::auth::KeyStore;
+use labgate::admin::cmd;
 use labgate::{app, config, demo};
 use tracing_subscriber::Layer as _;
 
@@ -153,7 +151,13 @@ fn main() -> ExitCode {
         )
         .init();
     match cli.command {
-        Command::Check { config } => check(&config),
+        Command::Check { config } => {
+            if labgate::check::run(&config) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
         Command::Completions { shell } => {
             // Into memory first: a closed stdout is an error to report, not a panic.
             let mut script = Vec::new();
@@ -178,56 +182,22 @@ fn main() -> ExitCode {
             }
         }
         Command::Gpus { admin } => run(async move {
-            let socket = admin.socket()?;
-            match client::request(&socket, Method::GET, "/gpus").await {
-                Ok(table) => print!("{table}"),
-                Err(client::ClientError::Connect { .. }) => {
-                    eprintln!(
-                        "labgate: no gateway answers on {}: reading NVML and container labels directly",
-                        socket.display()
-                    );
-                    let loaded = config::load(&admin.config)?;
-                    print!("{}", labgate::runtime::gpu_report(&loaded).await?);
-                }
-                Err(e) => return Err(e.into()),
-            }
-            Ok(())
-        }),
-        Command::Status { admin, json } => run(async move {
-            let body = client::request(&admin.socket()?, Method::GET, "/status").await?;
-            if json {
-                print!("{body}");
-            } else {
-                let status: labgate::admin::status::Status = serde_json::from_str(&body)
-                    .context("the gateway's status answer is not what this labgate expects")?;
-                print!("{}", labgate::admin::status::render(&status));
-            }
-            Ok(())
-        }),
-        Command::Stop { user, admin } => run(async move {
-            let path = format!("/users/{user}/stop");
-            let body = client::request(&admin.socket()?, Method::POST, &path).await?;
-            let v: serde_json::Value = serde_json::from_str(&body)?;
-            println!(
-                "{user}: {} connection(s) ended, stopped: {}",
-                v["kicked"],
-                v["stopped"]
-                    .as_array()
-                    .filter(|a| !a.is_empty())
-                    .map(|a| a
-                        .iter()
-                        .filter_map(|n| n.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", "))
-                    .unwrap_or_else(|| "nothing was running".to_owned())
+            print!(
+                "{}",
+                cmd::gpus::call(&admin.socket()?, &admin.config).await?
             );
             Ok(())
         }),
+        Command::Status { admin, json } => run(async move {
+            print!("{}", cmd::status::call(&admin.socket()?, json).await?);
+            Ok(())
+        }),
+        Command::Stop { user, admin } => run(async move {
+            print!("{}", cmd::stop::call(&admin.socket()?, &user).await?);
+            Ok(())
+        }),
         Command::Kick { user, admin } => run(async move {
-            let path = format!("/users/{user}/kick");
-            let body = client::request(&admin.socket()?, Method::POST, &path).await?;
-            let v: serde_json::Value = serde_json::from_str(&body)?;
-            println!("{user}: {} connection(s) ended", v["kicked"]);
+            print!("{}", cmd::kick::call(&admin.socket()?, &user).await?);
             Ok(())
         }),
         Command::Serve { config } => run(async move {
@@ -272,139 +242,6 @@ fn run(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
     }
 }
 
-fn check(path: &std::path::Path) -> ExitCode {
-    let config = match config::load(path) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let store = KeyStore::new(config.server.keys_dir.clone());
-    let report = match store.scan() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    for e in &report.errors {
-        eprintln!("{e}");
-    }
-    let ca_ok = check_trusted_cas(&config);
-    for user in config.configured_users() {
-        if !report.users.iter().any(|(u, _)| u == user) {
-            eprintln!(
-                "{}: warning: [users.{user}] has no key file {}: that user cannot log in",
-                config.source.display(),
-                store.path_of(user).display()
-            );
-        }
-    }
-    warn_unreadable_registry_secrets(&config);
-    report_helpers(&config);
-    for (table, home, source) in config.homes_under_writable_mounts() {
-        eprintln!(
-            "{}: warning: {table} home {home:?} lies under the writable mount source {}: users who can write there could replace a home with a symlink (labgate refuses to start such a container; keep homes outside writable mounts)",
-            config.source.display(),
-            source.display()
-        );
-    }
-    if report.errors.is_empty() && ca_ok {
-        println!(
-            "{}: OK ({} user(s) with keys in {})",
-            config.source.display(),
-            report.users.len(),
-            config.server.keys_dir.display()
-        );
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
-}
-
-/// `labgate check` on the helpers: which were found (stdout), and a warning naming what is
-/// lost for each one missing or dynamically linked. Neither fails the check: the gateway runs
-/// without them, degraded.
-fn report_helpers(config: &config::Config) {
-    let docker = &config.docker;
-    let helpers = [
-        (
-            &docker.relay_helper,
-            config::helpers::RELAY,
-            "relay_helper",
-            "no direct path: sessions without a terminal (scp, rsync, git, sftp) go through the engine's exec stream, and forwards fail where the gateway cannot enter containers' namespaces (forward_via = \"exec\")",
-        ),
-        (
-            &docker.sftp_helper,
-            config::helpers::SFTP,
-            "sftp_helper",
-            "images without their own sftp-server get no sftp (nor scp, which speaks sftp)",
-        ),
-    ];
-    let file = config.source.display();
-    for (helper, name, key, without) in helpers {
-        if !helper.found {
-            if helper.origin == config::helpers::Origin::Configured {
-                eprintln!(
-                    "{file}: warning: [docker] {key} = {:?} does not exist: {without}",
-                    helper.path
-                );
-            } else {
-                let searched: Vec<String> = helper
-                    .searched
-                    .iter()
-                    .map(|p| p.display().to_string())
-                    .collect();
-                eprintln!(
-                    "{file}: warning: no {name} helper (looked for {}): {without}",
-                    searched.join(", ")
-                );
-            }
-            continue;
-        }
-        println!(
-            "helper {name}: {} ({})",
-            helper.path.display(),
-            helper.origin
-        );
-        if config::helpers::is_dynamically_linked(&helper.path) == Some(true) {
-            eprintln!(
-                "{file}: warning: helper {} is dynamically linked: it runs only in images whose C library suits it (elsewhere: {without}); build it static as scripts/deb does",
-                helper.path.display()
-            );
-        }
-    }
-}
-
-/// `labgate check` on `[server] trusted_user_ca_keys`: the file must read and hold at least
-/// one CA key; bad lines are reported. True when all is well (or no CA file is set).
-fn check_trusted_cas(config: &config::Config) -> bool {
-    let Some(path) = &config.server.trusted_user_ca_keys else {
-        return true;
-    };
-    let cas = match std::fs::read_to_string(path) {
-        Ok(text) => labgate::auth::TrustedCas::parse(path, &text),
-        Err(e) => {
-            eprintln!(
-                "{}: cannot read trusted_user_ca_keys: {e}: certificate logins are refused",
-                path.display()
-            );
-            return false;
-        }
-    };
-    for e in &cas.errors {
-        eprintln!("{e}");
-    }
-    if cas.is_empty() {
-        eprintln!(
-            "{}: no usable CA key: certificate logins are refused",
-            path.display()
-        );
-    }
-    cas.errors.is_empty() && !cas.is_empty()
-}
-
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = match signal(SignalKind::terminate()) {
@@ -418,24 +255,5 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
-    }
-}
-
-/// Warns about registry password files that cannot be read (pulls from there would fail).
-/// Only the file's readability is checked; its contents are never printed.
-fn warn_unreadable_registry_secrets(config: &config::Config) {
-    let mut seen = std::collections::BTreeSet::new();
-    let images = labgate::runtime::docker::prepull::images_of(config);
-    for auth in images.values().filter_map(|(_, auth)| auth.as_ref()) {
-        if seen.insert(auth.password_file.clone())
-            && let Err(e) = std::fs::File::open(&auth.password_file)
-        {
-            eprintln!(
-                "{}: warning: [registries.\"{}\"] password_file {} cannot be read ({e}): pulls from it will fail",
-                config.source.display(),
-                auth.registry,
-                auth.password_file.display()
-            );
-        }
     }
 }

@@ -2,6 +2,8 @@
 //! the admin socket (status, kick, stop), `/metrics` and `/healthz`, the audit log, idle stop,
 //! the login banner and ending sessions when a key is removed.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
+
 mod common;
 
 use std::os::unix::fs::PermissionsExt;

@@ -4,6 +4,8 @@
 //! user's own, private, and gone when the connection closes; no `-A`, no socket; a key with
 //! `no-agent-forwarding` gets none either.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
+
 mod common;
 
 use std::path::{Path, PathBuf};

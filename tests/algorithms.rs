@@ -3,6 +3,8 @@
 //! Terrapin countermeasure) and only modern algorithms; a client that insists on a weak one
 //! cannot connect; password and keyboard-interactive authentication are never offered.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
+
 mod common;
 
 use std::process::{Output, Stdio};

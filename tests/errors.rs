@@ -3,6 +3,8 @@
 //! configs and key files, a container killed under a session, and a client that leaves while
 //! its container is being made. Real `ssh`, the real gateway binary, the real Docker Engine.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
+
 mod common;
 
 use std::net::Shutdown;

@@ -10,6 +10,8 @@
 //! needs root and `dockerd`; without them it says so on stderr and does not run. (`--bridge
 //! none` is not an option: dockerd then deletes the host's `docker0`, the shared daemon's.)
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
+
 mod common;
 
 use std::io::{BufRead, BufReader, Read};

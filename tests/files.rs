@@ -5,6 +5,8 @@
 //! or, where that is not installed, answering sftp with a clear error instead of a hang.
 //! Every transfer is compared byte for byte; files land under the home, owned by the uid:gid.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
+
 mod common;
 
 use std::io::Read;

@@ -1,6 +1,8 @@
 //! Port forwarding into the user's container with the real OpenSSH client: `-L`, `-W`, `-D`,
 //! unix sockets, `-R`, what must be refused, and no head-of-line blocking.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
+
 mod common;
 
 use std::io::{Read, Write};

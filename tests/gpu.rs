@@ -4,6 +4,8 @@
 //! have no NVIDIA container runtime, so Docker creates a GPU container and refuses to start it:
 //! the tests check what the create carried (device ids, label) and what the user is told.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
+
 mod common;
 
 use std::path::{Path, PathBuf};

@@ -3,6 +3,8 @@
 //! user, sessions and `-R` listeners per connection, starts cancelled with their channel,
 //! control characters in the text log, and where `-R` listens inside the container.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
+
 mod common;
 
 use std::io::Read;

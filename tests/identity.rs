@@ -2,6 +2,8 @@
 //! with its groups) and `uid = "auto"` (a uid labgate gives once and keeps), seen the way a
 //! user sees them: `id` in the container and the owner of their files on the host.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
+
 mod common;
 
 use std::os::unix::fs::MetadataExt;

@@ -3,6 +3,8 @@
 //! profiles. A real registry (Debian's `docker-registry`) runs on a loopback port per test;
 //! the engine accepts loopback registries without TLS.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
+
 mod common;
 
 use std::io::Write;

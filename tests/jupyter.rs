@@ -3,6 +3,8 @@
 //! container's 127.0.0.1 as Jupyter is by default, reached from the host with
 //! `ssh -N -L PORT:localhost:8888`, its REST API answering with the user's own files.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
+
 mod common;
 
 use std::process::Command;

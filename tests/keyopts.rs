@@ -6,6 +6,8 @@
 //! missing `permit-pty` honoured). Every login that must be refused is checked to be refused,
 //! and the reason the gateway logged is checked where the client cannot see it.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
+
 mod common;
 
 use std::path::{Path, PathBuf};

@@ -9,6 +9,8 @@
 //! connection that fails authentication (it spawns no channel task), so the count it sees is
 //! the gateway's standing tasks plus the probe's own connection task, the same each time.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
+
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};

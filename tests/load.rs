@@ -2,6 +2,8 @@
 //! the real gateway with real OpenSSH clients. Every byte is compared, every client must
 //! succeed, and the gateway's memory stays under a stated bound.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
+
 mod common;
 
 use std::process::Stdio;

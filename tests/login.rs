@@ -1,6 +1,8 @@
 //! Logging in: authentication and the container lifecycle, with the real `ssh` client, the real
 //! gateway binary and the real Docker Engine.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
+
 mod common;
 
 use std::process::{Command, Stdio};

@@ -7,6 +7,8 @@
 //! Debian test image (`labgate/debian:test`, made by `scripts/debian-image`), without network;
 //! neither the install nor `labgate check` needs Docker or systemd in there.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;

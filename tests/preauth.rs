@@ -3,6 +3,8 @@
 //! repeated failures from one address back off without delaying the real user. Real gateway,
 //! real OpenSSH client, crowds of plain TCP connections.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
+
 mod common;
 
 use std::io::{ErrorKind, Read, Write};

@@ -1,5 +1,7 @@
 //! Config edits apply without a restart; a broken edit never takes the gateway down.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
+
 mod common;
 
 use std::process::Stdio;

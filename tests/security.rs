@@ -3,6 +3,8 @@
 //! bind sources are never followed through symlinks, and nothing a user opens can hold the
 //! gateway's threads or descriptors past its deadline. Real engine, real OpenSSH client.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
+
 mod common;
 
 use std::io::{Read, Write};

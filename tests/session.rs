@@ -2,6 +2,8 @@
 //! stderr, stdin EOF, exit status, terminals (size, resize, binary output), accepted env,
 //! and what happens to processes when the client disappears.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
+
 mod common;
 
 use std::io::{Read, Write};

@@ -2,6 +2,8 @@
 //! signal request, so this one test drives the protocol with russh's client (the SSH library
 //! labgate is built on); everything else in the suite uses the real OpenSSH client.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
+
 mod common;
 
 use std::sync::Arc;

@@ -11,6 +11,8 @@
 //! And `remoteServerListenOnSocket`: the server on a unix socket under the home, reached with
 //! `ssh -L PORT:/home/USER/...sock` (direct-streamlocal).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
+
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};

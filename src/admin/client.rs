@@ -1,5 +1,6 @@
-//! The client side of the admin socket, for the `labgate status | stop | kick | gpus`
-//! commands: one HTTP/1.1 request over the Unix socket, the answer as text.
+//! The client side of the admin socket, shared by the commands of [`super::cmd`]: one
+//! HTTP/1.1 request over the Unix socket, the answer as text, and its JSON read into the
+//! command's answer type.
 
 use std::path::{Path, PathBuf};
 
@@ -39,10 +40,31 @@ pub enum ClientError {
         /// Its error message.
         message: String,
     },
+    /// The gateway's answer does not parse as this labgate's answer to the command.
+    #[error("the gateway's {command} answer is not what this labgate expects")]
+    Answer {
+        /// The command.
+        command: &'static str,
+        /// Why it does not parse.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// Reads a successful answer's JSON `body` as `command`'s answer type.
+pub(crate) fn parse<T: serde::de::DeserializeOwned>(
+    command: &'static str,
+    body: &str,
+) -> Result<T, ClientError> {
+    serde_json::from_str(body).map_err(|source| ClientError::Answer { command, source })
 }
 
 /// Sends `method path` to the gateway at `socket`; returns the body of a successful answer.
-pub async fn request(socket: &Path, method: Method, path: &str) -> Result<String, ClientError> {
+pub(crate) async fn request(
+    socket: &Path,
+    method: Method,
+    path: &str,
+) -> Result<String, ClientError> {
     let protocol = |message: String| ClientError::Protocol {
         path: socket.to_owned(),
         message,

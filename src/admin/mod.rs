@@ -1,6 +1,8 @@
 //! The admin surface of a running gateway: an HTTP API on a root-only Unix socket for the
-//! `labgate status | stop | kick | gpus` commands, `/metrics` (Prometheus) and `/healthz` on
-//! a loopback port, the audit log, and the process-wide metrics.
+//! `labgate status | stop | kick | gpus` commands (one module each in [`cmd`]: route,
+//! handler, answer, text), `/metrics` (Prometheus) and `/healthz` on a loopback port, the
+//! audit log, and the process-wide metrics. This module is the server: it binds the
+//! listeners and dispatches each request to its command's handler.
 //!
 //! | route                    | socket | loopback | what                                   |
 //! |--------------------------|--------|----------|----------------------------------------|
@@ -17,9 +19,9 @@
 
 pub mod audit;
 pub mod client;
+pub mod cmd;
 pub mod logtext;
 pub mod metrics;
-pub mod status;
 
 use std::convert::Infallible;
 use std::os::unix::fs::PermissionsExt;
@@ -41,9 +43,12 @@ use crate::auth::Username;
 use crate::config::AdminConfig;
 use crate::login::Context;
 
+/// Where the per-user actions' routes start: `POST /users/NAME/ACTION`.
+const USERS_PREFIX: &str = "/users/";
+
 /// Why the admin endpoints could not be set up (the gateway runs on without them).
 #[derive(Debug, thiserror::Error)]
-pub enum AdminError {
+pub(crate) enum AdminError {
     /// Another live gateway answers on the socket.
     #[error("{0}: another gateway is serving this admin socket")]
     SocketInUse(PathBuf),
@@ -69,7 +74,7 @@ pub enum AdminError {
 
 /// Binds the admin socket and the metrics listener as `config` says and serves them until
 /// `stop` turns true. Problems are logged; the gateway serves SSH regardless.
-pub async fn start(ctx: Arc<Context>, config: &AdminConfig, stop: watch::Receiver<bool>) {
+pub(crate) async fn start(ctx: Arc<Context>, config: &AdminConfig, stop: watch::Receiver<bool>) {
     match bind_socket(&config.socket).await {
         Ok(listener) => {
             info!(socket = %config.socket.display(), "admin socket ready");
@@ -201,13 +206,25 @@ fn error(status: StatusCode, message: impl std::fmt::Display) -> Response<Full<B
     json(status, &serde_json::json!({ "error": message.to_string() }))
 }
 
+/// A handler's typed answer as the socket's JSON (through [`serde_json::Value`], whose text
+/// the clients have always read), or its error.
+fn answer<T: serde::Serialize>(result: Result<T, impl std::fmt::Display>) -> Response<Full<Bytes>> {
+    match result {
+        Ok(answer) => match serde_json::to_value(&answer) {
+            Ok(v) => json(StatusCode::OK, &v),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        },
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+    }
+}
+
 async fn route(ctx: &Context, access: Access, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
     match (&method, path.as_str()) {
         (&Method::GET, "/healthz") => healthz(ctx).await,
         (&Method::GET, "/metrics") => {
-            status::refresh_gpu_metrics(ctx).await;
+            refresh_gpu_metrics(ctx).await;
             reply(
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -218,24 +235,18 @@ async fn route(ctx: &Context, access: Access, req: Request<Incoming>) -> Respons
             StatusCode::NOT_FOUND,
             "not here: the loopback port serves /metrics and /healthz; the rest is on the admin socket",
         ),
-        (&Method::GET, "/status") => match status::collect(ctx).await {
-            Ok(s) => match serde_json::to_value(&s) {
-                Ok(v) => json(StatusCode::OK, &v),
-                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
-            },
-            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
-        },
-        (&Method::GET, "/gpus") => match status::gpu_table(ctx).await {
+        (&Method::GET, cmd::status::PATH) => answer(cmd::status::collect(ctx).await),
+        (&Method::GET, cmd::gpus::PATH) => match cmd::gpus::table(ctx).await {
             Ok(table) => reply(StatusCode::OK, "text/plain; charset=utf-8", table),
             Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
         },
-        (&Method::POST, p) if p.starts_with("/users/") => user_action(ctx, p).await,
+        (&Method::POST, p) if p.starts_with(USERS_PREFIX) => user_action(ctx, p).await,
         _ => error(StatusCode::NOT_FOUND, format!("no route {method} {path}")),
     }
 }
 
 async fn user_action(ctx: &Context, path: &str) -> Response<Full<Bytes>> {
-    let mut parts = path.trim_start_matches("/users/").splitn(2, '/');
+    let mut parts = path.trim_start_matches(USERS_PREFIX).splitn(2, '/');
     let (Some(name), Some(action)) = (parts.next(), parts.next()) else {
         return error(StatusCode::NOT_FOUND, "expected /users/NAME/kick or /stop");
     };
@@ -244,26 +255,16 @@ async fn user_action(ctx: &Context, path: &str) -> Response<Full<Bytes>> {
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
     match action {
-        "kick" => {
-            let kicked = ctx.connections.kick(&user);
-            info!(target: "audit", user = %user, connections = kicked, "admin kick");
-            json(StatusCode::OK, &serde_json::json!({ "kicked": kicked }))
-        }
-        "stop" => {
-            let kicked = ctx.connections.kick(&user);
-            match status::stop_user(ctx, &user).await {
-                Ok(stopped) => {
-                    info!(target: "audit", user = %user, connections = kicked, containers = ?stopped, "admin stop");
-                    json(
-                        StatusCode::OK,
-                        &serde_json::json!({ "kicked": kicked, "stopped": stopped }),
-                    )
-                }
-                Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
-            }
-        }
+        cmd::kick::ACTION => answer(Ok::<_, Infallible>(cmd::kick::kick(ctx, &user))),
+        cmd::stop::ACTION => answer(cmd::stop::stop(ctx, &user).await),
         other => error(StatusCode::NOT_FOUND, format!("no action {other:?}")),
     }
+}
+
+/// Updates the GPU gauges before a scrape.
+async fn refresh_gpu_metrics(ctx: &Context) {
+    let total = ctx.runtime.gpus().await.map(|g| g.len()).unwrap_or(0);
+    metrics::metrics().gpus(total, ctx.runtime.gpu_holders().len());
 }
 
 async fn healthz(ctx: &Context) -> Response<Full<Bytes>> {

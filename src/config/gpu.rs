@@ -13,7 +13,9 @@ use serde::de::{self, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
-use super::{ConfigError, Positive, Validator};
+use super::ConfigError;
+use super::raw::Positive;
+use super::validation::Validator;
 
 /// The library name NVIDIA's driver installs (the unversioned `.so` needs the dev package).
 pub const DEFAULT_NVML_LIBRARY: &str = "libnvidia-ml.so.1";

@@ -3,11 +3,12 @@
 //! Error positions are written by hand from the texts below: `line:column`, both 1-based,
 //! the column counted in characters.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::*;
-use crate::auth::ProfileName;
+use crate::auth::{ProfileName, Username};
 
 /// The path every in-memory config pretends to be read from.
 const PATH: &str = "/etc/labgate/labgate.toml";

@@ -219,14 +219,14 @@ async fn the_admins_stop_stops_every_running_container_of_that_user_only() {
             .await
             .unwrap();
     }
-    let mut stopped = crate::admin::status::stop_user(&ctx, &user("alice"))
+    let mut stopped = crate::admin::cmd::stop::stop_containers(&ctx, &user("alice"))
         .await
         .unwrap();
     stopped.sort();
     assert_eq!(stopped, vec!["labgate-alice", "labgate-alice.big"]);
     assert!(fake.running("labgate-bob"));
     assert!(
-        crate::admin::status::stop_user(&ctx, &user("alice"))
+        crate::admin::cmd::stop::stop_containers(&ctx, &user("alice"))
             .await
             .unwrap()
             .is_empty(),

@@ -1,14 +1,19 @@
-//! What `labgate status` shows, gathered from the gateway's live state (connections, idle
-//! timers, GPU holdings) and the engine (containers), and how it is printed.
+//! `labgate status [--json]` (`GET /status`): the gateway's containers (state, image, GPUs,
+//! idle timers) and connections, gathered from its live state (connections, idle timers, GPU
+//! holdings) and the engine (containers); the answer ([`Status`]) and the tables printed
+//! from it.
 
+use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use super::metrics::metrics;
-use crate::auth::Username;
+use crate::admin::client::{self, ClientError};
 use crate::login::Context;
 use crate::runtime::RuntimeError;
+
+/// The route on the admin socket.
+pub(crate) const PATH: &str = "/status";
 
 /// The gateway's state, as served at `GET /status`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -61,8 +66,8 @@ pub struct ConnectionStatus {
     pub forwards: usize,
 }
 
-/// Gathers the status (needs the engine for the container list).
-pub async fn collect(ctx: &Context) -> Result<Status, RuntimeError> {
+/// The handler: gathers the status (needs the engine for the container list).
+pub(crate) async fn collect(ctx: &Context) -> Result<Status, RuntimeError> {
     let managed = ctx.runtime.list_managed().await?;
     let connections = ctx.connections.list();
     let config = ctx.config.borrow().clone();
@@ -106,39 +111,6 @@ pub async fn collect(ctx: &Context) -> Result<Status, RuntimeError> {
             })
             .collect(),
     })
-}
-
-/// The GPU table with this gateway's holdings.
-pub async fn gpu_table(ctx: &Context) -> Result<String, crate::gpu::GpuError> {
-    let gpus = ctx.runtime.gpus().await?;
-    Ok(crate::gpu::render_table(
-        &gpus,
-        Some(&ctx.runtime.gpu_holders()),
-    ))
-}
-
-/// Updates the GPU gauges before a scrape.
-pub async fn refresh_gpu_metrics(ctx: &Context) {
-    let total = ctx.runtime.gpus().await.map(|g| g.len()).unwrap_or(0);
-    metrics().gpus(total, ctx.runtime.gpu_holders().len());
-}
-
-/// Stops every running container of `user` (their connections were asked to end first);
-/// returns the names of those stopped.
-pub async fn stop_user(ctx: &Context, user: &Username) -> Result<Vec<String>, RuntimeError> {
-    let mut stopped = Vec::new();
-    for c in ctx.runtime.list_managed().await? {
-        let Some((owner, _)) = c.owner() else {
-            continue;
-        };
-        if &owner != user || !c.state.is_running() {
-            continue;
-        }
-        if ctx.runtime.stop(&c, Box::new(|| true)).await? {
-            stopped.push(c.name);
-        }
-    }
-    Ok(stopped)
 }
 
 /// `1h2m`-style rendering of whole seconds.
@@ -218,6 +190,17 @@ pub fn render(status: &Status) -> String {
     }
     out.push_str(&table(&rows));
     out
+}
+
+/// The CLI side: asks the gateway at `socket` and returns what `labgate status` prints: the
+/// gateway's JSON as it came (`json`), else the tables.
+pub async fn call(socket: &Path, json: bool) -> Result<String, ClientError> {
+    let body = client::request(socket, hyper::Method::GET, PATH).await?;
+    if json {
+        return Ok(body);
+    }
+    let status: Status = client::parse("status", &body)?;
+    Ok(render(&status))
 }
 
 /// Left-aligned columns two spaces apart.
