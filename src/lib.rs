@@ -39,6 +39,7 @@ pub mod demo;
 pub mod forward;
 pub mod gpu;
 pub mod login;
+pub mod metrics;
 pub mod runtime;
 pub mod session;
 pub mod ssh;

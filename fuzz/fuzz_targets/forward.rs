@@ -7,7 +7,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use labgate::forward::policy::{AllowRule, ForwardPolicy, PermitOpen};
+use labgate::config::policy::{AllowRule, ForwardPolicy, PermitOpen};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

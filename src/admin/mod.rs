@@ -21,7 +21,7 @@ pub mod audit;
 pub mod client;
 pub mod cmd;
 pub mod logtext;
-pub mod metrics;
+pub use crate::metrics;
 
 use std::convert::Infallible;
 use std::os::unix::fs::PermissionsExt;

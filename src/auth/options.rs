@@ -164,7 +164,7 @@ impl KeyOptions {
     /// Whether a `permitlisten=` entry names the address `host` itself (an entry with a host
     /// that is neither empty nor `*`) for `port`: the admin's leave for a `-R` listener on
     /// that address instead of the container's loopback (see
-    /// [`crate::forward::policy::listen_ip`]).
+    /// [`crate::config::policy::listen_ip`]).
     pub fn names_listen_address(&self, host: &str, port: u32) -> bool {
         let host = host.trim_start_matches('[').trim_end_matches(']');
         !host.is_empty()

@@ -19,6 +19,7 @@ mod changes;
 mod gpu;
 pub mod helpers;
 pub mod images;
+pub mod policy;
 mod raw;
 pub mod reload;
 pub mod units;

@@ -82,12 +82,12 @@ pub fn reload(path: &Path, tx: &watch::Sender<Arc<Config>>) {
                 );
             }
             let _ = tx.send(Arc::new(new));
-            crate::admin::metrics::metrics().reload("applied");
+            crate::metrics::metrics().reload("applied");
             info!(target: "audit", path = %path.display(), "config reloaded");
             info!(path = %path.display(), "config reloaded: new logins use it");
         }
         Err(e) => {
-            crate::admin::metrics::metrics().reload("rejected");
+            crate::metrics::metrics().reload("rejected");
             info!(target: "audit", error = %e, "config reload rejected");
             error!("config not reloaded, the previous one stays in force: {e}");
         }

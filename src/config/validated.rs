@@ -13,7 +13,7 @@ use serde::Deserialize;
 use super::helpers;
 use super::{ByteSize, GpuConfig, GpuRequest, ProfileRefusal, Profiles, PullPolicy, RegistryAuth};
 use crate::auth::Username;
-use crate::forward::policy::ForwardPolicy;
+use crate::config::policy::ForwardPolicy;
 
 /// Environment variables a client may never set, whatever `accept_env` says.
 pub(super) const NEVER_ACCEPTED: [&str; 2] = ["PATH", "LD_*"];

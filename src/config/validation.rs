@@ -11,7 +11,7 @@ use toml::Spanned;
 use super::raw::{RawConfig, RawForwarding, RawQuota};
 use super::validated::*;
 use super::{ConfigError, Profiles, UidRule, helpers, images};
-use crate::forward::policy::{AllowRule, ForwardPolicy};
+use crate::config::policy::{AllowRule, ForwardPolicy};
 
 /// The message for `users = [...]` outside a profile table.
 const PROFILE_ONLY: &str =

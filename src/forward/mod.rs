@@ -9,7 +9,6 @@
 //! before any shell.
 
 pub mod agent;
-pub mod policy;
 pub mod pump;
 
 use std::collections::HashMap;
@@ -22,9 +21,9 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info};
 
+use crate::config::policy::{self, Denied, PermitOpen};
 use crate::login::{Context, Login};
 use crate::runtime::reach::{BoxedStream, ReachError};
-use policy::{Denied, PermitOpen};
 
 /// `-R` listeners one connection may hold at once.
 pub const MAX_REMOTE_FORWARDS: usize = 64;

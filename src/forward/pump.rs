@@ -57,7 +57,7 @@ async fn carry<S>(channel: Channel<Msg>, stream: S, down: &mut u64) -> Moved
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
-    let metrics = crate::admin::metrics::metrics();
+    let metrics = crate::metrics::metrics();
     let _open = metrics.forward();
     let (mut rx, tx) = channel.split();
     let (mut sock_read, mut sock_write) = tokio::io::split(stream);

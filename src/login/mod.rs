@@ -7,6 +7,7 @@
 //! login gets its container. The session channels ([`crate::session`]) and the forwards
 //! ([`crate::forward`]) both build on this module; it imports neither.
 
+pub mod identity;
 pub mod pending;
 pub mod registry;
 
@@ -50,7 +51,7 @@ pub struct Context {
     /// Forwards being opened, per user (bounded: see [`pending`]).
     pub pending: Arc<pending::PendingOpens>,
     /// Resolves logins' identities (`uid = "host"`, `"auto"`).
-    pub identities: Arc<crate::auth::identity::Identities>,
+    pub identities: Arc<identity::Identities>,
 }
 
 /// An authenticated user on one connection.

@@ -15,8 +15,8 @@ use std::time::SystemTime;
 use russh::keys::PublicKey;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::metrics::{Live, metrics};
 use crate::auth::Username;
+use crate::metrics::{Live, metrics};
 
 /// Counts of what a connection has open; shared with its channel and forward tasks.
 #[derive(Debug, Default)]

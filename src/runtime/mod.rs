@@ -147,20 +147,7 @@ impl ContainerSpec {
     }
 }
 
-/// The credentials a user's processes have in their container. Whenever the gateway touches
-/// a path inside a container that the user can change (a socket to connect, a directory to
-/// make, a file to read), it does so with these credentials and never as root, so the
-/// kernel's own permission checks decide: what the user could not do in a shell, the
-/// gateway does not do for them.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Identity {
-    /// User id.
-    pub uid: u32,
-    /// Primary group id.
-    pub gid: u32,
-    /// Supplementary groups (besides `gid`).
-    pub groups: Vec<u32>,
-}
+pub use crate::auth::identity::Identity;
 
 impl ContainerSpec {
     /// Who holds this container's GPUs: the user, or `user+profile` for a profile's

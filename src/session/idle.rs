@@ -14,11 +14,11 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::admin::metrics::metrics;
 use crate::auth::Username;
 use crate::config::Config;
 use crate::gpu::{GpuInfo, GpuUuid};
 use crate::login::Context;
+use crate::metrics::metrics;
 use crate::runtime::ManagedContainer;
 
 /// How often containers are looked at: a quarter of the shortest `idle_stop`, between one

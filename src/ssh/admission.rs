@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, warn};
 
-use crate::admin::metrics::metrics;
 use crate::auth::Username;
+use crate::metrics::metrics;
 
 use super::throttle::{FailureTable, Source, ThrottlePolicy};
 

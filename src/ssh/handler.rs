@@ -17,12 +17,12 @@ use russh::{Channel, ChannelId, ChannelOpenFailure, MethodKind, MethodSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
-use crate::admin::metrics::metrics;
 use crate::auth::{self, AuthorizedKey, KeyOrigin, KeyStore, Refusal, Username};
 use crate::forward::agent::AgentForward;
 use crate::forward::{self, RemoteForwards};
 use crate::login::registry::{ConnectionInfo, Registration};
 use crate::login::{Context, Login};
+use crate::metrics::metrics;
 use crate::session::limits::{self, EnvBudget, EnvVerdict};
 use crate::session::{channel, subsystem};
 use crate::ssh::admission::Ticket;
@@ -441,7 +441,9 @@ impl Handler for ConnectionHandler {
                 // Past the bound, only the connection's first refusal is logged.
                 let over = matches!(
                     e,
-                    forward::ForwardError::Denied(forward::policy::Denied::TooManyListeners(_))
+                    forward::ForwardError::Denied(crate::config::policy::Denied::TooManyListeners(
+                        _
+                    ))
                 );
                 if !(over && std::mem::replace(&mut self.listeners_refused, true)) {
                     let _e = self.span.enter();

@@ -819,7 +819,7 @@ impl DockerRuntime {
                         tracing::info!(container = %spec.name, "limits updated before start (memory, cpus, pids)");
                     }
                     let info = self.start(docker, &id, spec, &binds).await?;
-                    crate::admin::metrics::metrics().container_ready(false, t0.elapsed());
+                    crate::metrics::metrics().container_ready(false, t0.elapsed());
                     tracing::info!(target: "audit", container = %spec.name, "container started");
                     (id, EnsureOutcome::Started, Some(info))
                 }
@@ -829,7 +829,7 @@ impl DockerRuntime {
                 let t0 = Instant::now();
                 let id = self.create(docker, spec).await?;
                 let info = self.start(docker, &id, spec, &binds).await?;
-                crate::admin::metrics::metrics().container_ready(true, t0.elapsed());
+                crate::metrics::metrics().container_ready(true, t0.elapsed());
                 tracing::info!(target: "audit", container = %spec.name, image = %spec.image, "container created");
                 (id, EnsureOutcome::Created, Some(info))
             }

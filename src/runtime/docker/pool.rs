@@ -742,10 +742,10 @@ mod tests {
         engine.stop("alice");
         let s = login(&pool, &engine, "alice", ONE).await.unwrap();
         assert_eq!(s.gpus, vec![uuid(0)]);
-        let notice = crate::session::text::gpu_notice(&s.gpu_notice.unwrap());
         assert!(
-            notice.contains("before your quota included GPUs"),
-            "{notice}"
+            matches!(&s.gpu_notice, Some(GpuNotice::MadeAgain { taken, .. }) if taken.is_empty()),
+            "made again because it had no GPUs: {:?}",
+            s.gpu_notice
         );
     }
 
