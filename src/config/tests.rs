@@ -1383,19 +1383,3 @@ fn uid_is_a_number_host_or_auto_and_auto_uids_a_range() {
         );
     }
 }
-
-#[test]
-fn a_profile_and_a_user_of_the_same_dashed_name_have_their_own_containers() {
-    let c = ok("[defaults]\nimage = \"x\"\n\n[users.al-gpu]\n\n[profiles.gpu]\nusers = [\"al\"]\n");
-    let al = Username::parse("al").unwrap();
-    let gpu = ProfileName::parse("gpu").unwrap();
-    let profile = c.profile_quota(&al, &gpu).unwrap();
-    assert_eq!(
-        crate::runtime::container_name(&al, profile.profile.as_ref()),
-        "labgate-al.gpu"
-    );
-    assert_eq!(
-        crate::runtime::container_name(&Username::parse("al-gpu").unwrap(), None),
-        "labgate-al-gpu"
-    );
-}

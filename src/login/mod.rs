@@ -10,6 +10,8 @@
 pub mod identity;
 pub mod pending;
 pub mod registry;
+#[cfg(test)]
+pub(crate) mod testing;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

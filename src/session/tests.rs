@@ -1,72 +1,19 @@
 //! The session layer against the in-process fake backend ([`crate::runtime::fake`]): what a
-//! login, idle stop and the admin's stop do, with no Docker.
+//! login, idle stop and the profile's container name are, with no Docker.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::watch;
-
 use super::text::Greeting;
 use super::*;
-use crate::auth::Username;
-use crate::auth::keys::KeyFile;
-use crate::config::Config;
+use crate::auth::{ProfileName, Username};
 use crate::config::GpuUuid;
 use crate::gpu::GpuInfo;
 use crate::login::registry::{self, ConnectionInfo};
-use crate::login::{Context, Login, ensure_container, login_quota};
-use crate::runtime::fake::FakeRuntime;
+use crate::login::testing::{config, context, login, user};
+use crate::login::{Context, ensure_container};
 use crate::runtime::{EnsureOutcome, ExecOutput, GpuNotice};
-
-const KEY: &str =
-    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHn7MrEI7ZE5jvoV0hWr8ya2DvjoZH2sGUTMv7Ur2DPt";
-
-fn config(extra: &str) -> Config {
-    crate::config::parse(
-        Path::new("/etc/labgate/labgate.toml"),
-        &format!("[defaults]\nimage = \"lab/base:1\"\nmemory = \"1G\"\n{extra}"),
-    )
-    .unwrap()
-}
-
-fn context(config: Config) -> (Arc<Context>, Arc<FakeRuntime>) {
-    let fake = Arc::new(FakeRuntime::default());
-    let ctx = Arc::new(Context {
-        config: watch::channel(Arc::new(config)).1,
-        runtime: fake.clone(),
-        connections: Arc::default(),
-        idle: Default::default(),
-        pending: Arc::default(),
-        identities: Arc::default(),
-    });
-    (ctx, fake)
-}
-
-fn user(name: &str) -> Username {
-    Username::parse(name).unwrap()
-}
-
-fn login(ctx: &Context, name: &str, profile: Option<&str>) -> Login {
-    let user = user(name);
-    let profile = profile.map(|p| crate::auth::ProfileName::parse(p).unwrap());
-    let (quota, denied) = login_quota(ctx, &user, profile.as_ref());
-    let key = KeyFile::parse(Path::new("keys/x.pub"), KEY).keys[0].clone();
-    Login {
-        user,
-        key,
-        quota,
-        denied,
-        peer: "192.0.2.7:40000".parse().unwrap(),
-        local: "192.0.2.1:22".parse().unwrap(),
-        conn: 1,
-        stats: Arc::default(),
-        gone: Default::default(),
-        opening: Arc::default(),
-        identity: Ok(None),
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_first_logins_make_one_container() {
@@ -209,31 +156,6 @@ async fn idle_stop_stops_only_unused_idle_containers() {
     assert!(ctx.idle.idle_since("labgate-carol").is_none());
 }
 
-#[tokio::test]
-async fn the_admins_stop_stops_every_running_container_of_that_user_only() {
-    let (ctx, fake) = context(config(
-        "\n[profiles.big]\nimage = \"lab/big:2\"\nusers = [\"alice\"]\n",
-    ));
-    for (name, profile) in [("alice", None), ("alice", Some("big")), ("bob", None)] {
-        ensure_container(&ctx, &login(&ctx, name, profile))
-            .await
-            .unwrap();
-    }
-    let mut stopped = crate::admin::cmd::stop::stop_containers(&ctx, &user("alice"))
-        .await
-        .unwrap();
-    stopped.sort();
-    assert_eq!(stopped, vec!["labgate-alice", "labgate-alice.big"]);
-    assert!(fake.running("labgate-bob"));
-    assert!(
-        crate::admin::cmd::stop::stop_containers(&ctx, &user("alice"))
-            .await
-            .unwrap()
-            .is_empty(),
-        "nothing left running"
-    );
-}
-
 fn texts(chunks: &[ExecOutput]) -> Vec<(&'static str, String)> {
     chunks
         .iter()
@@ -290,5 +212,21 @@ async fn a_login_shell_hears_notices_on_stderr_then_the_status_line_and_gpu_bann
     assert_eq!(
         texts(&command.render()),
         vec![("err", "labgate: your quota now includes 2 GPU(s); your running container has none. They are given when it is made again (ask your admin)\n".into())]
+    );
+}
+
+#[test]
+fn a_profile_and_a_user_of_the_same_dashed_name_have_their_own_containers() {
+    let c = config("\n[users.al-gpu]\n\n[profiles.gpu]\nusers = [\"al\"]\n");
+    let al = Username::parse("al").unwrap();
+    let gpu = ProfileName::parse("gpu").unwrap();
+    let profile = c.profile_quota(&al, &gpu).unwrap();
+    assert_eq!(
+        crate::runtime::container_name(&al, profile.profile.as_ref()),
+        "labgate-al.gpu"
+    );
+    assert_eq!(
+        crate::runtime::container_name(&Username::parse("al-gpu").unwrap(), None),
+        "labgate-al-gpu"
     );
 }

@@ -75,6 +75,8 @@ pub async fn call(socket: &Path, user: &str) -> Result<String, ClientError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::login::ensure_container;
+    use crate::login::testing::{config, context, login, user};
 
     #[test]
     fn route_answer_and_line() {
@@ -94,6 +96,29 @@ mod tests {
         assert_eq!(
             render("bob", &none),
             "bob: 0 connection(s) ended, stopped: nothing was running\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_admins_stop_stops_every_running_container_of_that_user_only() {
+        let (ctx, fake) = context(config(
+            "\n[profiles.big]\nimage = \"lab/big:2\"\nusers = [\"alice\"]\n",
+        ));
+        for (name, profile) in [("alice", None), ("alice", Some("big")), ("bob", None)] {
+            ensure_container(&ctx, &login(&ctx, name, profile))
+                .await
+                .unwrap();
+        }
+        let mut stopped = stop_containers(&ctx, &user("alice")).await.unwrap();
+        stopped.sort();
+        assert_eq!(stopped, vec!["labgate-alice", "labgate-alice.big"]);
+        assert!(fake.running("labgate-bob"));
+        assert!(
+            stop_containers(&ctx, &user("alice"))
+                .await
+                .unwrap()
+                .is_empty(),
+            "nothing left running"
         );
     }
 }
