@@ -90,46 +90,90 @@ pub struct Gateway {
     config_text: String,
 }
 
-impl Gateway {
-    /// Starts a gateway with `n` fresh users; `defaults_extra` is appended inside
-    /// `[defaults]`, `tail` after it (for `[users.X]` tables; `{u0}`, `{u1}`... are replaced
-    /// by the user names).
-    pub fn start(n: usize, defaults_extra: &str, tail: &str) -> Gateway {
-        Gateway::start_with_server(n, "", defaults_extra, tail)
+/// What a [`Gateway`] is started with: how many users, and the text added to each table of
+/// its config. In every piece `{u0}`, `{u1}`... are replaced by the user names.
+#[derive(Default)]
+pub struct GatewayBuilder {
+    users: usize,
+    server: String,
+    defaults: String,
+    docker: String,
+    tail: String,
+}
+
+impl GatewayBuilder {
+    /// `n` fresh users, each with a key of its own (default 1).
+    pub fn users(mut self, n: usize) -> Self {
+        self.users = n;
+        self
     }
 
-    /// [`Gateway::start`] with `server_extra` appended inside `[server]`.
-    pub fn start_with_server(
-        n: usize,
-        server_extra: &str,
-        defaults_extra: &str,
-        tail: &str,
-    ) -> Gateway {
+    /// Lines appended inside `[server]`.
+    pub fn server(mut self, extra: &str) -> Self {
+        self.server = extra.to_owned();
+        self
+    }
+
+    /// Lines appended inside `[defaults]`.
+    pub fn defaults(mut self, extra: &str) -> Self {
+        self.defaults = extra.to_owned();
+        self
+    }
+
+    /// Lines inside `[docker]`, beside the static relay the harness installs as deployed
+    /// (a `relay_helper` line here replaces it). With a `[docker]` table in the tail, they go
+    /// at its top.
+    pub fn docker(mut self, lines: &str) -> Self {
+        self.docker = lines.to_owned();
+        self
+    }
+
+    /// Text after `[defaults]` (`[users.X]` tables, `[docker]`...).
+    pub fn tail(mut self, tail: &str) -> Self {
+        self.tail = tail.to_owned();
+        self
+    }
+
+    /// Writes the config and starts the gateway; returns once it listens.
+    pub fn start(self) -> Gateway {
         ensure_image();
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("keys")).unwrap();
         let mut users = Vec::new();
         let mut keys = Vec::new();
-        for _ in 0..n {
+        for _ in 0..self.users {
             let user = unique_user("t");
             let pair = keygen(dir.path(), &format!("id_{user}"));
             std::fs::write(dir.path().join(format!("keys/{user}.pub")), &pair.public).unwrap();
             users.push(user);
             keys.push(pair);
         }
-        let mut tail = tail.to_owned();
-        let mut defaults_extra = defaults_extra.to_owned();
-        for (i, u) in users.iter().enumerate() {
-            tail = tail.replace(&format!("{{u{i}}}"), u);
-            defaults_extra = defaults_extra.replace(&format!("{{u{i}}}"), u);
-        }
-        // As deployed: the static relay is installed, so sessions without a terminal take
-        // their direct path (a test with a `[docker]` table of its own says what it wants).
-        if !tail.contains("[docker]") {
-            tail = format!(
-                "[docker]\nrelay_helper = \"{}\"\n\n{tail}",
-                static_helper("labgate-relay").display()
-            );
+        let named = |text: &str| {
+            users.iter().enumerate().fold(text.to_owned(), |t, (i, u)| {
+                t.replace(&format!("{{u{i}}}"), u)
+            })
+        };
+        let (server_extra, defaults_extra, docker) = (
+            named(&self.server),
+            named(&self.defaults),
+            named(&self.docker),
+        );
+        let mut tail = named(&self.tail);
+        if tail.contains("[docker]") {
+            tail = tail.replacen("[docker]\n", &format!("[docker]\n{docker}\n"), 1);
+        } else {
+            // As deployed: the static relay is installed, so sessions without a terminal take
+            // their direct path (a test with a `[docker]` table of its own says what it
+            // wants).
+            let relay = if docker.contains("relay_helper") {
+                String::new()
+            } else {
+                format!(
+                    "relay_helper = \"{}\"\n",
+                    static_helper("labgate-relay").display()
+                )
+            };
+            tail = format!("[docker]\n{relay}{docker}\n\n{tail}");
         }
         // Tests say which helpers they mount: one a test leaves out is absent, whatever the
         // gateway's own search would find (the package's, or the dynamically linked debug
@@ -166,6 +210,42 @@ impl Gateway {
         };
         gw.spawn();
         gw
+    }
+}
+
+impl Gateway {
+    /// A gateway to configure: one user, the test image, the static relay installed.
+    pub fn builder() -> GatewayBuilder {
+        GatewayBuilder {
+            users: 1,
+            ..GatewayBuilder::default()
+        }
+    }
+
+    /// Starts a gateway with `n` fresh users; `defaults_extra` is appended inside
+    /// `[defaults]`, `tail` after it (for `[users.X]` tables; `{u0}`, `{u1}`... are replaced
+    /// by the user names).
+    pub fn start(n: usize, defaults_extra: &str, tail: &str) -> Gateway {
+        Gateway::builder()
+            .users(n)
+            .defaults(defaults_extra)
+            .tail(tail)
+            .start()
+    }
+
+    /// [`Gateway::start`] with `server_extra` appended inside `[server]`.
+    pub fn start_with_server(
+        n: usize,
+        server_extra: &str,
+        defaults_extra: &str,
+        tail: &str,
+    ) -> Gateway {
+        Gateway::builder()
+            .users(n)
+            .server(server_extra)
+            .defaults(defaults_extra)
+            .tail(tail)
+            .start()
     }
 
     /// The config file path.
