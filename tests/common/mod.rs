@@ -740,6 +740,21 @@ pub fn assert_alive(gw: &Gateway) {
     );
 }
 
+/// Whether a test that needs something this machine may lack (`can`) runs: false means the
+/// caller returns at once, after `why` was printed as SKIPPED. Under CI (`CI` set) nothing
+/// is skipped silently: a missing prerequisite fails the test with `why`.
+pub fn skip_unless(can: bool, why: &str) -> bool {
+    if can {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "this test cannot run here under CI: {why}"
+    );
+    eprintln!("SKIPPED: {why}");
+    false
+}
+
 /// A real terminal for the client: `ssh -tt` runs with a pty as stdin/stdout/stderr, so it
 /// sends its size in pty-req and a window-change on SIGWINCH, as in an interactive session.
 /// The client is killed when this drops.
