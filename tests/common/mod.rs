@@ -801,8 +801,13 @@ impl Terminal {
 
     /// Reads until `needle` appears in the output since the last match (20 s at most).
     pub fn expect(&mut self, needle: &str) {
+        self.expect_within(needle, Duration::from_secs(20));
+    }
+
+    /// [`Terminal::expect`] with a deadline of `timeout`.
+    pub fn expect_within(&mut self, needle: &str, timeout: Duration) {
         use std::io::Read;
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + timeout;
         let mut buf = [0u8; 4096];
         loop {
             if let Some(pos) = String::from_utf8_lossy(&self.seen).find(needle) {
