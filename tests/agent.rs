@@ -111,12 +111,10 @@ fn agent_forwarding_reaches_the_host_agent_and_goes_away_with_the_connection() {
 #[test]
 fn agent_forwarding_works_on_the_relay_path_too() {
     ensure_debian_image();
-    let relay = common::static_helper("labgate-relay");
-    let tail = format!(
-        "[docker]\nforward_via = \"exec\"\nrelay_helper = \"{}\"\n\n{DEBIAN_USER}",
-        relay.display()
-    );
-    let gw = Gateway::start(1, "", &tail);
+    let gw = Gateway::builder()
+        .docker("forward_via = \"exec\"\n")
+        .tail(DEBIAN_USER)
+        .start();
     let agent = Agent::start(gw.dir.path());
 
     // Several agent connections in one session (each is handed over on its own), concurrent

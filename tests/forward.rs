@@ -396,7 +396,7 @@ fn remote_forward_listens_inside_the_container_and_goes_away_with_the_connection
 
 #[test]
 fn remote_forward_on_the_exec_relay_path_listens_inside_the_container_too() {
-    let gw = Gateway::start(1, "", &relay_tail());
+    let gw = relay_gateway(1);
     remote_forward_listens_and_goes_away(&gw);
     // The relay's hand-off directory goes with it.
     assert!(eventually(Duration::from_secs(10), || !gw
@@ -484,16 +484,17 @@ fn a_stalled_forward_does_not_freeze_the_shell_on_the_same_connection() {
     let _ = pusher.join();
 }
 
-fn relay_tail() -> String {
-    format!(
-        "[docker]\nforward_via = \"exec\"\nrelay_helper = \"{}\"\n",
-        common::static_helper("labgate-relay").display()
-    )
+/// A gateway of `users` users whose forwards always go through relay execs.
+fn relay_gateway(users: usize) -> Gateway {
+    Gateway::builder()
+        .users(users)
+        .docker("forward_via = \"exec\"\n")
+        .start()
 }
 
 #[test]
 fn the_exec_relay_path_reaches_the_container_and_keeps_the_same_limits() {
-    let gw = Gateway::start(2, "", &relay_tail());
+    let gw = relay_gateway(2);
     serve_http(&gw, 0, 8000);
     serve_http(&gw, 1, 8000);
     assert!(
@@ -571,7 +572,7 @@ fn the_exec_relay_path_reaches_the_container_and_keeps_the_same_limits() {
 #[test]
 fn the_exec_relay_path_resolves_unix_sockets_inside_the_container() {
     use std::os::unix::net::UnixListener;
-    let gw = Gateway::start(1, "", &relay_tail());
+    let gw = relay_gateway(1);
     gw.ok(0, "ln -s /var/run/docker.sock ~/docker.sock");
     let home = gw.dir.path().join(format!("home/{}", gw.users[0]));
     let listener = UnixListener::bind(home.join("app.sock")).unwrap();
