@@ -8,61 +8,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
-use common::{Gateway, ensure_debian_image, eventually, keygen};
+use common::{Agent, Gateway, ensure_debian_image, eventually};
 
 /// A user table giving user 0 the Debian image and a uid:gid of its own.
 const DEBIAN_USER: &str = "[users.{u0}]\nimage = \"labgate/debian:test\"\nuid = 1000\ngid = 1001\n";
-
-/// A host `ssh-agent` on its own socket, holding one key; killed on drop.
-struct Agent {
-    child: Child,
-    sock: PathBuf,
-    /// The fingerprint (`SHA256:...`) of the key it holds.
-    fingerprint: String,
-}
-
-impl Agent {
-    fn start(dir: &Path) -> Agent {
-        let sock = dir.join("agent.sock");
-        let mut agent = Agent {
-            child: common::ssh_agent(&sock),
-            sock,
-            fingerprint: String::new(),
-        };
-        let key = keygen(dir, "id_agent");
-        let st = Command::new("ssh-add")
-            .arg(&key.private)
-            .env("SSH_AUTH_SOCK", &agent.sock)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(st.success(), "ssh-add failed");
-        let out = Command::new("ssh-keygen")
-            .arg("-lf")
-            .arg(key.private.with_extension("pub"))
-            .output()
-            .unwrap();
-        agent.fingerprint = String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .nth(1)
-            .unwrap()
-            .to_owned();
-        assert!(agent.fingerprint.starts_with("SHA256:"));
-        agent
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// `ssh` for user 0, with the agent in its environment and `-A` when `forward`.
 fn ssh(gw: &Gateway, agent: &Agent, forward: bool, cmd: &str) -> std::process::Output {
@@ -161,12 +113,10 @@ fn agent_forwarding_reaches_the_host_agent_and_goes_away_with_the_connection() {
 #[test]
 fn agent_forwarding_works_on_the_relay_path_too() {
     ensure_debian_image();
-    let relay = common::static_helper("labgate-relay");
-    let tail = format!(
-        "[docker]\nforward_via = \"exec\"\nrelay_helper = \"{}\"\n\n{DEBIAN_USER}",
-        relay.display()
-    );
-    let gw = Gateway::start(1, "", &tail);
+    let gw = Gateway::builder()
+        .docker("forward_via = \"exec\"\n")
+        .tail(DEBIAN_USER)
+        .start();
     let agent = Agent::start(gw.dir.path());
 
     // Several agent connections in one session (each is handed over on its own), concurrent

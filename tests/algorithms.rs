@@ -7,9 +7,9 @@
 
 mod common;
 
-use std::process::{Output, Stdio};
+use std::process::Stdio;
 
-use common::Gateway;
+use common::{Gateway, stderr_of};
 
 /// The server's proposal as `ssh -vvv` prints it: `(label, algorithms)` for each line after
 /// "peer server KEXINIT proposal" (`KEX algorithms`, `host key algorithms`, `ciphers ctos`,
@@ -39,10 +39,6 @@ fn offered<'a>(proposal: &'a [(String, Vec<String>)], label: &str) -> &'a [Strin
         .find(|(l, _)| l == label)
         .map(|(_, a)| a.as_slice())
         .unwrap_or_else(|| panic!("no `{label}` in the server's KEXINIT: {proposal:?}"))
-}
-
-fn stderr_of(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 #[test]

@@ -14,14 +14,12 @@ use std::process::{Command, Output, Stdio};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
-use common::{Gateway, containers_named, docker_inspect, eventually, pids_of};
+use common::{
+    Gateway, assert_alive, containers_named, docker_inspect, eventually, pids_of, stderr_of,
+};
 
 /// A valid ed25519 public key line (not tied to any private key the tests use).
 const ED: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHn7MrEI7ZE5jvoV0hWr8ya2DvjoZH2sGUTMv7Ur2DPt";
-
-fn stderr_of(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
 
 /// Asserts the login failed before the command ran, as the gateway reports it: exit status
 /// 255 and a `labgate: ...` line containing `needle` on stderr, nothing on stdout.
@@ -42,19 +40,6 @@ fn assert_refused_with(gw: &Gateway, out: &Output, needle: &str) {
         out.stdout.is_empty(),
         "the command must not have run: stdout {:?}",
         String::from_utf8_lossy(&out.stdout)
-    );
-}
-
-/// Asserts the gateway process is alive (not a zombie or gone).
-fn assert_alive(gw: &Gateway) {
-    let stat = std::fs::read_to_string(format!("/proc/{}/stat", gw.pid())).unwrap_or_default();
-    let state = stat
-        .rfind(')')
-        .map(|i| stat[i + 1..].trim_start().chars().next().unwrap_or('?'));
-    assert!(
-        matches!(state, Some(s) if s != 'Z' && s != 'X'),
-        "the gateway process must still run (stat: {stat:?})\nlog:\n{}",
-        gw.log()
     );
 }
 

@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use common::{Gateway, IMAGE, eventually};
+use common::{Gateway, IMAGE, assert_alive, eventually, fd_count, stderr_of};
 
 /// A `dockerd` of the test's own, on a socket in a temp dir.
 struct PrivateDocker {
@@ -235,21 +235,6 @@ impl Drop for PrivateDocker {
     }
 }
 
-fn stderr_of(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// Asserts the gateway process still runs.
-fn assert_alive(gw: &Gateway) {
-    let stat = std::fs::read_to_string(format!("/proc/{}/stat", gw.pid())).unwrap_or_default();
-    let state = stat.rfind(')').map(|i| stat[i + 2..].chars().next());
-    assert!(
-        matches!(state, Some(Some(s)) if s != 'Z' && s != 'X'),
-        "the gateway must still run: {stat:?}\n{}",
-        gw.log()
-    );
-}
-
 /// Waits for `child` to exit, at most `timeout`.
 fn wait_for(mut child: Child, timeout: Duration) -> Option<Output> {
     let exited = eventually(timeout, || matches!(child.try_wait(), Ok(Some(_))));
@@ -272,7 +257,7 @@ fn survive_the_daemon_going_away(what: &str, signal: rustix::process::Signal) {
     let mut docker = match PrivateDocker::start() {
         Ok(d) => d,
         Err(why) => {
-            eprintln!("SKIPPED {what}: {why}");
+            common::skip_unless(false, &format!("{what}: {why}"));
             return;
         }
     };
@@ -373,12 +358,6 @@ fn processes_with(container: &str, marker: &str) -> Vec<String> {
         .filter(|l| l.contains(marker))
         .map(str::to_owned)
         .collect()
-}
-
-fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count()
 }
 
 #[test]

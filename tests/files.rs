@@ -20,18 +20,10 @@ use common::{Gateway, ensure_debian_image, random_bytes};
 /// A user table giving user 0 the Debian image and a uid:gid of its own.
 const DEBIAN_USER: &str = "[users.{u0}]\nimage = \"labgate/debian:test\"\nuid = 1000\ngid = 1001\n";
 
-/// A `[docker]` table mounting labgate's static relay (built once), which the sftp
-/// subsystem's direct path runs; `extra` goes into the same table.
-fn relay_docker(extra: &str) -> String {
-    format!(
-        "[docker]\nrelay_helper = \"{}\"\n{extra}\n",
-        common::static_helper("labgate-relay").display()
-    )
-}
-
 fn debian_gateway() -> Gateway {
     ensure_debian_image();
-    Gateway::start(1, "", &format!("{}{DEBIAN_USER}", relay_docker("")))
+    // The harness installs the static relay, which the sftp subsystem's direct path runs.
+    Gateway::start(1, "", DEBIAN_USER)
 }
 
 /// User 0's home on the host.
@@ -324,22 +316,21 @@ fn git_clones_and_pushes_over_ssh_with_protocol_v2() {
     );
 }
 
-/// A `[docker]` table mounting labgate's static sftp server (built once).
-fn fallback_tail() -> String {
-    let sftp = format!(
-        "sftp_helper = \"{}\"",
-        common::static_helper("labgate-sftp").display()
-    );
-    format!(
-        "{}\n[users.{{u0}}]\nuid = 1000\ngid = 1001\n",
-        relay_docker(&sftp)
-    )
+/// A gateway mounting labgate's static sftp server (built once), its user 0 as 1000:1001.
+fn fallback_gateway() -> Gateway {
+    Gateway::builder()
+        .docker(&format!(
+            "sftp_helper = \"{}\"\n",
+            common::static_helper("labgate-sftp").display()
+        ))
+        .tail("[users.{u0}]\nuid = 1000\ngid = 1001\n")
+        .start()
 }
 
 #[test]
 fn the_builtin_sftp_server_serves_an_image_without_one_as_the_user() {
     // The busybox image has no sftp-server: labgate's own answers, mounted read-only.
-    let gw = Gateway::start(1, "", &fallback_tail());
+    let gw = fallback_gateway();
     assert_eq!(
         gw.ok(
             0,
@@ -560,8 +551,10 @@ fn sftp_runs_on_a_private_one_shot_socket_that_is_gone_once_connected() {
 #[test]
 fn sftp_still_runs_on_the_exec_stream_when_forwards_do_not_enter_namespaces() {
     ensure_debian_image();
-    let tail = format!("{}{DEBIAN_USER}", relay_docker("forward_via = \"exec\""));
-    let gw = Gateway::start(1, "", &tail);
+    let gw = Gateway::builder()
+        .docker("forward_via = \"exec\"\n")
+        .tail(DEBIAN_USER)
+        .start();
     round_trip(&gw, 10);
     let (mut child, fd0) = held_sftp_session(&gw);
     assert!(fd0.starts_with("pipe:"), "sftp-server's stdin: {fd0}");

@@ -10,7 +10,7 @@ use std::net::{TcpListener, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Gateway, Tunnel, docker_inspect, eventually, gateway_ip};
+use common::{Gateway, Terminal, Tunnel, docker_inspect, eventually, gateway_ip};
 
 /// Starts busybox httpd on the container's loopback only, serving `~/www`.
 fn serve_http(gw: &Gateway, i: usize, port: u16) {
@@ -398,7 +398,7 @@ fn remote_forward_listens_inside_the_container_and_goes_away_with_the_connection
 
 #[test]
 fn remote_forward_on_the_exec_relay_path_listens_inside_the_container_too() {
-    let gw = Gateway::start(1, "", &relay_tail());
+    let gw = relay_gateway(1);
     remote_forward_listens_and_goes_away(&gw);
     // The relay's hand-off directory goes with it.
     assert!(eventually(Duration::from_secs(10), || !gw
@@ -445,33 +445,23 @@ fn a_stalled_forward_does_not_freeze_the_shell_on_the_same_connection() {
     // A target that accepts and never reads: nc's stdout is a pipe nobody drains.
     gw.ok(0, "(nc -l -p 9999 | sleep 600) >/dev/null 2>&1 & sleep 0.3");
     let mut tunnel_port = 0;
-    let mut ssh = None;
+    let mut shell = None;
     for attempt in 0..20u32 {
         let port =
             20_000 + ((std::process::id().wrapping_mul(31) + attempt * 7_919) % 40_000) as u16;
         let mut cmd = gw.ssh(0);
         cmd.args(["-tt", "-o", "ExitOnForwardFailure=yes", "-L"])
             .arg(format!("127.0.0.1:{port}:localhost:9999"));
-        let pty = nix::pty::openpty(None, None).unwrap();
-        let slave = std::fs::File::from(pty.slave);
-        let child = cmd
-            .stdin(slave.try_clone().unwrap())
-            .stdout(slave.try_clone().unwrap())
-            .stderr(slave)
-            .spawn()
-            .unwrap();
-        let master = std::fs::File::from(pty.master);
+        let term = Terminal::open(&mut cmd, 24, 80);
         if eventually(Duration::from_secs(20), || {
             TcpStream::connect(("127.0.0.1", port)).is_ok()
         }) {
             tunnel_port = port;
-            ssh = Some((child, master));
+            shell = Some(term);
             break;
         }
-        let mut child = child;
-        let _ = child.kill();
     }
-    let (mut child, mut master) = ssh.expect("tunnel");
+    let mut term = shell.expect("tunnel");
     // Push 50 MB into the stalled target, in the background.
     let pusher = std::thread::spawn(move || {
         let mut s = TcpStream::connect(("127.0.0.1", tunnel_port)).unwrap();
@@ -483,49 +473,30 @@ fn a_stalled_forward_does_not_freeze_the_shell_on_the_same_connection() {
         }
     });
     std::thread::sleep(Duration::from_secs(2));
-    // The shell on the same connection keeps answering.
-    rustix::fs::fcntl_setfl(
-        std::os::fd::AsFd::as_fd(&master),
-        rustix::fs::OFlags::NONBLOCK,
-    )
-    .unwrap();
+    // The shell on the same connection keeps answering: the typed line echoed, then the
+    // command's output, each within 5 s.
     for round in 0..5 {
         let token = format!("alive-{round}-{}", std::process::id());
-        master
-            .write_all(format!("echo {token}\n").as_bytes())
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let mut seen = Vec::new();
-        let mut buf = [0u8; 4096];
-        loop {
-            if String::from_utf8_lossy(&seen).matches(&token).count() >= 2 {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "shell froze behind a stalled forward (round {round})"
-            );
-            match master.read(&mut buf) {
-                Ok(n) if n > 0 => seen.extend_from_slice(&buf[..n]),
-                _ => std::thread::sleep(Duration::from_millis(10)),
-            }
+        term.send(&format!("echo {token}\n"));
+        for _ in 0..2 {
+            term.expect_within(&token, Duration::from_secs(5));
         }
     }
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(term);
     let _ = pusher.join();
 }
 
-fn relay_tail() -> String {
-    format!(
-        "[docker]\nforward_via = \"exec\"\nrelay_helper = \"{}\"\n",
-        common::static_helper("labgate-relay").display()
-    )
+/// A gateway of `users` users whose forwards always go through relay execs.
+fn relay_gateway(users: usize) -> Gateway {
+    Gateway::builder()
+        .users(users)
+        .docker("forward_via = \"exec\"\n")
+        .start()
 }
 
 #[test]
 fn the_exec_relay_path_reaches_the_container_and_keeps_the_same_limits() {
-    let gw = Gateway::start(2, "", &relay_tail());
+    let gw = relay_gateway(2);
     serve_http(&gw, 0, 8000);
     serve_http(&gw, 1, 8000);
     assert!(
@@ -603,7 +574,7 @@ fn the_exec_relay_path_reaches_the_container_and_keeps_the_same_limits() {
 #[test]
 fn the_exec_relay_path_resolves_unix_sockets_inside_the_container() {
     use std::os::unix::net::UnixListener;
-    let gw = Gateway::start(1, "", &relay_tail());
+    let gw = relay_gateway(1);
     gw.ok(0, "ln -s /var/run/docker.sock ~/docker.sock");
     let home = gw.dir.path().join(format!("home/{}", gw.users[0]));
     let listener = UnixListener::bind(home.join("app.sock")).unwrap();

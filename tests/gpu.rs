@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 
-use common::{Gateway, IMAGE, docker_inspect};
+use common::{Gateway, IMAGE, docker_inspect, stderr_of};
 
 const GPU0: &str = "GPU-6b1e0d2c-0000-4000-8000-000000000000";
 const GPU1: &str = "GPU-6b1e0d2c-0000-4000-8000-000000000001";
@@ -69,10 +69,6 @@ fn install_fake(dir: &Path, gpus: &str) -> PathBuf {
 
 fn gpu_section(lib: &Path) -> String {
     format!("[gpu]\nnvml_library = \"{}\"\n", lib.display())
-}
-
-fn stderr_of(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// The device requests Docker recorded for a container, as JSON.

@@ -18,7 +18,7 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{Gateway, eventually, keygen};
+use common::{Gateway, eventually, fd_count, keygen};
 
 /// Cycles of connect/disconnect.
 const CYCLES: usize = 100;
@@ -37,12 +37,6 @@ const FD_SLACK: usize = 1;
 /// idle, which the polling below outwaits; the slack of 1 covers one blocking thread started
 /// by a background task just before sampling.
 const THREAD_SLACK: usize = 1;
-
-fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count()
-}
 
 fn thread_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/task"))

@@ -9,7 +9,7 @@ mod common;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{Gateway, eventually, random_bytes};
+use common::{Gateway, eventually, fd_count, random_bytes};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Users (containers) the sessions are spread over.
@@ -55,12 +55,6 @@ fn status_kib(pid: u32, field: &str) -> u64 {
         .find_map(|l| l.strip_prefix(&format!("{field}:")))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
-}
-
-fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count()
 }
 
 /// A gauge's value from the gateway's `/metrics`.

@@ -14,13 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::{Gateway, eventually, keygen};
-
-fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count()
-}
+use common::{Gateway, eventually, fd_count, keygen};
 
 /// A connection that says nothing (`hello` false) or only its version line, then stalls.
 fn stalled(addr: std::net::SocketAddr, hello: bool) -> TcpStream {

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Gateway, docker_inspect, eventually, static_helper};
+use common::{Gateway, docker_inspect, eventually};
 
 /// A unix socket at `path` (mode 0600 in a 0700 directory, both owned by `uid`) that greets
 /// each connection with `greeting`; counts the connections it got.
@@ -76,18 +76,15 @@ fn through_unix_forward(gw: &Gateway, i: usize, target: &str, n: usize) -> (Vec<
 /// forwarding through `via` ("namespace" or "exec").
 fn shared_scratch_gateway(scratch: &Path, via: &str) -> Gateway {
     std::fs::set_permissions(scratch, std::fs::Permissions::from_mode(0o1777)).unwrap();
-    Gateway::start(
-        2,
-        &format!(
+    Gateway::builder()
+        .users(2)
+        .defaults(&format!(
             "mounts = [ {{ source = \"{}\", target = \"/scratch\", writable = true }} ]\n",
             scratch.display()
-        ),
-        &format!(
-            "[docker]\nforward_via = \"{via}\"\nrelay_helper = \"{}\"\n\n\
-             [users.{{u0}}]\nuid = 2001\n\n[users.{{u1}}]\nuid = 2002\n",
-            static_helper("labgate-relay").display()
-        ),
-    )
+        ))
+        .docker(&format!("forward_via = \"{via}\"\n"))
+        .tail("[users.{u0}]\nuid = 2001\n\n[users.{u1}]\nuid = 2002\n")
+        .start()
 }
 
 fn unix_forwards_reach_only_what_the_user_may_open(via: &str) {

@@ -6,12 +6,11 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::os::fd::AsFd;
+use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Gateway, eventually, pids_of};
+use common::{Gateway, Terminal, eventually, pids_of};
 
 #[test]
 fn commands_run_through_the_shell_with_separate_streams_and_exit_status() {
@@ -118,96 +117,6 @@ fn the_configured_shell_is_used() {
     assert_eq!(gw.ok(0, "echo $SHELL; echo $0"), "/bin/ash\n/bin/ash\n");
 }
 
-/// A real terminal for the client: `ssh -tt` runs with a pty as stdin/stdout, so it sends its
-/// size in pty-req and a window-change on SIGWINCH, as in an interactive session.
-struct Terminal {
-    master: std::fs::File,
-    child: std::process::Child,
-    seen: Vec<u8>,
-}
-
-impl Terminal {
-    fn open(cmd: &mut Command, rows: u16, cols: u16) -> Terminal {
-        let pty = nix::pty::openpty(
-            Some(&nix::pty::Winsize {
-                ws_row: rows,
-                ws_col: cols,
-                ws_xpixel: 0,
-                ws_ypixel: 0,
-            }),
-            None,
-        )
-        .unwrap();
-        let slave = std::fs::File::from(pty.slave);
-        let child = cmd
-            .stdin(slave.try_clone().unwrap())
-            .stdout(slave.try_clone().unwrap())
-            .stderr(slave)
-            .spawn()
-            .unwrap();
-        let master = std::fs::File::from(pty.master);
-        let fd = master.as_fd();
-        let flags = rustix::fs::fcntl_getfl(fd).unwrap();
-        rustix::fs::fcntl_setfl(fd, flags | rustix::fs::OFlags::NONBLOCK).unwrap();
-        Terminal {
-            master,
-            child,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Reads until `needle` appears in the output since the last call.
-    fn expect(&mut self, needle: &str) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let mut buf = [0u8; 4096];
-        loop {
-            if let Some(pos) = String::from_utf8_lossy(&self.seen).find(needle) {
-                self.seen.drain(..pos + needle.len());
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "never saw {needle:?}; got {:?}",
-                String::from_utf8_lossy(&self.seen)
-            );
-            match self.master.read(&mut buf) {
-                Ok(n) if n > 0 => self.seen.extend_from_slice(&buf[..n]),
-                _ => std::thread::sleep(Duration::from_millis(20)),
-            }
-        }
-    }
-
-    fn send(&mut self, text: &str) {
-        self.master.write_all(text.as_bytes()).unwrap();
-    }
-
-    fn resize(&mut self, rows: u16, cols: u16) {
-        rustix::termios::tcsetwinsize(
-            self.master.as_fd(),
-            rustix::termios::Winsize {
-                ws_row: rows,
-                ws_col: cols,
-                ws_xpixel: 0,
-                ws_ypixel: 0,
-            },
-        )
-        .unwrap();
-        // ssh is not in the pty's foreground group here, so tell it as the kernel would.
-        rustix::process::kill_process(
-            rustix::process::Pid::from_raw(self.child.id() as i32).unwrap(),
-            rustix::process::Signal::WINCH,
-        )
-        .unwrap();
-    }
-}
-
-impl Drop for Terminal {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn a_pty_gets_the_clients_term_and_size_and_follows_resizes() {
     let gw = Gateway::start(1, "", "");
@@ -236,15 +145,11 @@ fn an_interactive_login_shell_runs_in_the_home_directory() {
     term.send("echo \"where=$(pwd)\"\n");
     term.expect(&format!("where=/home/{}", gw.users[0]));
     term.send("exit 7\n");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(st) = term.child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(Instant::now() < deadline, "ssh did not exit");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert_eq!(status.code(), Some(7), "exit status of the login shell");
+    assert_eq!(
+        term.wait().code(),
+        Some(7),
+        "exit status of the login shell"
+    );
 }
 
 /// Spawns `ssh user cmd` in the background and waits until `marker` runs on the host.

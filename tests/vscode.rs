@@ -254,12 +254,8 @@ fn sftp(gw: &Gateway, batch: &str, cwd: &std::path::Path) {
 #[test]
 fn vscode_sequence_socks_tunnel_second_connection_and_server_surviving_a_disconnect() {
     ensure_debian_image();
-    // With the relay installed, as deployed: sftp takes its direct path.
-    let tail = format!(
-        "[docker]\nrelay_helper = \"{}\"\n\n{DEBIAN_USER}",
-        common::static_helper("labgate-relay").display()
-    );
-    let gw = Gateway::start(1, "", &tail);
+    // With the relay installed (the harness does, as deployed): sftp takes its direct path.
+    let gw = Gateway::start(1, "", DEBIAN_USER);
 
     // 1-2: install, start the detached server, reach it through -D on the remote loopback.
     let first = Connection::open(&gw, INSTALL_TCP);

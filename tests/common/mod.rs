@@ -6,6 +6,8 @@
 
 #![allow(dead_code)]
 
+pub mod client;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -90,46 +92,90 @@ pub struct Gateway {
     config_text: String,
 }
 
-impl Gateway {
-    /// Starts a gateway with `n` fresh users; `defaults_extra` is appended inside
-    /// `[defaults]`, `tail` after it (for `[users.X]` tables; `{u0}`, `{u1}`... are replaced
-    /// by the user names).
-    pub fn start(n: usize, defaults_extra: &str, tail: &str) -> Gateway {
-        Gateway::start_with_server(n, "", defaults_extra, tail)
+/// What a [`Gateway`] is started with: how many users, and the text added to each table of
+/// its config. In every piece `{u0}`, `{u1}`... are replaced by the user names.
+#[derive(Default)]
+pub struct GatewayBuilder {
+    users: usize,
+    server: String,
+    defaults: String,
+    docker: String,
+    tail: String,
+}
+
+impl GatewayBuilder {
+    /// `n` fresh users, each with a key of its own (default 1).
+    pub fn users(mut self, n: usize) -> Self {
+        self.users = n;
+        self
     }
 
-    /// [`Gateway::start`] with `server_extra` appended inside `[server]`.
-    pub fn start_with_server(
-        n: usize,
-        server_extra: &str,
-        defaults_extra: &str,
-        tail: &str,
-    ) -> Gateway {
+    /// Lines appended inside `[server]`.
+    pub fn server(mut self, extra: &str) -> Self {
+        self.server = extra.to_owned();
+        self
+    }
+
+    /// Lines appended inside `[defaults]`.
+    pub fn defaults(mut self, extra: &str) -> Self {
+        self.defaults = extra.to_owned();
+        self
+    }
+
+    /// Lines inside `[docker]`, beside the static relay the harness installs as deployed
+    /// (a `relay_helper` line here replaces it). With a `[docker]` table in the tail, they go
+    /// at its top.
+    pub fn docker(mut self, lines: &str) -> Self {
+        self.docker = lines.to_owned();
+        self
+    }
+
+    /// Text after `[defaults]` (`[users.X]` tables, `[docker]`...).
+    pub fn tail(mut self, tail: &str) -> Self {
+        self.tail = tail.to_owned();
+        self
+    }
+
+    /// Writes the config and starts the gateway; returns once it listens.
+    pub fn start(self) -> Gateway {
         ensure_image();
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("keys")).unwrap();
         let mut users = Vec::new();
         let mut keys = Vec::new();
-        for _ in 0..n {
+        for _ in 0..self.users {
             let user = unique_user("t");
             let pair = keygen(dir.path(), &format!("id_{user}"));
             std::fs::write(dir.path().join(format!("keys/{user}.pub")), &pair.public).unwrap();
             users.push(user);
             keys.push(pair);
         }
-        let mut tail = tail.to_owned();
-        let mut defaults_extra = defaults_extra.to_owned();
-        for (i, u) in users.iter().enumerate() {
-            tail = tail.replace(&format!("{{u{i}}}"), u);
-            defaults_extra = defaults_extra.replace(&format!("{{u{i}}}"), u);
-        }
-        // As deployed: the static relay is installed, so sessions without a terminal take
-        // their direct path (a test with a `[docker]` table of its own says what it wants).
-        if !tail.contains("[docker]") {
-            tail = format!(
-                "[docker]\nrelay_helper = \"{}\"\n\n{tail}",
-                static_helper("labgate-relay").display()
-            );
+        let named = |text: &str| {
+            users.iter().enumerate().fold(text.to_owned(), |t, (i, u)| {
+                t.replace(&format!("{{u{i}}}"), u)
+            })
+        };
+        let (server_extra, defaults_extra, docker) = (
+            named(&self.server),
+            named(&self.defaults),
+            named(&self.docker),
+        );
+        let mut tail = named(&self.tail);
+        if tail.contains("[docker]") {
+            tail = tail.replacen("[docker]\n", &format!("[docker]\n{docker}\n"), 1);
+        } else {
+            // As deployed: the static relay is installed, so sessions without a terminal take
+            // their direct path (a test with a `[docker]` table of its own says what it
+            // wants).
+            let relay = if docker.contains("relay_helper") {
+                String::new()
+            } else {
+                format!(
+                    "relay_helper = \"{}\"\n",
+                    static_helper("labgate-relay").display()
+                )
+            };
+            tail = format!("[docker]\n{relay}{docker}\n\n{tail}");
         }
         // Tests say which helpers they mount: one a test leaves out is absent, whatever the
         // gateway's own search would find (the package's, or the dynamically linked debug
@@ -166,6 +212,42 @@ impl Gateway {
         };
         gw.spawn();
         gw
+    }
+}
+
+impl Gateway {
+    /// A gateway to configure: one user, the test image, the static relay installed.
+    pub fn builder() -> GatewayBuilder {
+        GatewayBuilder {
+            users: 1,
+            ..GatewayBuilder::default()
+        }
+    }
+
+    /// Starts a gateway with `n` fresh users; `defaults_extra` is appended inside
+    /// `[defaults]`, `tail` after it (for `[users.X]` tables; `{u0}`, `{u1}`... are replaced
+    /// by the user names).
+    pub fn start(n: usize, defaults_extra: &str, tail: &str) -> Gateway {
+        Gateway::builder()
+            .users(n)
+            .defaults(defaults_extra)
+            .tail(tail)
+            .start()
+    }
+
+    /// [`Gateway::start`] with `server_extra` appended inside `[server]`.
+    pub fn start_with_server(
+        n: usize,
+        server_extra: &str,
+        defaults_extra: &str,
+        tail: &str,
+    ) -> Gateway {
+        Gateway::builder()
+            .users(n)
+            .server(server_extra)
+            .defaults(defaults_extra)
+            .tail(tail)
+            .start()
     }
 
     /// The config file path.
@@ -631,4 +713,211 @@ pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
             (x >> 24) as u8
         })
         .collect()
+}
+
+/// A command's stderr as text.
+pub fn stderr_of(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// How many file descriptors process `pid` holds open.
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// Asserts the gateway process still runs (not a zombie, not gone).
+pub fn assert_alive(gw: &Gateway) {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", gw.pid())).unwrap_or_default();
+    let state = stat
+        .rfind(')')
+        .map(|i| stat[i + 1..].trim_start().chars().next().unwrap_or('?'));
+    assert!(
+        matches!(state, Some(s) if s != 'Z' && s != 'X'),
+        "the gateway process must still run (stat: {stat:?})\nlog:\n{}",
+        gw.log()
+    );
+}
+
+/// Whether a test that needs something this machine may lack (`can`) runs: false means the
+/// caller returns at once, after `why` was printed as SKIPPED. Under CI (`CI` set) nothing
+/// is skipped silently: a missing prerequisite fails the test with `why`.
+pub fn skip_unless(can: bool, why: &str) -> bool {
+    if can {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "this test cannot run here under CI: {why}"
+    );
+    eprintln!("SKIPPED: {why}");
+    false
+}
+
+/// A real terminal for the client: `ssh -tt` runs with a pty as stdin/stdout/stderr, so it
+/// sends its size in pty-req and a window-change on SIGWINCH, as in an interactive session.
+/// The client is killed when this drops.
+pub struct Terminal {
+    /// The pty's master side (non-blocking).
+    pub master: std::fs::File,
+    /// The client.
+    pub child: Child,
+    /// Output read and not yet matched by [`Terminal::expect`].
+    seen: Vec<u8>,
+}
+
+impl Terminal {
+    /// Spawns `cmd` on a new pty of `rows` × `cols`.
+    pub fn open(cmd: &mut Command, rows: u16, cols: u16) -> Terminal {
+        use std::os::fd::AsFd;
+        let pty = nix::pty::openpty(
+            Some(&nix::pty::Winsize {
+                ws_row: rows,
+                ws_col: cols,
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            }),
+            None,
+        )
+        .unwrap();
+        let slave = std::fs::File::from(pty.slave);
+        let child = cmd
+            .stdin(slave.try_clone().unwrap())
+            .stdout(slave.try_clone().unwrap())
+            .stderr(slave)
+            .spawn()
+            .unwrap();
+        let master = std::fs::File::from(pty.master);
+        let fd = master.as_fd();
+        let flags = rustix::fs::fcntl_getfl(fd).unwrap();
+        rustix::fs::fcntl_setfl(fd, flags | rustix::fs::OFlags::NONBLOCK).unwrap();
+        Terminal {
+            master,
+            child,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Reads until `needle` appears in the output since the last match (20 s at most).
+    pub fn expect(&mut self, needle: &str) {
+        self.expect_within(needle, Duration::from_secs(20));
+    }
+
+    /// [`Terminal::expect`] with a deadline of `timeout`.
+    pub fn expect_within(&mut self, needle: &str, timeout: Duration) {
+        use std::io::Read;
+        let deadline = Instant::now() + timeout;
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Some(pos) = String::from_utf8_lossy(&self.seen).find(needle) {
+                self.seen.drain(..pos + needle.len());
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "never saw {needle:?}; got {:?}",
+                String::from_utf8_lossy(&self.seen)
+            );
+            match self.master.read(&mut buf) {
+                Ok(n) if n > 0 => self.seen.extend_from_slice(&buf[..n]),
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+
+    /// Types `text`.
+    pub fn send(&mut self, text: &str) {
+        use std::io::Write;
+        self.master.write_all(text.as_bytes()).unwrap();
+    }
+
+    /// Resizes the terminal and tells the client, as the kernel would.
+    pub fn resize(&mut self, rows: u16, cols: u16) {
+        use std::os::fd::AsFd;
+        rustix::termios::tcsetwinsize(
+            self.master.as_fd(),
+            rustix::termios::Winsize {
+                ws_row: rows,
+                ws_col: cols,
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            },
+        )
+        .unwrap();
+        // ssh is not in the pty's foreground group here, so tell it as the kernel would.
+        rustix::process::kill_process(
+            rustix::process::Pid::from_raw(self.child.id() as i32).unwrap(),
+            rustix::process::Signal::WINCH,
+        )
+        .unwrap();
+    }
+
+    /// Waits for the client to exit (20 s at most) and returns its status.
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(Instant::now() < deadline, "ssh did not exit");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Terminal {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A host `ssh-agent` on its own socket in `dir`, holding one fresh key; killed on drop.
+pub struct Agent {
+    child: Child,
+    /// Its socket (`SSH_AUTH_SOCK` for a client forwarding it).
+    pub sock: PathBuf,
+    /// The fingerprint (`SHA256:...`) of the key it holds.
+    pub fingerprint: String,
+}
+
+impl Agent {
+    /// Starts the agent and adds a new key to it.
+    pub fn start(dir: &Path) -> Agent {
+        let sock = dir.join("agent.sock");
+        let mut agent = Agent {
+            child: ssh_agent(&sock),
+            sock,
+            fingerprint: String::new(),
+        };
+        let key = keygen(dir, "id_agent");
+        let st = Command::new("ssh-add")
+            .arg(&key.private)
+            .env("SSH_AUTH_SOCK", &agent.sock)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success(), "ssh-add failed");
+        let out = Command::new("ssh-keygen")
+            .arg("-lf")
+            .arg(key.private.with_extension("pub"))
+            .output()
+            .unwrap();
+        agent.fingerprint = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .to_owned();
+        assert!(agent.fingerprint.starts_with("SHA256:"));
+        agent
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
