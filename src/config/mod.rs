@@ -16,6 +16,7 @@
 //! Every public type is re-exported here: `crate::config::Quota`, never the submodule path.
 
 mod changes;
+pub mod cluster;
 mod gpu;
 pub mod helpers;
 pub mod images;

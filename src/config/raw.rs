@@ -76,6 +76,8 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub(super) server: RawServer,
     #[serde(default)]
+    pub(super) cluster: super::cluster::RawCluster,
+    #[serde(default)]
     pub(super) docker: RawDocker,
     #[serde(default)]
     pub(super) gpu: gpu::RawGpu,

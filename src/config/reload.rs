@@ -118,6 +118,9 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.docker.network != new.docker.network {
         changed.push("docker.network");
     }
+    if old.cluster != new.cluster {
+        changed.push("cluster.engine");
+    }
     if old.docker.forward_via != new.docker.forward_via {
         changed.push("docker.forward_via");
     }

@@ -1383,3 +1383,30 @@ fn uid_is_a_number_host_or_auto_and_auto_uids_a_range() {
         );
     }
 }
+
+#[test]
+fn the_engine_is_this_hosts_docker_unless_cluster_names_another() {
+    use crate::config::cluster::Engine;
+    assert_eq!(
+        ok("[defaults]\nimage = \"x\"\n").cluster.engine,
+        Engine::Docker
+    );
+    let explicit = ok("[cluster]\nengine = \"docker\"\n\n[defaults]\nimage = \"x\"\n");
+    assert_eq!(explicit.cluster.engine, Engine::Docker);
+    let swarm = err_at("[cluster]\nengine = \"swarm\"\n\n[defaults]\nimage = \"x\"\n");
+    assert_eq!((swarm.line, swarm.column), (2, 10), "{}", swarm.display);
+    assert!(
+        swarm.message.contains("not available in this version"),
+        "{}",
+        swarm.message
+    );
+    let typo = err_at("[cluster]\nengine = \"dokcer\"\n\n[defaults]\nimage = \"x\"\n");
+    assert!(
+        typo.message
+            .contains("unknown engine \"dokcer\": expected one of \"docker\""),
+        "{}",
+        typo.message
+    );
+    let unknown = err_at("[cluster]\nmanager = \"unix:///x\"\n\n[defaults]\nimage = \"x\"\n");
+    assert!(unknown.message.contains("manager"), "{}", unknown.message);
+}

@@ -25,7 +25,9 @@ pub struct Config {
     pub source: PathBuf,
     /// Listener, host key, keys directory.
     pub server: ServerConfig,
-    /// How to reach the Docker Engine.
+    /// `[cluster]`: which engine runs users' containers.
+    pub cluster: super::cluster::ClusterConfig,
+    /// `[docker]`: this host's engine (`[cluster] engine = "docker"`).
     pub docker: DockerConfig,
     /// Where NVML is and how GPUs are shared.
     pub gpu: GpuConfig,

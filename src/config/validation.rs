@@ -227,6 +227,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     Ok(Config {
         source: path.to_owned(),
         server,
+        cluster: raw.cluster.validate(),
         docker,
         gpu,
         admin,

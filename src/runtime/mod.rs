@@ -549,13 +549,20 @@ pub type StillWanted = Box<dyn FnOnce() -> bool + Send>;
 
 /// The `labgate gpus` table when no gateway runs: asked of the backend `config` names.
 pub async fn gpu_report(config: &crate::config::Config) -> Result<String, GpuError> {
-    docker::gpus::report(config).await
+    match config.cluster.engine {
+        crate::config::cluster::Engine::Docker => docker::gpus::report(config).await,
+    }
 }
 
 /// The backend `config` names (`[cluster] engine`; local Docker by default), ready to use.
+/// A new backend is a module beside [`docker`] and one arm here.
 pub async fn open(config: &crate::config::Config) -> Arc<dyn ContainerRuntime> {
-    let gpus = docker::pool::GpuPool::open(&config.gpu).await;
-    Arc::new(docker::DockerRuntime::new(&config.docker, gpus))
+    match config.cluster.engine {
+        crate::config::cluster::Engine::Docker => {
+            let gpus = docker::pool::GpuPool::open(&config.gpu).await;
+            Arc::new(docker::DockerRuntime::new(&config.docker, gpus))
+        }
+    }
 }
 
 #[cfg(test)]
