@@ -34,6 +34,7 @@ pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod check;
+pub mod codes;
 pub mod config;
 pub mod demo;
 pub mod forward;

@@ -31,6 +31,7 @@ pub struct Metrics {
     gpus_allocated: Gauge,
     gpus_total: Gauge,
     reloads: Family<Label, Counter>,
+    user_errors: Family<Label, Counter>,
     idle_stops: Counter,
     unauthenticated: Gauge,
     startups_closed: Counter,
@@ -63,6 +64,7 @@ impl Metrics {
             gpus_allocated: Gauge::default(),
             gpus_total: Gauge::default(),
             reloads: Family::default(),
+            user_errors: Family::default(),
             idle_stops: Counter::default(),
             unauthenticated: Gauge::default(),
             startups_closed: Counter::default(),
@@ -115,6 +117,11 @@ impl Metrics {
             m.gpus_total.clone(),
         );
         registry.register(
+            "user_errors",
+            "Errors users met, by stable code (README.md, \"Error codes\")",
+            m.user_errors.clone(),
+        );
+        registry.register(
             "reloads",
             "Config reloads by result (applied, rejected)",
             m.reloads.clone(),
@@ -153,6 +160,11 @@ impl Metrics {
     /// Counts a login decision (`accepted` or `refused`).
     pub fn login(&self, result: &'static str) {
         self.logins.get_or_create(&[("result", result)]).inc();
+    }
+
+    /// Counts an error a user met, by its stable code (see [`crate::codes`]).
+    pub fn user_error(&self, code: &'static str) {
+        self.user_errors.get_or_create(&[("code", code)]).inc();
     }
 
     /// Counts a reload (`applied` or `rejected`).

@@ -129,8 +129,18 @@ fn unreachable_docker_daemon_is_reported_and_the_gateway_stays_up() {
     assert_refused_with(&gw, &second, "container engine is not reachable");
     assert_alive(&gw);
     assert_eq!(containers_named(&gw.container(0)), 0);
+    // The admin reads the stable code and what it means, in the log and the audit log.
     let log = gw.log();
-    assert!(log.contains("session not started"), "{log}");
+    assert!(log.contains("session start failed"), "{log}");
+    assert!(log.contains("engine-unavailable"), "{log}");
+    assert!(log.contains("is dockerd running"), "{log}");
+    let audit = std::fs::read_to_string(gw.dir.path().join("audit.jsonl")).unwrap();
+    assert!(audit.contains("\"code\":\"engine-unavailable\""), "{audit}");
+    let (_, metrics) = gw.http_get("/metrics");
+    assert!(
+        metrics.contains("labgate_user_errors_total{code=\"engine-unavailable\"} 2"),
+        "{metrics}"
+    );
 }
 
 #[test]

@@ -668,6 +668,14 @@ fn remote_and_unix_switches_refuse_those_forwards() {
         gw.log()
             .contains("remote forwarding is disabled for this user")
     );
+    // The admin sees the refused unix forward under its stable code.
+    let audit = std::fs::read_to_string(gw.dir.path().join("audit.jsonl")).unwrap();
+    assert!(
+        audit.lines().any(
+            |l| l.contains("unix forward refused") && l.contains("\"code\":\"forward-denied\"")
+        ),
+        "{audit}"
+    );
 }
 
 #[test]

@@ -21,6 +21,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info};
 
+use crate::codes::Coded;
 use crate::config::policy::{self, Denied, PermitOpen};
 use crate::login::{Context, Login};
 use crate::runtime::reach::{BoxedStream, ReachError};
@@ -55,6 +56,21 @@ pub enum ForwardError {
     /// Connecting or binding failed.
     #[error("{0}")]
     Io(#[from] std::io::Error),
+}
+
+impl crate::codes::Coded for ForwardError {
+    fn code(&self) -> crate::codes::Code {
+        use crate::codes::Code;
+        match self {
+            ForwardError::Denied(_) => Code::ForwardDenied,
+            ForwardError::Container(e) => e.code(),
+            ForwardError::Reach(ReachError::Runtime(e)) => e.code(),
+            ForwardError::Reach(_) | ForwardError::Resolve(_) | ForwardError::Io(_) => {
+                Code::ForwardUnreachable
+            }
+            ForwardError::Busy(_) => Code::ForwardBusy,
+        }
+    }
 }
 
 impl ForwardError {
@@ -155,7 +171,9 @@ pub async fn direct_tcpip(
             debug!(%host, port, up = moved.up, down = moved.down, "forward closed");
         }
         Err(e) => {
-            info!(target: "audit", user = %login.user, %host, port, error = %e, "forward refused");
+            let code = e.code();
+            info!(target: "audit", user = %login.user, %host, port, code = code.as_str(), error = %e, "forward refused");
+            crate::metrics::metrics().user_error(code.as_str());
             reply.reject(e.open_failure()).await;
         }
     }
@@ -195,7 +213,9 @@ pub async fn direct_streamlocal(
             pump::pump(channel, stream, &login.gone).await;
         }
         Err(e) => {
-            info!(target: "audit", user = %login.user, %path, error = %e, "unix forward refused");
+            let code = e.code();
+            info!(target: "audit", user = %login.user, %path, code = code.as_str(), error = %e, "unix forward refused");
+            crate::metrics::metrics().user_error(code.as_str());
             reply.reject(e.open_failure()).await;
         }
     }

@@ -94,6 +94,18 @@ pub enum GpuError {
     NoGpuRuntime(String),
 }
 
+impl crate::codes::Coded for GpuError {
+    fn code(&self) -> crate::codes::Code {
+        use crate::codes::Code;
+        match self {
+            GpuError::Unavailable { .. } | GpuError::NoNvml(_) => Code::GpuUnavailable,
+            GpuError::Inventory(_) => Code::GpuInventory,
+            GpuError::Allocation(_) => Code::GpuBusy,
+            GpuError::NoGpuRuntime(_) => Code::GpuNoRuntime,
+        }
+    }
+}
+
 /// The GPU table of `labgate gpus`: one line per GPU with its memory, use and holders.
 /// `holders` is `None` when they are unknown (Docker unreachable): shown as `?`.
 pub fn render_table(

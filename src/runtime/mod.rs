@@ -461,6 +461,27 @@ pub enum RuntimeError {
     Engine(String),
 }
 
+impl crate::codes::Coded for RuntimeError {
+    fn code(&self) -> crate::codes::Code {
+        use crate::codes::Code;
+        match self {
+            RuntimeError::Unavailable(_) => Code::EngineUnavailable,
+            RuntimeError::ImageMissing(_) => Code::ImageMissing,
+            RuntimeError::Pull { .. } => Code::PullFailed,
+            RuntimeError::Profile(_) => Code::ProfileRefused,
+            RuntimeError::Identity(_) => Code::NoIdentity,
+            RuntimeError::NameTaken(_) => Code::NameTaken,
+            RuntimeError::Create(_) => Code::CreateFailed,
+            RuntimeError::Start(_) => Code::StartFailed,
+            RuntimeError::Exec(_) => Code::ExecFailed,
+            RuntimeError::Home(_) => Code::HomeFailed,
+            RuntimeError::Unsafe(_) => Code::UnsafeBind,
+            RuntimeError::Gpu(e) => e.code(),
+            RuntimeError::Engine(_) => Code::EngineError,
+        }
+    }
+}
+
 /// One step of an image pull, for someone waiting on it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PullProgress {

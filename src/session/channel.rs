@@ -227,7 +227,7 @@ async fn serve(
             return;
         }
         Err(e) => {
-            warn!(user = %login.user, error = %e, "session not started");
+            crate::codes::record(&login.user, "session start", &e);
             if !early.closed {
                 let mut stderr = tx.make_writer_ext(Some(1));
                 let line = super::text::not_started(&e, setup.pty.is_some());
@@ -559,7 +559,11 @@ async fn pump_output(
             Some(status)
         }
         Err(e) => {
-            warn!("exit status unknown: {e}");
+            warn!(
+                code = crate::codes::Code::EngineLost.as_str(),
+                "exit status unknown: {e}"
+            );
+            crate::metrics::metrics().user_error(crate::codes::Code::EngineLost.as_str());
             let line = super::text::ended(&e, tty);
             let _ = stderr.write_all(line.as_bytes()).await;
             let _ = stderr.flush().await;
