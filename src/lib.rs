@@ -13,14 +13,19 @@
 //!   key and certificate checks, `user+profile` logins.
 //! - [`ssh`]: host key, russh server settings, accept loop, and the russh `Handler` that only
 //!   translates protocol events.
-//! - [`session`]: per-login state and the task that bridges one session channel to a process.
-//! - [`runtime`]: the container backend seam ([`runtime::ContainerRuntime`]) and its Docker
-//!   implementation (with shared image pulls and their progress), plus host-side process
-//!   signalling.
-//! - [`gpu`]: the GPU inventory (NVML), the allocator (exclusive or shared, by UUID, never
-//!   oversubscribed) and the pool that gives a login its GPUs.
+//! - [`login`]: who is logged in (`Login`), what all connections share (`Context`), and the
+//!   one way a login gets its container.
+//! - [`session`]: the task that bridges one session channel to a process, the text a user
+//!   reads from labgate, idle stop.
+//! - [`forward`]: port, unix-socket and agent forwarding into the user's container.
+//! - [`runtime`]: the container backend seam ([`runtime::ContainerRuntime`], the way in
+//!   [`runtime::reach::Reach`]) and its Docker implementation (with shared image pulls, and
+//!   the host's GPU pool).
+//! - [`gpu`]: the GPU inventory (NVML) and the allocator (exclusive or shared, by UUID, never
+//!   oversubscribed).
 //! - [`admin`]: the admin socket (`labgate status | stop | kick | gpus`, one module each in
-//!   [`admin::cmd`]), `/metrics` and `/healthz`, the audit log, the process-wide metrics.
+//!   [`admin::cmd`]), `/metrics` and `/healthz`, the audit log.
+//! - [`metrics`]: the process-wide Prometheus metrics; [`codes`]: the stable error codes.
 //! - [`check`]: `labgate check`, the config and key files validated like `sshd -t`.
 //! - [`demo`]: the embedded demo setup (locally built busybox image, demo user and key).
 //! - [`app`]: the composition root: wires config, backend and server, runs until a signal.
