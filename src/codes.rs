@@ -48,6 +48,8 @@ pub enum Code {
     GpuBusy,
     /// The engine cannot give containers GPUs.
     GpuNoRuntime,
+    /// A login waited for GPUs longer than `[gpu] max_wait`.
+    GpuWaitedTooLong,
     /// A forward refused by policy.
     ForwardDenied,
     /// A forward's target could not be resolved, reached or listened on.
@@ -58,7 +60,7 @@ pub enum Code {
 
 impl Code {
     /// Every code, in the order README.md lists them.
-    pub const ALL: [Code; 20] = [
+    pub const ALL: [Code; 21] = [
         Code::EngineUnavailable,
         Code::EngineLost,
         Code::EngineError,
@@ -76,6 +78,7 @@ impl Code {
         Code::GpuInventory,
         Code::GpuBusy,
         Code::GpuNoRuntime,
+        Code::GpuWaitedTooLong,
         Code::ForwardDenied,
         Code::ForwardUnreachable,
         Code::ForwardBusy,
@@ -101,6 +104,7 @@ impl Code {
             Code::GpuInventory => "gpu-inventory",
             Code::GpuBusy => "gpu-busy",
             Code::GpuNoRuntime => "gpu-no-runtime",
+            Code::GpuWaitedTooLong => "gpu-waited-too-long",
             Code::ForwardDenied => "forward-denied",
             Code::ForwardUnreachable => "forward-unreachable",
             Code::ForwardBusy => "forward-busy",
@@ -156,6 +160,9 @@ impl Code {
             }
             Code::GpuNoRuntime => {
                 "the engine has no GPU support: install and configure the NVIDIA container toolkit"
+            }
+            Code::GpuWaitedTooLong => {
+                "the login waited in the GPU queue for [gpu] max_wait and no GPU freed for it: `labgate gpus` shows who holds them"
             }
             Code::ForwardDenied => {
                 "the forward was refused by [forwarding] switches, allow rules or the key's options"

@@ -26,9 +26,22 @@ pub const DEFAULT_MAX_PER_GPU: u32 = 2;
 /// Default of `[gpu] busy_utilization`, in percent.
 pub const DEFAULT_BUSY_UTILIZATION: u32 = 5;
 
+/// Default of `[gpu] max_wait`: how long a login waits in the GPU queue.
+pub const DEFAULT_MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(12 * 3600);
+
+/// Default of `[gpu] fair_share_half_life`: how fast past GPU use stops counting.
+pub const DEFAULT_FAIR_SHARE_HALF_LIFE: std::time::Duration =
+    std::time::Duration::from_secs(7 * 86_400);
+
 /// `[gpu]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GpuConfig {
+    /// A login whose GPUs are not free waits in line (`true`) or is refused at once.
+    pub queue: bool,
+    /// Longest wait in line; past it the login ends with a message.
+    pub max_wait: std::time::Duration,
+    /// Recent GPU use, which orders the line, halves every this long.
+    pub fair_share_half_life: std::time::Duration,
     /// The NVML library: a path (relative ones resolved against the config directory), or a
     /// bare file name that the dynamic loader searches for.
     pub nvml_library: OsString,
@@ -42,6 +55,9 @@ pub struct GpuConfig {
 impl Default for GpuConfig {
     fn default() -> Self {
         GpuConfig {
+            queue: true,
+            max_wait: DEFAULT_MAX_WAIT,
+            fair_share_half_life: DEFAULT_FAIR_SHARE_HALF_LIFE,
             nvml_library: DEFAULT_NVML_LIBRARY.into(),
             mode: GpuMode::Exclusive,
             busy_utilization: DEFAULT_BUSY_UTILIZATION,
@@ -247,6 +263,9 @@ pub(super) struct RawGpu {
     mode: Option<RawMode>,
     max_per_gpu: Option<Spanned<Positive>>,
     busy_utilization: Option<Spanned<u32>>,
+    queue: Option<bool>,
+    max_wait: Option<Spanned<super::HumanDuration>>,
+    fair_share_half_life: Option<Spanned<super::HumanDuration>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -292,7 +311,26 @@ impl Validator<'_> {
                 ));
             }
         };
+        let at_least_a_second = |d: Option<Spanned<super::HumanDuration>>,
+                                 key: &str,
+                                 default: std::time::Duration|
+         -> Result<std::time::Duration, ConfigError> {
+            match d {
+                None => Ok(default),
+                Some(d) if d.get_ref().0 >= std::time::Duration::from_secs(1) => {
+                    Ok(d.into_inner().0)
+                }
+                Some(d) => Err(self.at(d.span(), format!("{key} must be at least 1s"))),
+            }
+        };
         Ok(GpuConfig {
+            queue: raw.queue.unwrap_or(true),
+            max_wait: at_least_a_second(raw.max_wait, "max_wait", DEFAULT_MAX_WAIT)?,
+            fair_share_half_life: at_least_a_second(
+                raw.fair_share_half_life,
+                "fair_share_half_life",
+                DEFAULT_FAIR_SHARE_HALF_LIFE,
+            )?,
             busy_utilization,
             nvml_library,
             mode: match max_per_gpu {

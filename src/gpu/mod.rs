@@ -11,6 +11,7 @@
 
 pub mod allocator;
 pub mod nvml;
+pub mod queue;
 
 use std::collections::BTreeMap;
 
@@ -92,6 +93,30 @@ pub enum GpuError {
         "the container engine on this host cannot give containers GPUs ({0}): the NVIDIA container toolkit is not set up; ask your admin"
     )]
     NoGpuRuntime(String),
+    /// Other logins wait for GPUs ahead of this one (the queue decides who takes free GPUs).
+    #[error("other logins are waiting for GPUs ahead of yours")]
+    Waiting,
+    /// The login waited in line for GPUs as long as `[gpu] max_wait` allows.
+    #[error(
+        "no GPU became free for you within {} ([gpu] max_wait); try again later, or ask your admin",
+        humantime::format_duration(*.0)
+    )]
+    WaitedTooLong(std::time::Duration),
+}
+
+impl GpuError {
+    /// Whether waiting can help: the GPUs exist but are held by others (not: too many asked
+    /// for, an unknown pin, no NVML, no GPU runtime).
+    pub fn is_busy(&self) -> bool {
+        matches!(
+            self,
+            GpuError::Waiting
+                | GpuError::Allocation(
+                    allocator::AllocError::NotEnough { .. }
+                        | allocator::AllocError::PinnedTaken { .. }
+                )
+        )
+    }
 }
 
 impl crate::codes::Coded for GpuError {
@@ -102,6 +127,8 @@ impl crate::codes::Coded for GpuError {
             GpuError::Inventory(_) => Code::GpuInventory,
             GpuError::Allocation(_) => Code::GpuBusy,
             GpuError::NoGpuRuntime(_) => Code::GpuNoRuntime,
+            GpuError::Waiting => Code::GpuBusy,
+            GpuError::WaitedTooLong(_) => Code::GpuWaitedTooLong,
         }
     }
 }

@@ -89,6 +89,11 @@ pub struct ContainerSpec {
     /// GPUs to give the container, by UUID: set by the backend's own allocation, never from
     /// the quota directly (empty from [`ContainerSpec::new`]).
     pub gpus: Vec<GpuUuid>,
+    /// Whether this start may take GPUs that are free now (a fresh allocation, or a stopped
+    /// container's own GPUs back). `false` while other logins wait for GPUs ahead of this one
+    /// (see [`crate::gpu::queue`]): then only a container that runs with its GPUs is used, and
+    /// a start that would take GPUs is refused with [`GpuError::Waiting`].
+    pub may_take_gpus: bool,
 }
 
 impl ContainerSpec {
@@ -115,6 +120,7 @@ impl ContainerSpec {
             groups: identity.map(|i| i.groups.clone()).unwrap_or_default(),
             gpu_request: quota.gpus.clone(),
             gpus: Vec::new(),
+            may_take_gpus: true,
         }
     }
 }

@@ -242,6 +242,11 @@ impl GpuPool {
             user: &user,
             armed: false,
         };
+        // Others wait for GPUs ahead of this login: it may use its container only if that
+        // runs with its GPUs already; taking free ones is the queue's to decide.
+        if !spec.may_take_gpus && !recorded.as_ref().is_some_and(|r| r.running) {
+            return Err(GpuError::Waiting.into());
+        }
         match recorded {
             Some(r) if r.running => {
                 let over = self.allocator().confirm(&user, &r.gpus, now);
@@ -756,5 +761,26 @@ mod tests {
         login(&pool, &engine, "b", ONE).await.unwrap();
         let err = login(&pool, &engine, "c", ONE).await.unwrap_err();
         assert!(err.to_string().contains("is held by a for"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_login_not_first_in_line_uses_a_running_container_but_takes_no_gpus() {
+        let (pool, engine) = pool(2, GpuMode::Exclusive);
+        login(&pool, &engine, "alice", ONE).await.unwrap();
+        let mut queued = spec("alice");
+        queued.gpu_request = ONE;
+        queued.may_take_gpus = false;
+        let again = pool.ensure_running(engine.as_ref(), queued.clone()).await;
+        assert_eq!(again.unwrap().gpus, vec![uuid(0)], "runs with its GPU: used");
+        engine.stop("alice");
+        let err = pool.ensure_running(engine.as_ref(), queued).await.unwrap_err();
+        assert!(matches!(err, RuntimeError::Gpu(GpuError::Waiting)), "{err:?}");
+        let mut bob = spec("bob");
+        bob.gpu_request = ONE;
+        bob.may_take_gpus = false;
+        let err = pool.ensure_running(engine.as_ref(), bob).await.unwrap_err();
+        assert!(matches!(err, RuntimeError::Gpu(GpuError::Waiting)), "{err:?}");
+        assert_eq!(engine.created().len(), 1, "nothing made for a login not first in line");
+        assert!(pool.held_by(&user("bob")).is_empty());
     }
 }

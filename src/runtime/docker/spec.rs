@@ -269,6 +269,7 @@ mod tests {
             groups: vec![],
             gpu_request: Default::default(),
             gpus: vec![],
+            may_take_gpus: true,
         }
     }
 
