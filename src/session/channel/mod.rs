@@ -10,6 +10,8 @@
 //!
 //! The handler has already answered each request; this task never replies to one.
 
+mod setup;
+
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -20,11 +22,11 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
-use super::limits::{EnvBudget, EnvVerdict};
 use super::subsystem;
 use crate::forward::agent::AgentForward;
 use crate::login::{Context, Login};
 use crate::runtime::{ExecControl, ExecOutput, ExecRequest, ExitStatus, RuntimeError, TtySize};
+use setup::{Program, Setup, tty_size};
 
 /// Bytes of stdin kept while the container starts; beyond this the channel is not read (the
 /// client is slowed by SSH flow control instead).
@@ -32,36 +34,6 @@ pub const EARLY_INPUT_LIMIT: usize = 4 << 20;
 
 /// Exit status reported when the command never ran (the container could not be started...).
 pub const EXIT_NOT_STARTED: u32 = 255;
-
-/// What the client asked to run.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Program {
-    /// Interactive login shell.
-    Shell,
-    /// `SHELL -c command`.
-    Command(String),
-    /// A subsystem labgate serves (see [`super::subsystem`]), never on a terminal.
-    Subsystem(String),
-}
-
-/// The pty the client asked for.
-#[derive(Debug, Clone)]
-struct Pty {
-    term: String,
-    size: TtySize,
-}
-
-/// Requests seen before the program starts.
-#[derive(Debug, Default)]
-struct Setup {
-    pty: Option<Pty>,
-    env: Vec<(String, String)>,
-    /// What `env` holds against the per-channel bounds (the handler counts the same way
-    /// and has answered each request).
-    env_budget: EnvBudget,
-    /// The client asked for agent forwarding (`-A`) and the key allows it.
-    agent: bool,
-}
 
 /// Client input that arrived while the program was starting.
 #[derive(Debug, Default)]
@@ -103,64 +75,8 @@ async fn serve(
     let (mut rx, tx) = channel.split();
 
     // Phase 1: setup.
-    let mut setup = Setup::default();
-    let program = loop {
-        match rx.wait().await {
-            None | Some(ChannelMsg::Close) => return,
-            // Refused by the handler under `no-pty`: the session runs without a terminal.
-            Some(ChannelMsg::RequestPty { .. }) if !login.key.options().pty => {
-                debug!("pty request refused by the key's options");
-            }
-            Some(ChannelMsg::RequestPty {
-                term,
-                col_width,
-                row_height,
-                ..
-            }) => {
-                setup.pty = Some(Pty {
-                    term,
-                    size: tty_size(col_width, row_height),
-                })
-            }
-            Some(ChannelMsg::WindowChange {
-                col_width,
-                row_height,
-                ..
-            }) => {
-                if let Some(pty) = &mut setup.pty {
-                    pty.size = tty_size(col_width, row_height);
-                }
-            }
-            Some(ChannelMsg::SetEnv {
-                variable_name,
-                variable_value,
-                ..
-            }) => {
-                if login.quota.accepts_env(&variable_name) {
-                    match setup.env_budget.admit(&variable_name, &variable_value) {
-                        EnvVerdict::Accept => setup.env.push((variable_name, variable_value)),
-                        EnvVerdict::Refuse { .. } => {} // the handler logged it
-                    }
-                } else {
-                    debug!(name = %variable_name, "env request refused by accept_env");
-                }
-            }
-            // The handler answers it from the same key option.
-            Some(ChannelMsg::AgentForward { .. }) => {
-                setup.agent = login.key.options().agent_forwarding;
-            }
-            Some(ChannelMsg::RequestShell { .. }) => break Program::Shell,
-            Some(ChannelMsg::Exec { command, .. }) => {
-                break Program::Command(String::from_utf8_lossy(&command).into_owned());
-            }
-            // The handler accepted only the names `subsystem` serves; others were refused.
-            Some(ChannelMsg::RequestSubsystem { name, .. }) if subsystem::is_supported(&name) => {
-                // A subsystem speaks a binary protocol: never through a terminal.
-                setup.pty = None;
-                break Program::Subsystem(name);
-            }
-            Some(_) => {}
-        }
+    let Some((setup, program)) = setup::collect(&mut rx, &login).await else {
+        return;
     };
     let (program, original) = force_command(program, login.key.options().command.as_deref());
     if let Some(forced) = &login.key.options().command {
@@ -592,18 +508,6 @@ async fn finish(
     debug!(?status, "session ended");
 }
 
-fn tty_size(cols: u32, rows: u32) -> TtySize {
-    let clamp = |v: u32, default: u16| match u16::try_from(v) {
-        Ok(0) => default,
-        Ok(v) => v,
-        Err(_) => u16::MAX,
-    };
-    TtySize {
-        cols: clamp(cols, 80),
-        rows: clamp(rows, 24),
-    }
-}
-
 /// RFC 4254 signal names to numbers (Linux).
 fn signal_number(sig: &Sig) -> Option<i32> {
     Some(match sig {
@@ -716,18 +620,5 @@ mod tests {
         let channel = gone.child_token();
         gone.cancel();
         assert_eq!(unless_cancelled(&channel, async { 1 }).await, None);
-    }
-
-    #[test]
-    fn zero_sizes_get_terminal_defaults() {
-        assert_eq!(tty_size(0, 0), TtySize { cols: 80, rows: 24 });
-        assert_eq!(
-            tty_size(132, 50),
-            TtySize {
-                cols: 132,
-                rows: 50
-            }
-        );
-        assert_eq!(tty_size(u32::MAX, 1).cols, u16::MAX);
     }
 }
