@@ -11,6 +11,7 @@
 //! The handler has already answered each request; this task never replies to one.
 
 mod setup;
+mod start;
 
 use std::sync::Arc;
 
@@ -19,14 +20,12 @@ use futures::StreamExt;
 use russh::server::{Handle, Msg};
 use russh::{Channel, ChannelId, ChannelMsg, Sig};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info, warn};
+use tracing::{Instrument, debug, warn};
 
-use super::subsystem;
 use crate::forward::agent::AgentForward;
 use crate::login::{Context, Login};
-use crate::runtime::{ExecControl, ExecOutput, ExecRequest, ExitStatus, RuntimeError, TtySize};
-use setup::{Program, Setup, tty_size};
+use crate::runtime::{ExecControl, ExecOutput, ExitStatus, TtySize};
+use setup::tty_size;
 
 /// Bytes of stdin kept while the container starts; beyond this the channel is not read (the
 /// client is slowed by SSH flow control instead).
@@ -78,21 +77,8 @@ async fn serve(
     let Some((setup, program)) = setup::collect(&mut rx, &login).await else {
         return;
     };
-    let (program, original) = force_command(program, login.key.options().command.as_deref());
-    if let Some(forced) = &login.key.options().command {
-        info!(target: "audit", user = %login.user, forced = %forced, original = original.as_deref().unwrap_or(""), "forced command");
-    }
-    match &program {
-        Program::Shell => {
-            info!(target: "audit", user = %login.user, pty = setup.pty.is_some(), "shell")
-        }
-        Program::Command(c) => {
-            info!(target: "audit", user = %login.user, pty = setup.pty.is_some(), command = %c, "exec")
-        }
-        Program::Subsystem(name) => {
-            info!(target: "audit", user = %login.user, subsystem = %name, "subsystem")
-        }
-    }
+    let (program, original) = start::force_command(program, login.key.options().command.as_deref());
+    start::audit(&login, &setup, &program, original.as_deref());
 
     // Phase 2: starting, while draining the channel.
     let _open = login.stats.session();
@@ -106,7 +92,7 @@ async fn serve(
     // Cancelled when the channel closes or the connection ends: the start then stops
     // waiting for the container and never starts the process.
     let cancel = login.gone.child_token();
-    let start = start(&ctx, &login, &setup, &program, original, agent, &cancel);
+    let start = start::start(&ctx, &login, &setup, &program, original, agent, &cancel);
     tokio::pin!(start);
     let started = loop {
         tokio::select! {
@@ -293,157 +279,6 @@ impl Drop for StdinFeed {
     }
 }
 
-/// `fut`'s output, or `None` when `cancel` fires first (then `fut` is dropped). A token
-/// already cancelled wins over a future already ready.
-async fn unless_cancelled<F: std::future::Future>(
-    cancel: &CancellationToken,
-    fut: F,
-) -> Option<F::Output> {
-    tokio::select! {
-        biased;
-        () = cancel.cancelled() => None,
-        out = fut => Some(out),
-    }
-}
-
-/// Ensures the container runs and starts the program in it; `None` when `cancel` fired
-/// (the channel closed, the connection ended) before the program was started. The
-/// container's start runs in a task of its own, never dropped half-way (the user's other
-/// sessions may wait for it too): this session only stops waiting for it. Once the process
-/// is being started, it is not cancelled: the caller hangs it up.
-async fn start(
-    ctx: &Arc<Context>,
-    login: &Arc<Login>,
-    setup: &Setup,
-    program: &Program,
-    original_command: Option<String>,
-    agent: Option<(&AgentForward, Handle)>,
-    cancel: &CancellationToken,
-) -> Result<Option<crate::runtime::Exec>, RuntimeError> {
-    let spec = login.spec();
-    let starting = tokio::spawn({
-        let (ctx, login) = (ctx.clone(), login.clone());
-        async move { crate::login::ensure_container(&ctx, &login).await }.in_current_span()
-    });
-    let container = match unless_cancelled(cancel, starting).await {
-        None => return Ok(None),
-        Some(Ok(started)) => started?,
-        Some(Err(e)) => return Err(RuntimeError::Engine(format!("container start failed: {e}"))),
-    };
-    let container = &container;
-    let argv = match program {
-        Program::Shell => vec![container.shell.clone(), "-l".into()],
-        Program::Command(cmd) => vec![container.shell.clone(), "-c".into(), cmd.clone()],
-        Program::Subsystem(name) => subsystem::argv(name)
-            .ok_or_else(|| RuntimeError::Exec(format!("subsystem {name} is not served")))?,
-    };
-    let mut env = vec![
-        ("HOME".to_owned(), spec.home_target.clone()),
-        ("USER".to_owned(), login.user.to_string()),
-        ("LOGNAME".to_owned(), login.user.to_string()),
-        ("SHELL".to_owned(), container.shell.clone()),
-        (
-            "SSH_CONNECTION".to_owned(),
-            format!(
-                "{} {} {} {}",
-                login.peer.ip(),
-                login.peer.port(),
-                login.local.ip(),
-                login.local.port()
-            ),
-        ),
-        (
-            "SSH_CLIENT".to_owned(),
-            format!(
-                "{} {} {}",
-                login.peer.ip(),
-                login.peer.port(),
-                login.local.port()
-            ),
-        ),
-    ];
-    if let Some(pty) = &setup.pty {
-        env.push(("TERM".to_owned(), pty.term.clone()));
-    }
-    if let Some((agent, handle)) = agent
-        && let Some(path) = agent.socket(ctx, login, container, handle).await
-    {
-        env.push(("SSH_AUTH_SOCK".to_owned(), path));
-    }
-    env.extend(
-        setup
-            .env
-            .iter()
-            .filter(|(k, _)| !(setup.pty.is_some() && k == "TERM"))
-            .filter(|(k, _)| k != "SSH_ORIGINAL_COMMAND")
-            .cloned(),
-    );
-    if let Some(original) = original_command {
-        env.push(("SSH_ORIGINAL_COMMAND".to_owned(), original));
-    }
-    if cancel.is_cancelled() {
-        return Ok(None);
-    }
-    let req = ExecRequest {
-        argv,
-        env,
-        tty: setup.pty.as_ref().map(|p| p.size),
-        user: spec.uid_gid,
-        workdir: spec.home_target.clone(),
-    };
-    // Byte streams without a terminal (sftp; scp, rsync, git and any piped command) go over a
-    // socket, not the engine's exec stream, where that can be had.
-    let mut exec = if setup.pty.is_none() || matches!(program, Program::Subsystem(_)) {
-        login.reach(ctx, container).await.start_stdio(req).await?
-    } else {
-        ctx.runtime.exec(container, req).await?
-    };
-    let shell = *program == Program::Shell;
-    let tty = setup.pty.is_some();
-    // The GPU banner of a login shell shows their live use.
-    let gpus = if shell && tty && !container.gpus.is_empty() {
-        ctx.runtime.gpus().await.unwrap_or_else(|e| {
-            debug!("no GPU banner: {e}");
-            Vec::new()
-        })
-    } else {
-        Vec::new()
-    };
-    let server = ctx.config.borrow().server.clone();
-    let greeting = super::text::Greeting {
-        server: &server,
-        quota: &login.quota,
-        container,
-        shell,
-        tty,
-        gpus: &gpus,
-    }
-    .render();
-    if !greeting.is_empty() {
-        exec.output = futures::stream::iter(greeting.into_iter().map(Ok))
-            .chain(exec.output)
-            .boxed();
-    }
-    Ok(Some(exec))
-}
-
-/// Applies a key's forced command (`command="..."`, a certificate's `force-command`): whatever
-/// the client asked for, the forced command runs through the user's shell, as sshd runs it.
-/// Also returns what the client asked for, for `SSH_ORIGINAL_COMMAND`: its command, or for a
-/// subsystem the command sshd would name (see [`subsystem::original_command`]); nothing for a
-/// shell. A client's own `env` request for that name is never applied.
-fn force_command(program: Program, forced: Option<&str>) -> (Program, Option<String>) {
-    let Some(forced) = forced else {
-        return (program, None);
-    };
-    let original = match program {
-        Program::Shell => None,
-        Program::Command(cmd) => Some(cmd),
-        Program::Subsystem(name) => subsystem::original_command(&name),
-    };
-    (Program::Command(forced.to_owned()), original)
-}
-
 /// Copies the process's output to the channel; returns the exit status once it ends. When
 /// the status cannot be had (the engine went away under the session), the user is told so on
 /// stderr (`\r\n` on a terminal) and the channel ends without a status (ssh exits 255).
@@ -580,45 +415,5 @@ mod tests {
         }
         assert_eq!(signal_number(&Sig::Custom("USR2".into())), Some(12));
         assert_eq!(signal_number(&Sig::Custom("BOGUS".into())), None);
-    }
-
-    #[test]
-    fn a_forced_command_replaces_whatever_the_client_asked_for() {
-        let forced = Some("echo forced");
-        let run = |p| force_command(p, forced);
-        let cmd = Program::Command("echo forced".into());
-        assert_eq!(run(Program::Shell), (cmd.clone(), None));
-        assert_eq!(
-            run(Program::Command("ls -l".into())),
-            (cmd.clone(), Some("ls -l".into()))
-        );
-        let (program, original) = run(Program::Subsystem("sftp".into()));
-        assert_eq!(program, cmd);
-        assert!(original.is_some_and(|o| o.ends_with("sftp-server")));
-        assert_eq!(force_command(Program::Shell, None), (Program::Shell, None));
-    }
-
-    #[tokio::test]
-    async fn a_start_stops_waiting_once_cancelled_and_a_cancelled_one_never_proceeds() {
-        let cancel = CancellationToken::new();
-        assert_eq!(unless_cancelled(&cancel, async { 7 }).await, Some(7));
-        // Waiting for a container that does not come: the channel closes.
-        let waiting = tokio::spawn({
-            let cancel = cancel.clone();
-            async move { unless_cancelled(&cancel, std::future::pending::<()>()).await }
-        });
-        tokio::task::yield_now().await;
-        cancel.cancel();
-        assert_eq!(waiting.await.unwrap(), None);
-        // Already cancelled: even a ready start is not taken (no exec is made after it).
-        let mut proceeded = false;
-        let out = unless_cancelled(&cancel, async { proceeded = true }).await;
-        assert_eq!(out, None);
-        assert!(!proceeded);
-        // The connection's `gone` cancels every channel's start.
-        let gone = CancellationToken::new();
-        let channel = gone.child_token();
-        gone.cancel();
-        assert_eq!(unless_cancelled(&channel, async { 1 }).await, None);
     }
 }

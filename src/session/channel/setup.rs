@@ -43,6 +43,18 @@ pub(super) struct Setup {
     pub(super) agent: bool,
 }
 
+#[cfg(test)]
+impl Setup {
+    /// A setup as `collect` would leave it after these requests (within the bounds).
+    pub(super) fn with(pty: Option<Pty>, env: Vec<(String, String)>) -> Setup {
+        Setup {
+            pty,
+            env,
+            ..Setup::default()
+        }
+    }
+}
+
 /// Reads the channel until the client asks for a program: what it asked for and everything
 /// before it. `None` when the channel closes first. The handler has answered every request.
 pub(super) async fn collect(rx: &mut ChannelReadHalf, login: &Login) -> Option<(Setup, Program)> {
