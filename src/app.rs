@@ -79,14 +79,20 @@ pub async fn serve(
     let reloader = crate::config::reload::start(source, config_tx, async move {
         let _ = reload_stop.wait_for(|s| *s).await.map(|_| ());
     });
+    let half_life = config_rx.borrow().gpu.fair_share_half_life;
     let ctx = Arc::new(Context {
         config: config_rx,
         runtime,
         connections: Arc::default(),
         idle: Default::default(),
         pending: Arc::default(),
+        gpu_line: crate::login::gpuline::GpuLine::new(half_life),
         identities: Arc::default(),
     });
+    tokio::spawn(crate::login::gpuline::sample_usage(
+        ctx.clone(),
+        stop_rx.clone(),
+    ));
     crate::admin::start(ctx.clone(), &admin, stop_rx.clone()).await;
     tokio::spawn(crate::session::idle::run(ctx.clone(), stop_rx.clone()));
     tokio::spawn(crate::login::registry::end_when_key_removed(

@@ -48,6 +48,15 @@ impl Username {
     pub fn with_profile(&self, profile: &super::ProfileName) -> Username {
         Username(format!("{}+{profile}", self.0))
     }
+
+    /// The user a holder name belongs to: `alice` for `alice+gpu` (and for `alice`), whose
+    /// usage and budget a profile's container counts under.
+    pub fn account(&self) -> Username {
+        match self.0.split_once('+') {
+            Some((user, _)) => Username(user.to_owned()),
+            None => self.clone(),
+        }
+    }
 }
 
 impl fmt::Display for Username {

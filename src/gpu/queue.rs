@@ -136,7 +136,11 @@ impl Queue {
     }
 
     /// The 1-based place of `ticket`'s group in line, if it waits.
-    pub fn position(&self, ticket: Ticket, standing: impl Fn(&Username) -> Standing) -> Option<usize> {
+    pub fn position(
+        &self,
+        ticket: Ticket,
+        standing: impl Fn(&Username) -> Standing,
+    ) -> Option<usize> {
         let holder = &self.waiters.iter().find(|w| w.ticket == ticket)?.holder;
         self.order(standing)
             .iter()
@@ -167,7 +171,11 @@ impl Queue {
     /// The group being served gave its turn back (its start failed for want of GPUs after
     /// all: someone took them outside the queue): the order decides again.
     pub fn unserve(&mut self, ticket: Ticket) {
-        let holder = self.waiters.iter().find(|w| w.ticket == ticket).map(|w| &w.holder);
+        let holder = self
+            .waiters
+            .iter()
+            .find(|w| w.ticket == ticket)
+            .map(|w| &w.holder);
         if holder.is_some() && self.serving.as_ref() == holder {
             self.serving = None;
         }
@@ -234,7 +242,10 @@ mod tests {
     }
 
     fn holders(q: &Queue, s: impl Fn(&Username) -> Standing) -> Vec<String> {
-        q.order(s).into_iter().map(|p| p.holder.to_string()).collect()
+        q.order(s)
+            .into_iter()
+            .map(|p| p.holder.to_string())
+            .collect()
     }
 
     #[test]
@@ -247,7 +258,11 @@ mod tests {
         assert_eq!(q.position(a2, even), Some(1));
         assert_eq!(q.position(b, even), Some(2));
         q.leave(a1);
-        assert_eq!(q.position(a2, even), Some(1), "alice's other login keeps her place");
+        assert_eq!(
+            q.position(a2, even),
+            Some(1),
+            "alice's other login keeps her place"
+        );
         q.leave(a2);
         assert_eq!(q.position(b, even), Some(1));
         q.leave(b);

@@ -7,6 +7,7 @@
 //! login gets its container. The session channels ([`crate::session`]) and the forwards
 //! ([`crate::forward`]) both build on this module; it imports neither.
 
+pub mod gpuline;
 pub mod identity;
 pub mod pending;
 pub mod registry;
@@ -52,6 +53,8 @@ pub struct Context {
     pub idle: IdleTimers,
     /// Forwards being opened, per user (bounded: see [`pending`]).
     pub pending: Arc<pending::PendingOpens>,
+    /// Logins waiting for GPUs, and the recent usage that orders them.
+    pub gpu_line: gpuline::GpuLine,
     /// Resolves logins' identities (`uid = "host"`, `"auto"`).
     pub identities: Arc<identity::Identities>,
 }
@@ -135,13 +138,43 @@ pub async fn ensure_container(
     ctx: &Context,
     login: &Login,
 ) -> Result<ContainerHandle, RuntimeError> {
+    start_container(ctx, login, &login.gone).await
+}
+
+/// [`ensure_container`] for a session channel, which stops waiting (for GPUs in line) when
+/// `cancel` is cancelled: the channel closed, or its user pressed Ctrl-C while waiting.
+pub async fn start_container(
+    ctx: &Context,
+    login: &Login,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Result<ContainerHandle, RuntimeError> {
     if let Some(refusal) = &login.denied {
         return Err(refusal.clone().into());
     }
     if let Err(e) = &login.identity {
         return Err(e.clone().into());
     }
-    ctx.runtime.ensure_running(&login.spec()).await
+    let spec = login.spec();
+    if spec.gpu_request.count() == 0 {
+        return ctx.runtime.ensure_running(&spec).await;
+    }
+    let gone = login.gone.clone();
+    let cancel = cancel.clone();
+    let either = tokio_util::sync::CancellationToken::new();
+    let watch = {
+        let either = either.clone();
+        async move {
+            tokio::select! {
+                _ = gone.cancelled() => {}
+                _ = cancel.cancelled() => {}
+            }
+            either.cancel();
+        }
+    };
+    tokio::select! {
+        result = ctx.gpu_line.start(ctx, login, spec, &either) => result,
+        _ = watch => Err(RuntimeError::Gpu(crate::gpu::GpuError::Waiting)),
+    }
 }
 
 /// The quota a login gets: the user's own, or for `user+profile` the profile's, or (with the

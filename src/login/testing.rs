@@ -31,6 +31,7 @@ pub(crate) fn context(config: Config) -> (Arc<Context>, Arc<FakeRuntime>) {
         connections: Arc::default(),
         idle: Default::default(),
         pending: Arc::default(),
+        gpu_line: super::gpuline::GpuLine::new(std::time::Duration::from_secs(7 * 86_400)),
         identities: Arc::default(),
     });
     (ctx, fake)

@@ -558,6 +558,11 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// Who holds which GPU, as the backend knows it (`user` or `user+profile`).
     fn gpu_holders(&self) -> BTreeMap<GpuUuid, Vec<Username>>;
 
+    /// Since when `holder` has held its GPUs, when the backend knows.
+    fn gpu_held_since(&self, _holder: &Username) -> Option<std::time::SystemTime> {
+        None
+    }
+
     /// Run once when the gateway starts: brings the backend's own state in line with the
     /// engine's (containers labgate manages, GPU holdings) and logs what it found.
     async fn recover(&self) -> Result<(), RuntimeError>;

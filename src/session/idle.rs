@@ -117,6 +117,7 @@ async fn stop_idle(ctx: &Context, c: &ManagedContainer, user: &Username, idle: D
         .await;
     match result {
         Ok(true) => {
+            ctx.gpu_line.freed();
             ctx.idle.timers().remove(&c.name);
             metrics().idle_stop();
             let idle = humantime::format_duration(Duration::from_secs(idle.as_secs()));

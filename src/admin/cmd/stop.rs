@@ -46,6 +46,7 @@ pub(crate) async fn stop_containers(
             continue;
         }
         if ctx.runtime.stop(&c, Box::new(|| true)).await? {
+            ctx.gpu_line.freed();
             stopped.push(c.name);
         }
     }

@@ -921,6 +921,10 @@ impl ContainerRuntime for DockerRuntime {
         self.gpus.holders()
     }
 
+    fn gpu_held_since(&self, holder: &crate::auth::Username) -> Option<std::time::SystemTime> {
+        self.gpus.held_since(holder)
+    }
+
     async fn recover(&self) -> Result<(), RuntimeError> {
         match self.migrate_names().await {
             Ok(0) | Err(_) => {}

@@ -140,6 +140,11 @@ impl GpuPool {
         self.allocator().holders()
     }
 
+    /// Since when `user` has held its GPUs, when known (not for holdings adopted from labels).
+    pub fn held_since(&self, user: &Username) -> Option<SystemTime> {
+        self.allocator().holding(user).and_then(|h| h.since)
+    }
+
     /// The GPUs `user` holds.
     pub fn held_by(&self, user: &Username) -> Vec<GpuUuid> {
         self.allocator()
@@ -771,16 +776,33 @@ mod tests {
         queued.gpu_request = ONE;
         queued.may_take_gpus = false;
         let again = pool.ensure_running(engine.as_ref(), queued.clone()).await;
-        assert_eq!(again.unwrap().gpus, vec![uuid(0)], "runs with its GPU: used");
+        assert_eq!(
+            again.unwrap().gpus,
+            vec![uuid(0)],
+            "runs with its GPU: used"
+        );
         engine.stop("alice");
-        let err = pool.ensure_running(engine.as_ref(), queued).await.unwrap_err();
-        assert!(matches!(err, RuntimeError::Gpu(GpuError::Waiting)), "{err:?}");
+        let err = pool
+            .ensure_running(engine.as_ref(), queued)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, RuntimeError::Gpu(GpuError::Waiting)),
+            "{err:?}"
+        );
         let mut bob = spec("bob");
         bob.gpu_request = ONE;
         bob.may_take_gpus = false;
         let err = pool.ensure_running(engine.as_ref(), bob).await.unwrap_err();
-        assert!(matches!(err, RuntimeError::Gpu(GpuError::Waiting)), "{err:?}");
-        assert_eq!(engine.created().len(), 1, "nothing made for a login not first in line");
+        assert!(
+            matches!(err, RuntimeError::Gpu(GpuError::Waiting)),
+            "{err:?}"
+        );
+        assert_eq!(
+            engine.created().len(),
+            1,
+            "nothing made for a login not first in line"
+        );
         assert!(pool.held_by(&user("bob")).is_empty());
     }
 }

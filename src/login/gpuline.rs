@@ -1,0 +1,277 @@
+//! The line of logins waiting for GPUs, above the seam: a login whose quota's GPUs are held
+//! by others waits here instead of failing (`[gpu] queue`, on by default), in the order
+//! [`crate::gpu::queue`] decides, until its container starts, `[gpu] max_wait` passes, or
+//! its channel or connection ends (then it leaves the line at once, leaving no trace).
+//!
+//! The backend decides whether GPUs are free (local Docker: its pool; a cluster: its engine);
+//! this module only decides who may take them: while anyone waits, a login starts with
+//! `may_take_gpus` unless it is first in line, so a freed GPU goes to the first waiter, and is
+//! held for it while its container starts. Waiting logins are told where they stand
+//! ([`WaitState`], worded by the session), and GPU-seconds held are sampled into
+//! [`FairShare`], which orders the line.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{Notify, broadcast};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use super::{Context, Login};
+use crate::auth::Username;
+use crate::gpu::GpuError;
+use crate::gpu::queue::{FairShare, Queue, Standing, Ticket};
+use crate::runtime::{ContainerHandle, ContainerSpec, RuntimeError};
+
+/// How often a waiting login looks again without being woken (a holder's container may
+/// stop outside the gateway), and how often usage is sampled.
+const RECHECK: Duration = Duration::from_secs(2);
+
+/// A GPU a waiting login could get, as it is now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeldGpu {
+    /// Its index.
+    pub index: u32,
+    /// Who holds it.
+    pub holders: Vec<Username>,
+    /// Since when its (first) holder has had it, when known.
+    pub since: Option<SystemTime>,
+    /// Its utilisation now, in percent, when it reports one.
+    pub utilization: Option<u32>,
+    /// Whether that counts as busy (`[gpu] busy_utilization`).
+    pub busy: bool,
+}
+
+/// Where a waiting login stands, for its session to show.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WaitState {
+    /// The container it waits to start (sessions filter on it).
+    pub container: String,
+    /// GPUs it waits for.
+    pub wants: usize,
+    /// Its place in line (1: next).
+    pub position: usize,
+    /// The GPUs it could get and who holds them.
+    pub gpus: Vec<HeldGpu>,
+    /// The login is leaving the line: served, given up or timed out (the last event).
+    pub done: bool,
+}
+
+/// The line, one per gateway.
+pub struct GpuLine {
+    queue: Mutex<Queue>,
+    share: Mutex<FairShare>,
+    /// Woken when GPUs may have freed or the line changed.
+    changed: Notify,
+    events: broadcast::Sender<WaitState>,
+}
+
+impl GpuLine {
+    /// An empty line whose usage halves every `half_life`.
+    pub fn new(half_life: Duration) -> Self {
+        GpuLine {
+            queue: Mutex::new(Queue::default()),
+            share: Mutex::new(FairShare::new(half_life)),
+            changed: Notify::new(),
+            events: broadcast::channel(256).0,
+        }
+    }
+
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn share(&self) -> MutexGuard<'_, FairShare> {
+        self.share.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What waiting logins are told, as it changes. A session subscribes before its start.
+    pub fn events(&self) -> broadcast::Receiver<WaitState> {
+        self.events.subscribe()
+    }
+
+    /// GPUs may have freed (a container stopped): waiters look again now.
+    pub fn freed(&self) {
+        self.changed.notify_waiters();
+    }
+
+    /// How many holders wait.
+    pub fn waiting(&self) -> usize {
+        self.queue()
+            .order(|_| Standing {
+                score: 0.0,
+                over_budget: false,
+            })
+            .len()
+    }
+
+    fn standing(&self, now: SystemTime) -> impl Fn(&Username) -> Standing + '_ {
+        let share = self.share().clone();
+        move |user: &Username| Standing {
+            score: share.usage(user, now),
+            over_budget: false,
+        }
+    }
+
+    /// Adds `gpu_seconds` of `user`'s use ending `at` to what orders the line.
+    pub fn charge(&self, user: &Username, gpu_seconds: f64, at: SystemTime) {
+        self.share().charge(user, gpu_seconds, at);
+    }
+
+    /// `user`'s recent use (decayed GPU-seconds) as the line weighs it.
+    pub fn usage(&self, user: &Username, now: SystemTime) -> f64 {
+        self.share().usage(user, now)
+    }
+
+    /// Starts `login`'s container (`spec`, whose quota asks for GPUs), waiting in line when
+    /// its GPUs are held by others and the queue is on. Ends early when `cancel` does.
+    pub async fn start(
+        &self,
+        ctx: &Context,
+        login: &Login,
+        mut spec: ContainerSpec,
+        cancel: &CancellationToken,
+    ) -> Result<ContainerHandle, RuntimeError> {
+        let gpu = ctx.config.borrow().gpu.clone();
+        if !gpu.queue {
+            return ctx.runtime.ensure_running(&spec).await;
+        }
+        // Nobody waits: the backend decides. Others wait: only a container already running
+        // with its GPUs may be used without queueing.
+        spec.may_take_gpus = self.queue().is_empty();
+        match ctx.runtime.ensure_running(&spec).await {
+            Err(RuntimeError::Gpu(e)) if e.is_busy() => {}
+            other => return other,
+        }
+        let holder = spec.holder();
+        let ticket = self.queue().join(
+            holder.clone(),
+            login.user.clone(),
+            spec.gpu_request.count(),
+            SystemTime::now(),
+        );
+        let place = Place {
+            line: self,
+            ticket,
+            container: spec.name.clone(),
+            wants: spec.gpu_request.count(),
+        };
+        info!(target: "audit", user = %login.user, container = %spec.name, gpus = spec.gpu_request.count(), "waiting for GPUs");
+        let deadline = tokio::time::Instant::now() + gpu.max_wait;
+        let mut last: Option<usize> = None;
+        loop {
+            let first = self
+                .queue()
+                .try_serve(ticket, self.standing(SystemTime::now()));
+            if first {
+                spec.may_take_gpus = true;
+                match ctx.runtime.ensure_running(&spec).await {
+                    Ok(c) => {
+                        info!(target: "audit", user = %login.user, container = %spec.name, "GPUs free: leaving the queue");
+                        place.publish_done();
+                        return Ok(c);
+                    }
+                    Err(RuntimeError::Gpu(e)) if e.is_busy() => self.queue().unserve(ticket),
+                    Err(e) => return Err(e),
+                }
+            }
+            let position = self
+                .queue()
+                .position(ticket, self.standing(SystemTime::now()))
+                .unwrap_or(1);
+            place
+                .publish(ctx, position, gpu.busy_utilization, last != Some(position))
+                .await;
+            last = Some(position);
+            tokio::select! {
+                _ = self.changed.notified() => {}
+                _ = tokio::time::sleep(RECHECK) => {}
+                _ = cancel.cancelled() => {
+                    info!(target: "audit", user = %login.user, container = %spec.name, "left the GPU queue");
+                    return Err(RuntimeError::Gpu(GpuError::Waiting));
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    info!(target: "audit", user = %login.user, container = %spec.name, "GPU wait too long: leaving the queue");
+                    return Err(RuntimeError::Gpu(GpuError::WaitedTooLong(gpu.max_wait)));
+                }
+            }
+        }
+    }
+}
+
+/// A login's place in line: leaves it when dropped (served, failed, cancelled, or the
+/// future dropped with its connection), and wakes the others.
+struct Place<'a> {
+    line: &'a GpuLine,
+    ticket: Ticket,
+    container: String,
+    wants: usize,
+}
+
+impl Place<'_> {
+    async fn publish(&self, ctx: &Context, position: usize, busy_at: u32, _changed: bool) {
+        let holders = ctx.runtime.gpu_holders();
+        let gpus = ctx.runtime.gpus().await.unwrap_or_default();
+        let held = gpus
+            .iter()
+            .filter(|g| g.allocatable())
+            .map(|g| {
+                let who = holders.get(&g.uuid).cloned().unwrap_or_default();
+                HeldGpu {
+                    index: g.index,
+                    since: who.first().and_then(|h| ctx.runtime.gpu_held_since(h)),
+                    holders: who,
+                    utilization: g.utilization,
+                    busy: g.utilization.is_some_and(|u| u > busy_at),
+                }
+            })
+            .collect();
+        let _ = self.line.events.send(WaitState {
+            container: self.container.clone(),
+            wants: self.wants,
+            position,
+            gpus: held,
+            done: false,
+        });
+    }
+
+    fn publish_done(&self) {
+        let _ = self.line.events.send(WaitState {
+            container: self.container.clone(),
+            wants: self.wants,
+            position: 0,
+            gpus: Vec::new(),
+            done: true,
+        });
+    }
+}
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        self.line.queue().leave(self.ticket);
+        self.line.changed.notify_waiters();
+    }
+}
+
+/// Samples who holds GPUs every few seconds into the fair share (GPU-seconds held), until
+/// `stop`.
+pub async fn sample_usage(ctx: Arc<Context>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(RECHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
+        }
+        let now = SystemTime::now();
+        let mut per_user: std::collections::BTreeMap<Username, f64> = Default::default();
+        for holders in ctx.runtime.gpu_holders().into_values() {
+            for h in holders {
+                *per_user.entry(h.account()).or_default() += RECHECK.as_secs_f64();
+            }
+        }
+        for (user, secs) in per_user {
+            ctx.gpu_line.charge(&user, secs, now);
+        }
+    }
+}
