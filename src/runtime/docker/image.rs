@@ -5,7 +5,6 @@
 use bollard::Docker;
 use bollard::errors::Error as BollardError;
 
-use super::inspect::image_of;
 use super::{DockerRuntime, engine};
 use crate::config::{PullPolicy, RegistryAuth};
 use crate::runtime::{ContainerSpec, PullEvent, RuntimeError};
@@ -85,17 +84,19 @@ impl DockerRuntime {
         }
     }
 
-    /// For a stopped container about to start: `Some(old image)` when the configured image
-    /// is another one than the container's (another reference, or the reference now names
-    /// another image, say after a pull), so it must be made again.
+    /// For a stopped container about to start, made from the reference `made_from` (its
+    /// image `image_id`): `Some(old image)` when the configured image is another one than
+    /// the container's (another reference, or the reference now names another image, say
+    /// after a pull), so it must be made again.
     pub(super) async fn image_changed(
         &self,
         docker: &Docker,
-        info: &bollard::models::ContainerInspectResponse,
+        made_from: Option<&str>,
+        image_id: Option<&str>,
         spec: &ContainerSpec,
     ) -> Result<Option<String>, RuntimeError> {
         let known = self.ensure_image(docker, spec).await?;
-        let old = image_of(info).unwrap_or_default();
+        let old = made_from.unwrap_or_default().to_owned();
         if old != spec.image {
             return Ok(Some(old));
         }
@@ -103,6 +104,6 @@ impl DockerRuntime {
             Some(id) => Some(id),
             None => docker.inspect_image(&spec.image).await.map_err(engine)?.id,
         };
-        Ok((wanted.is_some() && wanted != info.image).then_some(old))
+        Ok((wanted.is_some() && wanted.as_deref() != image_id).then_some(old))
     }
 }

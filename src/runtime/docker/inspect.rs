@@ -1,6 +1,7 @@
 //! The engine's view of a container: inspected by name, whose it is (its labels), where it
 //! runs, how it ended, the image it was made from.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 
 use bollard::Docker;
@@ -63,7 +64,19 @@ pub(super) fn is_ours(
     user: &str,
     profile: Option<&str>,
 ) -> bool {
-    let labels = info.config.as_ref().and_then(|c| c.labels.as_ref());
+    labelled_ours(
+        info.config.as_ref().and_then(|c| c.labels.as_ref()),
+        user,
+        profile,
+    )
+}
+
+/// Whether a container's `labels` say it is labgate's container of `user` (and `profile`).
+pub(super) fn labelled_ours(
+    labels: Option<&HashMap<String, String>>,
+    user: &str,
+    profile: Option<&str>,
+) -> bool {
     let label = |key: &str| labels.and_then(|l| l.get(key)).map(String::as_str);
     label(LABEL_MANAGED) == Some("true")
         && label(LABEL_USER) == Some(user)

@@ -1,6 +1,8 @@
 //! Making sure a user's container runs: created, started, unpaused, recreated when its image
 //! or recreate-only settings changed, or used as it runs; and stopped.
 
+mod plan;
+
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -10,9 +12,10 @@ use bollard::query_parameters::{CreateContainerOptions, InspectContainerOptions}
 
 use super::binds::{check_binds, verify_binds};
 use super::hostpath::Checked;
-use super::inspect::{ended, image_of, is_ours, placement};
+use super::inspect::{ended, placement};
 use super::{DockerRuntime, Local, STOP_GRACE_SECS, engine, spec};
-use crate::runtime::{ContainerHandle, ContainerSpec, EnsureOutcome, LABEL_SETTINGS, RuntimeError};
+use crate::runtime::{ContainerHandle, ContainerSpec, EnsureOutcome, RuntimeError};
+use plan::{Found, ImageCheck, Learned, Plan, Refusal, plan};
 
 impl DockerRuntime {
     /// Removes a stopped container and makes it again from `spec` (home and mounts are host
@@ -146,63 +149,66 @@ impl DockerRuntime {
         let (docker, _) = self.client().await?;
         let binds = check_binds(spec).await?;
         let mut found = self.inspect_named(docker, &spec.name).await?;
-        if found.is_none()
-            && let Some(profile) = &spec.profile
-            && self
-                .migrate_name(
-                    docker,
-                    &crate::runtime::legacy_profile_name(&spec.user, profile),
-                    &spec.name,
-                    spec.user.as_str(),
-                    profile.as_str(),
-                )
-                .await?
-        {
-            // Made before profile containers were named with `.`, and renamed now.
-            found = self.inspect_named(docker, &spec.name).await?;
-        }
+        let mut learned = Learned::default();
         let mut recreated_from = None;
         let mut remade_for = Vec::new();
         let mut pending_image = None;
-        let (id, outcome, info) = match found {
-            Some(info) => {
-                let labels = info
-                    .config
-                    .as_ref()
-                    .and_then(|c| c.labels.clone())
-                    .unwrap_or_default();
-                if !is_ours(
-                    &info,
-                    spec.user.as_str(),
-                    spec.profile.as_ref().map(|p| p.as_str()),
-                ) {
+        // Each step that learns something runs at most once (see `plan`), so this ends.
+        let (id, outcome, info) = loop {
+            let seen = found.as_ref().map(|info| Found::of(info, &spec.name));
+            let id = seen
+                .as_ref()
+                .map_or_else(|| spec.name.clone(), |c| c.id.clone());
+            match plan(seen.as_ref(), spec, &learned) {
+                Plan::RenameLegacy { from, profile } => {
+                    learned.legacy_looked = true;
+                    if self
+                        .migrate_name(docker, &from, &spec.name, spec.user.as_str(), &profile)
+                        .await?
+                    {
+                        // Made before profile containers were named with `.`, and renamed now.
+                        found = self.inspect_named(docker, &spec.name).await?;
+                    }
+                }
+                Plan::Refuse(Refusal::NameTaken) => {
                     return Err(RuntimeError::NameTaken(spec.name.clone()));
                 }
-                let id = info.id.clone().unwrap_or_else(|| spec.name.clone());
-                let state = info.state.clone().unwrap_or_default();
-                if state.paused == Some(true) {
+                Plan::Unpause => {
                     docker.unpause_container(&id).await.map_err(engine)?;
-                    (id, EnsureOutcome::Started, None)
-                } else if state.running == Some(true) {
-                    pending_image = image_of(&info).filter(|running| *running != spec.image);
-                    (id, EnsureOutcome::Running, Some(info))
-                } else if let (old_image, changed) = (
-                    self.image_changed(docker, &info, spec).await?,
-                    labels
-                        .get(LABEL_SETTINGS)
-                        .map(|l| spec::changed_settings(l, spec))
-                        .unwrap_or_default(),
-                ) && (old_image.is_some() || !changed.is_empty())
-                {
+                    break (id, EnsureOutcome::Started, None);
+                }
+                Plan::UseRunning {
+                    pending_image: pending,
+                } => {
+                    pending_image = pending;
+                    break (id, EnsureOutcome::Running, found);
+                }
+                Plan::CompareImage => {
+                    let (made_from, image_id) = seen.as_ref().map_or((None, None), |c| {
+                        (c.image.as_deref(), c.image_id.as_deref())
+                    });
+                    learned.image = match self
+                        .image_changed(docker, made_from, image_id, spec)
+                        .await?
+                    {
+                        Some(from) => ImageCheck::Changed { from },
+                        None => ImageCheck::Same,
+                    };
+                }
+                Plan::Recreate {
+                    old_image,
+                    settings,
+                } => {
                     let (id, info) = self
-                        .recreate(docker, &id, spec, &binds, old_image.as_deref(), &changed)
+                        .recreate(docker, &id, spec, &binds, old_image.as_deref(), &settings)
                         .await?;
                     recreated_from = old_image;
-                    remade_for = changed;
-                    (id, EnsureOutcome::Created, Some(info))
-                } else {
+                    remade_for = settings;
+                    break (id, EnsureOutcome::Created, Some(info));
+                }
+                Plan::Start { update_limits } => {
                     let t0 = Instant::now();
-                    if spec::limits_differ(info.host_config.as_ref(), spec) {
+                    if update_limits {
                         // Changed by a reload while it was stopped: the new limits from now.
                         docker
                             .update_container(&id, spec::limits_update(spec))
@@ -213,17 +219,17 @@ impl DockerRuntime {
                     let info = self.start(docker, &id, spec, &binds).await?;
                     crate::metrics::metrics().container_ready(false, t0.elapsed());
                     tracing::info!(target: "audit", container = %spec.name, "container started");
-                    (id, EnsureOutcome::Started, Some(info))
+                    break (id, EnsureOutcome::Started, Some(info));
                 }
-            }
-            None => {
-                self.ensure_image(docker, spec).await?;
-                let t0 = Instant::now();
-                let id = self.create(docker, spec).await?;
-                let info = self.start(docker, &id, spec, &binds).await?;
-                crate::metrics::metrics().container_ready(true, t0.elapsed());
-                tracing::info!(target: "audit", container = %spec.name, image = %spec.image, "container created");
-                (id, EnsureOutcome::Created, Some(info))
+                Plan::Create => {
+                    self.ensure_image(docker, spec).await?;
+                    let t0 = Instant::now();
+                    let id = self.create(docker, spec).await?;
+                    let info = self.start(docker, &id, spec, &binds).await?;
+                    crate::metrics::metrics().container_ready(true, t0.elapsed());
+                    tracing::info!(target: "audit", container = %spec.name, image = %spec.image, "container created");
+                    break (id, EnsureOutcome::Created, Some(info));
+                }
             }
         };
         let info = match info {
