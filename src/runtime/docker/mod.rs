@@ -1,6 +1,9 @@
 //! The Docker Engine backend: one bollard client over the unix socket, API version negotiated
 //! once (lazily, so the gateway starts and says something useful while the daemon is down),
-//! per-user locks so concurrent first logins create exactly one container.
+//! per-user locks so concurrent first logins create exactly one container. This module holds
+//! [`DockerRuntime`] and its [`ContainerRuntime`] impl; `lifecycle` makes containers run (a
+//! pure `lifecycle::plan` carried out), `image`, `network`, `shell`, `binds`, `inspect`,
+//! `list` and `legacy` each own what their names say.
 
 mod account;
 mod binds;
@@ -12,6 +15,7 @@ mod image;
 mod inspect;
 mod legacy;
 mod lifecycle;
+mod list;
 pub mod netns;
 mod network;
 pub mod pool;
@@ -34,13 +38,12 @@ use async_trait::async_trait;
 use bollard::Docker;
 use bollard::errors::Error as BollardError;
 use bollard::exec::CreateExecOptions;
-use bollard::query_parameters::ListContainersOptions;
 use tokio::sync::OnceCell;
 
 use crate::config::{DockerConfig, ForwardVia};
 use crate::runtime::{
-    ContainerHandle, ContainerRuntime, ContainerSpec, Exec, ExecRequest, LABEL_GPUS, LABEL_MANAGED,
-    LABEL_PROFILE, LABEL_USER, ManagedContainer, PullEvent, RuntimeError,
+    ContainerHandle, ContainerRuntime, ContainerSpec, Exec, ExecRequest, ManagedContainer,
+    PullEvent, RuntimeError,
 };
 
 /// How long an exec's processes get between SIGHUP and SIGKILL after a hangup.
@@ -128,7 +131,7 @@ impl DockerRuntime {
     }
 
     /// The negotiated client and its API version prefix (`v1.41`).
-    pub(super) async fn client(&self) -> Result<&(Docker, String), RuntimeError> {
+    async fn client(&self) -> Result<&(Docker, String), RuntimeError> {
         self.client
             .get_or_try_init(|| async {
                 let socket = self.socket.to_string_lossy();
@@ -149,37 +152,20 @@ impl DockerRuntime {
             .await
     }
 
-    /// The containers labgate manages (by label); stopped ones too when `all`.
-    pub(super) async fn managed_containers(
-        &self,
-        all: bool,
-    ) -> Result<Vec<bollard::models::ContainerSummary>, RuntimeError> {
-        let (docker, _) = self.client().await?;
-        let filters = HashMap::from([("label".to_owned(), vec![format!("{LABEL_MANAGED}=true")])]);
-        docker
-            .list_containers(Some(ListContainersOptions {
-                all,
-                filters: Some(filters),
-                ..Default::default()
-            }))
-            .await
-            .map_err(engine)
-    }
-
     /// Checks the engine answers (for `labgate check` and start-up logs).
     pub async fn ping(&self) -> Result<(), RuntimeError> {
         let (docker, _) = self.client().await?;
         docker.ping().await.map(|_| ()).map_err(engine)
     }
 
-    pub(super) fn lock_for(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+    fn lock_for(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
         let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
         locks.entry(name.to_owned()).or_default().clone()
     }
 }
 
 /// Maps a bollard error: engine answers stay engine errors, the rest means unreachable.
-pub(super) fn engine(e: BollardError) -> RuntimeError {
+fn engine(e: BollardError) -> RuntimeError {
     match e {
         BollardError::DockerResponseServerError { message, .. } => RuntimeError::Engine(message),
         other => RuntimeError::Unavailable(other.to_string()),
@@ -340,32 +326,6 @@ impl ContainerRuntime for DockerRuntime {
 
     async fn list_managed(&self) -> Result<Vec<ManagedContainer>, RuntimeError> {
         let list = self.managed_containers(true).await?;
-        Ok(list
-            .into_iter()
-            .map(|c| {
-                let label = |key: &str| {
-                    c.labels
-                        .as_ref()
-                        .and_then(|l| l.get(key).cloned())
-                        .unwrap_or_default()
-                };
-                ManagedContainer {
-                    id: c.id.clone().unwrap_or_default(),
-                    name: c
-                        .names
-                        .as_ref()
-                        .and_then(|n| n.first())
-                        .map(|n| n.trim_start_matches('/').to_owned())
-                        .unwrap_or_default(),
-                    user: label(LABEL_USER),
-                    profile: crate::auth::ProfileName::parse(&label(LABEL_PROFILE)).ok(),
-                    gpus: crate::gpu::GpuUuid::parse_list(&label(LABEL_GPUS)),
-                    state: crate::runtime::ContainerState::from_engine(
-                        &c.state.map(|s| s.to_string()).unwrap_or_default(),
-                    ),
-                    image: c.image.clone().unwrap_or_default(),
-                }
-            })
-            .collect())
+        Ok(list.into_iter().map(list::managed).collect())
     }
 }
