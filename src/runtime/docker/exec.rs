@@ -219,7 +219,7 @@ impl ExecControl for DockerExecControl {
                             None::<bollard::query_parameters::InspectContainerOptions>,
                         )
                         .await
-                    && let Some(dead) = super::ended(&container)
+                    && let Some(dead) = super::inspect::ended(&container)
                 {
                     return Err(dead);
                 }
