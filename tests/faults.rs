@@ -4,236 +4,20 @@
 //! container killed under a session is covered in `tests/errors.rs`.)
 //!
 //! The daemon test never touches the machine's Docker Engine: it starts a private `dockerd`
-//! of its own (own socket, data root, exec root, containerd, and a default bridge interface it
-//! makes itself, so the shared daemon's `docker0` is left alone), loads the busybox test image
-//! into it, points the gateway at it with `[docker] socket`, then stops and restarts it. It
-//! needs root and `dockerd`; without them it says so on stderr and does not run. (`--bridge
-//! none` is not an option: dockerd then deletes the host's `docker0`, the shared daemon's.)
+//! of its own (`common::dockerd`: own socket, data root, exec root, containerd and bridge, the
+//! busybox test image loaded), points the gateway at it with `[docker] socket`, then stops and
+//! restarts it. It needs root and `dockerd`; without them it is skipped (a failure under CI).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
 
 mod common;
 
 use std::io::{BufRead, BufReader, Read};
-use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
+use common::dockerd::{DockerdOptions, PrivateDockerd};
 use common::{Gateway, IMAGE, assert_alive, eventually, fd_count, stderr_of};
-
-/// A `dockerd` of the test's own, on a socket in a temp dir.
-struct PrivateDocker {
-    /// Socket, data root, exec root, pid file and log.
-    dir: tempfile::TempDir,
-    /// The default bridge interface made for it (never `docker0`).
-    bridge: String,
-    /// The running daemon, if it runs.
-    child: Option<Child>,
-}
-
-impl PrivateDocker {
-    /// Starts a private daemon with the test image loaded, or says why it cannot.
-    fn start() -> Result<PrivateDocker, String> {
-        if !rustix::process::geteuid().is_root() {
-            return Err("needs root to run a private dockerd".into());
-        }
-        if Command::new("dockerd").arg("--version").output().is_err() {
-            return Err("dockerd is not installed".into());
-        }
-        // Names and subnets apart from concurrent runs and from this binary's other daemon.
-        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let n = (std::process::id() * 2 + k) % 200 + 20;
-        let bridge = format!("lgf{}x{k}", std::process::id() % 10_000_000);
-        let ip = |args: &[&str]| {
-            Command::new("ip")
-                .args(args)
-                .status()
-                .map_err(|e| format!("ip: {e}"))
-                .and_then(|s| s.success().then_some(()).ok_or("ip failed".to_owned()))
-        };
-        ip(&["link", "add", &bridge, "type", "bridge"])?;
-        let mut daemon = PrivateDocker {
-            dir: tempfile::tempdir().map_err(|e| e.to_string())?,
-            bridge: bridge.clone(),
-            child: None,
-        };
-        ip(&["addr", "add", &format!("10.213.{n}.1/24"), "dev", &bridge])?;
-        ip(&["link", "set", &bridge, "up"])?;
-        std::fs::write(daemon.dir.path().join("daemon.json"), "{}").map_err(|e| e.to_string())?;
-        daemon.run()?;
-        let image = Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "docker save {IMAGE} | docker -H unix://{} load",
-                daemon.socket().display()
-            ))
-            .output()
-            .map_err(|e| e.to_string())?;
-        if !image.status.success() {
-            return Err(format!(
-                "loading the image: {}",
-                String::from_utf8_lossy(&image.stderr)
-            ));
-        }
-        // labgate's network, made here with a small fixed subnet rather than one of the
-        // shared daemon's default pools.
-        daemon.docker(&[
-            "network",
-            "create",
-            "--subnet",
-            &format!("10.214.{n}.0/24"),
-            "--opt",
-            "com.docker.network.bridge.enable_icc=false",
-            "labgate",
-        ]);
-        Ok(daemon)
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("docker.sock")
-    }
-
-    /// Starts `dockerd` and waits until it answers.
-    fn run(&mut self) -> Result<(), String> {
-        let d = self.dir.path();
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(d.join("dockerd.log"))
-            .map_err(|e| e.to_string())?;
-        let child = Command::new("dockerd")
-            .arg("--config-file")
-            .arg(d.join("daemon.json"))
-            .arg("--host")
-            .arg(format!("unix://{}", self.socket().display()))
-            .arg("--data-root")
-            .arg(d.join("data"))
-            .arg("--exec-root")
-            .arg(d.join("exec"))
-            .arg("--pidfile")
-            .arg(d.join("docker.pid"))
-            .args(["--bridge", &self.bridge])
-            .args([
-                "--iptables=false",
-                "--ip6tables=false",
-                "--ip-forward=false",
-            ])
-            .args([
-                "--storage-driver",
-                "vfs",
-                "--cgroup-parent",
-                "labgate-faults",
-            ])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .map_err(|e| format!("dockerd: {e}"))?;
-        self.child = Some(child);
-        let up = eventually(Duration::from_secs(60), || {
-            Command::new("docker")
-                .args([
-                    "-H",
-                    &format!("unix://{}", self.socket().display()),
-                    "version",
-                ])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        });
-        if up {
-            Ok(())
-        } else {
-            Err(format!("dockerd did not come up:\n{}", self.log()))
-        }
-    }
-
-    /// Stops the daemon as a service manager does (SIGTERM) and waits until it is gone.
-    fn stop(&mut self) {
-        self.signal(rustix::process::Signal::TERM);
-    }
-
-    /// Sends `signal` to the daemon and waits until it is gone.
-    fn signal(&mut self, signal: rustix::process::Signal) {
-        if let Some(mut child) = self.child.take() {
-            let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
-            let _ = rustix::process::kill_process(pid, signal);
-            let gone = eventually(Duration::from_secs(30), || {
-                matches!(child.try_wait(), Ok(Some(_)))
-            });
-            if !gone {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("dockerd.log")).unwrap_or_default()
-    }
-
-    /// `docker -H <this daemon> ARGS`; asserts success, returns stdout trimmed.
-    fn docker(&self, args: &[&str]) -> String {
-        let out = self.docker_output(args);
-        assert!(
-            out.status.success(),
-            "docker {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    }
-
-    fn docker_output(&self, args: &[&str]) -> Output {
-        Command::new("docker")
-            .args(["-H", &format!("unix://{}", self.socket().display())])
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    /// IDs of the containers (any state) named exactly `name`.
-    fn containers_named(&self, name: &str) -> Vec<String> {
-        self.docker(&[
-            "ps",
-            "-a",
-            "-q",
-            "--no-trunc",
-            "--filter",
-            &format!("name=^{name}$"),
-        ])
-        .lines()
-        .map(str::to_owned)
-        .collect()
-    }
-}
-
-impl Drop for PrivateDocker {
-    fn drop(&mut self) {
-        if self.child.is_some() {
-            // Never panic here: a failed test is already unwinding.
-            let out = self.docker_output(&["ps", "-a", "-q"]);
-            for id in String::from_utf8_lossy(&out.stdout).lines() {
-                let _ = self.docker_output(&["rm", "-f", id]);
-            }
-            let _ = self.docker_output(&["network", "rm", "labgate"]);
-        }
-        self.stop();
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.bridge])
-            .status();
-        // The daemon's cgroup parent, once empty (another run may still use it: then rmdir
-        // fails and it stays).
-        if let Ok(controllers) = std::fs::read_dir("/sys/fs/cgroup") {
-            for c in controllers.filter_map(Result::ok) {
-                let _ = std::fs::remove_dir(c.path().join("labgate-faults"));
-            }
-        }
-        if std::thread::panicking() {
-            eprintln!("--- private dockerd log ---\n{}", self.log());
-        }
-    }
-}
 
 /// Waits for `child` to exit, at most `timeout`.
 fn wait_for(mut child: Child, timeout: Duration) -> Option<Output> {
@@ -254,7 +38,7 @@ fn the_gateway_survives_a_docker_daemon_restart_and_finds_its_containers_again()
 /// Opens a session, takes the daemon away with `signal`, checks what users see meanwhile,
 /// brings the daemon back and checks that logins work again in the same container.
 fn survive_the_daemon_going_away(what: &str, signal: rustix::process::Signal) {
-    let mut docker = match PrivateDocker::start() {
+    let mut docker = match PrivateDockerd::start(DockerdOptions::default()) {
         Ok(d) => d,
         Err(why) => {
             common::skip_unless(false, &format!("{what}: {why}"));

@@ -1,8 +1,16 @@
 //! GPUs without a GPU: the real gateway binary loads a fake `libnvidia-ml.so` (the workspace
 //! crate `tests/fake-nvml`, built on first use) through `[gpu] nvml_library`, so the real
-//! nvml-wrapper path runs; the real Docker Engine receives the device requests. These hosts
-//! have no NVIDIA container runtime, so Docker creates a GPU container and refuses to start it:
-//! the tests check what the create carried (device ids, label) and what the user is told.
+//! nvml-wrapper path runs; a real Docker Engine receives the device requests.
+//!
+//! Most tests run their gateway against a private `dockerd` of their own (`common::dockerd`)
+//! with a stub `nvidia-container-runtime-hook` on its PATH: that engine registers its `nvidia`
+//! device driver, so GPU containers start, and their init process has
+//! `NVIDIA_VISIBLE_DEVICES` set to the UUIDs labgate asked for. Users log in to them and see
+//! their GPUs; the tests change the fake GPUs' utilization and processes while the gateway
+//! runs (the fake reads its `.gpus` file again when it changes). One test keeps the machine's
+//! own engine, which has no NVIDIA runtime: Docker creates the GPU container and refuses to
+//! start it, and the user is told why. Without root or `dockerd` the private-engine tests are
+//! skipped (a failure under CI).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
 
@@ -11,27 +19,41 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
+use std::time::Duration;
 
-use common::{Gateway, IMAGE, docker_inspect, stderr_of};
+use common::dockerd::{DockerdOptions, PrivateDockerd};
+use common::{Gateway, IMAGE, docker_inspect, eventually, stderr_of};
 
 const GPU0: &str = "GPU-6b1e0d2c-0000-4000-8000-000000000000";
 const GPU1: &str = "GPU-6b1e0d2c-0000-4000-8000-000000000001";
 
-/// The fake GPUs have the same UUIDs in every test, and a gateway counts GPUs held by any
-/// labgate container on the engine (as it must on a real host): GPU tests run one at a time.
-/// The guard is declared first in each test, so it outlives (and is released after) the
-/// gateway, whose drop removes the test's containers.
+/// A gateway counts GPUs held by any labgate container on its engine (as it must on a real
+/// host). Each private-engine test has an engine of its own, so [`GPU0`] and [`GPU1`] are
+/// free there; on the machine's engine, which other test runs share, a test uses UUIDs of
+/// this run's own ([`machine_gpu`]). GPU tests still run one at a time (the guard is declared
+/// first in each test, so it is released after the gateway and the engine are gone): each
+/// starts a daemon, and they would only compete for the two cores.
 fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Two A100s; GPU 0 is busy (a process, memory, utilisation), GPU 1 idle.
-fn two_gpus() -> String {
+/// GPU `i`'s UUID for a test on the machine's engine: no other test run uses it.
+fn machine_gpu(i: u32) -> String {
+    format!("GPU-6b1e0d2c-{i:04x}-4000-8000-{:012x}", std::process::id())
+}
+
+/// Two A100s; GPU 0 (`gpu0`) is busy (a process, memory, utilisation), GPU 1 idle.
+fn two_gpus_named(gpu0: &str, gpu1: &str) -> String {
     format!(
-        "{GPU0},NVIDIA A100-SXM4-80GB,81920,util=35,used=2048,mig=off,procs=4242:2048\n\
-         {GPU1},NVIDIA A100-SXM4-80GB,81920,util=0,used=0,mig=off\n"
+        "{gpu0},NVIDIA A100-SXM4-80GB,81920,util=35,used=2048,mig=off,procs=4242:2048\n\
+         {gpu1},NVIDIA A100-SXM4-80GB,81920,util=0,used=0,mig=off\n"
     )
+}
+
+/// [`two_gpus_named`] [`GPU0`] and [`GPU1`].
+fn two_gpus() -> String {
+    two_gpus_named(GPU0, GPU1)
 }
 
 /// Builds the fake NVML once per test binary, in a target directory of its own (so it never
@@ -63,23 +85,91 @@ fn fake_nvml() -> PathBuf {
 fn install_fake(dir: &Path, gpus: &str) -> PathBuf {
     let lib = dir.join("libnvidia-ml.so.1");
     std::fs::copy(fake_nvml(), &lib).unwrap();
-    std::fs::write(dir.join("libnvidia-ml.so.1.gpus"), gpus).unwrap();
+    set_gpus(dir, gpus);
     lib
+}
+
+/// Replaces the GPU description of the fake installed in `dir`, whole (a rename), so a
+/// process using it sees the new one at its next NVML query.
+fn set_gpus(dir: &Path, gpus: &str) {
+    let new = dir.join("libnvidia-ml.so.1.gpus.new");
+    std::fs::write(&new, gpus).unwrap();
+    std::fs::rename(&new, dir.join("libnvidia-ml.so.1.gpus")).unwrap();
+}
+
+/// A private engine that runs GPU containers (the stub NVIDIA hook), or `None` after saying
+/// why the test is skipped.
+fn gpu_engine(test: &str) -> Option<PrivateDockerd> {
+    match PrivateDockerd::start(DockerdOptions { nvidia_hook: true }) {
+        Ok(d) => Some(d),
+        Err(why) => {
+            common::skip_unless(false, &format!("{test}: {why}"));
+            None
+        }
+    }
+}
+
+/// A gateway of `n` users on `engine`, as deployed otherwise.
+fn gateway_on(engine: &PrivateDockerd, n: usize, defaults: &str, tail: &str) -> Gateway {
+    Gateway::builder()
+        .users(n)
+        .docker(&engine.socket_line())
+        .defaults(defaults)
+        .tail(tail)
+        .start()
+}
+
+/// What user `i` finds in their container's `NVIDIA_VISIBLE_DEVICES`: the engine's nvidia
+/// driver sets it for the container's init process (login shells are `docker exec`s, which
+/// do not inherit it, so it is read from PID 1). Empty when unset.
+fn visible_gpus(gw: &Gateway, i: usize) -> String {
+    gw.ok(
+        i,
+        "tr '\\0' '\\n' </proc/1/environ | sed -n 's/^NVIDIA_VISIBLE_DEVICES=//p'",
+    )
+    .trim()
+    .to_owned()
+}
+
+/// The rows of a `labgate gpus` table (header first), split into cells.
+fn table_rows(out: &Output) -> Vec<Vec<String>> {
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}\n{table}", stderr_of(out));
+    table
+        .lines()
+        .map(|l| {
+            l.split("  ")
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+        .collect()
 }
 
 fn gpu_section(lib: &Path) -> String {
     format!("[gpu]\nnvml_library = \"{}\"\n", lib.display())
 }
 
+/// `docker inspect -f FORMAT NAME` on `engine` (the machine's when `None`).
+fn inspect(engine: Option<&PrivateDockerd>, name: &str, format: &str) -> Option<String> {
+    match engine {
+        Some(e) => e.inspect(name, format),
+        None => docker_inspect(name, format),
+    }
+}
+
 /// The device requests Docker recorded for a container, as JSON.
-fn device_requests(container: &str) -> serde_json::Value {
-    let json = docker_inspect(container, "{{json .HostConfig.DeviceRequests}}")
+fn device_requests(engine: Option<&PrivateDockerd>, container: &str) -> serde_json::Value {
+    let json = inspect(engine, container, "{{json .HostConfig.DeviceRequests}}")
         .unwrap_or_else(|| panic!("{container} was not created"));
     serde_json::from_str(&json).unwrap()
 }
 
-fn assert_asked_for(container: &str, uuids: &[&str]) {
-    let requests = device_requests(container);
+/// Asserts `container` (on `engine`, the machine's when `None`) was created asking for
+/// exactly `uuids`, and records them in its label.
+fn assert_asked_for(engine: Option<&PrivateDockerd>, container: &str, uuids: &[&str]) {
+    let requests = device_requests(engine, container);
     assert_eq!(requests.as_array().map(Vec::len), Some(1), "{requests}");
     let r = &requests[0];
     assert_eq!(r["Driver"], "nvidia", "{requests}");
@@ -92,7 +182,12 @@ fn assert_asked_for(container: &str, uuids: &[&str]) {
     // Docker shows an unset count as 0: the ids alone choose the GPUs.
     assert_eq!(r["Count"], 0, "{requests}");
     assert_eq!(
-        docker_inspect(container, "{{index .Config.Labels \"labgate.gpus\"}}").unwrap(),
+        inspect(
+            engine,
+            container,
+            "{{index .Config.Labels \"labgate.gpus\"}}"
+        )
+        .unwrap(),
         uuids.join(",")
     );
 }
@@ -112,7 +207,8 @@ fn assert_refused(gw: &Gateway, out: &Output, needles: &[&str]) {
 fn the_inventory_lists_the_fake_gpus_through_nvml() {
     let _serial = one_at_a_time();
     let dir = tempfile::tempdir().unwrap();
-    let lib = install_fake(dir.path(), &two_gpus());
+    let (gpu0, gpu1) = (machine_gpu(0), machine_gpu(1));
+    let lib = install_fake(dir.path(), &two_gpus_named(&gpu0, &gpu1));
     let config = dir.path().join("labgate.toml");
     std::fs::write(
         &config,
@@ -124,23 +220,14 @@ fn the_inventory_lists_the_fake_gpus_through_nvml() {
         .arg(&config)
         .output()
         .unwrap();
-    let table = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}\n{table}", stderr_of(&out));
-    let lines: Vec<&str> = table.lines().collect();
-    assert_eq!(lines.len(), 3, "{table}");
-    assert!(lines[0].starts_with("INDEX  UUID"), "{table}");
-    let cells = |l: &str| {
-        l.split("  ")
-            .map(str::trim)
-            .filter(|c| !c.is_empty())
-            .map(str::to_owned)
-            .collect::<Vec<_>>()
-    };
+    let rows = table_rows(&out);
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    assert_eq!(rows[0][..2], ["INDEX", "UUID"], "{rows:?}");
     assert_eq!(
-        cells(lines[1]),
+        rows[1],
         [
             "0",
-            GPU0,
+            &gpu0,
             "NVIDIA A100-SXM4-80GB",
             "2.0/80.0 GiB",
             "35%",
@@ -150,10 +237,10 @@ fn the_inventory_lists_the_fake_gpus_through_nvml() {
         ]
     );
     assert_eq!(
-        cells(lines[2]),
+        rows[2],
         [
             "1",
-            GPU1,
+            &gpu1,
             "NVIDIA A100-SXM4-80GB",
             "0.0/80.0 GiB",
             "0%",
@@ -201,7 +288,8 @@ fn no_nvml_library_refuses_gpu_logins_clearly_and_serves_everyone_else() {
 fn a_gpu_login_asks_docker_for_the_allocated_uuids_and_explains_the_missing_runtime() {
     let _serial = one_at_a_time();
     let nvml = tempfile::tempdir().unwrap();
-    let lib = install_fake(nvml.path(), &two_gpus());
+    let (gpu0, gpu1) = (machine_gpu(0), machine_gpu(1));
+    let lib = install_fake(nvml.path(), &two_gpus_named(&gpu0, &gpu1));
     let gw = Gateway::start(
         2,
         "",
@@ -221,48 +309,76 @@ fn a_gpu_login_asks_docker_for_the_allocated_uuids_and_explains_the_missing_runt
         ],
     );
     // A count gets the least-used GPU (1); a pin by index gets exactly that one (0).
-    assert_asked_for(&gw.container(0), &[GPU1]);
+    assert_asked_for(None, &gw.container(0), &[&gpu1]);
     let out = gw.run(1, "true");
     assert_refused(&gw, &out, &["cannot give containers GPUs"]);
-    assert_asked_for(&gw.container(1), &[GPU0]);
+    assert_asked_for(None, &gw.container(1), &[&gpu0]);
     let log = gw.log();
     assert!(log.contains("GPUs found count=2"), "{log}");
     assert!(log.contains("GPUs allocated"), "{log}");
 }
 
-/// Makes a running container for `user` as labgate would have before a restart, recording
-/// `gpu` in its label (it cannot really have the GPU here: no NVIDIA runtime).
-fn running_gpu_container(gw: &Gateway, i: usize, gpu: &str) {
-    let user = &gw.users[i];
-    let home = gw.dir.path().join(format!("home/{user}"));
-    std::fs::create_dir_all(&home).unwrap();
-    let st = Command::new("docker")
-        .args(["run", "-d", "--init", "--name", &gw.container(i)])
-        .args(["--label", "labgate.managed=true"])
-        .args(["--label", &format!("labgate.user={user}")])
-        .args(["--label", &format!("labgate.gpus={gpu}")])
-        .args(["-v", &format!("{}:/home/{user}", home.display())])
-        .args([
-            IMAGE,
-            "/bin/sh",
-            "-c",
-            labgate::runtime::docker::spec::KEEPALIVE,
-        ])
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(st.success());
+#[test]
+fn a_gpu_login_runs_in_a_container_that_sees_the_gpus_allocated_to_it() {
+    let _serial = one_at_a_time();
+    let Some(engine) = gpu_engine("a_gpu_login_runs_in_a_container") else {
+        return;
+    };
+    let nvml = tempfile::tempdir().unwrap();
+    let lib = install_fake(nvml.path(), &two_gpus());
+    let gw = gateway_on(
+        &engine,
+        3,
+        "",
+        &format!(
+            "[users.{{u0}}]\ngpus = 1\n\n[users.{{u1}}]\ngpus = [0]\n\n{}",
+            gpu_section(&lib)
+        ),
+    );
+    // A count gets the least-used GPU (1); a pin by index gets exactly that one (0), busy as
+    // it is; a quota without GPUs gets none.
+    assert_eq!(gw.ok(0, "echo in"), "in\n");
+    assert_eq!(visible_gpus(&gw, 0), GPU1);
+    assert_asked_for(Some(&engine), &gw.container(0), &[GPU1]);
+    assert_eq!(gw.ok(1, "echo in"), "in\n");
+    assert_eq!(visible_gpus(&gw, 1), GPU0);
+    assert_asked_for(Some(&engine), &gw.container(1), &[GPU0]);
+    assert_eq!(visible_gpus(&gw, 2), "");
+    assert_eq!(
+        engine.inspect(&gw.container(2), "{{json .HostConfig.DeviceRequests}}"),
+        Some("null".to_owned())
+    );
+    for i in 0..3 {
+        assert_eq!(
+            engine
+                .inspect(&gw.container(i), "{{.State.Status}}")
+                .as_deref(),
+            Some("running")
+        );
+    }
+    // The admin's table names each GPU's holder.
+    let rows = table_rows(&gw.labgate(&["gpus"]));
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    assert_eq!(rows[1][1], GPU0);
+    assert_eq!(rows[1].last().unwrap(), &gw.users[1], "{rows:?}");
+    assert_eq!(rows[2][1], GPU1);
+    assert_eq!(rows[2].last().unwrap(), &gw.users[0], "{rows:?}");
+    let log = gw.log();
+    assert!(log.contains("GPUs allocated"), "{log}");
 }
 
 #[test]
 fn exclusive_gpus_refuse_the_second_user_naming_the_holder_until_it_stops() {
     let _serial = one_at_a_time();
+    let Some(engine) = gpu_engine("exclusive_gpus_refuse_the_second_user") else {
+        return;
+    };
     let nvml = tempfile::tempdir().unwrap();
     let only = format!("{GPU0},NVIDIA A100-SXM4-80GB,81920\n");
     let lib = install_fake(nvml.path(), &only);
-    let gw = Gateway::start(2, "gpus = 1", &gpu_section(&lib));
-    running_gpu_container(&gw, 0, GPU0);
+    let gw = gateway_on(&engine, 2, "gpus = 1", &gpu_section(&lib));
     let holder = &gw.users[0];
+    assert_eq!(visible_gpus(&gw, 0), GPU0);
 
     let out = gw.run(1, "echo should-not-run");
     assert_refused(
@@ -274,7 +390,7 @@ fn exclusive_gpus_refuse_the_second_user_naming_the_holder_until_it_stops() {
             "freed when its holder's container stops",
         ],
     );
-    assert_eq!(docker_inspect(&gw.container(1), "{{.Id}}"), None);
+    assert_eq!(engine.inspect(&gw.container(1), "{{.Id}}"), None);
     // The holder keeps working in their running container, and a login shell's banner shows
     // their GPU with its use.
     assert_eq!(gw.ok(0, "echo mine"), "mine\n");
@@ -297,56 +413,120 @@ fn exclusive_gpus_refuse_the_second_user_naming_the_holder_until_it_stops() {
         "{screen:?}"
     );
     // The admin's table shows who holds it.
-    let out = Command::new(env!("CARGO_BIN_EXE_labgate"))
-        .args(["gpus", "--config"])
-        .arg(gw.config_path())
-        .output()
-        .unwrap();
-    let table = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        table
-            .lines()
-            .nth(1)
-            .unwrap_or_default()
-            .ends_with(holder.as_str()),
-        "{table}"
-    );
+    let rows = table_rows(&gw.labgate(&["gpus"]));
+    assert_eq!(rows[1].last(), Some(holder), "{rows:?}");
 
-    // The holder's container stops: the GPU is free for the next login.
-    let st = Command::new("docker")
-        .args(["stop", "-t", "1", &gw.container(0)])
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let out = gw.run(1, "true");
-    assert_refused(&gw, &out, &["cannot give containers GPUs"]);
-    assert_asked_for(&gw.container(1), &[GPU0]);
+    // The holder's container stops: the GPU is free for the next login, which runs with it.
+    engine.docker(&["stop", "-t", "1", &gw.container(0)]);
+    assert_eq!(gw.ok(1, "echo got-it"), "got-it\n");
+    assert_eq!(visible_gpus(&gw, 1), GPU0);
+    assert_asked_for(Some(&engine), &gw.container(1), &[GPU0]);
     assert!(gw.log().contains("GPUs released"), "{}", gw.log());
+    // Now the first user is the one refused, named the other way round.
+    let out = gw.run(0, "echo should-not-run");
+    assert_refused(
+        &gw,
+        &out,
+        &[&format!("GPU 0 ({GPU0}) is held by {}", gw.users[1])],
+    );
 }
 
 #[test]
 fn idle_stop_keeps_a_container_whose_gpu_is_busy_and_stops_the_idle_one() {
     let _serial = one_at_a_time();
+    let Some(engine) = gpu_engine("idle_stop_keeps_a_container_whose_gpu_is_busy") else {
+        return;
+    };
     let nvml = tempfile::tempdir().unwrap();
     // GPU 0 computes (35% > busy_utilization 10); GPU 1 is idle.
     let lib = install_fake(nvml.path(), &two_gpus());
-    let gw = Gateway::start(
+    let gw = gateway_on(
+        &engine,
         2,
-        "gpus = 1\nidle_stop = \"2s\"",
-        &format!("{}busy_utilization = 10\n", gpu_section(&lib)),
+        "idle_stop = \"2s\"",
+        &format!(
+            "[users.{{u0}}]\ngpus = [0]\n\n[users.{{u1}}]\ngpus = [1]\n\n{}busy_utilization = 10\n",
+            gpu_section(&lib)
+        ),
     );
-    running_gpu_container(&gw, 0, GPU0);
-    running_gpu_container(&gw, 1, GPU1);
-    let state = |i: usize| docker_inspect(&gw.container(i), "{{.State.Status}}").unwrap();
+    assert_eq!(visible_gpus(&gw, 0), GPU0);
+    assert_eq!(visible_gpus(&gw, 1), GPU1);
+    let state = |i: usize| {
+        engine
+            .inspect(&gw.container(i), "{{.State.Status}}")
+            .unwrap()
+    };
     assert!(
-        common::eventually(std::time::Duration::from_secs(30), || state(1) == "exited"),
+        eventually(Duration::from_secs(30), || state(1) == "exited"),
         "the container with an idle GPU was not stopped; log:\n{}",
         gw.log()
     );
     // Nobody is connected to either, but GPU 0 is busy: well past the idle period, it runs.
-    std::thread::sleep(std::time::Duration::from_secs(4));
+    std::thread::sleep(Duration::from_secs(4));
     assert_eq!(state(0), "running");
     let log = gw.log();
     assert!(log.contains("in use: GPU busy"), "{log}");
+    // The stopped user logs in again: their container starts with the same GPU.
+    assert_eq!(visible_gpus(&gw, 1), GPU1);
+}
+
+#[test]
+fn a_gpu_turning_busy_while_the_gateway_runs_keeps_its_container_until_idle_again() {
+    let _serial = one_at_a_time();
+    let Some(engine) = gpu_engine("a_gpu_turning_busy_while_the_gateway_runs") else {
+        return;
+    };
+    let nvml = tempfile::tempdir().unwrap();
+    let idle = format!("{GPU0},NVIDIA A100-SXM4-80GB,81920,util=0,used=0\n");
+    let lib = install_fake(nvml.path(), &idle);
+    let gw = gateway_on(
+        &engine,
+        1,
+        "gpus = 1\nidle_stop = \"3s\"",
+        &format!("{}busy_utilization = 10\n", gpu_section(&lib)),
+    );
+    let row = || table_rows(&gw.labgate(&["gpus"])).swap_remove(1);
+    let state = || {
+        engine
+            .inspect(&gw.container(0), "{{.State.Status}}")
+            .unwrap()
+    };
+    // The user starts a job on the GPU as they log out: it computes, with a process.
+    assert_eq!(visible_gpus(&gw, 0), GPU0);
+    set_gpus(
+        nvml.path(),
+        &format!("{GPU0},NVIDIA A100-SXM4-80GB,81920,util=80,used=4096,procs=4242:4096\n"),
+    );
+    // The running gateway sees it: the admin's table, and idle stop sparing the container
+    // well past its idle period.
+    assert_eq!(
+        row(),
+        [
+            "0",
+            GPU0,
+            "NVIDIA A100-SXM4-80GB",
+            "4.0/80.0 GiB",
+            "80%",
+            "-",
+            "1",
+            gw.users[0].as_str()
+        ]
+    );
+    std::thread::sleep(Duration::from_secs(8));
+    assert_eq!(state(), "running", "{}", gw.log());
+    assert!(gw.log().contains("in use: GPU busy"), "{}", gw.log());
+    // The job ends: the GPU is idle again, and the container is stopped, its GPU released.
+    set_gpus(nvml.path(), &idle);
+    assert_eq!(row()[4], "0%");
+    assert!(
+        eventually(Duration::from_secs(30), || state() == "exited"),
+        "the container of an idle GPU was not stopped; log:\n{}",
+        gw.log()
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || row().last().map(String::as_str)
+            == Some("-")),
+        "{:?}",
+        row()
+    );
 }

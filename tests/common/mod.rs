@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod client;
+pub mod dockerd;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

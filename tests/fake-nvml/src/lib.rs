@@ -17,10 +17,22 @@
 //! GPU-00000000-0000-0000-0000-000000000001,NVIDIA A100-SXM4-80GB,81920,util=30,used=1024
 //! ```
 //!
+//! `util=` is the GPU's utilization in percent (default 0), `used=` the memory in use in MiB
+//! (default 0), `procs=` its compute processes as `PID:MIB` pairs joined by `+` (default none).
 //! Without `mig=`, the GPU answers "not supported" to the MIG query, as pre-Ampere GPUs do.
 //! `FAKE_NVML_INIT=driver-not-loaded` makes `nvmlInit_v2` fail as on a host whose driver is
 //! not loaded. A malformed description makes init fail with `NVML_ERROR_UNKNOWN` and a line on
 //! stderr.
+//!
+//! # Changing the GPUs while a process uses the library
+//!
+//! A description read from a file (`FAKE_NVML_FILE` or the `.gpus` file) is read again on
+//! every NVML query after init when the file changed (its modification time, size or inode):
+//! a test rewrites it to make a GPU busy or idle, or to give it processes, and the next
+//! inventory of the running process sees that. Replace the file whole (write a new one
+//! beside it, then rename it over the old), so no reader sees it half-written. A rewrite that
+//! does not parse is reported on stderr once and the last good description stays; a missing
+//! file keeps it too. `FAKE_NVML_GPUS` (the environment) is read at init only.
 //!
 //! # Safety
 //!
@@ -59,6 +71,54 @@ struct Gpu {
 
 /// The GPUs while initialized (`None` after the last shutdown), and the init count.
 static STATE: Mutex<(usize, Option<Vec<Gpu>>)> = Mutex::new((0, None));
+
+/// The file the description came from at init, if it came from one, and what that file
+/// looked like when last read (so a rewrite is noticed).
+static SOURCE: Mutex<Option<(PathBuf, Option<Stamp>)>> = Mutex::new(None);
+
+/// What tells one version of the description file from the next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    modified: Option<std::time::SystemTime>,
+    len: u64,
+    inode: u64,
+}
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(path).ok()?;
+    Some(Stamp {
+        modified: m.modified().ok(),
+        len: m.len(),
+        inode: m.ino(),
+    })
+}
+
+/// Reads the description file again if it changed since it was last read, and replaces the
+/// GPUs with it (while initialized). Called at the start of every query.
+fn refresh() {
+    let mut source = SOURCE.lock().unwrap_or_else(|p| p.into_inner());
+    let Some((path, seen)) = source.as_mut() else {
+        return;
+    };
+    let now = stamp(path);
+    if now.is_none() || now == *seen {
+        return;
+    }
+    *seen = now;
+    let parsed = std::fs::read_to_string(&*path)
+        .map_err(|e| format!("{}: {e}", path.display()))
+        .and_then(|spec| parse(&spec));
+    match parsed {
+        Ok(gpus) => {
+            let mut state = STATE.lock().unwrap_or_else(|p| p.into_inner());
+            if state.1.is_some() {
+                state.1 = Some(gpus);
+            }
+        }
+        Err(e) => eprintln!("fake-nvml: bad GPU description, keeping the last one: {e}"),
+    }
+}
 
 fn parse(spec: &str) -> Result<Vec<Gpu>, String> {
     let mib = |s: &str| -> Result<u64, String> {
@@ -130,17 +190,26 @@ fn own_path() -> Option<PathBuf> {
 /// The description: `FAKE_NVML_GPUS`, else the file `FAKE_NVML_FILE`, else the file next to
 /// this library named like it plus `.gpus` (so each copy of the library can describe its
 /// own GPUs without touching the environment of the process that loads it), else no GPUs.
+/// Also remembers the file it read, for [`refresh`].
 fn describe() -> Result<Vec<Gpu>, String> {
     let read =
         |path: &Path| std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()));
-    let spec = if let Ok(spec) = std::env::var("FAKE_NVML_GPUS") {
-        spec
+    let file = if std::env::var_os("FAKE_NVML_GPUS").is_some() {
+        None
     } else if let Some(path) = std::env::var_os("FAKE_NVML_FILE") {
-        read(Path::new(&path))?
+        Some(PathBuf::from(path))
     } else {
-        match own_path().map(|p| PathBuf::from(format!("{}.gpus", p.display()))) {
-            Some(path) if path.exists() => read(&path)?,
-            _ => String::new(),
+        own_path()
+            .map(|p| PathBuf::from(format!("{}.gpus", p.display())))
+            .filter(|p| p.exists())
+    };
+    let spec = match &file {
+        None => std::env::var("FAKE_NVML_GPUS").unwrap_or_default(),
+        Some(path) => {
+            let seen = stamp(path);
+            let spec = read(path)?;
+            *SOURCE.lock().unwrap_or_else(|p| p.into_inner()) = Some((path.clone(), seen));
+            spec
         }
     };
     parse(&spec)
@@ -148,6 +217,7 @@ fn describe() -> Result<Vec<Gpu>, String> {
 
 /// Runs `f` on the GPU a handle names, or answers as NVML does for a bad handle.
 fn with_gpu(device: Device, f: impl FnOnce(&Gpu) -> Return) -> Return {
+    refresh();
     let state = STATE.lock().unwrap_or_else(|p| p.into_inner());
     let Some(gpus) = &state.1 else {
         return ERROR_UNINITIALIZED;
@@ -287,6 +357,7 @@ pub unsafe extern "C" fn nvmlSystemGetDriverVersion(
 /// `count` is null or valid for a write.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlDeviceGetCount_v2(count: *mut c_uint) -> Return {
+    refresh();
     let state = STATE.lock().unwrap_or_else(|p| p.into_inner());
     match &state.1 {
         // SAFETY: forwarded caller contract.
@@ -304,6 +375,7 @@ pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex_v2(
     index: c_uint,
     device: *mut Device,
 ) -> Return {
+    refresh();
     let state = STATE.lock().unwrap_or_else(|p| p.into_inner());
     match &state.1 {
         Some(gpus) if (index as usize) < gpus.len() => {
@@ -526,5 +598,82 @@ mod tests {
         assert!(parse("GPU-a,A100").is_err());
         assert!(parse("GPU-a,A100,1,colour=red").is_err());
         assert_eq!(parse("").unwrap(), vec![]);
+    }
+
+    /// The utilization and processes of GPU `index`, as a caller of the C API sees them.
+    fn observe(index: c_uint) -> (c_uint, Vec<(c_uint, c_ulonglong)>) {
+        let mut device: Device = std::ptr::null_mut();
+        // SAFETY: valid pointers to locals.
+        assert_eq!(
+            unsafe { nvmlDeviceGetHandleByIndex_v2(index, &mut device) },
+            SUCCESS
+        );
+        let mut u = Utilization { gpu: 0, memory: 0 };
+        // SAFETY: as above.
+        assert_eq!(
+            unsafe { nvmlDeviceGetUtilizationRates(device, &mut u) },
+            SUCCESS
+        );
+        let mut infos = [ProcessInfo {
+            pid: 0,
+            used_gpu_memory: 0,
+            gpu_instance_id: 0,
+            compute_instance_id: 0,
+        }; 8];
+        let mut count = infos.len() as c_uint;
+        // SAFETY: `infos` holds `count` entries.
+        assert_eq!(
+            unsafe {
+                nvmlDeviceGetComputeRunningProcesses_v3(device, &mut count, infos.as_mut_ptr())
+            },
+            SUCCESS
+        );
+        let procs = infos[..count as usize]
+            .iter()
+            .map(|p| (p.pid, p.used_gpu_memory))
+            .collect();
+        (u.gpu, procs)
+    }
+
+    #[test]
+    fn a_rewritten_description_file_is_seen_by_the_next_query() {
+        let dir = std::env::temp_dir().join(format!("fake-nvml-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("gpus");
+        let rewrite = |text: &str| {
+            let tmp = dir.join("gpus.new");
+            std::fs::write(&tmp, text).unwrap();
+            std::fs::rename(&tmp, &file).unwrap();
+        };
+        rewrite("GPU-a,Tesla T4,15360\nGPU-b,Tesla T4,15360,util=5\n");
+        // SAFETY: the only test of this crate that touches the environment or NVML state.
+        unsafe { std::env::set_var("FAKE_NVML_FILE", &file) };
+        assert_eq!(nvmlInit_v2(), SUCCESS);
+        assert_eq!(observe(0), (0, vec![]));
+        assert_eq!(observe(1), (5, vec![]));
+
+        // GPU 0 becomes busy with a process; the running "process" sees it at once.
+        rewrite("GPU-a,Tesla T4,15360,util=90,procs=77:512\nGPU-b,Tesla T4,15360,util=5\n");
+        assert_eq!(observe(0), (90, vec![(77, 512 << 20)]));
+        let mut count = 0;
+        // SAFETY: a valid pointer to a local.
+        assert_eq!(unsafe { nvmlDeviceGetCount_v2(&mut count) }, SUCCESS);
+        assert_eq!(count, 2);
+
+        // A rewrite that does not parse, or a missing file, keeps the last good description.
+        rewrite("GPU-a,Tesla T4");
+        assert_eq!(observe(0), (90, vec![(77, 512 << 20)]));
+        std::fs::remove_file(&file).unwrap();
+        assert_eq!(observe(0), (90, vec![(77, 512 << 20)]));
+
+        // Idle again, and a GPU fewer.
+        rewrite("GPU-a,Tesla T4,15360\n");
+        assert_eq!(observe(0), (0, vec![]));
+        // SAFETY: a valid pointer to a local.
+        assert_eq!(unsafe { nvmlDeviceGetCount_v2(&mut count) }, SUCCESS);
+        assert_eq!(count, 1);
+
+        assert_eq!(nvmlShutdown(), SUCCESS);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
