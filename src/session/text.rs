@@ -149,6 +149,62 @@ pub fn remade_for(settings: &[&str]) -> String {
     )
 }
 
+/// The line a login waiting for GPUs sees (redrawn on a terminal; a line on stderr each time
+/// its place changes without one): what it waits for, its place, and for each GPU it could
+/// get who holds it, since when, and whether it is used
+/// (`waiting for 1 GPU, 2nd in line | GPU 0 bob since 09:12, idle | GPU 1 carol since 10:40, busy 97%`).
+pub fn gpu_wait(w: &crate::login::gpuline::WaitState, now: std::time::SystemTime) -> String {
+    let what = if w.wants == 1 {
+        "1 GPU".to_owned()
+    } else {
+        format!("{} GPUs", w.wants)
+    };
+    let mut parts = vec![format!(
+        "waiting for {what}, {} in line",
+        ordinal(w.position)
+    )];
+    for g in &w.gpus {
+        if g.holders.is_empty() {
+            parts.push(format!("GPU {} free", g.index));
+            continue;
+        }
+        let who: Vec<&str> = g.holders.iter().map(|h| h.as_str()).collect();
+        let since = g.since.map_or_else(String::new, |t| {
+            let local = chrono::DateTime::<chrono::Local>::from(t);
+            if now.duration_since(t).unwrap_or_default() < std::time::Duration::from_secs(20 * 3600)
+            {
+                format!(" since {}", local.format("%H:%M"))
+            } else {
+                format!(" since {}", local.format("%b %-d %H:%M"))
+            }
+        });
+        let use_ = match (g.busy, g.utilization) {
+            (true, Some(u)) => format!("busy {u}%"),
+            (true, None) => "busy".to_owned(),
+            (false, _) => "idle".to_owned(),
+        };
+        parts.push(format!("GPU {} {}{since}, {use_}", g.index, who.join(",")));
+    }
+    parts.join(" | ")
+}
+
+/// `1st`, `2nd`, `3rd`, `4th`, ... `11th`, `12th`, `13th`, `21st`.
+fn ordinal(n: usize) -> String {
+    let suffix = match (n % 10, n % 100) {
+        (_, 11..=13) => "th",
+        (1, _) => "st",
+        (2, _) => "nd",
+        (3, _) => "rd",
+        _ => "th",
+    };
+    format!("{n}{suffix}")
+}
+
+/// The line for a user who pressed Ctrl-C while waiting for GPUs.
+pub fn left_queue(tty: bool) -> String {
+    line("you left the queue for GPUs; nothing was started", tty)
+}
+
 /// One line per GPU for the banner of a login shell: index, name, use and memory.
 pub fn gpu_banner(gpus: &[GpuInfo]) -> String {
     crate::gpu::render_banner(gpus)
@@ -253,6 +309,60 @@ mod tests {
         assert_eq!(
             gpu_notice(&GpuNotice::QuotaChanged { gpus: Vec::new() }),
             "your container was made again without GPUs because your GPU quota changed; your home and mounts are kept, other changes inside the container are not"
+        );
+    }
+
+    #[test]
+    fn a_waiting_login_sees_its_place_and_who_holds_what() {
+        use crate::login::gpuline::{HeldGpu, WaitState};
+        let t = std::time::SystemTime::now();
+        let hhmm = chrono::DateTime::<chrono::Local>::from(t)
+            .format("%H:%M")
+            .to_string();
+        let w = WaitState {
+            container: "labgate-alice".into(),
+            wants: 1,
+            position: 2,
+            gpus: vec![
+                HeldGpu {
+                    index: 0,
+                    holders: vec![Username::parse("bob").unwrap()],
+                    since: Some(t),
+                    utilization: Some(0),
+                    busy: false,
+                },
+                HeldGpu {
+                    index: 1,
+                    holders: vec![Username::parse("carol").unwrap()],
+                    since: None,
+                    utilization: Some(97),
+                    busy: true,
+                },
+                HeldGpu {
+                    index: 2,
+                    holders: vec![],
+                    since: None,
+                    utilization: None,
+                    busy: false,
+                },
+            ],
+            done: false,
+        };
+        assert_eq!(
+            gpu_wait(&w, t),
+            format!(
+                "waiting for 1 GPU, 2nd in line | GPU 0 bob since {hhmm}, idle | GPU 1 carol, busy 97% | GPU 2 free"
+            )
+        );
+        let ords: Vec<String> = [1, 2, 3, 4, 11, 12, 13, 21, 22, 101]
+            .into_iter()
+            .map(ordinal)
+            .collect();
+        assert_eq!(
+            ords,
+            [
+                "1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "22nd", "101st"
+            ]
         );
     }
 

@@ -29,6 +29,9 @@ pub(super) struct EarlyInput {
     pub(super) closed: bool,
     /// The last window size the client sent.
     pub(super) size: Option<TtySize>,
+    /// The user pressed Ctrl-C on the terminal while waiting for GPUs: the start was
+    /// cancelled, the channel is still open.
+    pub(super) interrupted: bool,
 }
 
 /// Drives `start` to its end while draining the channel, so the connection never stalls on
@@ -48,6 +51,10 @@ pub(super) async fn drain_until<T>(
     // Subscribed before the start is polled, so no step of a pull it waits for is missed.
     let mut pulls = ctx.runtime.pull_events();
     let mut pulls_open = true;
+    let mut waits = ctx.gpu_line.events();
+    let mut waits_open = true;
+    // The place in line last shown, while this container's start waits for GPUs.
+    let mut waiting: Option<usize> = None;
     let mut view = ProgressView::new(cols);
     tokio::pin!(start);
     let started = loop {
@@ -58,9 +65,28 @@ pub(super) async fn drain_until<T>(
                 Ok(_) | Err(RecvError::Lagged(_)) => {}
                 Err(RecvError::Closed) => pulls_open = false,
             },
+            event = waits.recv(), if waits_open => match event {
+                Ok(w) if w.container == container && !early.closed => {
+                    if w.done {
+                        waiting = None;
+                    } else {
+                        let step = waiting != Some(w.position);
+                        waiting = Some(w.position);
+                        let line = super::super::text::gpu_wait(&w, std::time::SystemTime::now());
+                        view.show(tx, &crate::runtime::PullProgress { line, step }).await;
+                    }
+                }
+                Ok(_) | Err(RecvError::Lagged(_)) => {}
+                Err(RecvError::Closed) => waits_open = false,
+            },
             msg = rx.wait(), if early.len < EARLY_INPUT_LIMIT && !early.closed => match msg {
                 None | Some(ChannelMsg::Close) => {
                     early.closed = true;
+                    cancel.cancel();
+                }
+                // Ctrl-C on a terminal while in line for GPUs: leave the line.
+                Some(ChannelMsg::Data { data }) if cols.is_some() && waiting.is_some() && data.contains(&0x03) => {
+                    early.interrupted = true;
                     cancel.cancel();
                 }
                 Some(ChannelMsg::Data { data }) => {

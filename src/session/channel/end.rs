@@ -21,6 +21,21 @@ pub(super) async fn not_started(tx: &ChannelWriteHalf<Msg>, e: &RuntimeError, tt
     let _ = tx.close().await;
 }
 
+/// The user pressed Ctrl-C while waiting for GPUs: they left the line; the session ends
+/// with 130, as a shell's interrupted command does.
+pub(super) async fn left_queue(tx: &ChannelWriteHalf<Msg>, tty: bool) {
+    let mut stderr = tx.make_writer_ext(Some(1));
+    let line = super::super::text::left_queue(tty);
+    let _ = stderr.write_all(line.as_bytes()).await;
+    let _ = stderr.flush().await;
+    let _ = tx.exit_status(EXIT_INTERRUPTED).await;
+    let _ = tx.eof().await;
+    let _ = tx.close().await;
+}
+
+/// Exit status of a session whose user left the GPU queue with Ctrl-C (128 + SIGINT).
+pub(super) const EXIT_INTERRUPTED: u32 = 130;
+
 /// Sends EOF, the exit status (or signal), and closes, in sshd's order.
 pub(super) async fn finish(
     tx: &ChannelWriteHalf<Msg>,

@@ -83,6 +83,10 @@ async fn serve(
         early::drain_until(start, &mut rx, &tx, &ctx, &container, cols, &cancel).await;
     let exec = match started {
         Ok(Some(exec)) => exec,
+        Ok(None) if early.interrupted && !early.closed => {
+            end::left_queue(&tx, setup.pty.is_some()).await;
+            return;
+        }
         Ok(None) => {
             debug!("channel or connection gone while the session started: nothing started");
             return;

@@ -80,8 +80,8 @@ pub(super) async fn start(
 ) -> Result<Option<crate::runtime::Exec>, RuntimeError> {
     let spec = login.spec();
     let starting = tokio::spawn({
-        let (ctx, login) = (ctx.clone(), login.clone());
-        async move { crate::login::ensure_container(&ctx, &login).await }.in_current_span()
+        let (ctx, login, cancel) = (ctx.clone(), login.clone(), cancel.clone());
+        async move { crate::login::start_container(&ctx, &login, &cancel).await }.in_current_span()
     });
     let container = match unless_cancelled(cancel, starting).await {
         None => return Ok(None),
