@@ -32,6 +32,9 @@ pub struct Metrics {
     gpus_total: Gauge,
     reloads: Family<Label, Counter>,
     user_errors: Family<Label, Counter>,
+    gpu_queue: Gauge,
+    gpu_wait: Histogram,
+    gpu_seconds: Family<Vec<(&'static str, String)>, Counter<f64, std::sync::atomic::AtomicU64>>,
     idle_stops: Counter,
     unauthenticated: Gauge,
     startups_closed: Counter,
@@ -65,6 +68,9 @@ impl Metrics {
             gpus_total: Gauge::default(),
             reloads: Family::default(),
             user_errors: Family::default(),
+            gpu_queue: Gauge::default(),
+            gpu_wait: Histogram::new(exponential_buckets(1.0, 4.0, 10)),
+            gpu_seconds: Family::default(),
             idle_stops: Counter::default(),
             unauthenticated: Gauge::default(),
             startups_closed: Counter::default(),
@@ -117,6 +123,21 @@ impl Metrics {
             m.gpus_total.clone(),
         );
         registry.register(
+            "gpu_queue_length",
+            "Users waiting for GPUs",
+            m.gpu_queue.clone(),
+        );
+        registry.register(
+            "gpu_wait_seconds",
+            "How long logins waited in the GPU queue (served or not)",
+            m.gpu_wait.clone(),
+        );
+        registry.register(
+            "gpu_seconds",
+            "GPU-seconds held by each user's containers (profiles count with their user)",
+            m.gpu_seconds.clone(),
+        );
+        registry.register(
             "user_errors",
             "Errors users met, by stable code (README.md, \"Error codes\")",
             m.user_errors.clone(),
@@ -160,6 +181,24 @@ impl Metrics {
     /// Counts a login decision (`accepted` or `refused`).
     pub fn login(&self, result: &'static str) {
         self.logins.get_or_create(&[("result", result)]).inc();
+    }
+
+    /// Sets how many users wait for GPUs.
+    pub fn gpu_queue(&self, waiting: usize) {
+        self.gpu_queue
+            .set(i64::try_from(waiting).unwrap_or(i64::MAX));
+    }
+
+    /// Records how long a login waited in the GPU queue.
+    pub fn gpu_waited(&self, took: Duration) {
+        self.gpu_wait.observe(took.as_secs_f64());
+    }
+
+    /// Adds GPU-seconds held by `user`.
+    pub fn gpu_held(&self, user: &str, seconds: f64) {
+        self.gpu_seconds
+            .get_or_create(&vec![("user", user.to_owned())])
+            .inc_by(seconds);
     }
 
     /// Counts an error a user met, by its stable code (see [`crate::codes`]).

@@ -113,6 +113,13 @@ impl GpuLine {
         }
     }
 
+    /// The line now, in the order it is served.
+    pub fn line(&self) -> Vec<crate::gpu::queue::Place> {
+        let now = SystemTime::now();
+        let standing = self.standing(now);
+        self.queue().order(standing)
+    }
+
     /// Adds `gpu_seconds` of `user`'s use ending `at` to what orders the line.
     pub fn charge(&self, user: &Username, gpu_seconds: f64, at: SystemTime) {
         self.share().charge(user, gpu_seconds, at);
@@ -155,7 +162,9 @@ impl GpuLine {
             ticket,
             container: spec.name.clone(),
             wants: spec.gpu_request.count(),
+            joined: tokio::time::Instant::now(),
         };
+        crate::metrics::metrics().gpu_queue(self.waiting());
         info!(target: "audit", user = %login.user, container = %spec.name, gpus = spec.gpu_request.count(), "waiting for GPUs");
         let deadline = tokio::time::Instant::now() + gpu.max_wait;
         let mut last: Option<usize> = None;
@@ -206,6 +215,7 @@ struct Place<'a> {
     ticket: Ticket,
     container: String,
     wants: usize,
+    joined: tokio::time::Instant,
 }
 
 impl Place<'_> {
@@ -250,6 +260,8 @@ impl Drop for Place<'_> {
     fn drop(&mut self) {
         self.line.queue().leave(self.ticket);
         self.line.changed.notify_waiters();
+        crate::metrics::metrics().gpu_waited(self.joined.elapsed());
+        crate::metrics::metrics().gpu_queue(self.line.waiting());
     }
 }
 
@@ -271,7 +283,9 @@ pub async fn sample_usage(ctx: Arc<Context>, mut stop: tokio::sync::watch::Recei
             }
         }
         for (user, secs) in per_user {
+            crate::metrics::metrics().gpu_held(user.as_str(), secs);
             ctx.gpu_line.charge(&user, secs, now);
         }
+        crate::metrics::metrics().gpu_queue(ctx.gpu_line.waiting());
     }
 }

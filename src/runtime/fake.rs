@@ -44,6 +44,8 @@ pub struct FakeRuntime {
     pub gpus: Mutex<Vec<GpuInfo>>,
     /// When set, every start fails with this.
     pub refuse: Mutex<Option<String>>,
+    /// GPUs it can give containers (`GPU-fake0`...), each to one running container.
+    pub gpu_slots: AtomicUsize,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -80,30 +82,68 @@ impl ContainerRuntime for FakeRuntime {
             return Err(RuntimeError::Start(why));
         }
         let mut containers = self.containers();
+        let running = containers.get(&spec.name).is_some_and(|c| c.running);
+        // GPUs as a backend gives them: each to one running container; a start that would
+        // take some only when allowed and enough are free.
+        let wants = spec.gpu_request.count();
+        let mut gpus = containers
+            .get(&spec.name)
+            .map(|c| c.spec.gpus.clone())
+            .unwrap_or_default();
+        if wants > 0 && !running {
+            if !spec.may_take_gpus {
+                return Err(GpuError::Waiting.into());
+            }
+            let held: Vec<GpuUuid> = containers
+                .values()
+                .filter(|c| c.running)
+                .flat_map(|c| c.spec.gpus.clone())
+                .collect();
+            let free: Vec<GpuUuid> = (0..self.gpu_slots.load(Ordering::SeqCst))
+                .filter_map(|i| GpuUuid::parse(&format!("GPU-fake{i}")).ok())
+                .filter(|g| !held.contains(g))
+                .collect();
+            if free.len() < wants {
+                return Err(
+                    GpuError::Allocation(crate::gpu::allocator::AllocError::NotEnough {
+                        wanted: wants,
+                        free: free.len(),
+                        taken: Vec::new(),
+                    })
+                    .into(),
+                );
+            }
+            gpus = free.into_iter().take(wants).collect();
+        }
         let outcome = match containers.get_mut(&spec.name) {
             Some(c) if c.running => EnsureOutcome::Running,
             Some(c) => {
                 c.running = true;
+                c.spec.gpus = gpus.clone();
                 EnsureOutcome::Started
             }
             None => {
                 self.created.fetch_add(1, Ordering::SeqCst);
+                let mut spec = spec.clone();
+                spec.gpus = gpus.clone();
                 containers.insert(
                     spec.name.clone(),
                     FakeContainer {
-                        spec: spec.clone(),
+                        spec,
                         running: true,
                     },
                 );
                 EnsureOutcome::Created
             }
         };
-        Ok(ContainerHandle::new(
+        let mut handle = ContainerHandle::new(
             spec.name.clone(),
             spec.name.clone(),
             "/bin/sh".into(),
             outcome,
-        ))
+        );
+        handle.gpus = gpus;
+        Ok(handle)
     }
 
     async fn reach(self: Arc<Self>, container: &ContainerHandle, _who: Reacher) -> Arc<dyn Reach> {

@@ -48,6 +48,7 @@ async fn the_spec_carries_the_quota_and_a_profile_has_its_own_container() {
     let (ctx, fake) = context(config(
         "gpus = 1\n\n[profiles.big]\nimage = \"lab/big:2\"\nmemory = \"8G\"\nusers = [\"alice\"]\n",
     ));
+    fake.gpu_slots.store(2, Ordering::SeqCst);
     let plain = login(&ctx, "alice", None);
     ensure_container(&ctx, &plain).await.unwrap();
     let big = login(&ctx, "alice", Some("big"));
@@ -229,4 +230,163 @@ fn a_profile_and_a_user_of_the_same_dashed_name_have_their_own_containers() {
         crate::runtime::container_name(&Username::parse("al-gpu").unwrap(), None),
         "labgate-al-gpu"
     );
+}
+
+// The GPU queue, on the fake backend's GPUs (`GPU-fake0`...).
+
+async fn waiting(ctx: &Context, holder: &str) {
+    for _ in 0..200 {
+        if ctx
+            .gpu_line
+            .line()
+            .iter()
+            .any(|p| p.holder.as_str() == holder)
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{holder} never joined the line");
+}
+
+fn gpu_config(extra: &str) -> crate::config::Config {
+    config(&format!("gpus = 1\n\n[gpu]\n{extra}"))
+}
+
+#[tokio::test]
+async fn a_login_waits_for_a_gpu_and_gets_it_when_the_holder_stops() {
+    let (ctx, fake) = context(gpu_config(""));
+    fake.gpu_slots.store(1, Ordering::SeqCst);
+    let alice = ensure_container(&ctx, &login(&ctx, "alice", None))
+        .await
+        .unwrap();
+    assert_eq!(alice.gpus.len(), 1);
+    let bob = tokio::spawn({
+        let ctx = ctx.clone();
+        async move { ensure_container(&ctx, &login(&ctx, "bob", None)).await }
+    });
+    waiting(&ctx, "bob").await;
+    assert!(!bob.is_finished(), "bob waits while alice holds the GPU");
+    let listed = ctx.runtime.list_managed().await.unwrap();
+    let mine = listed.iter().find(|c| c.name == "labgate-alice").unwrap();
+    assert!(ctx.runtime.stop(mine, Box::new(|| true)).await.unwrap());
+    ctx.gpu_line.freed();
+    let got = tokio::time::timeout(Duration::from_secs(1), bob)
+        .await
+        .expect("bob is served at once when woken")
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.gpus, alice.gpus, "the freed GPU");
+    assert!(ctx.gpu_line.line().is_empty(), "bob left the line");
+}
+
+#[tokio::test]
+async fn a_waiter_whose_connection_ends_leaves_the_line_and_nothing_is_made() {
+    let (ctx, fake) = context(gpu_config(""));
+    fake.gpu_slots.store(1, Ordering::SeqCst);
+    ensure_container(&ctx, &login(&ctx, "alice", None))
+        .await
+        .unwrap();
+    let bob_login = login(&ctx, "bob", None);
+    let gone = bob_login.gone.clone();
+    let bob = tokio::spawn({
+        let ctx = ctx.clone();
+        async move { ensure_container(&ctx, &bob_login).await }
+    });
+    waiting(&ctx, "bob").await;
+    gone.cancel();
+    let ended = tokio::time::timeout(Duration::from_secs(1), bob)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(ended.is_err());
+    assert!(ctx.gpu_line.line().is_empty());
+    assert!(!fake.containers().contains_key("labgate-bob"));
+}
+
+#[tokio::test]
+async fn the_line_serves_the_user_with_less_recent_use_first() {
+    let (ctx, fake) = context(gpu_config(""));
+    fake.gpu_slots.store(1, Ordering::SeqCst);
+    ensure_container(&ctx, &login(&ctx, "alice", None))
+        .await
+        .unwrap();
+    // carol used GPUs for an hour this week; bob did not.
+    ctx.gpu_line
+        .charge(&user("carol"), 3600.0, SystemTime::now());
+    let start = |name: &'static str| {
+        let ctx = ctx.clone();
+        tokio::spawn(async move { ensure_container(&ctx, &login(&ctx, name, None)).await })
+    };
+    let carol = start("carol");
+    waiting(&ctx, "carol").await;
+    let bob = start("bob");
+    waiting(&ctx, "bob").await;
+    let order: Vec<String> = ctx
+        .gpu_line
+        .line()
+        .iter()
+        .map(|p| p.holder.to_string())
+        .collect();
+    assert_eq!(
+        order,
+        ["bob", "carol"],
+        "less recent use first, though carol came first"
+    );
+    let listed = ctx.runtime.list_managed().await.unwrap();
+    let alice = listed.iter().find(|c| c.name == "labgate-alice").unwrap();
+    ctx.runtime.stop(alice, Box::new(|| true)).await.unwrap();
+    ctx.gpu_line.freed();
+    tokio::time::timeout(Duration::from_secs(1), bob)
+        .await
+        .expect("bob is served first")
+        .unwrap()
+        .unwrap();
+    assert!(!carol.is_finished(), "carol still waits");
+    let order: Vec<String> = ctx
+        .gpu_line
+        .line()
+        .iter()
+        .map(|p| p.holder.to_string())
+        .collect();
+    assert_eq!(order, ["carol"]);
+    carol.abort();
+}
+
+#[tokio::test]
+async fn with_the_queue_off_a_busy_gpu_is_refused_at_once() {
+    let (ctx, fake) = context(gpu_config("queue = false\n"));
+    fake.gpu_slots.store(1, Ordering::SeqCst);
+    ensure_container(&ctx, &login(&ctx, "alice", None))
+        .await
+        .unwrap();
+    let err = tokio::time::timeout(
+        Duration::from_secs(1),
+        ensure_container(&ctx, &login(&ctx, "bob", None)),
+    )
+    .await
+    .expect("no waiting")
+    .unwrap_err();
+    assert!(err.to_string().contains("but 0 are free"), "{err}");
+}
+
+#[tokio::test]
+async fn a_wait_longer_than_max_wait_ends_with_a_clear_message() {
+    let (ctx, fake) = context(gpu_config("max_wait = \"1s\"\n"));
+    fake.gpu_slots.store(1, Ordering::SeqCst);
+    ensure_container(&ctx, &login(&ctx, "alice", None))
+        .await
+        .unwrap();
+    let err = tokio::time::timeout(
+        Duration::from_secs(5),
+        ensure_container(&ctx, &login(&ctx, "bob", None)),
+    )
+    .await
+    .expect("ends after max_wait")
+    .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "no GPU became free for you within 1s ([gpu] max_wait); try again later, or ask your admin"
+    );
+    assert!(ctx.gpu_line.line().is_empty());
 }

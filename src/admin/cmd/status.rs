@@ -22,6 +22,24 @@ pub struct Status {
     pub containers: Vec<ContainerStatus>,
     /// Every authenticated connection.
     pub connections: Vec<ConnectionStatus>,
+    /// Logins waiting for GPUs, in the order they are served (absent from older gateways).
+    #[serde(default)]
+    pub queue: Vec<QueueStatus>,
+}
+
+/// One place in the GPU queue.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct QueueStatus {
+    /// 1: served next.
+    pub position: usize,
+    /// The user (or `user+profile`).
+    pub user: String,
+    /// GPUs it waits for.
+    pub gpus: usize,
+    /// Seconds it has waited.
+    pub waited_secs: u64,
+    /// Its logins waiting (VS Code opens several).
+    pub logins: usize,
 }
 
 /// One managed container.
@@ -95,7 +113,21 @@ pub(crate) async fn collect(ctx: &Context) -> Result<Status, RuntimeError> {
         })
         .collect();
     containers.sort_by(|a, b| a.name.cmp(&b.name));
+    let queue = ctx
+        .gpu_line
+        .line()
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| QueueStatus {
+            position: i + 1,
+            user: p.holder.to_string(),
+            gpus: p.wants,
+            waited_secs: now.duration_since(p.since).unwrap_or_default().as_secs(),
+            logins: p.logins,
+        })
+        .collect();
     Ok(Status {
+        queue,
         containers,
         connections: connections
             .into_iter()
@@ -189,6 +221,24 @@ pub fn render(status: &Status) -> String {
         ]);
     }
     out.push_str(&table(&rows));
+    if !status.queue.is_empty() {
+        let mut rows = vec![
+            ["WAITING", "USER", "GPUS", "WAITED", "LOGINS"]
+                .map(String::from)
+                .to_vec(),
+        ];
+        for q in &status.queue {
+            rows.push(vec![
+                q.position.to_string(),
+                q.user.clone(),
+                q.gpus.to_string(),
+                human(q.waited_secs),
+                q.logins.to_string(),
+            ]);
+        }
+        out.push('\n');
+        out.push_str(&table(&rows));
+    }
     out
 }
 
@@ -264,12 +314,52 @@ mod tests {
                 sessions: 1,
                 forwards: 2,
             }],
+            queue: vec![],
         };
         let text = render(&status);
+        assert!(
+            !text.contains("WAITING"),
+            "no queue table when nobody waits: {text}"
+        );
         assert!(text.contains("idle 10m, stops in 1h 50m"), "{text}");
         assert!(text.contains("never stopped"), "{text}");
         let conn_line = text.lines().find(|l| l.starts_with("3 ")).unwrap();
         assert!(conn_line.contains("10.0.0.7:50000"), "{conn_line}");
         assert!(conn_line.contains("SHA256:abc"), "{conn_line}");
+    }
+
+    #[test]
+    fn the_queue_is_listed_in_order_and_older_answers_still_parse() {
+        let status = Status {
+            containers: vec![],
+            connections: vec![],
+            queue: vec![
+                QueueStatus {
+                    position: 1,
+                    user: "bob".into(),
+                    gpus: 1,
+                    waited_secs: 90,
+                    logins: 2,
+                },
+                QueueStatus {
+                    position: 2,
+                    user: "carol+big".into(),
+                    gpus: 2,
+                    waited_secs: 30,
+                    logins: 1,
+                },
+            ],
+        };
+        let text = render(&status);
+        let lines: Vec<&str> = text
+            .lines()
+            .skip_while(|l| !l.starts_with("WAITING"))
+            .collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(lines[1].starts_with("1        bob"), "{text}");
+        assert!(lines[1].contains("1m 30s"), "{text}");
+        assert!(lines[2].starts_with("2        carol+big  2"), "{text}");
+        let old: Status = serde_json::from_str("{\"containers\":[],\"connections\":[]}").unwrap();
+        assert!(old.queue.is_empty());
     }
 }
