@@ -25,24 +25,10 @@ use crate::auth::{ProfileName, Username};
 use crate::config::{ByteSize, GpuRequest, GpuUuid, Mount, PullPolicy, Quota, RegistryAuth};
 use crate::gpu::{GpuError, GpuInfo};
 
-/// Label on every container labgate manages.
-pub const LABEL_MANAGED: &str = "labgate.managed";
 /// Where labgate's static relay helper is mounted (read-only) inside containers.
 pub const RELAY_PATH: &str = "/.labgate/relay";
 /// Where labgate's static fallback SFTP server is mounted (read-only) inside containers.
 pub const SFTP_SERVER_PATH: &str = "/.labgate/sftp-server";
-/// Label naming the user a container belongs to.
-pub const LABEL_USER: &str = "labgate.user";
-/// Label recording the GPUs (comma-separated UUIDs) a container was created with: what a
-/// restarted gateway rebuilds GPU holdings from.
-pub const LABEL_GPUS: &str = "labgate.gpus";
-/// Label naming the profile of a `user+profile` container (absent for the plain one).
-pub const LABEL_PROFILE: &str = "labgate.profile";
-/// Label recording the settings a container was created with that only a recreate can change
-/// (home, mounts, shm, env, uid): compared at each start of a stopped container.
-pub const LABEL_SETTINGS: &str = "labgate.settings";
-/// Label recording the image reference the container was created from (as configured).
-pub const LABEL_IMAGE: &str = "labgate.image";
 
 /// Everything a backend needs to create a user's container. Built from a quota snapshot taken
 /// at login; later config changes do not alter a login in progress.

@@ -12,9 +12,8 @@ use super::pool::{GpuContainers, Recorded};
 use super::{DockerRuntime, engine};
 use crate::auth::Username;
 use crate::gpu::GpuUuid;
-use crate::runtime::{
-    ContainerHandle, ContainerSpec, LABEL_GPUS, LABEL_MANAGED, LABEL_USER, RuntimeError,
-};
+use crate::runtime::docker::labels::{LABEL_GPUS, LABEL_MANAGED, LABEL_USER};
+use crate::runtime::{ContainerHandle, ContainerSpec, RuntimeError};
 
 /// What Docker says when a container asks for a device driver it does not have (no NVIDIA
 /// container toolkit): `could not select device driver "nvidia" with capabilities: [[gpu]]`.
@@ -89,7 +88,7 @@ impl GpuContainers for DockerRuntime {
             .filter_map(|c| {
                 let labels = c.labels?;
                 let user = Username::parse(labels.get(LABEL_USER)?).ok()?;
-                let holder = match labels.get(crate::runtime::LABEL_PROFILE) {
+                let holder = match labels.get(crate::runtime::docker::labels::LABEL_PROFILE) {
                     Some(p) => user.with_profile(&crate::auth::ProfileName::parse(p).ok()?),
                     None => user,
                 };

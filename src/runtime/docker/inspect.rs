@@ -9,7 +9,8 @@ use bollard::errors::Error as BollardError;
 use bollard::query_parameters::InspectContainerOptions;
 
 use super::{DockerRuntime, engine};
-use crate::runtime::{LABEL_IMAGE, LABEL_MANAGED, LABEL_PROFILE, LABEL_USER, RuntimeError};
+use crate::runtime::RuntimeError;
+use crate::runtime::docker::labels::{LABEL_IMAGE, LABEL_MANAGED, LABEL_PROFILE, LABEL_USER};
 
 impl DockerRuntime {
     /// The container named `name`, or `None` when there is none.

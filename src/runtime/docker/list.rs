@@ -6,9 +6,8 @@ use bollard::models::ContainerSummary;
 use bollard::query_parameters::ListContainersOptions;
 
 use super::{DockerRuntime, engine};
-use crate::runtime::{
-    LABEL_GPUS, LABEL_MANAGED, LABEL_PROFILE, LABEL_USER, ManagedContainer, RuntimeError,
-};
+use crate::runtime::docker::labels::{LABEL_GPUS, LABEL_MANAGED, LABEL_PROFILE, LABEL_USER};
+use crate::runtime::{ManagedContainer, RuntimeError};
 
 impl DockerRuntime {
     /// The containers labgate manages (by label); stopped ones too when `all`.

@@ -13,6 +13,7 @@ pub mod gpus;
 pub mod hostpath;
 mod image;
 mod inspect;
+pub mod labels;
 mod legacy;
 mod lifecycle;
 mod list;

@@ -7,7 +7,8 @@ use bollard::Docker;
 use bollard::errors::Error as BollardError;
 
 use super::{DockerRuntime, engine};
-use crate::runtime::{LABEL_MANAGED, RuntimeError};
+use crate::runtime::RuntimeError;
+use crate::runtime::docker::labels::LABEL_MANAGED;
 
 impl DockerRuntime {
     /// Creates labgate's network if missing (a bridge with inter-container traffic disabled,

@@ -12,9 +12,9 @@ use bollard::models::{
 };
 
 use crate::gpu::GpuUuid;
-use crate::runtime::{
-    ContainerSpec, LABEL_GPUS, LABEL_IMAGE, LABEL_MANAGED, LABEL_PROFILE, LABEL_SETTINGS,
-    LABEL_USER,
+use crate::runtime::ContainerSpec;
+use crate::runtime::docker::labels::{
+    LABEL_GPUS, LABEL_IMAGE, LABEL_MANAGED, LABEL_PROFILE, LABEL_SETTINGS, LABEL_USER,
 };
 
 /// The container's main process: waits forever, and exits at once on SIGTERM (so a stop takes

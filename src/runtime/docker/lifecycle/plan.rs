@@ -8,7 +8,8 @@ use bollard::models::{ContainerInspectResponse, HostConfig};
 
 use super::super::inspect::{image_of, labelled_ours};
 use super::super::spec;
-use crate::runtime::{ContainerSpec, LABEL_SETTINGS};
+use crate::runtime::ContainerSpec;
+use crate::runtime::docker::labels::LABEL_SETTINGS;
 
 /// The container found under the wanted name, as far as the plan needs it.
 #[derive(Debug, Clone, Default)]
@@ -184,7 +185,7 @@ pub(super) fn plan(found: Option<&Found>, spec: &ContainerSpec, learned: &Learne
 mod tests {
     use super::*;
     use crate::auth::{ProfileName, Username};
-    use crate::runtime::{LABEL_IMAGE, LABEL_MANAGED, LABEL_PROFILE, LABEL_USER};
+    use crate::runtime::docker::labels::{LABEL_IMAGE, LABEL_MANAGED, LABEL_PROFILE, LABEL_USER};
     use bollard::models::{ContainerConfig, ContainerState};
 
     fn spec() -> ContainerSpec {
