@@ -79,14 +79,14 @@ pub async fn serve(
     let reloader = crate::config::reload::start(source, config_tx, async move {
         let _ = reload_stop.wait_for(|s| *s).await.map(|_| ());
     });
-    let half_life = config_rx.borrow().gpu.fair_share_half_life;
+    let gpu_line = crate::login::gpuline::GpuLine::new(config_rx.clone());
     let ctx = Arc::new(Context {
         config: config_rx,
         runtime,
         connections: Arc::default(),
         idle: Default::default(),
         pending: Arc::default(),
-        gpu_line: crate::login::gpuline::GpuLine::new(half_life),
+        gpu_line,
         identities: Arc::default(),
     });
     tokio::spawn(crate::login::gpuline::sample_usage(

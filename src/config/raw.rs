@@ -186,6 +186,7 @@ pub(super) struct RawQuota {
     pub(super) shm: Option<ByteSize>,
     pub(super) pids: Option<Positive>,
     pub(super) gpus: Option<GpuRequest>,
+    pub(super) gpu_share: Option<Share>,
     pub(super) home: Option<Spanned<String>>,
     pub(super) mounts: Option<Vec<RawMount>>,
     pub(super) shell: Option<ContainerPath>,
@@ -253,6 +254,16 @@ checked!(Cpus, f64, |c| {
         ))
     }
 });
+checked!(Share, f64, |w| {
+    if w.is_finite() && *w > 0.0 && *w <= 1000.0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "gpu_share must be a positive weight (1 is everyone's default; 2 counts usage half), not {w}"
+        ))
+    }
+});
+
 checked!(Positive, i64, |n| {
     if *n >= 1 {
         Ok(())
@@ -290,6 +301,7 @@ impl RawQuota {
             shm: self.shm.or(base.shm),
             pids: self.pids.or_else(|| base.pids.clone()),
             gpus: self.gpus.or_else(|| base.gpus.clone()),
+            gpu_share: self.gpu_share.or_else(|| base.gpu_share.clone()),
             home: self.home.or_else(|| base.home.clone()),
             mounts: self.mounts.or_else(|| base.mounts.clone()),
             shell: self.shell.or_else(|| base.shell.clone()),

@@ -1410,3 +1410,24 @@ fn the_engine_is_this_hosts_docker_unless_cluster_names_another() {
     let unknown = err_at("[cluster]\nmanager = \"unix:///x\"\n\n[defaults]\nimage = \"x\"\n");
     assert!(unknown.message.contains("manager"), "{}", unknown.message);
 }
+
+#[test]
+fn gpu_queue_keys_have_defaults_and_are_checked() {
+    let c = ok("[defaults]\nimage = \"x\"\n\n[users.dave]\ngpu_share = 2.5\n");
+    assert!(c.gpu.queue);
+    assert_eq!(c.gpu.max_wait, std::time::Duration::from_secs(12 * 3600));
+    assert_eq!(
+        c.gpu.fair_share_half_life,
+        std::time::Duration::from_secs(7 * 86_400)
+    );
+    assert_eq!(c.quota_for(&user("dave")).gpu_share, 2.5);
+    assert_eq!(c.quota_for(&user("erin")).gpu_share, 1.0);
+    let off = ok("[gpu]\nqueue = false\nmax_wait = \"30m\"\n\n[defaults]\nimage = \"x\"\n");
+    assert!(!off.gpu.queue);
+    assert_eq!(off.gpu.max_wait, std::time::Duration::from_secs(1800));
+    let zero = err_at("[defaults]\nimage = \"x\"\ngpu_share = 0\n");
+    assert!(zero.message.contains("positive weight"), "{}", zero.message);
+    let short = err_at("[gpu]\nmax_wait = \"0s\"\n\n[defaults]\nimage = \"x\"\n");
+    assert_eq!(short.line, 2, "{}", short.display);
+    assert!(short.message.contains("at least 1s"), "{}", short.message);
+}

@@ -310,6 +310,9 @@ pub struct Quota {
     pub accept_env: Vec<String>,
     /// Which forwards the user may open, and to where beyond their container.
     pub forwarding: ForwardPolicy,
+    /// The user's weight in the GPU queue's fair order: their recent GPU use is divided by it
+    /// (default 1; 2 lets a user use twice as much before going behind others).
+    pub gpu_share: f64,
     /// Stop the container after this long without an SSH connection of its user (and, with
     /// GPUs, without GPU activity); `None`: never.
     pub idle_stop: Option<Duration>,

@@ -338,6 +338,7 @@ impl Validator<'_> {
             accept_env,
             forwarding: self.forwarding(raw.forwarding.unwrap_or_default())?,
             idle_stop: raw.idle_stop.and_then(|i| i.0),
+            gpu_share: raw.gpu_share.map_or(1.0, |w| w.0),
             pull_policy: raw.pull_policy.unwrap_or_default(),
             registry: None,
             profile: None,

@@ -64,16 +64,21 @@ pub struct GpuLine {
     /// Woken when GPUs may have freed or the line changed.
     changed: Notify,
     events: broadcast::Sender<WaitState>,
+    /// The config in force: each user's `gpu_share`.
+    config: tokio::sync::watch::Receiver<Arc<crate::config::Config>>,
 }
 
 impl GpuLine {
-    /// An empty line whose usage halves every `half_life`.
-    pub fn new(half_life: Duration) -> Self {
+    /// An empty line under `config` (its `[gpu] fair_share_half_life` as it is now; each
+    /// user's `gpu_share` as it is when the order is decided).
+    pub fn new(config: tokio::sync::watch::Receiver<Arc<crate::config::Config>>) -> Self {
+        let half_life = config.borrow().gpu.fair_share_half_life;
         GpuLine {
             queue: Mutex::new(Queue::default()),
             share: Mutex::new(FairShare::new(half_life)),
             changed: Notify::new(),
             events: broadcast::channel(256).0,
+            config,
         }
     }
 
@@ -107,8 +112,9 @@ impl GpuLine {
 
     fn standing(&self, now: SystemTime) -> impl Fn(&Username) -> Standing + '_ {
         let share = self.share().clone();
+        let config = self.config.borrow().clone();
         move |user: &Username| Standing {
-            score: share.usage(user, now),
+            score: share.usage(user, now) / config.quota_for(user).gpu_share,
             over_budget: false,
         }
     }

@@ -25,13 +25,14 @@ pub(crate) fn config(extra: &str) -> Config {
 
 pub(crate) fn context(config: Config) -> (Arc<Context>, Arc<FakeRuntime>) {
     let fake = Arc::new(FakeRuntime::default());
+    let config = watch::channel(Arc::new(config)).1;
     let ctx = Arc::new(Context {
-        config: watch::channel(Arc::new(config)).1,
+        gpu_line: super::gpuline::GpuLine::new(config.clone()),
+        config,
         runtime: fake.clone(),
         connections: Arc::default(),
         idle: Default::default(),
         pending: Arc::default(),
-        gpu_line: super::gpuline::GpuLine::new(std::time::Duration::from_secs(7 * 86_400)),
         identities: Arc::default(),
     });
     (ctx, fake)

@@ -390,3 +390,33 @@ async fn a_wait_longer_than_max_wait_ends_with_a_clear_message() {
     );
     assert!(ctx.gpu_line.line().is_empty());
 }
+
+#[tokio::test]
+async fn a_larger_gpu_share_lets_a_user_use_more_before_going_behind() {
+    // dave's share is 4: his hour counts as 15 minutes, less than erin's half hour.
+    let (ctx, fake) = context(gpu_config("\n[users.dave]\ngpu_share = 4\n"));
+    fake.gpu_slots.store(1, Ordering::SeqCst);
+    ensure_container(&ctx, &login(&ctx, "alice", None))
+        .await
+        .unwrap();
+    let now = SystemTime::now();
+    ctx.gpu_line.charge(&user("dave"), 3600.0, now);
+    ctx.gpu_line.charge(&user("erin"), 1800.0, now);
+    let start = |name: &'static str| {
+        let ctx = ctx.clone();
+        tokio::spawn(async move { ensure_container(&ctx, &login(&ctx, name, None)).await })
+    };
+    let erin = start("erin");
+    waiting(&ctx, "erin").await;
+    let dave = start("dave");
+    waiting(&ctx, "dave").await;
+    let order: Vec<String> = ctx
+        .gpu_line
+        .line()
+        .iter()
+        .map(|p| p.holder.to_string())
+        .collect();
+    assert_eq!(order, ["dave", "erin"]);
+    erin.abort();
+    dave.abort();
+}
