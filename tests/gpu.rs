@@ -16,13 +16,14 @@
 
 mod common;
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
-use std::time::Duration;
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use common::dockerd::{DockerdOptions, PrivateDockerd};
-use common::{Gateway, IMAGE, docker_inspect, eventually, stderr_of};
+use common::{Gateway, IMAGE, Terminal, docker_inspect, eventually, stderr_of};
 
 const GPU0: &str = "GPU-6b1e0d2c-0000-4000-8000-000000000000";
 const GPU1: &str = "GPU-6b1e0d2c-0000-4000-8000-000000000001";
@@ -376,7 +377,13 @@ fn exclusive_gpus_refuse_the_second_user_naming_the_holder_until_it_stops() {
     let nvml = tempfile::tempdir().unwrap();
     let only = format!("{GPU0},NVIDIA A100-SXM4-80GB,81920\n");
     let lib = install_fake(nvml.path(), &only);
-    let gw = gateway_on(&engine, 2, "gpus = 1", &gpu_section(&lib));
+    // Without the queue, a login whose GPUs are held is refused at once.
+    let gw = gateway_on(
+        &engine,
+        2,
+        "gpus = 1",
+        &format!("{}queue = false\n", gpu_section(&lib)),
+    );
     let holder = &gw.users[0];
     assert_eq!(visible_gpus(&gw, 0), GPU0);
 
@@ -528,5 +535,397 @@ fn a_gpu_turning_busy_while_the_gateway_runs_keeps_its_container_until_idle_agai
             == Some("-")),
         "{:?}",
         row()
+    );
+}
+
+/// A gateway on `engine` whose users' quotas ask for 1 GPU, with one idle A100 ([`GPU0`])
+/// described in `nvml`; `gpu_extra`: more lines of `[gpu]`.
+fn one_gpu(engine: &PrivateDockerd, nvml: &Path, n: usize, gpu_extra: &str) -> Gateway {
+    let lib = install_fake(
+        nvml,
+        &format!("{GPU0},NVIDIA A100-SXM4-80GB,81920,util=0,used=0\n"),
+    );
+    gateway_on(
+        engine,
+        n,
+        "gpus = 1",
+        &format!("{}{gpu_extra}", gpu_section(&lib)),
+    )
+}
+
+/// What a waiting session without a terminal is told, up to the holder's "since" time:
+/// `labgate: waiting for 1 GPU, PLACE in line | GPU 0 HOLDER since `.
+fn waiting(place: &str, holder: &str) -> String {
+    format!("labgate: waiting for 1 GPU, {place} in line | GPU 0 {holder} since ")
+}
+
+/// Asserts `rest` (what follows [`waiting`] on its line) is `HH:MM, idle`.
+fn assert_since_idle(rest: &str) {
+    let b = rest.as_bytes();
+    assert!(
+        rest.len() == 11
+            && b[..2].iter().chain(&b[3..5]).all(u8::is_ascii_digit)
+            && b[2] == b':'
+            && rest.ends_with(", idle"),
+        "expected `HH:MM, idle` after the holder, got {rest:?}"
+    );
+}
+
+/// `labgate stop USER` through the gateway's admin socket; asserts it stopped something.
+fn admin_stop(gw: &Gateway, user: &str) {
+    let out = gw.labgate(&["stop", user]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}\n{said}", stderr_of(&out));
+    assert!(said.contains(&format!("labgate-{user}")), "{said}");
+}
+
+/// Whether the audit log has `event` for `user`.
+fn audited(gw: &Gateway, event: &str, user: &str) -> bool {
+    gw.audit()
+        .iter()
+        .any(|l| l["event"] == event && l["user"] == user)
+}
+
+/// How long after `labgate stop` ended a holder's container (its audit line, written after
+/// the GPUs were released and waiters woken) the waiting `user` was given GPUs. Woken, a
+/// waiter takes them at once; one that only looks again every 2 s would be a second or more
+/// late, as the tests stop the holder within a moment of the waiter's last look.
+fn served_after_stop(gw: &Gateway, user: &str) -> Duration {
+    let audit = gw.audit();
+    let ts = |event: &str, who: Option<&str>| {
+        let line = audit
+            .iter()
+            .rev()
+            .find(|l| l["event"] == event && who.is_none_or(|u| l["user"] == u))
+            .unwrap_or_else(|| panic!("no {event:?} in the audit log: {audit:#?}"));
+        humantime::parse_rfc3339(line["ts"].as_str().unwrap()).unwrap()
+    };
+    let allocated = ts("GPUs allocated", Some(user));
+    allocated
+        .duration_since(ts("admin stop", None))
+        .unwrap_or_default()
+}
+
+/// A client started in the background without a terminal (stdin closed), its stdout and
+/// stderr collected as they come; killed when dropped.
+struct Background {
+    child: Child,
+    stdout: Arc<Mutex<Vec<u8>>>,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+    /// Bytes of stderr already matched by [`Background::expect_stderr`].
+    seen: usize,
+}
+
+impl Background {
+    /// `ssh USER@gw CMD` as user `i`.
+    fn start(gw: &Gateway, i: usize, cmd: &str) -> Background {
+        let mut child = gw
+            .ssh(i)
+            .arg(cmd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (stdout, stderr) = (Arc::default(), Arc::default());
+        let readers = vec![
+            collect(child.stdout.take().unwrap(), Arc::clone(&stdout)),
+            collect(child.stderr.take().unwrap(), Arc::clone(&stderr)),
+        ];
+        Background {
+            child,
+            stdout,
+            stderr,
+            readers,
+            seen: 0,
+        }
+    }
+
+    fn stdout(&self) -> Vec<u8> {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
+    }
+
+    /// Waits (`timeout` at most) until stderr, past what earlier calls matched, has a line
+    /// containing `needle`; returns the rest of that line.
+    fn expect_stderr(&mut self, gw: &Gateway, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let all = self.stderr();
+            if let Some(at) = all[self.seen.min(all.len())..].find(needle) {
+                let from = self.seen + at + needle.len();
+                if let Some(end) = all[from..].find('\n') {
+                    self.seen = from + end;
+                    return all[from..from + end].to_owned();
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "never saw {needle:?} on stderr: {all:?}\nexited: {:?}\ngateway log:\n{}",
+                self.child.try_wait(),
+                gw.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Whether the client still runs.
+    fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Waits for the client to exit (`timeout` at most) and for its output to be read.
+    fn exit_within(&mut self, gw: &Gateway, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                break st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ssh still runs after {timeout:?}; stderr: {:?}\ngateway log:\n{}",
+                self.stderr(),
+                gw.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        for r in self.readers.drain(..) {
+            r.join().unwrap();
+        }
+        status
+    }
+
+    /// Kills the client, as a user closing their laptop would.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn collect(
+    mut from: impl Read + Send + 'static,
+    into: Arc<Mutex<Vec<u8>>>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = from.read(&mut buf) {
+            into.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    })
+}
+
+#[test]
+fn a_second_user_waits_for_the_gpu_and_gets_it_when_the_holder_stops() {
+    let _serial = one_at_a_time();
+    let Some(engine) = gpu_engine("a_second_user_waits_for_the_gpu") else {
+        return;
+    };
+    let nvml = tempfile::tempdir().unwrap();
+    let gw = one_gpu(&engine, nvml.path(), 2, "");
+    let (alice, bob) = (&gw.users[0], &gw.users[1]);
+    assert_eq!(visible_gpus(&gw, 0), GPU0);
+
+    // Bob's command waits: his stdout untouched, his stderr saying where he stands.
+    let mut waiter = Background::start(&gw, 1, "echo started");
+    let rest = waiter.expect_stderr(&gw, &waiting("1st", alice), Duration::from_secs(20));
+    assert_since_idle(&rest);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(waiter.running(), "{}", waiter.stderr());
+    assert!(waiter.stdout().is_empty(), "{:?}", waiter.stdout());
+    assert_eq!(engine.inspect(&gw.container(1), "{{.Id}}"), None);
+    assert!(audited(&gw, "waiting for GPUs", bob), "{:#?}", gw.audit());
+
+    // Alice is stopped: Bob's command runs at once, with the GPU, its output byte-exact.
+    let stopped = Instant::now();
+    admin_stop(&gw, alice);
+    let status = waiter.exit_within(&gw, Duration::from_secs(10));
+    let took = stopped.elapsed();
+    assert_eq!(status.code(), Some(0), "{}", waiter.stderr());
+    assert_eq!(String::from_utf8_lossy(&waiter.stdout()), "started\n");
+    for line in waiter.stderr().lines() {
+        assert!(line.starts_with("labgate: waiting for 1 GPU, "), "{line:?}");
+    }
+    let woken = served_after_stop(&gw, bob);
+    eprintln!("bob's command ended {took:?} after `labgate stop` was run, served {woken:?} after");
+    assert!(took < Duration::from_secs(6), "{took:?}");
+    assert!(woken < Duration::from_millis(700), "not woken: {woken:?}");
+    assert_eq!(visible_gpus(&gw, 1), GPU0);
+    assert_asked_for(Some(&engine), &gw.container(1), &[GPU0]);
+    assert!(
+        audited(&gw, "GPUs free: leaving the queue", bob),
+        "{:#?}",
+        gw.audit()
+    );
+}
+
+#[test]
+fn a_waiter_that_disconnects_leaves_no_trace() {
+    let _serial = one_at_a_time();
+    let Some(engine) = gpu_engine("a_waiter_that_disconnects_leaves_no_trace") else {
+        return;
+    };
+    let nvml = tempfile::tempdir().unwrap();
+    let gw = one_gpu(&engine, nvml.path(), 3, "");
+    let (alice, bob) = (&gw.users[0], &gw.users[1]);
+    assert_eq!(visible_gpus(&gw, 0), GPU0);
+
+    let mut waiter = Background::start(&gw, 1, "echo should-not-run");
+    waiter.expect_stderr(&gw, &waiting("1st", alice), Duration::from_secs(20));
+    waiter.kill();
+    assert!(
+        eventually(Duration::from_secs(10), || audited(
+            &gw,
+            "left the GPU queue",
+            bob
+        )),
+        "{:#?}",
+        gw.audit()
+    );
+
+    // The GPU frees: nobody is left in line to take it, and the next login gets it at once.
+    admin_stop(&gw, alice);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        engine.containers_named(&gw.container(1)).is_empty(),
+        "{}",
+        gw.log()
+    );
+    let t = Instant::now();
+    assert_eq!(visible_gpus(&gw, 2), GPU0);
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    assert!(
+        engine.containers_named(&gw.container(1)).is_empty(),
+        "{}",
+        gw.log()
+    );
+    assert!(!audited(&gw, "waiting for GPUs", &gw.users[2]));
+}
+
+#[test]
+fn the_line_is_served_by_recent_usage() {
+    let _serial = one_at_a_time();
+    let Some(engine) = gpu_engine("the_line_is_served_by_recent_usage") else {
+        return;
+    };
+    let nvml = tempfile::tempdir().unwrap();
+    let gw = one_gpu(&engine, nvml.path(), 3, "");
+    let (alice, bob, carol) = (&gw.users[0], &gw.users[1], &gw.users[2]);
+    // Carol has used the GPU lately (usage is sampled every 2 s); Bob never has.
+    assert_eq!(visible_gpus(&gw, 2), GPU0);
+    std::thread::sleep(Duration::from_secs(5));
+    admin_stop(&gw, carol);
+    assert_eq!(visible_gpus(&gw, 0), GPU0);
+
+    // Carol comes first, then Bob: Bob goes ahead of her.
+    let mut carol_waits = Background::start(&gw, 2, "echo carol");
+    carol_waits.expect_stderr(&gw, &waiting("1st", alice), Duration::from_secs(20));
+    let mut bob_waits = Background::start(&gw, 1, "echo bob");
+    bob_waits.expect_stderr(&gw, &waiting("1st", alice), Duration::from_secs(20));
+    carol_waits.expect_stderr(&gw, &waiting("2nd", alice), Duration::from_secs(10));
+
+    // The GPU frees: Bob gets it; Carol waits on, now first, behind Bob.
+    admin_stop(&gw, alice);
+    let status = bob_waits.exit_within(&gw, Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "{}", bob_waits.stderr());
+    assert_eq!(String::from_utf8_lossy(&bob_waits.stdout()), "bob\n");
+    let woken = served_after_stop(&gw, bob);
+    eprintln!("bob served {woken:?} after alice's stop");
+    assert!(
+        woken < Duration::from_millis(700),
+        "bob not woken: {woken:?}"
+    );
+    carol_waits.expect_stderr(&gw, &waiting("1st", bob), Duration::from_secs(10));
+    assert!(carol_waits.running(), "{}", carol_waits.stderr());
+    assert!(carol_waits.stdout().is_empty());
+
+    // Bob is stopped: Carol gets it.
+    admin_stop(&gw, bob);
+    let status = carol_waits.exit_within(&gw, Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "{}", carol_waits.stderr());
+    assert_eq!(String::from_utf8_lossy(&carol_waits.stdout()), "carol\n");
+    let woken = served_after_stop(&gw, carol);
+    eprintln!("carol served {woken:?} after bob's stop");
+    assert!(
+        woken < Duration::from_millis(700),
+        "carol not woken: {woken:?}"
+    );
+    assert_eq!(visible_gpus(&gw, 2), GPU0);
+}
+
+#[test]
+fn ctrl_c_on_a_terminal_leaves_the_line() {
+    let _serial = one_at_a_time();
+    let Some(engine) = gpu_engine("ctrl_c_on_a_terminal_leaves_the_line") else {
+        return;
+    };
+    let nvml = tempfile::tempdir().unwrap();
+    let gw = one_gpu(&engine, nvml.path(), 2, "");
+    let (alice, bob) = (&gw.users[0], &gw.users[1]);
+    assert_eq!(visible_gpus(&gw, 0), GPU0);
+
+    let mut term = Terminal::open(gw.ssh(1).arg("-tt"), 24, 80);
+    term.expect(&format!(
+        "\r\x1b[Klabgate: waiting for 1 GPU, 1st in line | GPU 0 {alice} since "
+    ));
+    term.send("\x03");
+    term.expect("labgate: you left the queue for GPUs; nothing was started\r\n");
+    assert_eq!(term.wait().code(), Some(130));
+    assert!(
+        engine.containers_named(&gw.container(1)).is_empty(),
+        "{}",
+        gw.log()
+    );
+    assert!(audited(&gw, "left the GPU queue", bob), "{:#?}", gw.audit());
+    // Alice keeps her GPU.
+    assert_eq!(gw.ok(0, "echo still"), "still\n");
+}
+
+#[test]
+fn max_wait_ends_the_wait_with_a_clear_message() {
+    let _serial = one_at_a_time();
+    let Some(engine) = gpu_engine("max_wait_ends_the_wait_with_a_clear_message") else {
+        return;
+    };
+    let nvml = tempfile::tempdir().unwrap();
+    let gw = one_gpu(&engine, nvml.path(), 2, "max_wait = \"3s\"\n");
+    let (alice, bob) = (&gw.users[0], &gw.users[1]);
+    assert_eq!(visible_gpus(&gw, 0), GPU0);
+
+    let t = Instant::now();
+    let out = gw.run(1, "echo should-not-run");
+    let took = t.elapsed();
+    let err = stderr_of(&out);
+    assert!(err.starts_with(&waiting("1st", alice)), "{err}");
+    assert_refused(
+        &gw,
+        &out,
+        &[
+            "no GPU became free for you within 3s ([gpu] max_wait)",
+            "try again later",
+        ],
+    );
+    assert!(
+        took >= Duration::from_secs(3) && took < Duration::from_secs(10),
+        "{took:?}"
+    );
+    assert!(
+        engine.containers_named(&gw.container(1)).is_empty(),
+        "{}",
+        gw.log()
+    );
+    assert!(
+        audited(&gw, "GPU wait too long: leaving the queue", bob),
+        "{:#?}",
+        gw.audit()
     );
 }

@@ -198,9 +198,10 @@ impl GpuLine {
                 .publish(ctx, position, gpu.busy_utilization, last != Some(position))
                 .await;
             last = Some(position);
+            // Cancelled first: `start_container` polls this once more after cancelling, to
+            // have the leaving audited.
             tokio::select! {
-                _ = self.changed.notified() => {}
-                _ = tokio::time::sleep(RECHECK) => {}
+                biased;
                 _ = cancel.cancelled() => {
                     info!(target: "audit", user = %login.user, container = %spec.name, "left the GPU queue");
                     return Err(RuntimeError::Gpu(GpuError::Waiting));
@@ -209,6 +210,8 @@ impl GpuLine {
                     info!(target: "audit", user = %login.user, container = %spec.name, "GPU wait too long: leaving the queue");
                     return Err(RuntimeError::Gpu(GpuError::WaitedTooLong(gpu.max_wait)));
                 }
+                _ = self.changed.notified() => {}
+                _ = tokio::time::sleep(RECHECK) => {}
             }
         }
     }

@@ -171,9 +171,14 @@ pub async fn start_container(
             either.cancel();
         }
     };
+    let start = ctx.gpu_line.start(ctx, login, spec, &either);
+    tokio::pin!(start);
     tokio::select! {
-        result = ctx.gpu_line.start(ctx, login, spec, &either) => result,
-        _ = watch => Err(RuntimeError::Gpu(crate::gpu::GpuError::Waiting)),
+        result = &mut start => result,
+        // `either` is cancelled now: a start waiting in line sees it at this poll, and leaves
+        // the line saying so (audit); one busy starting the container is dropped.
+        _ = watch => futures::FutureExt::now_or_never(start.as_mut())
+            .unwrap_or(Err(RuntimeError::Gpu(crate::gpu::GpuError::Waiting))),
     }
 }
 
