@@ -175,6 +175,11 @@ impl GpuLine {
         let deadline = tokio::time::Instant::now() + gpu.max_wait;
         let mut last: Option<usize> = None;
         loop {
+            // Listening before looking: a GPU freed while this login looks (or draws its line)
+            // still wakes it.
+            let woken = self.changed.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
             let first = self
                 .queue()
                 .try_serve(ticket, self.standing(SystemTime::now()));
@@ -210,7 +215,7 @@ impl GpuLine {
                     info!(target: "audit", user = %login.user, container = %spec.name, "GPU wait too long: leaving the queue");
                     return Err(RuntimeError::Gpu(GpuError::WaitedTooLong(gpu.max_wait)));
                 }
-                _ = self.changed.notified() => {}
+                _ = woken => {}
                 _ = tokio::time::sleep(RECHECK) => {}
             }
         }
