@@ -13,6 +13,7 @@ use crate::gpu::GpuInfo;
 use crate::login::registry::{self, ConnectionInfo};
 use crate::login::testing::{config, context, login, user};
 use crate::login::{Context, ensure_container};
+use crate::runtime::fake::FakeRuntime;
 use crate::runtime::{EnsureOutcome, ExecOutput, GpuNotice};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -253,40 +254,63 @@ fn gpu_config(extra: &str) -> crate::config::Config {
     config(&format!("gpus = 1\n\n[gpu]\n{extra}"))
 }
 
-#[tokio::test]
-async fn a_login_waits_for_a_gpu_and_gets_it_when_the_holder_stops() {
-    let (ctx, fake) = context(gpu_config(""));
+/// A gateway on the fake backend with one GPU, which alice holds.
+async fn one_gpu_held_by_alice(
+    extra: &str,
+) -> (Arc<Context>, Arc<FakeRuntime>, crate::runtime::ContainerHandle) {
+    let (ctx, fake) = context(gpu_config(extra));
     fake.gpu_slots.store(1, Ordering::SeqCst);
     let alice = ensure_container(&ctx, &login(&ctx, "alice", None))
         .await
         .unwrap();
     assert_eq!(alice.gpus.len(), 1);
-    let bob = tokio::spawn({
-        let ctx = ctx.clone();
-        async move { ensure_container(&ctx, &login(&ctx, "bob", None)).await }
-    });
+    (ctx, fake, alice)
+}
+
+/// `name` logs in, in a task of its own (it may wait in line).
+fn log_in(
+    ctx: &Arc<Context>,
+    name: &'static str,
+) -> tokio::task::JoinHandle<Result<crate::runtime::ContainerHandle, crate::runtime::RuntimeError>> {
+    let ctx = ctx.clone();
+    tokio::spawn(async move { ensure_container(&ctx, &login(&ctx, name, None)).await })
+}
+
+/// Stops `name`'s container as idle stop or `labgate stop` do, waking the line.
+async fn stop(ctx: &Context, name: &str) {
+    let listed = ctx.runtime.list_managed().await.unwrap();
+    let c = listed.iter().find(|c| c.name == name).unwrap();
+    assert!(ctx.runtime.stop(c, Box::new(|| true)).await.unwrap());
+    ctx.gpu_line.freed();
+}
+
+fn line_of(ctx: &Context) -> Vec<String> {
+    ctx.gpu_line
+        .line()
+        .iter()
+        .map(|p| p.holder.to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_login_waits_for_a_gpu_and_gets_it_when_the_holder_stops() {
+    let (ctx, _fake, alice) = one_gpu_held_by_alice("").await;
+    let bob = log_in(&ctx, "bob");
     waiting(&ctx, "bob").await;
     assert!(!bob.is_finished(), "bob waits while alice holds the GPU");
-    let listed = ctx.runtime.list_managed().await.unwrap();
-    let mine = listed.iter().find(|c| c.name == "labgate-alice").unwrap();
-    assert!(ctx.runtime.stop(mine, Box::new(|| true)).await.unwrap());
-    ctx.gpu_line.freed();
+    stop(&ctx, "labgate-alice").await;
     let got = tokio::time::timeout(Duration::from_secs(1), bob)
         .await
         .expect("bob is served at once when woken")
         .unwrap()
         .unwrap();
     assert_eq!(got.gpus, alice.gpus, "the freed GPU");
-    assert!(ctx.gpu_line.line().is_empty(), "bob left the line");
+    assert!(line_of(&ctx).is_empty(), "bob left the line");
 }
 
 #[tokio::test]
 async fn a_waiter_whose_connection_ends_leaves_the_line_and_nothing_is_made() {
-    let (ctx, fake) = context(gpu_config(""));
-    fake.gpu_slots.store(1, Ordering::SeqCst);
-    ensure_container(&ctx, &login(&ctx, "alice", None))
-        .await
-        .unwrap();
+    let (ctx, fake, _) = one_gpu_held_by_alice("").await;
     let bob_login = login(&ctx, "bob", None);
     let gone = bob_login.gone.clone();
     let bob = tokio::spawn({
@@ -300,123 +324,74 @@ async fn a_waiter_whose_connection_ends_leaves_the_line_and_nothing_is_made() {
         .unwrap()
         .unwrap();
     assert!(ended.is_err());
-    assert!(ctx.gpu_line.line().is_empty());
+    assert!(line_of(&ctx).is_empty());
     assert!(!fake.containers().contains_key("labgate-bob"));
 }
 
 #[tokio::test]
 async fn the_line_serves_the_user_with_less_recent_use_first() {
-    let (ctx, fake) = context(gpu_config(""));
-    fake.gpu_slots.store(1, Ordering::SeqCst);
-    ensure_container(&ctx, &login(&ctx, "alice", None))
-        .await
-        .unwrap();
+    let (ctx, _fake, _) = one_gpu_held_by_alice("").await;
     // carol used GPUs for an hour this week; bob did not.
     ctx.gpu_line
         .charge(&user("carol"), 3600.0, SystemTime::now());
-    let start = |name: &'static str| {
-        let ctx = ctx.clone();
-        tokio::spawn(async move { ensure_container(&ctx, &login(&ctx, name, None)).await })
-    };
-    let carol = start("carol");
+    let carol = log_in(&ctx, "carol");
     waiting(&ctx, "carol").await;
-    let bob = start("bob");
+    let bob = log_in(&ctx, "bob");
     waiting(&ctx, "bob").await;
-    let order: Vec<String> = ctx
-        .gpu_line
-        .line()
-        .iter()
-        .map(|p| p.holder.to_string())
-        .collect();
     assert_eq!(
-        order,
+        line_of(&ctx),
         ["bob", "carol"],
         "less recent use first, though carol came first"
     );
-    let listed = ctx.runtime.list_managed().await.unwrap();
-    let alice = listed.iter().find(|c| c.name == "labgate-alice").unwrap();
-    ctx.runtime.stop(alice, Box::new(|| true)).await.unwrap();
-    ctx.gpu_line.freed();
+    stop(&ctx, "labgate-alice").await;
     tokio::time::timeout(Duration::from_secs(1), bob)
         .await
         .expect("bob is served first")
         .unwrap()
         .unwrap();
     assert!(!carol.is_finished(), "carol still waits");
-    let order: Vec<String> = ctx
-        .gpu_line
-        .line()
-        .iter()
-        .map(|p| p.holder.to_string())
-        .collect();
-    assert_eq!(order, ["carol"]);
+    assert_eq!(line_of(&ctx), ["carol"]);
     carol.abort();
 }
 
 #[tokio::test]
 async fn with_the_queue_off_a_busy_gpu_is_refused_at_once() {
-    let (ctx, fake) = context(gpu_config("queue = false\n"));
-    fake.gpu_slots.store(1, Ordering::SeqCst);
-    ensure_container(&ctx, &login(&ctx, "alice", None))
+    let (ctx, _fake, _) = one_gpu_held_by_alice("queue = false\n").await;
+    let err = tokio::time::timeout(Duration::from_secs(1), log_in(&ctx, "bob"))
         .await
-        .unwrap();
-    let err = tokio::time::timeout(
-        Duration::from_secs(1),
-        ensure_container(&ctx, &login(&ctx, "bob", None)),
-    )
-    .await
-    .expect("no waiting")
-    .unwrap_err();
+        .expect("no waiting")
+        .unwrap()
+        .unwrap_err();
     assert!(err.to_string().contains("but 0 are free"), "{err}");
 }
 
 #[tokio::test]
 async fn a_wait_longer_than_max_wait_ends_with_a_clear_message() {
-    let (ctx, fake) = context(gpu_config("max_wait = \"1s\"\n"));
-    fake.gpu_slots.store(1, Ordering::SeqCst);
-    ensure_container(&ctx, &login(&ctx, "alice", None))
+    let (ctx, _fake, _) = one_gpu_held_by_alice("max_wait = \"1s\"\n").await;
+    let err = tokio::time::timeout(Duration::from_secs(5), log_in(&ctx, "bob"))
         .await
-        .unwrap();
-    let err = tokio::time::timeout(
-        Duration::from_secs(5),
-        ensure_container(&ctx, &login(&ctx, "bob", None)),
-    )
-    .await
-    .expect("ends after max_wait")
-    .unwrap_err();
+        .expect("ends after max_wait")
+        .unwrap()
+        .unwrap_err();
     assert_eq!(
         err.to_string(),
         "no GPU became free for you within 1s ([gpu] max_wait); try again later, or ask your admin"
     );
-    assert!(ctx.gpu_line.line().is_empty());
+    assert!(line_of(&ctx).is_empty());
 }
 
 #[tokio::test]
 async fn a_larger_gpu_share_lets_a_user_use_more_before_going_behind() {
     // dave's share is 4: his hour counts as 15 minutes, less than erin's half hour.
-    let (ctx, fake) = context(gpu_config("\n[users.dave]\ngpu_share = 4\n"));
-    fake.gpu_slots.store(1, Ordering::SeqCst);
-    ensure_container(&ctx, &login(&ctx, "alice", None))
-        .await
-        .unwrap();
+    let (ctx, _fake, _) = one_gpu_held_by_alice("\n[users.dave]\ngpu_share = 4\n").await;
     let now = SystemTime::now();
     ctx.gpu_line.charge(&user("dave"), 3600.0, now);
     ctx.gpu_line.charge(&user("erin"), 1800.0, now);
-    let start = |name: &'static str| {
-        let ctx = ctx.clone();
-        tokio::spawn(async move { ensure_container(&ctx, &login(&ctx, name, None)).await })
-    };
-    let erin = start("erin");
+    let erin = log_in(&ctx, "erin");
     waiting(&ctx, "erin").await;
-    let dave = start("dave");
+    let dave = log_in(&ctx, "dave");
     waiting(&ctx, "dave").await;
-    let order: Vec<String> = ctx
-        .gpu_line
-        .line()
-        .iter()
-        .map(|p| p.holder.to_string())
-        .collect();
-    assert_eq!(order, ["dave", "erin"]);
+    assert_eq!(line_of(&ctx), ["dave", "erin"]);
     erin.abort();
     dave.abort();
 }
