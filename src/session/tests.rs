@@ -257,7 +257,11 @@ fn gpu_config(extra: &str) -> crate::config::Config {
 /// A gateway on the fake backend with one GPU, which alice holds.
 async fn one_gpu_held_by_alice(
     extra: &str,
-) -> (Arc<Context>, Arc<FakeRuntime>, crate::runtime::ContainerHandle) {
+) -> (
+    Arc<Context>,
+    Arc<FakeRuntime>,
+    crate::runtime::ContainerHandle,
+) {
     let (ctx, fake) = context(gpu_config(extra));
     fake.gpu_slots.store(1, Ordering::SeqCst);
     let alice = ensure_container(&ctx, &login(&ctx, "alice", None))
@@ -271,7 +275,8 @@ async fn one_gpu_held_by_alice(
 fn log_in(
     ctx: &Arc<Context>,
     name: &'static str,
-) -> tokio::task::JoinHandle<Result<crate::runtime::ContainerHandle, crate::runtime::RuntimeError>> {
+) -> tokio::task::JoinHandle<Result<crate::runtime::ContainerHandle, crate::runtime::RuntimeError>>
+{
     let ctx = ctx.clone();
     tokio::spawn(async move { ensure_container(&ctx, &login(&ctx, name, None)).await })
 }
