@@ -203,11 +203,11 @@ impl GpuLine {
                 .publish(ctx, position, gpu.busy_utilization, last != Some(position))
                 .await;
             last = Some(position);
-            // Cancelled first: `start_container` polls this once more after cancelling, to
-            // have the leaving audited.
+            // Leaving first (the channel closed, Ctrl-C, the connection ended), then the
+            // deadline, then a wake-up.
             tokio::select! {
                 biased;
-                _ = cancel.cancelled() => {
+                _ = async { tokio::select! { _ = cancel.cancelled() => {}, _ = login.gone.cancelled() => {} } } => {
                     info!(target: "audit", user = %login.user, container = %spec.name, "left the GPU queue");
                     return Err(RuntimeError::Gpu(GpuError::Waiting));
                 }

@@ -158,28 +158,9 @@ pub async fn start_container(
     if spec.gpu_request.count() == 0 {
         return ctx.runtime.ensure_running(&spec).await;
     }
-    let gone = login.gone.clone();
-    let cancel = cancel.clone();
-    let either = tokio_util::sync::CancellationToken::new();
-    let watch = {
-        let either = either.clone();
-        async move {
-            tokio::select! {
-                _ = gone.cancelled() => {}
-                _ = cancel.cancelled() => {}
-            }
-            either.cancel();
-        }
-    };
-    let start = ctx.gpu_line.start(ctx, login, spec, &either);
-    tokio::pin!(start);
-    tokio::select! {
-        result = &mut start => result,
-        // `either` is cancelled now: a start waiting in line sees it at this poll, and leaves
-        // the line saying so (audit); one busy starting the container is dropped.
-        _ = watch => futures::FutureExt::now_or_never(start.as_mut())
-            .unwrap_or(Err(RuntimeError::Gpu(crate::gpu::GpuError::Waiting))),
-    }
+    // Only the wait in line ends early; a start under way runs to its end (as for logins
+    // without GPUs), so no container is left half made.
+    ctx.gpu_line.start(ctx, login, spec, cancel).await
 }
 
 /// The quota a login gets: the user's own, or for `user+profile` the profile's, or (with the

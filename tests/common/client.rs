@@ -1,5 +1,6 @@
-//! russh's SSH client, for what OpenSSH's `ssh` cannot send (RFC 4254 `signal` requests)
-//! and for reading exactly which exit message a channel ends with.
+//! russh's SSH client, for what OpenSSH's `ssh` cannot send (RFC 4254 `signal` requests, login
+//! names with control characters) and for reading exactly which exit message a channel ends
+//! with.
 
 use std::sync::Arc;
 
@@ -37,6 +38,21 @@ pub async fn connect(gw: &Gateway, i: usize) -> russh::client::Handle<AcceptAnyH
         .unwrap();
     assert!(auth.success());
     handle
+}
+
+/// Offers user `i`'s key under the login name `name`, as a client other than OpenSSH may
+/// (OpenSSH's own client refuses names with control characters since the fix for
+/// CVE-2023-51385); whether the gateway accepted it.
+pub async fn try_login_as(gw: &Gateway, name: &str, i: usize) -> bool {
+    let config = Arc::new(russh::client::Config::default());
+    let mut handle = russh::client::connect(config, gw.addr, AcceptAnyHostKey)
+        .await
+        .unwrap();
+    let key = russh::keys::load_secret_key(&gw.keys[i].private, None).unwrap();
+    handle
+        .authenticate_publickey(name, PrivateKeyWithHashAlg::new(Arc::new(key), None))
+        .await
+        .is_ok_and(|a| a.success())
 }
 
 /// How a channel ended: the `exit-signal` name (if any) and the `exit-status` (if any),
