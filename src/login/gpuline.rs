@@ -131,11 +131,6 @@ impl GpuLine {
         self.share().charge(user, gpu_seconds, at);
     }
 
-    /// `user`'s recent use (decayed GPU-seconds) as the line weighs it.
-    pub fn usage(&self, user: &Username, now: SystemTime) -> f64 {
-        self.share().usage(user, now)
-    }
-
     /// Starts `login`'s container (`spec`, whose quota asks for GPUs), waiting in line when
     /// its GPUs are held by others and the queue is on. Ends early when `cancel` does.
     pub async fn start(
@@ -173,7 +168,6 @@ impl GpuLine {
         crate::metrics::metrics().gpu_queue(self.waiting());
         info!(target: "audit", user = %login.user, container = %spec.name, gpus = spec.gpu_request.count(), "waiting for GPUs");
         let deadline = tokio::time::Instant::now() + gpu.max_wait;
-        let mut last: Option<usize> = None;
         loop {
             // Listening before looking: a GPU freed while this login looks (or draws its line)
             // still wakes it.
@@ -199,10 +193,7 @@ impl GpuLine {
                 .queue()
                 .position(ticket, self.standing(SystemTime::now()))
                 .unwrap_or(1);
-            place
-                .publish(ctx, position, gpu.busy_utilization, last != Some(position))
-                .await;
-            last = Some(position);
+            place.publish(ctx, position, gpu.busy_utilization).await;
             // Leaving first (the channel closed, Ctrl-C, the connection ended), then the
             // deadline, then a wake-up.
             tokio::select! {
@@ -233,7 +224,9 @@ struct Place<'a> {
 }
 
 impl Place<'_> {
-    async fn publish(&self, ctx: &Context, position: usize, busy_at: u32, _changed: bool) {
+    /// Tells the session where this login stands (it draws the line, or prints it when the
+    /// place changed).
+    async fn publish(&self, ctx: &Context, position: usize, busy_at: u32) {
         let holders = ctx.runtime.gpu_holders();
         let gpus = ctx.runtime.gpus().await.unwrap_or_default();
         let held = gpus
