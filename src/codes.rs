@@ -84,6 +84,11 @@ impl Code {
         Code::ForwardBusy,
     ];
 
+    /// Counts one more user who met this (`labgate_user_errors_total{code}`).
+    pub fn count(self) {
+        crate::metrics::metrics().user_error(self.as_str());
+    }
+
     /// The code as logs, the audit log and metrics write it.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -194,7 +199,7 @@ pub fn record(
         "{what} failed"
     );
     tracing::info!(target: "audit", user = %user, code = code.as_str(), error = %err, "{what} failed");
-    crate::metrics::metrics().user_error(code.as_str());
+    code.count();
 }
 
 impl std::fmt::Display for Code {

@@ -173,7 +173,7 @@ pub async fn direct_tcpip(
         Err(e) => {
             let code = e.code();
             info!(target: "audit", user = %login.user, %host, port, code = code.as_str(), error = %e, "forward refused");
-            crate::metrics::metrics().user_error(code.as_str());
+            code.count();
             reply.reject(e.open_failure()).await;
         }
     }
@@ -215,7 +215,7 @@ pub async fn direct_streamlocal(
         Err(e) => {
             let code = e.code();
             info!(target: "audit", user = %login.user, %path, code = code.as_str(), error = %e, "unix forward refused");
-            crate::metrics::metrics().user_error(code.as_str());
+            code.count();
             reply.reject(e.open_failure()).await;
         }
     }

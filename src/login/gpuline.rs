@@ -168,15 +168,19 @@ impl GpuLine {
         crate::metrics::metrics().gpu_queue(self.waiting());
         info!(target: "audit", user = %login.user, container = %spec.name, gpus = spec.gpu_request.count(), "waiting for GPUs");
         let deadline = tokio::time::Instant::now() + gpu.max_wait;
+        // The attempt just made could take GPUs and found none: trying again at once would
+        // ask the engine the same question; wait for a change first.
+        let mut just_tried = spec.may_take_gpus;
         loop {
             // Listening before looking: a GPU freed while this login looks (or draws its line)
             // still wakes it.
             let woken = self.changed.notified();
             tokio::pin!(woken);
             woken.as_mut().enable();
-            let first = self
-                .queue()
-                .try_serve(ticket, self.standing(SystemTime::now()));
+            let first = !std::mem::take(&mut just_tried)
+                && self
+                    .queue()
+                    .try_serve(ticket, self.standing(SystemTime::now()));
             if first {
                 spec.may_take_gpus = true;
                 match ctx.runtime.ensure_running(&spec).await {

@@ -207,7 +207,7 @@ async fn pump_output(
                 code = crate::codes::Code::EngineLost.as_str(),
                 "exit status unknown: {e}"
             );
-            crate::metrics::metrics().user_error(crate::codes::Code::EngineLost.as_str());
+            crate::codes::Code::EngineLost.count();
             let line = super::super::text::ended(&e, tty);
             let _ = stderr.write_all(line.as_bytes()).await;
             let _ = stderr.flush().await;
