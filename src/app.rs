@@ -88,6 +88,7 @@ pub async fn serve(
         pending: Arc::default(),
         gpu_line,
         identities: Arc::default(),
+        activity: Default::default(),
     });
     tokio::spawn(crate::login::gpuline::sample_usage(
         ctx.clone(),

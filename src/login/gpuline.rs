@@ -40,6 +40,8 @@ pub struct HeldGpu {
     pub utilization: Option<u32>,
     /// Whether that counts as busy (`[gpu] busy_utilization`).
     pub busy: bool,
+    /// How long it has been idle, when it is (see [`super::activity`]).
+    pub idle_for: Option<Duration>,
 }
 
 /// Where a waiting login stands, for its session to show.
@@ -244,6 +246,7 @@ impl Place<'_> {
                     holders: who,
                     utilization: g.utilization,
                     busy: g.utilization.is_some_and(|u| u > busy_at),
+                    idle_for: ctx.activity.idle_for(&g.uuid, SystemTime::now()),
                 }
             })
             .collect();
@@ -287,6 +290,10 @@ pub async fn sample_usage(ctx: Arc<Context>, mut stop: tokio::sync::watch::Recei
             _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
         }
         let now = SystemTime::now();
+        if let Ok(gpus) = ctx.runtime.gpus().await {
+            let busy_at = ctx.config.borrow().gpu.busy_utilization;
+            ctx.activity.observe(&gpus, busy_at, now);
+        }
         let mut per_user: std::collections::BTreeMap<Username, f64> = Default::default();
         for holders in ctx.runtime.gpu_holders().into_values() {
             for h in holders {

@@ -7,6 +7,7 @@
 //! login gets its container. The session channels ([`crate::session`]) and the forwards
 //! ([`crate::forward`]) both build on this module; it imports neither.
 
+pub mod activity;
 pub mod gpuline;
 pub mod identity;
 pub mod pending;
@@ -55,6 +56,8 @@ pub struct Context {
     pub pending: Arc<pending::PendingOpens>,
     /// Logins waiting for GPUs, and the recent usage that orders them.
     pub gpu_line: gpuline::GpuLine,
+    /// What each GPU is doing (utilisation, idle since), as last sampled.
+    pub activity: activity::GpuActivity,
     /// Resolves logins' identities (`uid = "host"`, `"auto"`).
     pub identities: Arc<identity::Identities>,
 }

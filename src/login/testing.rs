@@ -34,6 +34,7 @@ pub(crate) fn context(config: Config) -> (Arc<Context>, Arc<FakeRuntime>) {
         idle: Default::default(),
         pending: Arc::default(),
         identities: Arc::default(),
+        activity: Default::default(),
     });
     (ctx, fake)
 }

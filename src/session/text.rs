@@ -181,11 +181,28 @@ pub fn gpu_wait(w: &crate::login::gpuline::WaitState, now: std::time::SystemTime
         let use_ = match (g.busy, g.utilization) {
             (true, Some(u)) => format!("busy {u}%"),
             (true, None) => "busy".to_owned(),
-            (false, _) => "idle".to_owned(),
+            (false, _) => match g.idle_for {
+                Some(d) => format!("idle {}", short_duration(d)),
+                None => "idle".to_owned(),
+            },
         };
         parts.push(format!("GPU {} {}{since}, {use_}", g.index, who.join(",")));
     }
     parts.join(" | ")
+}
+
+/// A duration as people say it at a glance: `45s`, `12m`, `2h10m`, `3d4h`.
+pub fn short_duration(d: std::time::Duration) -> String {
+    let s = d.as_secs();
+    let (days, hours, minutes) = (s / 86_400, s / 3600 % 24, s / 60 % 60);
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{minutes}m"),
+        _ if days == 0 && minutes == 0 => format!("{hours}h"),
+        _ if days == 0 => format!("{hours}h{minutes}m"),
+        _ if hours == 0 => format!("{days}d"),
+        _ => format!("{days}d{hours}h"),
+    }
 }
 
 /// `1st`, `2nd`, `3rd`, `4th`, ... `11th`, `12th`, `13th`, `21st`.
@@ -330,6 +347,7 @@ mod tests {
                     since: Some(t),
                     utilization: Some(0),
                     busy: false,
+                    idle_for: Some(std::time::Duration::from_secs(2 * 3600 + 10 * 60 + 7)),
                 },
                 HeldGpu {
                     index: 1,
@@ -337,6 +355,7 @@ mod tests {
                     since: None,
                     utilization: Some(97),
                     busy: true,
+                    idle_for: None,
                 },
                 HeldGpu {
                     index: 2,
@@ -344,6 +363,7 @@ mod tests {
                     since: None,
                     utilization: None,
                     busy: false,
+                    idle_for: None,
                 },
             ],
             done: false,
@@ -351,8 +371,16 @@ mod tests {
         assert_eq!(
             gpu_wait(&w, t),
             format!(
-                "waiting for 1 GPU, 2nd in line | GPU 0 bob since {hhmm}, idle | GPU 1 carol, busy 97% | GPU 2 free"
+                "waiting for 1 GPU, 2nd in line | GPU 0 bob since {hhmm}, idle 2h10m | GPU 1 carol, busy 97% | GPU 2 free"
             )
+        );
+        let short: Vec<String> = [0, 59, 60, 754, 3600, 7800, 86_400, 97_200]
+            .into_iter()
+            .map(|s| short_duration(std::time::Duration::from_secs(s)))
+            .collect();
+        assert_eq!(
+            short,
+            ["0s", "59s", "1m", "12m", "1h", "2h10m", "1d", "1d3h"]
         );
         let ords: Vec<String> = [1, 2, 3, 4, 11, 12, 13, 21, 22, 101]
             .into_iter()
