@@ -79,7 +79,16 @@ pub async fn serve(
     let reloader = crate::config::reload::start(source, config_tx, async move {
         let _ = reload_stop.wait_for(|s| *s).await.map(|_| ());
     });
-    let gpu_line = crate::login::gpuline::GpuLine::new(config_rx.clone());
+    let state_dir = config_rx.borrow().server.state_dir.clone();
+    let (accounting, unopened) = crate::accounting::Accounting::open(&state_dir);
+    if let Some(e) = unopened {
+        tracing::error!("GPU accounting is kept in memory only (lost at restart): {e}");
+    }
+    let accounting = Arc::new(accounting);
+    if let Err(e) = accounting.load_week(std::time::SystemTime::now()) {
+        tracing::warn!("GPU accounting: this week's usage not read: {e}");
+    }
+    let gpu_line = crate::login::gpuline::GpuLine::new(config_rx.clone(), accounting.clone());
     let ctx = Arc::new(Context {
         config: config_rx,
         runtime,
@@ -87,12 +96,14 @@ pub async fn serve(
         idle: Default::default(),
         pending: Arc::default(),
         gpu_line,
+        accounting,
         identities: Arc::default(),
         activity: Default::default(),
     });
-    tokio::spawn(crate::login::gpuline::sample_usage(
+    tokio::spawn(crate::login::usage::run(
         ctx.clone(),
         stop_rx.clone(),
+        crate::login::usage::Clock::System,
     ));
     crate::admin::start(ctx.clone(), &admin, stop_rx.clone()).await;
     tokio::spawn(crate::session::idle::run(ctx.clone(), stop_rx.clone()));

@@ -41,6 +41,7 @@ pub fn run(path: &Path) -> bool {
     }
     warn_unreadable_registry_secrets(&config);
     report_helpers(&config);
+    report_accounting(&config);
     for (table, home, source) in config.homes_under_writable_mounts() {
         eprintln!(
             "{}: warning: {table} home {home:?} lies under the writable mount source {}: users who can write there could replace a home with a symlink (labgate refuses to start such a container; keep homes outside writable mounts)",
@@ -58,6 +59,23 @@ pub fn run(path: &Path) -> bool {
         true
     } else {
         false
+    }
+}
+
+/// `labgate check` on the GPU accounting database: where it is (stdout), or a warning when
+/// it cannot be read (the gateway would then count in memory only).
+fn report_accounting(config: &Config) {
+    let path = config.server.state_dir.join(crate::accounting::FILE_NAME);
+    match crate::accounting::store::Store::open_read_only(&path) {
+        Ok(_) => println!("GPU accounting: {}", path.display()),
+        Err(crate::accounting::AccountingError::Missing(_)) => println!(
+            "GPU accounting: {} (made when the gateway starts)",
+            path.display()
+        ),
+        Err(e) => eprintln!(
+            "{}: warning: GPU accounting cannot be read ({e}): the gateway would count GPU use in memory only, lost at restart",
+            config.source.display()
+        ),
     }
 }
 

@@ -76,6 +76,20 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Print GPU use per user (and profile) over a period: GPU-hours held, how busy they
+    /// kept them, and their waits in the GPU queue; from the accounting database in
+    /// `[server] state_dir`, with or without a running gateway.
+    Usage {
+        /// Config file (its `[server] state_dir` holds the database).
+        #[arg(long, short, default_value = config::DEFAULT_PATH)]
+        config: PathBuf,
+        /// The period, back from now: `7d`, `30d`, `12h`.
+        #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+        since: std::time::Duration,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Disconnect USER's connections; their containers keep running.
     Kick {
         /// The user.
@@ -196,6 +210,20 @@ fn main() -> ExitCode {
             print!("{}", cmd::stop::call(&admin.socket()?, &user).await?);
             Ok(())
         }),
+        Command::Usage {
+            config,
+            since,
+            json,
+        } => match cmd::usage::call(&config, since, json) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("labgate: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Kick { user, admin } => run(async move {
             print!("{}", cmd::kick::call(&admin.socket()?, &user).await?);
             Ok(())

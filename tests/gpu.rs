@@ -559,15 +559,21 @@ fn waiting(place: &str, holder: &str) -> String {
     format!("labgate: waiting for 1 GPU, {place} in line | GPU 0 {holder} since ")
 }
 
-/// Asserts `rest` (what follows [`waiting`] on its line) is `HH:MM, idle`.
+/// Asserts `rest` (what follows [`waiting`] on its line) is `HH:MM, idle` and, once the
+/// GPU has been sampled idle, for how long (`HH:MM, idle 4s`).
 fn assert_since_idle(rest: &str) {
     let b = rest.as_bytes();
+    let idle_for = rest.get(11..).unwrap_or("");
     assert!(
-        rest.len() == 11
+        rest.len() >= 11
             && b[..2].iter().chain(&b[3..5]).all(u8::is_ascii_digit)
             && b[2] == b':'
-            && rest.ends_with(", idle"),
-        "expected `HH:MM, idle` after the holder, got {rest:?}"
+            && &rest[5..11] == ", idle"
+            && (idle_for.is_empty()
+                || (idle_for.starts_with(' ')
+                    && idle_for[1..].ends_with(['s', 'm', 'h', 'd'])
+                    && idle_for[1..].starts_with(|c: char| c.is_ascii_digit()))),
+        "expected `HH:MM, idle[ DURATION]` after the holder, got {rest:?}"
     );
 }
 
@@ -928,4 +934,120 @@ fn max_wait_ends_the_wait_with_a_clear_message() {
         "{:#?}",
         gw.audit()
     );
+}
+
+/// The `labgate usage --json` row of `user` (no profile).
+fn usage_row(gw: &Gateway, user: &str) -> serde_json::Value {
+    let out = gw.labgate(&["usage", "--json", "--since", "1h"]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    report["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["user"] == user && r["profile"].is_null())
+        .cloned()
+        .unwrap_or_else(|| panic!("no row for {user}: {report:#}"))
+}
+
+/// What the audit log's `GPU use ended` lines of `user` add up to: (held, busy) GPU-seconds.
+fn audited_use(gw: &Gateway, user: &str) -> (f64, f64, usize) {
+    let ended: Vec<_> = gw
+        .audit()
+        .into_iter()
+        .filter(|l| l["event"] == "GPU use ended" && l["user"] == user)
+        .collect();
+    let sum = |k: &str| ended.iter().map(|l| l[k].as_f64().unwrap()).sum::<f64>();
+    (sum("held_seconds"), sum("busy_seconds"), ended.len())
+}
+
+#[test]
+fn gpu_use_and_waits_are_accounted_match_the_audit_log_and_survive_a_restart() {
+    let _serial = one_at_a_time();
+    let Some(engine) = gpu_engine("gpu_use_and_waits_are_accounted") else {
+        return;
+    };
+    let nvml = tempfile::tempdir().unwrap();
+    let mut gw = one_gpu(&engine, nvml.path(), 2, "");
+    let (alice, bob) = (gw.users[0].clone(), gw.users[1].clone());
+    // The GPU runs at 50% while held: half of its held time counts as busy.
+    set_gpus(
+        nvml.path(),
+        &format!("{GPU0},NVIDIA A100-SXM4-80GB,81920,util=50,used=0\n"),
+    );
+    gw.ok(0, "true");
+    let mut waiter = Background::start(&gw, 1, "echo started");
+    waiter.expect_stderr(&gw, &waiting("1st", &alice), Duration::from_secs(20));
+    std::thread::sleep(Duration::from_secs(4));
+    admin_stop(&gw, &alice);
+    assert_eq!(
+        waiter.exit_within(&gw, Duration::from_secs(10)).code(),
+        Some(0)
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    admin_stop(&gw, &bob);
+    assert!(
+        eventually(Duration::from_secs(10), || audited_use(&gw, &bob).2 == 1
+            && audited_use(&gw, &alice).2 == 1),
+        "{:#?}",
+        gw.audit()
+    );
+
+    let check = |gw: &Gateway| {
+        for user in [&alice, &bob] {
+            let row = usage_row(gw, user);
+            let (held, busy, _) = audited_use(gw, user);
+            let (r_held, r_busy) = (
+                row["gpu_seconds_held"].as_f64().unwrap(),
+                row["gpu_seconds_busy"].as_f64().unwrap(),
+            );
+            assert!(
+                (r_held - held).abs() < 0.01,
+                "{user}: {row} vs audit {held}"
+            );
+            assert!(
+                (r_busy - busy).abs() < 0.01,
+                "{user}: {row} vs audit {busy}"
+            );
+            assert!(
+                (1.5..40.0).contains(&r_held),
+                "{user} held for seconds: {row}"
+            );
+            assert!(
+                (r_busy / r_held - 0.5).abs() < 0.01,
+                "{user} kept it 50% busy: {row}"
+            );
+        }
+        let alice_row = usage_row(gw, &alice);
+        assert!(
+            alice_row["gpu_seconds_held"].as_f64().unwrap() >= 4.0,
+            "{alice_row}"
+        );
+        let bob_row = usage_row(gw, &bob);
+        assert_eq!(bob_row["waits"], 1, "{bob_row}");
+        let waited = bob_row["wait_seconds_total"].as_f64().unwrap();
+        assert!(
+            (3.0..40.0).contains(&waited),
+            "bob waited about 4 s: {bob_row}"
+        );
+        assert_eq!(usage_row(gw, &alice)["waits"], 0);
+    };
+    check(&gw);
+    // The table says the same in hours.
+    let table = gw.labgate(&["usage"]);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(table.status.success(), "{}", stderr_of(&table));
+    assert!(text.lines().nth(1).unwrap().starts_with("USER "), "{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with(&format!("{bob} "))),
+        "{text}"
+    );
+
+    // Stopped, then started again: nothing is lost, nothing counted twice; `labgate usage`
+    // reads the record without a gateway too.
+    gw.stop();
+    check(&gw);
+    gw.spawn();
+    std::thread::sleep(Duration::from_secs(3));
+    check(&gw);
 }

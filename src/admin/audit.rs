@@ -132,6 +132,13 @@ impl Visit for JsonFields {
         self.0.insert(field.name().into(), value.into());
     }
 
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        // JSON has no NaN or infinity: those are written as text.
+        let v = serde_json::Number::from_f64(value)
+            .map_or_else(|| Value::from(value.to_string()), Value::Number);
+        self.0.insert(field.name().into(), v);
+    }
+
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
         self.0
             .insert(field.name().into(), format!("{value:?}").into());
@@ -161,7 +168,7 @@ mod tests {
             let span = tracing::info_span!("conn", conn = 7u64, user = tracing::field::Empty);
             span.record("user", "alice");
             let _e = span.enter();
-            tracing::info!(target: "audit", fingerprint = %"SHA256:abc", ok = true, "login accepted");
+            tracing::info!(target: "audit", fingerprint = %"SHA256:abc", ok = true, held_seconds = 12.5, "login accepted");
             tracing::info!(target: "labgate", "not an audit event");
         });
         let text = std::fs::read_to_string(&path).unwrap();
@@ -173,6 +180,7 @@ mod tests {
         assert_eq!(v["conn"], 7);
         assert_eq!(v["fingerprint"], "SHA256:abc");
         assert_eq!(v["ok"], true);
+        assert_eq!(v["held_seconds"], 12.5, "numbers stay numbers");
         assert!(v["ts"].as_str().unwrap().ends_with('Z'));
     }
 }

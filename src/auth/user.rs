@@ -49,6 +49,20 @@ impl Username {
         Username(format!("{}+{profile}", self.0))
     }
 
+    /// Reads a holder name back (`alice` or `alice+gpu`, as [`Username::with_profile`]
+    /// writes it), checking both parts.
+    pub fn parse_holder(name: &str) -> Result<Self, InvalidUsername> {
+        match name.split_once('+') {
+            None => Username::parse(name),
+            Some((user, profile)) => {
+                let profile = super::ProfileName::parse(profile).map_err(|_| InvalidUsername {
+                    name: name.to_owned(),
+                })?;
+                Ok(Username::parse(user)?.with_profile(&profile))
+            }
+        }
+    }
+
     /// The user a holder name belongs to: `alice` for `alice+gpu` (and for `alice`), whose
     /// usage and budget a profile's container counts under.
     pub fn account(&self) -> Username {

@@ -187,6 +187,9 @@ pub(super) struct RawQuota {
     pub(super) pids: Option<Positive>,
     pub(super) gpus: Option<GpuRequest>,
     pub(super) gpu_share: Option<Share>,
+    pub(super) gpu_hours_per_week: Option<Budget>,
+    pub(super) gpu_queue: Option<bool>,
+    pub(super) gpu_max_wait: Option<Spanned<HumanDuration>>,
     pub(super) home: Option<Spanned<String>>,
     pub(super) mounts: Option<Vec<RawMount>>,
     pub(super) shell: Option<ContainerPath>,
@@ -263,6 +266,15 @@ checked!(Share, f64, |w| {
         ))
     }
 });
+checked!(Budget, f64, |h| {
+    if h.is_finite() && *h > 0.0 && *h <= 168.0 * 1024.0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "gpu_hours_per_week must be a number of GPU-hours above 0 (e.g. 40), not {h}"
+        ))
+    }
+});
 
 checked!(Positive, i64, |n| {
     if *n >= 1 {
@@ -302,6 +314,11 @@ impl RawQuota {
             pids: self.pids.or_else(|| base.pids.clone()),
             gpus: self.gpus.or_else(|| base.gpus.clone()),
             gpu_share: self.gpu_share.or_else(|| base.gpu_share.clone()),
+            gpu_hours_per_week: self
+                .gpu_hours_per_week
+                .or_else(|| base.gpu_hours_per_week.clone()),
+            gpu_queue: self.gpu_queue.or(base.gpu_queue),
+            gpu_max_wait: self.gpu_max_wait.or_else(|| base.gpu_max_wait.clone()),
             home: self.home.or_else(|| base.home.clone()),
             mounts: self.mounts.or_else(|| base.mounts.clone()),
             shell: self.shell.or_else(|| base.shell.clone()),

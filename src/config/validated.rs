@@ -313,6 +313,13 @@ pub struct Quota {
     /// The user's weight in the GPU queue's fair order: their recent GPU use is divided by it
     /// (default 1; 2 lets a user use twice as much before going behind others).
     pub gpu_share: f64,
+    /// A soft weekly budget of GPU-hours: over it, the user waits in the GPU queue behind
+    /// everyone under theirs (and is told so). `None`: no budget.
+    pub gpu_hours_per_week: Option<f64>,
+    /// Whether this user's logins wait for busy GPUs; `None`: as `[gpu] queue` says.
+    pub gpu_queue: Option<bool>,
+    /// Longest wait in the GPU queue for this user; `None`: `[gpu] max_wait`.
+    pub gpu_max_wait: Option<Duration>,
     /// Stop the container after this long without an SSH connection of its user (and, with
     /// GPUs, without GPU activity); `None`: never.
     pub idle_stop: Option<Duration>,

@@ -339,6 +339,15 @@ impl Validator<'_> {
             forwarding: self.forwarding(raw.forwarding.unwrap_or_default())?,
             idle_stop: raw.idle_stop.and_then(|i| i.0),
             gpu_share: raw.gpu_share.map_or(1.0, |w| w.0),
+            gpu_hours_per_week: raw.gpu_hours_per_week.map(|h| h.0),
+            gpu_queue: raw.gpu_queue,
+            gpu_max_wait: match raw.gpu_max_wait {
+                None => None,
+                Some(d) if d.get_ref().0 >= std::time::Duration::from_secs(1) => {
+                    Some(d.into_inner().0)
+                }
+                Some(d) => return Err(self.at(d.span(), "gpu_max_wait must be at least 1s".into())),
+            },
             pull_policy: raw.pull_policy.unwrap_or_default(),
             registry: None,
             profile: None,

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use super::{Context, Login};
+use crate::accounting::{Accounting, Wait, WaitOutcome};
 use crate::auth::Username;
 use crate::gpu::GpuError;
 use crate::gpu::queue::{FairShare, Queue, Standing, Ticket};
@@ -55,6 +56,9 @@ pub struct WaitState {
     pub position: usize,
     /// The GPUs it could get and who holds them.
     pub gpus: Vec<HeldGpu>,
+    /// `(used, budget)` GPU-hours this week, when the user is over their weekly budget (and
+    /// so waits behind everyone under theirs).
+    pub over_budget: Option<(f64, f64)>,
     /// The login is leaving the line: served, given up or timed out (the last event).
     pub done: bool,
 }
@@ -68,19 +72,39 @@ pub struct GpuLine {
     events: broadcast::Sender<WaitState>,
     /// The config in force: each user's `gpu_share`.
     config: tokio::sync::watch::Receiver<Arc<crate::config::Config>>,
+    /// Each user's last week, for budgets; waits are recorded there.
+    accounting: Arc<Accounting>,
 }
 
 impl GpuLine {
     /// An empty line under `config` (its `[gpu] fair_share_half_life` as it is now; each
     /// user's `gpu_share` as it is when the order is decided).
-    pub fn new(config: tokio::sync::watch::Receiver<Arc<crate::config::Config>>) -> Self {
+    /// The recent usage that orders it is read back from `accounting` (what is older than
+    /// ten half-lives no longer counts).
+    pub fn new(
+        config: tokio::sync::watch::Receiver<Arc<crate::config::Config>>,
+        accounting: Arc<Accounting>,
+    ) -> Self {
         let half_life = config.borrow().gpu.fair_share_half_life;
+        let mut share = FairShare::new(half_life);
+        let since = SystemTime::now()
+            .checked_sub(half_life.saturating_mul(10))
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        match accounting.history(since) {
+            Ok(history) => {
+                for (user, at, held) in history {
+                    share.charge(&user, held, at);
+                }
+            }
+            Err(e) => tracing::warn!("GPU queue: past usage not read, everyone starts even: {e}"),
+        }
         GpuLine {
             queue: Mutex::new(Queue::default()),
-            share: Mutex::new(FairShare::new(half_life)),
+            share: Mutex::new(share),
             changed: Notify::new(),
             events: broadcast::channel(256).0,
             config,
+            accounting,
         }
     }
 
@@ -102,6 +126,12 @@ impl GpuLine {
         self.changed.notify_waiters();
     }
 
+    /// Returns when GPUs may have freed or the line changed (the usage sampler then samples
+    /// at once, so a hold's end is counted when it happens, not at the next tick).
+    pub async fn changed(&self) {
+        self.changed.notified().await;
+    }
+
     /// How many holders wait.
     pub fn waiting(&self) -> usize {
         self.queue()
@@ -115,9 +145,13 @@ impl GpuLine {
     fn standing(&self, now: SystemTime) -> impl Fn(&Username) -> Standing + '_ {
         let share = self.share().clone();
         let config = self.config.borrow().clone();
-        move |user: &Username| Standing {
-            score: share.usage(user, now) / config.quota_for(user).gpu_share,
-            over_budget: false,
+        let accounting = self.accounting.clone();
+        move |user: &Username| {
+            let quota = config.quota_for(user);
+            Standing {
+                score: share.usage(user, now) / quota.gpu_share,
+                over_budget: over_budget(quota, accounting.week_seconds(user)).is_some(),
+            }
         }
     }
 
@@ -142,8 +176,15 @@ impl GpuLine {
         mut spec: ContainerSpec,
         cancel: &CancellationToken,
     ) -> Result<ContainerHandle, RuntimeError> {
-        let gpu = ctx.config.borrow().gpu.clone();
-        if !gpu.queue {
+        let (queue, max_wait) = {
+            let gpu = &ctx.config.borrow().gpu;
+            (
+                login.quota.gpu_queue.unwrap_or(gpu.queue),
+                login.quota.gpu_max_wait.unwrap_or(gpu.max_wait),
+            )
+        };
+        let busy_at = ctx.config.borrow().gpu.busy_utilization;
+        if !queue {
             return ctx.runtime.ensure_running(&spec).await;
         }
         // Nobody waits: the backend decides. Others wait: only a container already running
@@ -160,16 +201,19 @@ impl GpuLine {
             spec.gpu_request.count(),
             SystemTime::now(),
         );
-        let place = Place {
+        let mut place = Place {
             line: self,
             ticket,
+            holder,
             container: spec.name.clone(),
             wants: spec.gpu_request.count(),
             joined: tokio::time::Instant::now(),
+            joined_at: SystemTime::now(),
+            outcome: WaitOutcome::Left,
         };
         crate::metrics::metrics().gpu_queue(self.waiting());
         info!(target: "audit", user = %login.user, container = %spec.name, gpus = spec.gpu_request.count(), "waiting for GPUs");
-        let deadline = tokio::time::Instant::now() + gpu.max_wait;
+        let deadline = tokio::time::Instant::now() + max_wait;
         // The attempt just made could take GPUs and found none: trying again at once would
         // ask the engine the same question; wait for a change first.
         let mut just_tried = spec.may_take_gpus;
@@ -188,6 +232,7 @@ impl GpuLine {
                 match ctx.runtime.ensure_running(&spec).await {
                     Ok(c) => {
                         info!(target: "audit", user = %login.user, container = %spec.name, "GPUs free: leaving the queue");
+                        place.outcome = WaitOutcome::Served;
                         place.publish_done();
                         return Ok(c);
                     }
@@ -199,7 +244,8 @@ impl GpuLine {
                 .queue()
                 .position(ticket, self.standing(SystemTime::now()))
                 .unwrap_or(1);
-            place.publish(ctx, position, gpu.busy_utilization).await;
+            let budget = over_budget(&login.quota, self.accounting.week_seconds(&login.user));
+            place.publish(ctx, position, busy_at, budget).await;
             // Leaving first (the channel closed, Ctrl-C, the connection ended), then the
             // deadline, then a wake-up.
             tokio::select! {
@@ -210,7 +256,8 @@ impl GpuLine {
                 }
                 _ = tokio::time::sleep_until(deadline) => {
                     info!(target: "audit", user = %login.user, container = %spec.name, "GPU wait too long: leaving the queue");
-                    return Err(RuntimeError::Gpu(GpuError::WaitedTooLong(gpu.max_wait)));
+                    place.outcome = WaitOutcome::TimedOut;
+                    return Err(RuntimeError::Gpu(GpuError::WaitedTooLong(max_wait)));
                 }
                 _ = woken => {}
                 _ = tokio::time::sleep(RECHECK) => {}
@@ -219,20 +266,37 @@ impl GpuLine {
     }
 }
 
+/// `(used, budget)` in GPU-hours when `quota`'s weekly budget is spent by `week_seconds`.
+fn over_budget(quota: &crate::config::Quota, week_seconds: f64) -> Option<(f64, f64)> {
+    let budget = quota.gpu_hours_per_week?;
+    let used = week_seconds / 3600.0;
+    (used >= budget).then_some((used, budget))
+}
+
 /// A login's place in line: leaves it when dropped (served, failed, cancelled, or the
 /// future dropped with its connection), and wakes the others.
 struct Place<'a> {
     line: &'a GpuLine,
     ticket: Ticket,
+    holder: Username,
     container: String,
     wants: usize,
     joined: tokio::time::Instant,
+    joined_at: SystemTime,
+    /// How the wait ends, as far as known (recorded when the place is left).
+    outcome: WaitOutcome,
 }
 
 impl Place<'_> {
     /// Tells the session where this login stands (it draws the line, or prints it when the
     /// place changed).
-    async fn publish(&self, ctx: &Context, position: usize, busy_at: u32) {
+    async fn publish(
+        &self,
+        ctx: &Context,
+        position: usize,
+        busy_at: u32,
+        over_budget: Option<(f64, f64)>,
+    ) {
         let holders = ctx.runtime.gpu_holders();
         let gpus = ctx.runtime.gpus().await.unwrap_or_default();
         let held = gpus
@@ -255,6 +319,7 @@ impl Place<'_> {
             wants: self.wants,
             position,
             gpus: held,
+            over_budget,
             done: false,
         });
     }
@@ -265,6 +330,7 @@ impl Place<'_> {
             wants: self.wants,
             position: 0,
             gpus: Vec::new(),
+            over_budget: None,
             done: true,
         });
     }
@@ -274,36 +340,14 @@ impl Drop for Place<'_> {
     fn drop(&mut self) {
         self.line.queue().leave(self.ticket);
         self.line.changed.notify_waiters();
-        crate::metrics::metrics().gpu_waited(self.joined.elapsed());
+        let waited = self.joined.elapsed();
+        crate::metrics::metrics().gpu_waited(waited);
+        self.line.accounting.record_wait(Wait {
+            holder: self.holder.clone(),
+            joined: self.joined_at,
+            waited,
+            outcome: self.outcome,
+        });
         crate::metrics::metrics().gpu_queue(self.line.waiting());
-    }
-}
-
-/// Samples who holds GPUs every few seconds into the fair share (GPU-seconds held), until
-/// `stop`.
-pub async fn sample_usage(ctx: Arc<Context>, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(RECHECK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
-        }
-        let now = SystemTime::now();
-        if let Ok(gpus) = ctx.runtime.gpus().await {
-            let busy_at = ctx.config.borrow().gpu.busy_utilization;
-            ctx.activity.observe(&gpus, busy_at, now);
-        }
-        let mut per_user: std::collections::BTreeMap<Username, f64> = Default::default();
-        for holders in ctx.runtime.gpu_holders().into_values() {
-            for h in holders {
-                *per_user.entry(h.account()).or_default() += RECHECK.as_secs_f64();
-            }
-        }
-        for (user, secs) in per_user {
-            crate::metrics::metrics().gpu_held(user.as_str(), secs);
-            ctx.gpu_line.charge(&user, secs, now);
-        }
-        crate::metrics::metrics().gpu_queue(ctx.gpu_line.waiting());
     }
 }

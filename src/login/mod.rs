@@ -14,6 +14,7 @@ pub mod pending;
 pub mod registry;
 #[cfg(test)]
 pub(crate) mod testing;
+pub mod usage;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -58,6 +59,8 @@ pub struct Context {
     pub gpu_line: gpuline::GpuLine,
     /// What each GPU is doing (utilisation, idle since), as last sampled.
     pub activity: activity::GpuActivity,
+    /// GPU usage and waits, kept in `[server] state_dir`.
+    pub accounting: Arc<crate::accounting::Accounting>,
     /// Resolves logins' identities (`uid = "host"`, `"auto"`).
     pub identities: Arc<identity::Identities>,
 }

@@ -26,8 +26,10 @@ pub(crate) fn config(extra: &str) -> Config {
 pub(crate) fn context(config: Config) -> (Arc<Context>, Arc<FakeRuntime>) {
     let fake = Arc::new(FakeRuntime::default());
     let config = watch::channel(Arc::new(config)).1;
+    let accounting = Arc::new(crate::accounting::Accounting::in_memory());
     let ctx = Arc::new(Context {
-        gpu_line: super::gpuline::GpuLine::new(config.clone()),
+        gpu_line: super::gpuline::GpuLine::new(config.clone(), accounting.clone()),
+        accounting,
         config,
         runtime: fake.clone(),
         connections: Arc::default(),

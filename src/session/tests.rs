@@ -195,12 +195,13 @@ async fn a_login_shell_hears_notices_on_stderr_then_the_status_line_and_gpu_bann
         shell: true,
         tty: true,
         gpus: &live,
+        gpu_week: Some(45_000.0),
     };
     assert_eq!(
         texts(&shell.render()),
         vec![
             ("err", "labgate: your container runs image lab/base:0; image lab/base:1 is used from its next start (home kept)\r\n".into()),
-            ("out", "labgate: container labgate-alice (created) | image lab/base:1 | 2 CPUs, 1G memory | 1 GPU(s) GPU-f000 | stopped after 2h without a connection\r\n".into()),
+            ("out", "labgate: container labgate-alice (created) | image lab/base:1 | 2 CPUs, 1G memory | 1 GPU(s) GPU-f000 | GPU this week: 12.5 h | stopped after 2h without a connection\r\n".into()),
             ("err", "labgate: your quota now includes 2 GPU(s); your running container has none. They are given when it is made again (ask your admin)\r\n".into()),
             ("out", "GPU 0 Fake H100 (GPU-f000): 0% busy, 0.0/80.0 GiB used\r\n".into()),
         ]
@@ -399,4 +400,77 @@ async fn a_larger_gpu_share_lets_a_user_use_more_before_going_behind() {
     assert_eq!(line_of(&ctx), ["dave", "erin"]);
     erin.abort();
     dave.abort();
+}
+
+#[tokio::test]
+async fn over_its_weekly_budget_a_user_waits_behind_everyone_under_it_and_is_told() {
+    // dave has used no GPU lately by the decayed measure, but 2 of his 1 GPU-hours this week.
+    let (ctx, _fake, _) = one_gpu_held_by_alice("\n[users.dave]\ngpu_hours_per_week = 1\n").await;
+    let now = SystemTime::now();
+    let week = crate::accounting::Charge {
+        holder: user("dave"),
+        gpus: Vec::new(),
+        since: now,
+        held: 7200.0,
+        busy: 0.0,
+        last: false,
+    };
+    ctx.accounting.record(now, vec![week]).await.unwrap();
+    ctx.gpu_line.charge(&user("erin"), 1800.0, now);
+    let mut told = ctx.gpu_line.events();
+    let dave = log_in(&ctx, "dave");
+    waiting(&ctx, "dave").await;
+    let erin = log_in(&ctx, "erin");
+    waiting(&ctx, "erin").await;
+    assert_eq!(line_of(&ctx), ["erin", "dave"], "over budget goes last");
+    let daves = loop {
+        let w = told.recv().await.unwrap();
+        if w.container == "labgate-dave" {
+            break w;
+        }
+    };
+    assert_eq!(daves.over_budget, Some((2.0, 1.0)));
+    assert!(
+        crate::session::text::gpu_wait(&daves, now).ends_with(
+            "you used 2.0 of your 1 GPU-hours this week: you wait behind those under their budget"
+        ),
+        "{}",
+        crate::session::text::gpu_wait(&daves, now)
+    );
+    dave.abort();
+    erin.abort();
+}
+
+#[tokio::test]
+async fn a_users_own_queue_and_max_wait_override_the_gpu_section() {
+    let (ctx, _fake, _) = one_gpu_held_by_alice(
+        "\n[users.bob]\ngpu_queue = false\n\n[users.carol]\ngpu_max_wait = \"1s\"\n",
+    )
+    .await;
+    let err = tokio::time::timeout(Duration::from_secs(1), log_in(&ctx, "bob"))
+        .await
+        .expect("bob does not wait")
+        .unwrap()
+        .unwrap_err();
+    assert!(err.to_string().contains("but 0 are free"), "{err}");
+    let err = tokio::time::timeout(Duration::from_secs(5), log_in(&ctx, "carol"))
+        .await
+        .expect("carol waits 1s at most")
+        .unwrap()
+        .unwrap_err();
+    assert!(err.to_string().contains("within 1s"), "{err}");
+    // Waits are recorded with the next sample: carol's, timed out after about a second.
+    ctx.accounting
+        .record(SystemTime::now(), Vec::new())
+        .await
+        .unwrap();
+    let report = ctx
+        .accounting
+        .report(SystemTime::now() - Duration::from_secs(60))
+        .await
+        .unwrap();
+    let carol = report.iter().find(|r| r.user == "carol").unwrap();
+    assert_eq!(carol.waits, 1);
+    assert!((0.9..3.0).contains(&carol.wait_seconds_total), "{carol:?}");
+    assert!(report.iter().all(|r| r.user != "bob"), "bob never waited");
 }

@@ -44,7 +44,12 @@ pub fn ended(e: &RuntimeError, tty: bool) -> String {
 /// The status line before an interactive shell (container and what happened to it, image,
 /// quota, GPUs, idle stop) when `[server] login_status` is on, then `[server] motd`. Lines
 /// end with `\n`; empty when both are off.
-pub fn login_banner(server: &ServerConfig, quota: &Quota, container: &ContainerHandle) -> String {
+pub fn login_banner(
+    server: &ServerConfig,
+    quota: &Quota,
+    container: &ContainerHandle,
+    gpu_week: Option<f64>,
+) -> String {
     let mut out = String::new();
     if server.login_status {
         let what = match container.outcome {
@@ -76,6 +81,12 @@ pub fn login_banner(server: &ServerConfig, quota: &Quota, container: &ContainerH
             0 => "no GPUs".to_owned(),
             n => format!("{n} GPU(s) {}", GpuUuid::join(&container.gpus)),
         });
+        if let Some(secs) = gpu_week.filter(|s| *s > 0.0 || quota.gpus != 0) {
+            parts.push(match quota.gpu_hours_per_week {
+                Some(budget) => format!("GPU this week: {:.1} of {budget} h", secs / 3600.0),
+                None => format!("GPU this week: {:.1} h", secs / 3600.0),
+            });
+        }
         if let Some(idle) = quota.idle_stop {
             parts.push(format!(
                 "stopped after {} without a connection",
@@ -188,6 +199,11 @@ pub fn gpu_wait(w: &crate::login::gpuline::WaitState, now: std::time::SystemTime
         };
         parts.push(format!("GPU {} {}{since}, {use_}", g.index, who.join(",")));
     }
+    if let Some((used, budget)) = w.over_budget {
+        parts.push(format!(
+            "you used {used:.1} of your {budget} GPU-hours this week: you wait behind those under their budget"
+        ));
+    }
     parts.join(" | ")
 }
 
@@ -242,6 +258,8 @@ pub struct Greeting<'a> {
     /// The live state of the backend's GPUs, for the banner (only looked at for a login
     /// shell on a terminal with GPUs).
     pub gpus: &'a [GpuInfo],
+    /// The user's GPU-seconds held in the last week (all profiles), for the status line.
+    pub gpu_week: Option<f64>,
 }
 
 impl Greeting<'_> {
@@ -270,7 +288,7 @@ impl Greeting<'_> {
             out.push(err(format!("{}{eol}", remade_for(&c.remade_for))));
         }
         if self.shell && self.tty {
-            let banner = login_banner(self.server, self.quota, c);
+            let banner = login_banner(self.server, self.quota, c, self.gpu_week);
             if !banner.is_empty() {
                 out.push(ExecOutput::Stdout(Bytes::from(banner.replace('\n', eol))));
             }
@@ -366,6 +384,7 @@ mod tests {
                     idle_for: None,
                 },
             ],
+            over_budget: None,
             done: false,
         };
         assert_eq!(

@@ -196,8 +196,14 @@ impl GatewayBuilder {
         } else {
             "login_grace = \"20s\"\n"
         };
+        // Each gateway keeps its state (GPU accounting, auto uids) in its own directory.
+        let state = if server_extra.contains("state_dir") {
+            ""
+        } else {
+            "state_dir = \"state\"\n"
+        };
         let config_text = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nhost_key = \"host_key\"\nkeys_dir = \"keys\"\n{grace}{server_extra}\n\n\
+            "[server]\nlisten = \"127.0.0.1:0\"\nhost_key = \"host_key\"\nkeys_dir = \"keys\"\n{grace}{state}{server_extra}\n\n\
              [admin]\nsocket = \"admin.sock\"\nlisten = \"127.0.0.1:0\"\naudit_log = \"audit.jsonl\"\n\n\
              [defaults]\nimage = \"{IMAGE}\"\nmemory = \"256M\"\ncpus = 0.5\nshm = \"32M\"\npids = 128\nhome = \"home/{{user}}\"\n{defaults_extra}\n\n{tail}\n"
         );
@@ -448,7 +454,6 @@ impl Gateway {
         (code.trim().parse().unwrap_or(0), body.to_owned())
     }
 
-    /// The audit log's lines, parsed (a line that is not JSON fails the test).
     /// A sample of `name` on the gateway's `/metrics` page (a gauge or counter without
     /// labels); `None` when the page has none.
     pub fn metric(&self, name: &str) -> Option<f64> {
@@ -458,6 +463,7 @@ impl Gateway {
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
     }
 
+    /// The audit log's lines, parsed (a line that is not JSON fails the test).
     pub fn audit(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(self.dir.path().join("audit.jsonl"))
             .unwrap_or_default()

@@ -9,11 +9,13 @@
 //! | `labgate gpus`         | [`gpus`]    | `GET /gpus`              |
 //! | `labgate kick USER`    | [`kick`]    | `POST /users/NAME/kick`  |
 //! | `labgate stop USER`    | [`stop`]    | `POST /users/NAME/stop`  |
+//! | `labgate usage`        | [`usage`]   | none: reads `state_dir`'s accounting database |
 
 pub mod gpus;
 pub mod kick;
 pub mod status;
 pub mod stop;
+pub mod usage;
 
 /// The route of a per-user action: `POST /users/NAME/ACTION`.
 fn user_path(user: &str, action: &str) -> String {

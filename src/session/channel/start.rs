@@ -143,6 +143,7 @@ pub(super) async fn start(
         shell,
         tty,
         gpus: &gpus,
+        gpu_week: Some(ctx.accounting.week_seconds(&login.user)),
     }
     .render();
     if !greeting.is_empty() {
