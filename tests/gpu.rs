@@ -1051,3 +1051,150 @@ fn gpu_use_and_waits_are_accounted_match_the_audit_log_and_survive_a_restart() {
     std::thread::sleep(Duration::from_secs(3));
     check(&gw);
 }
+
+/// The gateway's proportional set size, in KiB.
+fn pss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix("Pss:"))
+        .filter_map(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .sum()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The GPU queue's figures for `bench/run` (not a test: it asserts nothing a user checks and
+/// is never run by `cargo test`):
+/// - how soon a freed GPU reaches the head of the line (`labgate stop` of the holder to the
+///   waiter's GPUs allocated, and to its command's end), over 5 rounds;
+/// - what a waiting login costs the gateway in memory, against an idle `ssh -N` connection;
+/// - login time (`ssh USER true`, container running) with an empty accounting database and
+///   with a week of minutes of 50 users in it.
+///
+/// `cargo test --release --test gpu -- --ignored --nocapture gpu_queue_figures`
+#[test]
+#[ignore = "a benchmark: bench/run runs it"]
+fn gpu_queue_figures() {
+    let _serial = one_at_a_time();
+    let Some(engine) = gpu_engine("gpu_queue_figures") else {
+        return;
+    };
+    let nvml = tempfile::tempdir().unwrap();
+    let mut gw = one_gpu(&engine, nvml.path(), 2, "");
+
+    // 1. A freed GPU to the head of the line.
+    let (mut served, mut ran) = (Vec::new(), Vec::new());
+    for round in 0..5 {
+        let (holder, waiter) = (round % 2, 1 - round % 2);
+        gw.ok(holder, "true");
+        let mut w = Background::start(&gw, waiter, "true");
+        w.expect_stderr(&gw, "labgate: waiting for 1 GPU", Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(300));
+        let stopped = Instant::now();
+        admin_stop(&gw, &gw.users[holder].clone());
+        assert_eq!(w.exit_within(&gw, Duration::from_secs(20)).code(), Some(0));
+        ran.push(stopped.elapsed().as_secs_f64() * 1000.0);
+        served.push(served_after_stop(&gw, &gw.users[waiter].clone()).as_secs_f64() * 1000.0);
+        admin_stop(&gw, &gw.users[waiter].clone());
+    }
+
+    // 2. Memory: 20 idle connections of the holder, then 20 logins waiting.
+    const N: usize = 20;
+    gw.ok(0, "true");
+    std::thread::sleep(Duration::from_secs(2));
+    let base = pss_kib(gw.pid());
+    let idle: Vec<Child> = (0..N)
+        .map(|_| {
+            gw.ssh(0)
+                .arg("-N")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    eventually(Duration::from_secs(30), || {
+        gw.metric("labgate_connections") == Some(N as f64)
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let with_idle = pss_kib(gw.pid());
+    let mut waiters: Vec<Background> = (0..N).map(|_| Background::start(&gw, 1, "true")).collect();
+    for w in &mut waiters {
+        w.expect_stderr(&gw, "labgate: waiting for 1 GPU", Duration::from_secs(30));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let with_waiters = pss_kib(gw.pid());
+    drop(waiters);
+    for mut c in idle {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let per_idle = (with_idle.saturating_sub(base)) as f64 / N as f64;
+    let per_waiter = (with_waiters.saturating_sub(with_idle)) as f64 / N as f64;
+
+    // 3. Login time, with an empty database and with a week of 50 users' minutes, in turns
+    // (each after a restart), so drift on the machine falls on both.
+    let state = gw.dir.path().join("state");
+    let full_db = gw.dir.path().join("full.sqlite");
+    {
+        use labgate::accounting::{Charge, store::Store};
+        let mut store = Store::open(&full_db).unwrap();
+        let now = std::time::SystemTime::now();
+        for minute in 0..7 * 24 * 60u64 {
+            let at = now - Duration::from_secs(60 * minute);
+            let charges: Vec<Charge> = (0..50)
+                .map(|u| Charge {
+                    holder: labgate::auth::Username::parse(&format!("bench{u}")).unwrap(),
+                    gpus: Vec::new(),
+                    since: at,
+                    held: 60.0,
+                    busy: 30.0,
+                    last: true,
+                })
+                .collect();
+            store.record(at, &charges, &[]).unwrap();
+        }
+    }
+    let (mut empty, mut full) = (Vec::new(), Vec::new());
+    for turn in 0..4 {
+        gw.stop();
+        for f in ["usage.sqlite", "usage.sqlite-wal", "usage.sqlite-shm"] {
+            let _ = std::fs::remove_file(state.join(f));
+        }
+        if turn % 2 == 1 {
+            std::fs::copy(&full_db, state.join("usage.sqlite")).unwrap();
+        }
+        gw.spawn();
+        gw.ok(0, "true");
+        for _ in 0..8 {
+            let t = Instant::now();
+            gw.ok(0, "true");
+            let ms = t.elapsed().as_secs_f64() * 1000.0;
+            if turn % 2 == 1 {
+                full.push(ms)
+            } else {
+                empty.push(ms)
+            }
+        }
+    }
+    let (empty, full) = (median(empty), median(full));
+
+    println!(
+        "gpu-queue: freed GPU to the head's allocation, ms (median of 5): {:.0}",
+        median(served)
+    );
+    println!(
+        "gpu-queue: freed GPU to the head's command done, ms (median of 5): {:.0}",
+        median(ran)
+    );
+    println!("gpu-queue: gateway memory per idle connection, KiB: {per_idle:.0}");
+    println!("gpu-queue: gateway memory per waiting login, KiB: {per_waiter:.0}");
+    println!("gpu-queue: login (ssh true), empty accounting, ms (median of 16): {empty:.1}");
+    println!("gpu-queue: login (ssh true), a week of 50 users, ms (median of 16): {full:.1}");
+    println!("gpu-queue: login ratio full/empty: {:.2}", full / empty);
+}
