@@ -313,6 +313,9 @@ pub struct Quota {
     /// The user's weight in the GPU queue's fair order: their recent GPU use is divided by it
     /// (default 1; 2 lets a user use twice as much before going behind others).
     pub gpu_share: f64,
+    /// Whether this container's idle GPUs may be reclaimed for waiting logins
+    /// (`[gpu] reclaim_idle`); `false` exempts a user or profile.
+    pub gpu_reclaim: bool,
     /// Stop the container after this long without an SSH connection of its user (and, with
     /// GPUs, without GPU activity); `None`: never.
     pub idle_stop: Option<Duration>,
@@ -323,6 +326,10 @@ pub struct Quota {
     /// The profile this quota is for (`user+profile` logins), `None` for plain logins.
     pub profile: Option<crate::auth::ProfileName>,
 }
+
+/// Default of a quota's `gpu_reclaim`: idle GPUs may be reclaimed (when `[gpu] reclaim_idle`
+/// turns reclaim on at all).
+pub const DEFAULT_GPU_RECLAIM: bool = true;
 
 /// Default of a quota's `home`: `{user}` is replaced by the user name.
 pub const DEFAULT_HOME: &str = "/var/lib/labgate/home/{user}";

@@ -339,6 +339,7 @@ impl Validator<'_> {
             forwarding: self.forwarding(raw.forwarding.unwrap_or_default())?,
             idle_stop: raw.idle_stop.and_then(|i| i.0),
             gpu_share: raw.gpu_share.map_or(1.0, |w| w.0),
+            gpu_reclaim: raw.gpu_reclaim.unwrap_or(DEFAULT_GPU_RECLAIM),
             pull_policy: raw.pull_policy.unwrap_or_default(),
             registry: None,
             profile: None,
