@@ -12,6 +12,7 @@
 pub mod allocator;
 pub mod nvml;
 pub mod queue;
+pub mod reclaim;
 
 use std::collections::BTreeMap;
 
