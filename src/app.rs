@@ -89,6 +89,7 @@ pub async fn serve(
         gpu_line,
         identities: Arc::default(),
         activity: Default::default(),
+        notices: Default::default(),
     });
     tokio::spawn(crate::login::gpuline::sample_usage(
         ctx.clone(),
