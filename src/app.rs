@@ -97,6 +97,7 @@ pub async fn serve(
     ));
     crate::admin::start(ctx.clone(), &admin, stop_rx.clone()).await;
     tokio::spawn(crate::session::idle::run(ctx.clone(), stop_rx.clone()));
+    tokio::spawn(crate::login::reclaim::run(ctx.clone(), stop_rx.clone()));
     tokio::spawn(crate::login::registry::end_when_key_removed(
         ctx.clone(),
         stop_rx.clone(),

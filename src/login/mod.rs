@@ -13,6 +13,7 @@ pub mod gpuline;
 pub mod identity;
 pub mod notice;
 pub mod pending;
+pub mod reclaim;
 pub mod registry;
 #[cfg(test)]
 pub(crate) mod testing;

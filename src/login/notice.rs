@@ -92,6 +92,11 @@ impl Notices {
         let _ = self.sender.send(notice);
     }
 
+    /// Forgets `container`'s standing warning without telling anyone (it no longer runs).
+    pub fn clear(&self, container: &str) {
+        self.standing().remove(container);
+    }
+
     /// The notices of `container` from now on, the standing warning first.
     pub fn subscribe(&self, container: &str) -> Subscription {
         let receiver = Some(self.sender.subscribe());
