@@ -5,9 +5,10 @@
 //! log, and at a deadline stops the container (home and container kept, as idle stop), so
 //! the first in line gets its GPUs.
 //!
-//! The stop makes a last check under the user's start lock (the backend's `stop`): someone
-//! still waits and the GPUs are still idle since the warning; only then are the sessions told
-//! why and the container stopped. While nobody waits, nothing is listed or decided.
+//! At the deadline the GPUs are read afresh, and the stop makes a last check under the user's
+//! start lock (the backend's `stop`): someone still waits and the GPUs are still idle since
+//! the warning; only then are the sessions told why and the container stopped. While nobody
+//! waits, nothing is listed or decided.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -126,10 +127,11 @@ pub(crate) async fn look(ctx: &Arc<Context>, reclaimer: &mut Reclaimer, now: Sys
     }
 }
 
-/// `idle_since` to `now`, in whole seconds, as humantime writes it (`2h 10m 5s`).
+/// `idle_since` to `now`, to the nearest second (as the user is told), as humantime writes
+/// it (`2h 10m 5s`).
 fn rounded(now: SystemTime, idle_since: SystemTime) -> humantime::FormattedDuration {
     let idle = now.duration_since(idle_since).unwrap_or_default();
-    humantime::format_duration(Duration::from_secs(idle.as_secs()))
+    humantime::format_duration(Duration::from_secs(idle.as_secs_f64().round() as u64))
 }
 
 /// Tells `container`'s sessions its warning no longer stands (unless it is gone), and audits.
@@ -155,6 +157,11 @@ async fn reclaim(
     owner: &crate::auth::Username,
     idle_since: SystemTime,
 ) {
+    // A fresh reading rather than the last sample's: use in the window's last seconds counts.
+    if let Ok(gpus) = ctx.runtime.gpus().await {
+        let busy_at = ctx.config.borrow().gpu.busy_utilization;
+        ctx.activity.observe(&gpus, busy_at, SystemTime::now());
+    }
     let declined = Arc::new(AtomicBool::new(false));
     let still_wanted = {
         let (ctx, declined) = (ctx.clone(), declined.clone());
