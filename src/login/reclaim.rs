@@ -51,8 +51,11 @@ pub(crate) async fn look(ctx: &Arc<Context>, reclaimer: &mut Reclaimer, now: Sys
         idle,
         warning: config.gpu.reclaim_warning,
     });
+    if policy.is_none() && !reclaimer.any_warned() {
+        return;
+    }
     let wanted: usize = ctx.gpu_line.line().iter().map(|p| p.wants).sum();
-    if !reclaimer.any_warned() && (policy.is_none() || wanted == 0) {
+    if wanted == 0 && !reclaimer.any_warned() {
         return;
     }
     let list = match ctx.runtime.list_managed().await {
@@ -255,6 +258,7 @@ mod tests {
         ensure_container(&ctx, &login(&ctx, "alice", None))
             .await
             .unwrap();
+        *fake.gpus.lock().unwrap() = vec![gpu(0)];
         ctx.activity.observe(&[gpu(0)], 5, now - 2 * HOUR);
         let heard = ctx.notices.subscribe("labgate-alice");
         (ctx, fake, heard)
@@ -336,6 +340,7 @@ mod tests {
             alice.try_next(),
             Some(Event::ReclaimWarning { .. })
         ));
+        *fake.gpus.lock().unwrap() = vec![gpu(90)];
         ctx.activity.observe(&[gpu(90)], 5, now + MINUTE);
         look(&ctx, &mut r, now + MINUTE).await;
         assert_eq!(
@@ -345,11 +350,36 @@ mod tests {
             })
         );
         // Idle again at once: not long enough for a new warning, past the old deadline too.
+        *fake.gpus.lock().unwrap() = vec![gpu(0)];
         ctx.activity.observe(&[gpu(0)], 5, now + 2 * MINUTE);
         look(&ctx, &mut r, now + 20 * MINUTE).await;
         assert_eq!(alice.try_next(), None);
         assert!(fake.running("labgate-alice"));
         assert!(!bob.is_finished(), "bob still waits");
+        bob.abort();
+    }
+
+    #[tokio::test]
+    async fn use_the_last_sample_missed_is_seen_at_the_deadline() {
+        let now = SystemTime::now();
+        let (ctx, fake, mut alice) = alice_holds_it_idle(now, false).await;
+        let mut r = Reclaimer::default();
+        let bob = bob_waits(&ctx).await;
+        look(&ctx, &mut r, now).await;
+        assert!(matches!(
+            alice.try_next(),
+            Some(Event::ReclaimWarning { .. })
+        ));
+        // A job starts after the last sample: the GPUs are read again at the deadline.
+        *fake.gpus.lock().unwrap() = vec![gpu(90)];
+        look(&ctx, &mut r, now + 15 * MINUTE).await;
+        assert_eq!(
+            alice.try_next(),
+            Some(Event::ReclaimCalledOff {
+                why: CallOff::UsedAgain
+            })
+        );
+        assert!(fake.running("labgate-alice"));
         bob.abort();
     }
 
