@@ -99,6 +99,7 @@ pub async fn serve(
         accounting,
         identities: Arc::default(),
         activity: Default::default(),
+        notices: Default::default(),
     });
     tokio::spawn(crate::login::usage::run(
         ctx.clone(),
@@ -107,6 +108,7 @@ pub async fn serve(
     ));
     crate::admin::start(ctx.clone(), &admin, stop_rx.clone()).await;
     tokio::spawn(crate::session::idle::run(ctx.clone(), stop_rx.clone()));
+    tokio::spawn(crate::login::reclaim::run(ctx.clone(), stop_rx.clone()));
     tokio::spawn(crate::login::registry::end_when_key_removed(
         ctx.clone(),
         stop_rx.clone(),

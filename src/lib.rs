@@ -13,16 +13,16 @@
 //!   key and certificate checks, `user+profile` logins.
 //! - [`ssh`]: host key, russh server settings, accept loop, and the russh `Handler` that only
 //!   translates protocol events.
-//! - [`login`]: who is logged in (`Login`), what all connections share (`Context`), and the
-//!   one way a login gets its container.
+//! - [`login`]: who is logged in (`Login`), what all connections share (`Context`), the one
+//!   way a login gets its container, the GPU queue, and GPU reclaim carried out.
 //! - [`session`]: the task that bridges one session channel to a process, the text a user
 //!   reads from labgate, idle stop.
 //! - [`forward`]: port, unix-socket and agent forwarding into the user's container.
 //! - [`runtime`]: the container backend seam ([`runtime::ContainerRuntime`], the way in
 //!   [`runtime::reach::Reach`]) and its Docker implementation (with shared image pulls, and
 //!   the host's GPU pool).
-//! - [`gpu`]: the GPU inventory (NVML) and the allocator (exclusive or shared, by UUID, never
-//!   oversubscribed).
+//! - [`gpu`]: the GPU inventory (NVML), the allocator (exclusive or shared, by UUID, never
+//!   oversubscribed), and the pure decisions of the GPU queue and of reclaiming idle GPUs.
 //! - [`admin`]: the admin socket (`labgate status | stop | kick | gpus`, one module each in
 //!   [`admin::cmd`]), `/metrics` and `/healthz`, the audit log.
 //! - [`metrics`]: the process-wide Prometheus metrics; [`codes`]: the stable error codes.

@@ -36,6 +36,7 @@ pub struct Metrics {
     gpu_wait: Histogram,
     gpu_seconds: Family<Vec<(&'static str, String)>, Counter<f64, std::sync::atomic::AtomicU64>>,
     idle_stops: Counter,
+    gpu_reclaims: Counter,
     unauthenticated: Gauge,
     startups_closed: Counter,
     auth_backoffs: Counter,
@@ -72,6 +73,7 @@ impl Metrics {
             gpu_wait: Histogram::new(exponential_buckets(1.0, 4.0, 10)),
             gpu_seconds: Family::default(),
             idle_stops: Counter::default(),
+            gpu_reclaims: Counter::default(),
             unauthenticated: Gauge::default(),
             startups_closed: Counter::default(),
             auth_backoffs: Counter::default(),
@@ -151,6 +153,11 @@ impl Metrics {
             "idle_stops",
             "Containers stopped for being idle",
             m.idle_stops.clone(),
+        );
+        registry.register(
+            "gpu_reclaims",
+            "Containers stopped to give their idle GPUs to waiting logins ([gpu] reclaim_idle)",
+            m.gpu_reclaims.clone(),
         );
         registry.register(
             "unauthenticated_connections",
@@ -242,6 +249,11 @@ impl Metrics {
     /// Counts a container stopped for idleness.
     pub fn idle_stop(&self) {
         self.idle_stops.inc();
+    }
+
+    /// Counts a container stopped to reclaim its idle GPUs.
+    pub fn gpu_reclaim(&self) {
+        self.gpu_reclaims.inc();
     }
 
     /// Sets how many connections wait unauthenticated.

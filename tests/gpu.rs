@@ -1197,4 +1197,223 @@ fn gpu_queue_figures() {
     println!("gpu-queue: login (ssh true), empty accounting, ms (median of 16): {empty:.1}");
     println!("gpu-queue: login (ssh true), a week of 50 users, ms (median of 16): {full:.1}");
     println!("gpu-queue: login ratio full/empty: {:.2}", full / empty);
+/// `[gpu]` lines that turn reclaim on, short enough for a test: warned after 2 s idle, stopped
+/// 4 s later.
+const RECLAIM: &str = "reclaim_idle = \"2s\"\nreclaim_warning = \"4s\"\n";
+
+/// User `i`'s login shell on a terminal, once it answers.
+fn shell_on_terminal(gw: &Gateway, i: usize) -> Terminal {
+    let mut term = Terminal::open(gw.ssh(i).arg("-tt"), 24, 80);
+    term.send("echo ready-$((6*7))\n");
+    term.expect("ready-42");
+    term
+}
+
+/// Asserts `rest`, what follows "your container will be stopped at " in a warning, is
+/// `HH:MM (in Ns) unless you use them; your home is kept` with N at most `warning` seconds.
+fn assert_deadline(rest: &str, warning: u64) {
+    let (clock, tail) = rest.split_at(5.min(rest.len()));
+    let b = clock.as_bytes();
+    assert!(
+        b.len() == 5 && b[2] == b':' && b[..2].iter().chain(&b[3..]).all(u8::is_ascii_digit),
+        "expected HH:MM first: {rest:?}"
+    );
+    let secs: u64 = tail
+        .strip_prefix(" (in ")
+        .and_then(|t| t.split_once("s) unless you use them; your home is kept"))
+        .filter(|(_, after)| after.is_empty())
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected warning {rest:?}"));
+    assert!((1..=warning).contains(&secs), "{rest:?}");
+}
+
+#[test]
+fn reclaim_warns_an_idle_holder_then_stops_it_for_the_one_who_waits() {
+    let _serial = one_at_a_time();
+    let Some(engine) = gpu_engine("reclaim_warns_an_idle_holder_then_stops_it") else {
+        return;
+    };
+    let nvml = tempfile::tempdir().unwrap();
+    let gw = one_gpu(&engine, nvml.path(), 2, RECLAIM);
+    let (alice, bob) = (&gw.users[0], &gw.users[1]);
+    // Alice holds the only GPU, idle, with a shell open.
+    let mut term = shell_on_terminal(&gw, 0);
+    let mut waiter = Background::start(&gw, 1, "echo started");
+    waiter.expect_stderr(&gw, &waiting("1st", alice), Duration::from_secs(20));
+
+    // Someone waits and her GPU has been idle past reclaim_idle: her terminal is warned.
+    let idle = term.expect_line(
+        "\r\nlabgate: your GPUs have been idle for ",
+        Duration::from_secs(10),
+    );
+    let warned = Instant::now();
+    let rest = idle
+        .split_once(" while others wait for one: your container will be stopped at ")
+        .unwrap_or_else(|| panic!("unexpected warning {idle:?}"))
+        .1;
+    assert_deadline(rest, 4);
+    assert!(
+        audited(&gw, "GPU reclaim warning", alice),
+        "{:#?}",
+        gw.audit()
+    );
+    assert_eq!(
+        engine
+            .inspect(&gw.container(0), "{{.State.Status}}")
+            .as_deref(),
+        Some("running")
+    );
+
+    // Still idle at the deadline: stopped, her terminal told why; Bob gets the GPU.
+    let why = term.expect_line(
+        "labgate: your container is being stopped: its GPUs were idle for ",
+        Duration::from_secs(10),
+    );
+    let after = warned.elapsed();
+    assert!(
+        why.ends_with(
+            " while others waited for one; your home is kept, and your next login starts it again"
+        ),
+        "{why:?}"
+    );
+    eprintln!("alice was warned: idle for {idle:?}\n{after:?} later: idle for {why:?}");
+    assert!(
+        after >= Duration::from_secs(3),
+        "the window was cut short: {after:?}"
+    );
+    term.wait();
+    let status = waiter.exit_within(&gw, Duration::from_secs(15));
+    assert_eq!(status.code(), Some(0), "{}", waiter.stderr());
+    assert_eq!(String::from_utf8_lossy(&waiter.stdout()), "started\n");
+    assert_eq!(
+        engine
+            .inspect(&gw.container(0), "{{.State.Status}}")
+            .as_deref(),
+        Some("exited"),
+        "kept, stopped"
+    );
+    assert_asked_for(Some(&engine), &gw.container(1), &[GPU0]);
+    assert!(
+        audited(&gw, "container stopped: GPUs reclaimed", alice),
+        "{:#?}",
+        gw.audit()
+    );
+    assert!(audited(&gw, "GPUs free: leaving the queue", bob));
+    assert_eq!(gw.metric("labgate_gpu_reclaims_total"), Some(1.0));
+}
+
+#[test]
+fn reclaim_is_called_off_when_the_gpu_is_used_during_the_warning() {
+    let _serial = one_at_a_time();
+    let Some(engine) = gpu_engine("reclaim_is_called_off_when_the_gpu_is_used") else {
+        return;
+    };
+    let nvml = tempfile::tempdir().unwrap();
+    let gw = one_gpu(&engine, nvml.path(), 2, RECLAIM);
+    let alice = &gw.users[0];
+    let mut term = shell_on_terminal(&gw, 0);
+    let mut waiter = Background::start(&gw, 1, "echo started");
+    waiter.expect_stderr(&gw, &waiting("1st", alice), Duration::from_secs(20));
+    term.expect_within(
+        "\r\nlabgate: your GPUs have been idle for ",
+        Duration::from_secs(10),
+    );
+    let warned = Instant::now();
+
+    // She starts a job on the GPU within the window: called off, and she is told.
+    set_gpus(
+        nvml.path(),
+        &format!("{GPU0},NVIDIA A100-SXM4-80GB,81920,util=80,used=4096,procs=4242:4096\n"),
+    );
+    term.expect_within(
+        "\r\nlabgate: your GPUs are in use again: your container will not be stopped\r\n",
+        Duration::from_secs(10),
+    );
+    assert!(
+        audited(&gw, "GPU reclaim called off", alice),
+        "{:#?}",
+        gw.audit()
+    );
+    // Past the deadline: her container runs, her shell answers, Bob still waits.
+    std::thread::sleep(Duration::from_secs(6).saturating_sub(warned.elapsed()));
+    term.send("echo still-$((6*7))\n");
+    term.expect("still-42");
+    assert_eq!(
+        engine
+            .inspect(&gw.container(0), "{{.State.Status}}")
+            .as_deref(),
+        Some("running")
+    );
+    assert!(waiter.running(), "{}", waiter.stderr());
+    assert!(waiter.stdout().is_empty());
+    assert!(!audited(&gw, "container stopped: GPUs reclaimed", alice));
+}
+
+#[test]
+fn reclaim_never_acts_while_nobody_waits() {
+    let _serial = one_at_a_time();
+    let Some(engine) = gpu_engine("reclaim_never_acts_while_nobody_waits") else {
+        return;
+    };
+    let nvml = tempfile::tempdir().unwrap();
+    let gw = one_gpu(&engine, nvml.path(), 2, RECLAIM);
+    let alice = &gw.users[0];
+    let mut term = shell_on_terminal(&gw, 0);
+    // Idle far past reclaim_idle + reclaim_warning, nobody waiting: nothing.
+    std::thread::sleep(Duration::from_secs(8));
+    let shown = term.unmatched();
+    assert!(!shown.contains("labgate:"), "{shown:?}");
+    assert!(
+        !audited(&gw, "GPU reclaim warning", alice),
+        "{:#?}",
+        gw.audit()
+    );
+    assert_eq!(
+        engine
+            .inspect(&gw.container(0), "{{.State.Status}}")
+            .as_deref(),
+        Some("running")
+    );
+    // Reclaim was on all along: the first waiter gets her warned at once.
+    let mut waiter = Background::start(&gw, 1, "echo started");
+    waiter.expect_stderr(&gw, &waiting("1st", alice), Duration::from_secs(20));
+    term.expect_within(
+        "\r\nlabgate: your GPUs have been idle for ",
+        Duration::from_secs(5),
+    );
+}
+
+#[test]
+fn reclaim_never_warns_an_exempt_user() {
+    let _serial = one_at_a_time();
+    let Some(engine) = gpu_engine("reclaim_never_warns_an_exempt_user") else {
+        return;
+    };
+    let nvml = tempfile::tempdir().unwrap();
+    let gw = one_gpu(
+        &engine,
+        nvml.path(),
+        2,
+        &format!("{RECLAIM}\n[users.{{u0}}]\ngpu_reclaim = false\n"),
+    );
+    let alice = &gw.users[0];
+    let mut term = shell_on_terminal(&gw, 0);
+    let mut waiter = Background::start(&gw, 1, "echo started");
+    waiter.expect_stderr(&gw, &waiting("1st", alice), Duration::from_secs(20));
+    // Someone waits, her GPU idle past reclaim_idle + reclaim_warning: never warned.
+    std::thread::sleep(Duration::from_secs(6));
+    let shown = term.unmatched();
+    assert!(!shown.contains("labgate:"), "{shown:?}");
+    assert!(
+        !audited(&gw, "GPU reclaim warning", alice),
+        "{:#?}",
+        gw.audit()
+    );
+    assert_eq!(
+        engine
+            .inspect(&gw.container(0), "{{.State.Status}}")
+            .as_deref(),
+        Some("running")
+    );
+    assert!(waiter.running(), "{}", waiter.stderr());
 }

@@ -6,9 +6,9 @@ use super::Quota;
 
 /// How two quotas of the same user differ, by what applying the difference takes.
 ///
-/// Settings in neither group (`shell`, `accept_env`, `forwarding`, `idle_stop`,
-/// `pull_policy`, registry credentials, the profile name) need nothing done: they are read
-/// from the config at each login, request or check.
+/// Settings in neither group (`shell`, `accept_env`, `forwarding`, `idle_stop`, `gpu_share`,
+/// `gpu_reclaim`, `pull_policy`, registry credentials, the profile name) need nothing done:
+/// they are read from the config at each login, request or check.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct QuotaChanges {
     /// Memory, CPUs or the process limit differ: applied to a running container as it runs
@@ -176,6 +176,7 @@ mod tests {
             q.shell = Some("/bin/zsh".into());
             q.accept_env.push("FOO".into());
             q.idle_stop = Some(std::time::Duration::from_secs(60));
+            q.gpu_reclaim = !q.gpu_reclaim;
             q.forwarding.local = !q.forwarding.local;
         });
         assert!(c.is_empty(), "{c:?}");

@@ -33,6 +33,9 @@ pub const DEFAULT_MAX_WAIT: std::time::Duration = std::time::Duration::from_secs
 pub const DEFAULT_FAIR_SHARE_HALF_LIFE: std::time::Duration =
     std::time::Duration::from_secs(7 * 86_400);
 
+/// Default of `[gpu] reclaim_warning`: how long before a reclaim its owner is warned.
+pub const DEFAULT_RECLAIM_WARNING: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
 /// `[gpu]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GpuConfig {
@@ -50,6 +53,12 @@ pub struct GpuConfig {
     /// A container whose GPUs are this busy (percent utilisation, any of them) counts as in
     /// use for idle stop even with no SSH connection open.
     pub busy_utilization: u32,
+    /// While a login waits for GPUs, a container whose GPUs have all been idle (at most
+    /// `busy_utilization`) this long is warned and then stopped for it; `None` (the default,
+    /// `"never"`): GPUs are never reclaimed.
+    pub reclaim_idle: Option<std::time::Duration>,
+    /// How long a reclaim's warning comes before the stop: use in that window calls it off.
+    pub reclaim_warning: std::time::Duration,
 }
 
 impl Default for GpuConfig {
@@ -61,6 +70,8 @@ impl Default for GpuConfig {
             nvml_library: DEFAULT_NVML_LIBRARY.into(),
             mode: GpuMode::Exclusive,
             busy_utilization: DEFAULT_BUSY_UTILIZATION,
+            reclaim_idle: None,
+            reclaim_warning: DEFAULT_RECLAIM_WARNING,
         }
     }
 }
@@ -266,6 +277,24 @@ pub(super) struct RawGpu {
     queue: Option<bool>,
     max_wait: Option<Spanned<super::HumanDuration>>,
     fair_share_half_life: Option<Spanned<super::HumanDuration>>,
+    reclaim_idle: Option<Spanned<String>>,
+    reclaim_warning: Option<Spanned<super::HumanDuration>>,
+}
+
+/// `reclaim_idle` as written: `"never"`, or a duration of at least a second.
+fn parse_reclaim_idle(s: &str) -> Result<Option<std::time::Duration>, String> {
+    if s == "never" {
+        return Ok(None);
+    }
+    let d = humantime::parse_duration(s).map_err(|e| {
+        format!("reclaim_idle {s:?}: {e} (a duration such as \"2h\", or \"never\", the default)")
+    })?;
+    if d < std::time::Duration::from_secs(1) {
+        return Err(format!(
+            "reclaim_idle {s:?} is too short: at least 1s (or \"never\")"
+        ));
+    }
+    Ok(Some(d))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -323,7 +352,20 @@ impl Validator<'_> {
                 Some(d) => Err(self.at(d.span(), format!("{key} must be at least 1s"))),
             }
         };
+        let reclaim_idle = match raw.reclaim_idle {
+            None => None,
+            Some(r) => {
+                let span = r.span();
+                parse_reclaim_idle(r.get_ref()).map_err(|m| self.at(span, m))?
+            }
+        };
         Ok(GpuConfig {
+            reclaim_idle,
+            reclaim_warning: at_least_a_second(
+                raw.reclaim_warning,
+                "reclaim_warning",
+                DEFAULT_RECLAIM_WARNING,
+            )?,
             queue: raw.queue.unwrap_or(true),
             max_wait: at_least_a_second(raw.max_wait, "max_wait", DEFAULT_MAX_WAIT)?,
             fair_share_half_life: at_least_a_second(

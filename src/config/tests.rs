@@ -1431,3 +1431,63 @@ fn gpu_queue_keys_have_defaults_and_are_checked() {
     assert_eq!(short.line, 2, "{}", short.display);
     assert!(short.message.contains("at least 1s"), "{}", short.message);
 }
+
+#[test]
+fn gpu_reclaim_is_off_by_default_per_user_exemptions_inherit_and_values_are_checked() {
+    let c = ok("[defaults]\nimage = \"x\"\n");
+    assert_eq!(c.gpu.reclaim_idle, None, "off by default");
+    assert_eq!(c.gpu.reclaim_warning, Duration::from_secs(15 * 60));
+    assert!(c.defaults.gpu_reclaim);
+    let on = ok(concat!(
+        "[gpu]\nreclaim_idle = \"2h\"\nreclaim_warning = \"10m\"\n\n",
+        "[defaults]\nimage = \"x\"\n\n",
+        "[users.alice]\ngpu_reclaim = false\n\n",
+        "[users.bob]\nmemory = \"1G\"\n\n",
+        "[profiles.train]\nusers = [\"alice\", \"bob\"]\n\n",
+        "[profiles.demo]\nusers = [\"bob\"]\ngpu_reclaim = false\n",
+    ));
+    assert_eq!(on.gpu.reclaim_idle, Some(Duration::from_secs(7200)));
+    assert_eq!(on.gpu.reclaim_warning, Duration::from_secs(600));
+    assert!(!on.quota_for(&user("alice")).gpu_reclaim);
+    assert!(on.quota_for(&user("bob")).gpu_reclaim);
+    let profile = |u: &str, p: &str| {
+        on.profile_quota(&user(u), &ProfileName::parse(p).unwrap())
+            .unwrap()
+            .gpu_reclaim
+    };
+    assert!(
+        !profile("alice", "train"),
+        "a profile inherits its user's exemption"
+    );
+    assert!(profile("bob", "train"));
+    assert!(!profile("bob", "demo"), "a profile exempts its containers");
+    let never = ok("[gpu]\nreclaim_idle = \"never\"\n\n[defaults]\nimage = \"x\"\n");
+    assert_eq!(never.gpu.reclaim_idle, None);
+
+    let short = err_at("[gpu]\nreclaim_idle = \"500ms\"\n\n[defaults]\nimage = \"x\"\n");
+    assert_eq!((short.line, short.column), (2, 16), "{}", short.display);
+    assert!(short.message.contains("at least 1s"), "{}", short.message);
+    let bad = err_at("[gpu]\nreclaim_idle = \"soon\"\n\n[defaults]\nimage = \"x\"\n");
+    assert_eq!((bad.line, bad.column), (2, 16), "{}", bad.display);
+    assert!(
+        bad.message.contains("reclaim_idle \"soon\"") && bad.message.contains("\"never\""),
+        "{}",
+        bad.message
+    );
+    let warning = err_at("[gpu]\nreclaim_warning = \"0s\"\n\n[defaults]\nimage = \"x\"\n");
+    assert_eq!(
+        (warning.line, warning.column),
+        (2, 19),
+        "{}",
+        warning.display
+    );
+    assert!(
+        warning
+            .message
+            .contains("reclaim_warning must be at least 1s"),
+        "{}",
+        warning.message
+    );
+    let typed = err_at("[defaults]\nimage = \"x\"\ngpu_reclaim = \"no\"\n");
+    assert_eq!((typed.line, typed.column), (3, 15), "{}", typed.display);
+}

@@ -320,6 +320,9 @@ pub struct Quota {
     pub gpu_queue: Option<bool>,
     /// Longest wait in the GPU queue for this user; `None`: `[gpu] max_wait`.
     pub gpu_max_wait: Option<Duration>,
+    /// Whether this container's idle GPUs may be reclaimed for waiting logins
+    /// (`[gpu] reclaim_idle`); `false` exempts a user or profile.
+    pub gpu_reclaim: bool,
     /// Stop the container after this long without an SSH connection of its user (and, with
     /// GPUs, without GPU activity); `None`: never.
     pub idle_stop: Option<Duration>,
@@ -330,6 +333,10 @@ pub struct Quota {
     /// The profile this quota is for (`user+profile` logins), `None` for plain logins.
     pub profile: Option<crate::auth::ProfileName>,
 }
+
+/// Default of a quota's `gpu_reclaim`: idle GPUs may be reclaimed (when `[gpu] reclaim_idle`
+/// turns reclaim on at all).
+pub const DEFAULT_GPU_RECLAIM: bool = true;
 
 /// Default of a quota's `home`: `{user}` is replaced by the user name.
 pub const DEFAULT_HOME: &str = "/var/lib/labgate/home/{user}";

@@ -348,6 +348,7 @@ impl Validator<'_> {
                 }
                 Some(d) => return Err(self.at(d.span(), "gpu_max_wait must be at least 1s".into())),
             },
+            gpu_reclaim: raw.gpu_reclaim.unwrap_or(DEFAULT_GPU_RECLAIM),
             pull_policy: raw.pull_policy.unwrap_or_default(),
             registry: None,
             profile: None,

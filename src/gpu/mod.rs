@@ -5,6 +5,8 @@
 //! rebuilt from container labels, resume of a container whose GPUs were taken), and the
 //! GPU pool of the local backend (`runtime::docker::pool`), which ties them to container starts. GPUs are always named by
 //! UUID ([`GpuUuid`]) when they leave this module: indices change with driver and PCI order.
+//! The pure decisions above the seam live here too: the order of the GPU queue ([`queue`])
+//! and which idle holder is warned and stopped for it ([`reclaim`]).
 //!
 //! NVML is optional: a host without the library (every CPU-only machine) runs the gateway
 //! normally; logins whose quota asks for GPUs are refused with a message saying why.
@@ -12,6 +14,7 @@
 pub mod allocator;
 pub mod nvml;
 pub mod queue;
+pub mod reclaim;
 
 use std::collections::BTreeMap;
 

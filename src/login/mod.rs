@@ -3,14 +3,17 @@
 //! A [`Login`] is the snapshot taken when a user authenticates: who, with which key, from
 //! where, under which quota and identity. [`Context`] is what all connections share: the
 //! config in force, the container backend, the live connections ([`registry`]), idle
-//! timers and the forwards being opened ([`pending`]). [`ensure_container`] is the one way a
-//! login gets its container. The session channels ([`crate::session`]) and the forwards
-//! ([`crate::forward`]) both build on this module; it imports neither.
+//! timers, the forwards being opened ([`pending`]) and what running sessions are told
+//! ([`notice`]). [`ensure_container`] is the one way a login gets its container. The session
+//! channels ([`crate::session`]) and the forwards ([`crate::forward`]) both build on this
+//! module; it imports neither.
 
 pub mod activity;
 pub mod gpuline;
 pub mod identity;
+pub mod notice;
 pub mod pending;
+pub mod reclaim;
 pub mod registry;
 #[cfg(test)]
 pub(crate) mod testing;
@@ -61,6 +64,8 @@ pub struct Context {
     pub activity: activity::GpuActivity,
     /// GPU usage and waits, kept in `[server] state_dir`.
     pub accounting: Arc<crate::accounting::Accounting>,
+    /// What running sessions are told as it happens (a GPU reclaim's warning and stop).
+    pub notices: notice::Notices,
     /// Resolves logins' identities (`uid = "host"`, `"auto"`).
     pub identities: Arc<identity::Identities>,
 }

@@ -37,6 +37,7 @@ pub(crate) fn context(config: Config) -> (Arc<Context>, Arc<FakeRuntime>) {
         pending: Arc::default(),
         identities: Arc::default(),
         activity: Default::default(),
+        notices: Default::default(),
     });
     (ctx, fake)
 }

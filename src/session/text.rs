@@ -180,15 +180,9 @@ pub fn gpu_wait(w: &crate::login::gpuline::WaitState, now: std::time::SystemTime
             continue;
         }
         let who: Vec<&str> = g.holders.iter().map(|h| h.as_str()).collect();
-        let since = g.since.map_or_else(String::new, |t| {
-            let local = chrono::DateTime::<chrono::Local>::from(t);
-            if now.duration_since(t).unwrap_or_default() < std::time::Duration::from_secs(20 * 3600)
-            {
-                format!(" since {}", local.format("%H:%M"))
-            } else {
-                format!(" since {}", local.format("%b %-d %H:%M"))
-            }
-        });
+        let since = g
+            .since
+            .map_or_else(String::new, |t| format!(" since {}", clock(t, now)));
         let use_ = match (g.busy, g.utilization) {
             (true, Some(u)) => format!("busy {u}%"),
             (true, None) => "busy".to_owned(),
@@ -205,6 +199,73 @@ pub fn gpu_wait(w: &crate::login::gpuline::WaitState, now: std::time::SystemTime
         ));
     }
     parts.join(" | ")
+}
+
+/// `t` in local time as people read a clock: `09:12`, or `Dec 3 09:12` when it is 20 hours
+/// or more from `now` (either way).
+pub fn clock(t: std::time::SystemTime, now: std::time::SystemTime) -> String {
+    let local = chrono::DateTime::<chrono::Local>::from(t);
+    let apart = now
+        .duration_since(t)
+        .or_else(|_| t.duration_since(now))
+        .unwrap_or_default();
+    if apart < std::time::Duration::from_secs(20 * 3600) {
+        local.format("%H:%M").to_string()
+    } else {
+        local.format("%b %-d %H:%M").to_string()
+    }
+}
+
+/// How long from `from` to `to`, to the nearest second, as [`short_duration`] says it (0s
+/// when `to` is not later).
+fn between(from: std::time::SystemTime, to: std::time::SystemTime) -> String {
+    let d = to.duration_since(from).unwrap_or_default();
+    short_duration(std::time::Duration::from_secs(
+        d.as_secs_f64().round() as u64
+    ))
+}
+
+/// What a running session is told of `event` at `now` (see [`crate::login::notice`]): on a
+/// terminal a line of its own among the program's output (`\r\n` before and after, since
+/// the cursor may be anywhere), else a line for stderr.
+pub fn notice(
+    event: &crate::login::notice::Event,
+    now: std::time::SystemTime,
+    tty: bool,
+) -> String {
+    use crate::gpu::reclaim::CallOff;
+    use crate::login::notice::Event;
+    let text = match event {
+        Event::ReclaimWarning {
+            idle_since,
+            deadline,
+        } => format!(
+            "your GPUs have been idle for {} while others wait for one: your container will be stopped at {} (in {}) unless you use them; your home is kept",
+            between(*idle_since, now),
+            clock(*deadline, now),
+            between(now, *deadline),
+        ),
+        Event::ReclaimCalledOff { why } => match why {
+            CallOff::UsedAgain => {
+                "your GPUs are in use again: your container will not be stopped".to_owned()
+            }
+            CallOff::NobodyWaits => {
+                "nobody waits for a GPU any more: your container will not be stopped".to_owned()
+            }
+            CallOff::Exempt | CallOff::Gone => {
+                "GPU reclaim no longer applies to your container: it will not be stopped".to_owned()
+            }
+        },
+        Event::Reclaimed { idle_since } => format!(
+            "your container is being stopped: its GPUs were idle for {} while others waited for one; your home is kept, and your next login starts it again",
+            between(*idle_since, now),
+        ),
+    };
+    if tty {
+        format!("\r\n{}", line(&text, true))
+    } else {
+        line(&text, false)
+    }
 }
 
 /// A duration as people say it at a glance: `45s`, `12m`, `2h10m`, `3d4h`.
@@ -410,6 +471,73 @@ mod tests {
             [
                 "1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "22nd", "101st"
             ]
+        );
+    }
+
+    #[test]
+    fn reclaim_notices_say_how_long_idle_when_the_stop_comes_and_that_home_is_kept() {
+        use crate::gpu::reclaim::CallOff;
+        use crate::login::notice::Event;
+        use std::time::Duration;
+        let now = std::time::SystemTime::now();
+        let deadline = now + Duration::from_secs(15 * 60);
+        let hhmm = chrono::DateTime::<chrono::Local>::from(deadline)
+            .format("%H:%M")
+            .to_string();
+        let warning = Event::ReclaimWarning {
+            idle_since: now - Duration::from_secs(2 * 3600 + 10 * 60),
+            deadline,
+        };
+        assert_eq!(
+            notice(&warning, now, true),
+            format!(
+                "\r\nlabgate: your GPUs have been idle for 2h10m while others wait for one: your container will be stopped at {hhmm} (in 15m) unless you use them; your home is kept\r\n"
+            )
+        );
+        // A moment later (a session shown the standing warning): whole minutes.
+        let later = now + Duration::from_millis(1400);
+        assert!(
+            notice(&warning, later, false).contains(&format!("at {hhmm} (in 14m) unless")),
+            "{}",
+            notice(&warning, later, false)
+        );
+        assert!(notice(&warning, later, false).ends_with("your home is kept\n"));
+        assert_eq!(
+            notice(
+                &Event::ReclaimCalledOff {
+                    why: CallOff::UsedAgain
+                },
+                now,
+                false
+            ),
+            "labgate: your GPUs are in use again: your container will not be stopped\n"
+        );
+        assert_eq!(
+            notice(
+                &Event::ReclaimCalledOff {
+                    why: CallOff::NobodyWaits
+                },
+                now,
+                true
+            ),
+            "\r\nlabgate: nobody waits for a GPU any more: your container will not be stopped\r\n"
+        );
+        assert_eq!(
+            notice(
+                &Event::Reclaimed {
+                    idle_since: now - Duration::from_secs(2 * 3600 + 15 * 60)
+                },
+                now,
+                false
+            ),
+            "labgate: your container is being stopped: its GPUs were idle for 2h15m while others waited for one; your home is kept, and your next login starts it again\n"
+        );
+        let far = now + Duration::from_secs(30 * 3600);
+        assert_eq!(
+            clock(far, now),
+            chrono::DateTime::<chrono::Local>::from(far)
+                .format("%b %-d %H:%M")
+                .to_string()
         );
     }
 

@@ -833,6 +833,40 @@ impl Terminal {
         }
     }
 
+    /// [`Terminal::expect_within`] `needle`, then the rest of its line (up to `\r\n`, which
+    /// is consumed too).
+    pub fn expect_line(&mut self, needle: &str, timeout: Duration) -> String {
+        self.expect_within(needle, timeout);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(end) = self.seen.windows(2).position(|w| w == b"\r\n") {
+                let rest = String::from_utf8_lossy(&self.seen[..end]).into_owned();
+                self.seen.drain(..end + 2);
+                return rest;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no end of the line after {needle:?}; got {:?}",
+                self.unmatched()
+            );
+            let before = self.seen.len();
+            self.unmatched();
+            if self.seen.len() == before {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// Everything the terminal has shown since the last match, without waiting.
+    pub fn unmatched(&mut self) -> String {
+        use std::io::Read;
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = self.master.read(&mut buf) {
+            self.seen.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&self.seen).into_owned()
+    }
+
     /// Types `text`.
     pub fn send(&mut self, text: &str) {
         use std::io::Write;

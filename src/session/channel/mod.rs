@@ -102,7 +102,8 @@ async fn serve(
 
     // Phase 3: running.
     let tty = setup.pty.is_some();
-    let status = match pump::run(&mut rx, &tx, exec, early, tty, &login.gone).await {
+    let notices = ctx.notices.subscribe(&container);
+    let status = match pump::run(&mut rx, &tx, exec, early, tty, &login.gone, notices).await {
         pump::Outcome::HungUp => return,
         pump::Outcome::Exited(status) => status,
     };

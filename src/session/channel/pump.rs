@@ -1,6 +1,8 @@
 //! The run phase: stdin → the program (through a queue of its own), its output → the channel
 //! (russh's window-respecting writers), window changes → resizes, signals → the program, EOF
-//! → its stdin (without a terminal); a client gone first hangs it up.
+//! → its stdin (without a terminal); a client gone first hangs it up. What the gateway tells
+//! the container's sessions meanwhile ([`crate::login::notice`]) goes in among the output:
+//! on a terminal to stdout as a line of its own, else to stderr, so stdout stays byte-exact.
 
 use std::sync::Arc;
 
@@ -14,6 +16,7 @@ use tracing::{Instrument, debug, warn};
 
 use super::early::EarlyInput;
 use super::setup::tty_size;
+use crate::login::notice::Subscription;
 use crate::runtime::{Exec, ExecControl, ExecOutput, ExitStatus};
 
 /// How the run phase ended.
@@ -28,7 +31,7 @@ pub(super) enum Outcome {
 /// Runs `exec` on the channel until its output ends or the client goes (`gone`: the
 /// connection ended). `early` is the input that came while it started: a close hangs it up
 /// at once, else the last size, the stdin and the EOF are handed on first. `is_tty`: it runs
-/// on a terminal.
+/// on a terminal. `notices`: what the session is told while it runs.
 pub(super) async fn run(
     rx: &mut ChannelReadHalf,
     tx: &ChannelWriteHalf<Msg>,
@@ -36,6 +39,7 @@ pub(super) async fn run(
     mut early: EarlyInput,
     is_tty: bool,
     gone: &CancellationToken,
+    notices: Subscription,
 ) -> Outcome {
     let control: Arc<dyn ExecControl> = Arc::from(exec.control);
     if early.closed {
@@ -56,7 +60,15 @@ pub(super) async fn run(
     let stdout = tx.make_writer();
     let stderr = tx.make_writer_ext(Some(1));
     let mut pump = tokio::spawn(
-        pump_output(exec.output, stdout, stderr, control.clone(), is_tty).in_current_span(),
+        pump_output(
+            exec.output,
+            stdout,
+            stderr,
+            control.clone(),
+            is_tty,
+            notices,
+        )
+        .in_current_span(),
     );
     let status = loop {
         tokio::select! {
@@ -172,17 +184,30 @@ impl Drop for StdinFeed {
     }
 }
 
-/// Copies the process's output to the channel; returns the exit status once it ends. When
-/// the status cannot be had (the engine went away under the session), the user is told so on
-/// stderr (`\r\n` on a terminal) and the channel ends without a status (ssh exits 255).
+/// Copies the process's output to the channel, and the notices among it; returns the exit
+/// status once it ends. Notices sent before the output ended (why the container stopped) are
+/// written before the status. When the status cannot be had (the engine went away under the
+/// session), the user is told so on stderr (`\r\n` on a terminal) and the channel ends
+/// without a status (ssh exits 255).
 async fn pump_output(
     mut output: futures::stream::BoxStream<'static, std::io::Result<ExecOutput>>,
     mut stdout: impl AsyncWrite + Unpin,
     mut stderr: impl AsyncWrite + Unpin,
     control: Arc<dyn ExecControl>,
     tty: bool,
+    mut notices: Subscription,
 ) -> Option<ExitStatus> {
-    while let Some(chunk) = output.next().await {
+    loop {
+        let chunk = tokio::select! {
+            chunk = output.next() => chunk,
+            event = notices.next() => {
+                if say(&event, &mut stdout, &mut stderr, tty).await.is_err() {
+                    return None;
+                }
+                continue;
+            }
+        };
+        let Some(chunk) = chunk else { break };
         let result = match chunk {
             Ok(ExecOutput::Stdout(b)) => stdout.write_all(&b).await,
             Ok(ExecOutput::Stderr(b)) => stderr.write_all(&b).await,
@@ -195,6 +220,9 @@ async fn pump_output(
             // The channel is gone; the main loop hangs the process up.
             return None;
         }
+    }
+    while let Some(event) = notices.try_next() {
+        let _ = say(&event, &mut stdout, &mut stderr, tty).await;
     }
     let _ = stdout.flush().await;
     match control.wait().await {
@@ -213,6 +241,22 @@ async fn pump_output(
             let _ = stderr.flush().await;
             None
         }
+    }
+}
+
+/// Writes what `event` tells the session: on a terminal to stdout (among the program's
+/// output, which the user reads there), else to stderr.
+async fn say(
+    event: &crate::login::notice::Event,
+    stdout: &mut (impl AsyncWrite + Unpin),
+    stderr: &mut (impl AsyncWrite + Unpin),
+    tty: bool,
+) -> std::io::Result<()> {
+    let line = super::super::text::notice(event, std::time::SystemTime::now(), tty);
+    if tty {
+        stdout.write_all(line.as_bytes()).await
+    } else {
+        stderr.write_all(line.as_bytes()).await
     }
 }
 
@@ -240,4 +284,98 @@ pub(super) fn signal_number(sig: &Sig) -> Option<i32> {
             _ => return None,
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use futures::SinkExt;
+
+    use super::*;
+    use crate::login::notice::{Event, Notices};
+    use crate::runtime::{RuntimeError, TtySize};
+
+    /// A process that has exited 0.
+    struct Exited;
+
+    #[async_trait::async_trait]
+    impl ExecControl for Exited {
+        async fn resize(&self, _size: TtySize) -> Result<(), RuntimeError> {
+            Ok(())
+        }
+        async fn signal(&self, _signal: i32) -> Result<(), RuntimeError> {
+            Ok(())
+        }
+        async fn wait(&self) -> Result<ExitStatus, RuntimeError> {
+            Ok(ExitStatus::Code(0))
+        }
+        async fn hangup(&self) {}
+    }
+
+    #[tokio::test]
+    async fn notices_go_among_the_output_on_a_terminal_and_to_stderr_without_one() {
+        let now = std::time::SystemTime::now();
+        let warning = Event::ReclaimWarning {
+            idle_since: now,
+            deadline: now + Duration::from_secs(900),
+        };
+        let stopped = Event::Reclaimed { idle_since: now };
+        for tty in [true, false] {
+            let notices = Notices::default();
+            let subscription = notices.subscribe("labgate-alice");
+            let (mut chunks, output) = futures::channel::mpsc::unbounded();
+            let (mut out, mut err) = (Vec::new(), Vec::new());
+            let pause = || tokio::time::sleep(Duration::from_millis(20));
+            let (status, ()) = tokio::join!(
+                pump_output(
+                    output.boxed(),
+                    &mut out,
+                    &mut err,
+                    Arc::new(Exited),
+                    tty,
+                    subscription
+                ),
+                async {
+                    let chunk = |s: &'static str| Ok(ExecOutput::Stdout(Bytes::from(s)));
+                    chunks.send(chunk("before")).await.unwrap();
+                    pause().await;
+                    notices.send("labgate-bob", warning.clone());
+                    notices.send("labgate-alice", warning.clone());
+                    pause().await;
+                    chunks.send(chunk("after")).await.unwrap();
+                    pause().await;
+                    // The stop: its notice is sent, then the output ends at once.
+                    notices.send("labgate-alice", stopped.clone());
+                    chunks.close_channel();
+                }
+            );
+            assert_eq!(status, Some(ExitStatus::Code(0)));
+            let (out, err) = (
+                String::from_utf8(out).unwrap(),
+                String::from_utf8(err).unwrap(),
+            );
+            let said = |e: &Event| super::super::super::text::notice(e, now, tty);
+            if tty {
+                // Lines of their own among the output, bob's not among them.
+                assert_eq!(
+                    out,
+                    format!("before{}after{}", said(&warning), said(&stopped))
+                );
+                assert!(
+                    out.contains("\r\nlabgate: your GPUs have been idle"),
+                    "{out:?}"
+                );
+                assert!(err.is_empty(), "{err:?}");
+            } else {
+                // stdout byte-exact; the lines on stderr.
+                assert_eq!(out, "beforeafter");
+                assert_eq!(err, format!("{}{}", said(&warning), said(&stopped)));
+                assert!(
+                    err.starts_with("labgate: your GPUs have been idle"),
+                    "{err:?}"
+                );
+            }
+        }
+    }
 }
