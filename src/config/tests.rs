@@ -1187,7 +1187,10 @@ fn operations_settings_parse_with_defaults_and_per_user_idle_stop() {
     assert_eq!(bare.server.motd, None);
     assert_eq!(bare.admin.listen, None);
     assert_eq!(bare.admin.dashboard_listen, None);
-    assert!(bare.admin.dashboard_show_users, "names shown unless the admin hides them");
+    assert!(
+        bare.admin.dashboard_show_users,
+        "names shown unless the admin hides them"
+    );
     assert_eq!(bare.defaults.idle_stop, None);
     assert_eq!(bare.gpu.busy_utilization, 5);
 }

@@ -111,7 +111,9 @@ impl GpuActivity {
         let last = bucket_of(now);
         let history = self.history.lock().unwrap_or_else(|p| p.into_inner());
         for p in history.get(uuid).into_iter().flatten() {
-            let Some(age) = last.checked_sub(p.bucket) else { continue };
+            let Some(age) = last.checked_sub(p.bucket) else {
+                continue;
+            };
             if let Some(slot) = (BUCKETS as u64 - 1)
                 .checked_sub(age)
                 .and_then(|i| out.get_mut(i as usize))
@@ -210,7 +212,11 @@ mod tests {
         let h = act.history(&a, at(300));
         assert_eq!(h.len(), BUCKETS);
         assert_eq!(h[BUCKETS - 1], Some(100), "the bucket now");
-        assert_eq!(h[BUCKETS - 2], Some(20), "the mean of 10 and 30; no reading is left out");
+        assert_eq!(
+            h[BUCKETS - 2],
+            Some(20),
+            "the mean of 10 and 30; no reading is left out"
+        );
         assert_eq!(h[BUCKETS - 3], None);
         // A day later the old points have fallen off, and memory stays bounded.
         for i in 0..(2 * BUCKETS as u64) {
