@@ -124,7 +124,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         },
         audit_log: raw.admin.audit_log.map(resolve),
         dashboard_listen: match raw.admin.dashboard_listen {
-            Some(d) if admin_listen == Some(*d.get_ref()) => {
+            Some(d) if d.get_ref().port() != 0 && admin_listen == Some(*d.get_ref()) => {
                 return Err(v.at(
                     d.span(),
                     format!(

@@ -75,7 +75,7 @@ pub fn main(lab: &Lab) -> Markup {
             @if lab.gpus.is_empty() {
                 p.empty { "No GPUs on this gateway." }
             } @else {
-                div.scroll { table id="gpus" {
+                div.scroll { table.stack id="gpus" {
                     caption.sr { "GPUs, their use over the last 24 hours and who holds them" }
                     thead { tr {
                         th scope="col" { "GPU" } th scope="col" { "Node" } th scope="col" { "Memory" }
@@ -112,7 +112,7 @@ pub fn main(lab: &Lab) -> Markup {
             @if lab.containers.is_empty() {
                 p.empty { "No containers yet." }
             } @else {
-                div.scroll { table id="containers" {
+                div.scroll { table.stack id="containers" {
                     caption.sr { "Containers, their state and limits" }
                     thead { tr {
                         th scope="col" { "User" } th scope="col" { "Profile" } th scope="col" { "State" }
@@ -121,13 +121,13 @@ pub fn main(lab: &Lab) -> Markup {
                     } }
                     tbody { @for c in &lab.containers { tr {
                         th scope="row" { (c.user) }
-                        td { (c.profile.as_deref().unwrap_or("–")) }
-                        td { span.state.(c.state.as_str()) { (c.state) } }
-                        td { (c.node) }
-                        td.num { (c.cpus.map_or("no limit".to_owned(), |n| format!("{n}"))) }
-                        td.num { (c.memory.map_or("no limit".to_owned(), bytes)) }
-                        td { @if c.gpus.is_empty() { "–" } @else { (c.gpus.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")) } }
-                        td.num { (c.connections) }
+                        td data-label="Profile" { (c.profile.as_deref().unwrap_or("–")) }
+                        td data-label="State" { span.state.(c.state.as_str()) { (c.state) } }
+                        td data-label="Node" { (c.node) }
+                        td.num data-label="CPUs" { (c.cpus.map_or("no limit".to_owned(), |n| format!("{n}"))) }
+                        td.num data-label="Memory" { (c.memory.map_or("no limit".to_owned(), bytes)) }
+                        td data-label="GPUs" { @if c.gpus.is_empty() { "–" } @else { (c.gpus.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")) } }
+                        td.num data-label="Connections" { (c.connections) }
                     } } }
                 } }
             }
@@ -151,15 +151,15 @@ fn gpu_row(g: &Gpu) -> Markup {
     html! {
         tr data-held=(if g.holders.is_empty() { "no" } else { "yes" }) {
             th scope="row" { span.idx { (g.index) } " " span.gpuname { (g.name) } }
-            td { (g.node) }
-            td {
+            td data-label="Node" { (g.node) }
+            td data-label="Memory" { span {
                 meter min="0" max=(g.memory_total) value=(g.memory_used)
                     aria-label=(format!("memory {mem_pct:.0}% used")) {}
                 " " span.sub { (bytes(g.memory_used)) " / " (bytes(g.memory_total)) }
-            }
-            td.num { @match g.utilization { Some(u) => { (u) "%" }, None => "–" } }
-            td { (sparkline(&g.history)) }
-            td.holder {
+            } }
+            td.num data-label="Use" { @match g.utilization { Some(u) => { (u) "%" }, None => "–" } }
+            td data-label="Last 24 h" { (sparkline(&g.history)) }
+            td.holder data-label="Holder" { span {
                 @if g.holders.is_empty() {
                     @if g.allocatable { span.free { "free" } } @else { span.sub { "MIG, not handed out" } }
                 } @else {
@@ -171,8 +171,8 @@ fn gpu_row(g: &Gpu) -> Markup {
                         br;
                     }
                 }
-            }
-            td { @match (g.idle_secs, g.holders.is_empty()) {
+            } }
+            td data-label="Idle" { @match (g.idle_secs, g.holders.is_empty()) {
                 (Some(s), false) if s >= 60 => span.idle { "idle " (human(s)) },
                 (Some(s), _) => span.sub { "idle " (human(s)) },
                 (None, _) => span.busy { "in use" },
@@ -196,6 +196,12 @@ fn sparkline(history: &[Option<u32>]) -> Markup {
             None => pen = false,
         }
     }
+    // The latest point as a dot, so even a GPU sampled for a few minutes shows where it is.
+    let now = history
+        .iter()
+        .enumerate()
+        .rev()
+        .find_map(|(i, p)| p.map(|u| (i, 30.0 - f64::from(u.min(100)) * 0.28)));
     let known: Vec<u32> = history.iter().flatten().copied().collect();
     let label = if known.is_empty() {
         "no samples in the last 24 hours".to_owned()
@@ -209,6 +215,9 @@ fn sparkline(history: &[Option<u32>]) -> Markup {
             title { (label) }
             line.base x1="0" y1="30" x2=(n) y2="30" {}
             @if !paths.is_empty() { path d=(paths.trim_end()) {} }
+            @if let Some((x, y)) = now {
+                ellipse.now cx=(x) cy=(format!("{y:.1}")) rx=(format!("{:.1}", n as f64 / 60.0)) ry="2.5" {}
+            }
         }
     }
 }
@@ -216,9 +225,9 @@ fn sparkline(history: &[Option<u32>]) -> Markup {
 /// A horizontal bar chart: one bar a user, busy hours as the darker part.
 fn chart(id: &str, caption: &str, rows: &[UserUsage]) -> Markup {
     const ROW: f64 = 30.0;
-    const LABEL: f64 = 130.0;
-    const WIDTH: f64 = 560.0;
-    const BAR: f64 = WIDTH - LABEL - 90.0;
+    const LABEL: f64 = 120.0;
+    const WIDTH: f64 = 440.0;
+    const BAR: f64 = WIDTH - LABEL - 70.0;
     let max = rows.iter().map(|r| r.gpu_hours).fold(0.0, f64::max);
     let height = (rows.len().max(1) as f64) * ROW + 8.0;
     html! {
@@ -234,17 +243,28 @@ fn chart(id: &str, caption: &str, rows: &[UserUsage]) -> Markup {
                         @let w = if max > 0.0 { (r.gpu_hours / max * BAR).max(2.0) } else { 2.0 };
                         @let b = if max > 0.0 { (r.busy_hours / max * BAR).min(w) } else { 0.0 };
                         g.row {
-                            title { (r.user) ": " (format!("{:.1}", r.gpu_hours)) " GPU-hours, " (format!("{:.1}", r.busy_hours)) " busy" }
+                            title { (r.user) ": " (hours(r.gpu_hours)) " held, " (hours(r.busy_hours)) " busy" }
                             text.name x=(LABEL - 8.0) y=(y + 17.0) text-anchor="end" { (r.user) }
                             rect.bar data-user=(r.user) x=(LABEL) y=(y) width=(format!("{w:.1}")) height="22" rx="3" {}
                             @if b > 0.0 { rect.busy x=(LABEL) y=(y) width=(format!("{b:.1}")) height="22" rx="3" {} }
-                            text.val x=(LABEL + w + 6.0) y=(y + 17.0) { (format!("{:.1} h", r.gpu_hours)) }
+                            text.val x=(LABEL + w + 6.0) y=(y + 17.0) { (hours(r.gpu_hours)) }
                         }
                     }
                 }
                 p.legend { span.key.held aria-hidden="true" {} " held " span.key.busyk aria-hidden="true" {} " busy" }
             }
         }
+    }
+}
+
+/// `12.3 h`, `2.25 h`, `14 min`, `< 1 min`.
+fn hours(h: f64) -> String {
+    match h {
+        10.0.. => format!("{h:.1} h"),
+        1.0.. => format!("{h:.2} h"),
+        _ if h * 60.0 >= 1.0 => format!("{:.0} min", h * 60.0),
+        _ if h > 0.0 => "< 1 min".to_owned(),
+        _ => "0".to_owned(),
     }
 }
 
