@@ -187,6 +187,22 @@ async fn accept_one(
                 Access::Admin,
             ));
         }
+        Listener::Tcp(l, Access::Dashboard) => {
+            let (stream, _) = l.accept().await?;
+            // Open to the lab network: bounded, and each client's headers have a deadline.
+            let Ok(permit) = page.connections.clone().try_acquire_owned() else {
+                debug!(
+                    "lab page: {} connections already, closing a new one",
+                    dashboard::MAX_CONNECTIONS
+                );
+                return Ok(());
+            };
+            let (ctx, page) = (ctx.clone(), page.clone());
+            tokio::spawn(async move {
+                serve_connection(stream, ctx, page, Access::Dashboard).await;
+                drop(permit);
+            });
+        }
         Listener::Tcp(l, access) => {
             let (stream, _) = l.accept().await?;
             tokio::spawn(serve_connection(stream, ctx.clone(), page.clone(), *access));
@@ -240,6 +256,8 @@ async fn serve_connection<S>(
         async move { Ok::<_, Infallible>(route(&ctx, &page, access, req).await) }
     });
     if let Err(e) = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
         .serve_connection(TokioIo::new(stream), service)
         .await
     {

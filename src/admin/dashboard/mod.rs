@@ -21,7 +21,8 @@
 pub mod lab;
 pub mod page;
 
-use std::time::SystemTime;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -59,10 +60,18 @@ const ASSETS: &[(&str, &str, &str)] = &[
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
                    connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
+/// How long one gathering of the page's data serves every viewer: each open page polls, and
+/// gathering asks the engine and the accounting database.
+const FRESH: Duration = Duration::from_secs(2);
+
+/// Connections the dashboard port serves at once; a client past it is closed at once.
+pub const MAX_CONNECTIONS: usize = 128;
+
 /// The methods the page's routes answer.
 pub const ALLOWED: &str = "GET, HEAD";
 
-/// The page's state across requests: the key of its anonymous labels and the host's name.
+/// The page's state across requests: the key of its anonymous labels, the host's name and
+/// the last data gathered.
 #[derive(Debug)]
 pub struct Dashboard {
     /// Key of the anonymous labels: drawn at start, so a user's label stays while the
@@ -70,6 +79,11 @@ pub struct Dashboard {
     key: std::hash::RandomState,
     /// The node column of the single-host backend.
     host: String,
+    /// The last [`lab::Lab`], when it was gathered and whether it names users; a request
+    /// waits here while another gathers, so viewers never gather in parallel.
+    last: tokio::sync::Mutex<Option<(Instant, bool, Arc<lab::Lab>)>>,
+    /// Places for the dashboard port's connections ([`MAX_CONNECTIONS`]).
+    pub(crate) connections: Arc<tokio::sync::Semaphore>,
 }
 
 impl Default for Dashboard {
@@ -77,6 +91,8 @@ impl Default for Dashboard {
         Self {
             key: std::hash::RandomState::new(),
             host: lab::host_name(),
+            last: tokio::sync::Mutex::new(None),
+            connections: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
         }
     }
 }
@@ -105,12 +121,10 @@ impl Dashboard {
                 None => not_found(),
             };
         }
-        let show = ctx.config.borrow().admin.dashboard_show_users;
-        let names = lab::Names::with_key(show, self.key.clone());
         match path {
             API_PATH => {
-                let lab = lab::collect(ctx, &names, SystemTime::now()).await;
-                match serde_json::to_string_pretty(&lab) {
+                let lab = self.lab(ctx).await;
+                match serde_json::to_string_pretty(&*lab) {
                     Ok(body) => reply(StatusCode::OK, "application/json", body + "\n", false),
                     Err(e) => reply(
                         StatusCode::INTERNAL_SERVER_ERROR,
@@ -121,7 +135,7 @@ impl Dashboard {
                 }
             }
             "/" => {
-                let lab = lab::collect(ctx, &names, SystemTime::now()).await;
+                let lab = self.lab(ctx).await;
                 let body = if uri.query() == Some("part=main") {
                     page::main(&lab).into_string()
                 } else {
@@ -131,6 +145,25 @@ impl Dashboard {
             }
             _ => not_found(),
         }
+    }
+}
+
+impl Dashboard {
+    /// The page's data: the last gathered if it is fresh and names users as the config now
+    /// says, else gathered now.
+    async fn lab(&self, ctx: &Context) -> Arc<lab::Lab> {
+        let show = ctx.config.borrow().admin.dashboard_show_users;
+        let mut last = self.last.lock().await;
+        if let Some((at, shown, lab)) = &*last
+            && *shown == show
+            && at.elapsed() < FRESH
+        {
+            return lab.clone();
+        }
+        let names = lab::Names::with_key(show, self.key.clone());
+        let lab = Arc::new(lab::collect(ctx, &names, SystemTime::now()).await);
+        *last = Some((Instant::now(), show, lab.clone()));
+        lab
     }
 }
 
