@@ -30,8 +30,11 @@ pub fn page(lab: &Lab, host: &str) -> String {
             body data-refresh-ms=(REFRESH_MS) {
                 header.top {
                     h1 { span.logo aria-hidden="true" { "▚" } " labgate " span.host { (host) } }
-                    p.live role="status" aria-live="polite" {
-                        span.dot aria-hidden="true" {} span id="updated" { "live" }
+                    p.live {
+                        span.dot aria-hidden="true" {}
+                        // Announced only when it changes (live, or not answering).
+                        span id="state" role="status" { "live" }
+                        " " span id="updated" {}
                     }
                 }
                 main id="lab" { (main(lab)) }

@@ -1,15 +1,27 @@
 // labgate lab page: redraws <main> from the server every few seconds, without a reload.
-// The server renders (and escapes) the HTML; this only fetches and swaps it in.
+// The server renders (and escapes) the HTML; this only fetches it and swaps it in when it
+// changed. The state line is a live region that changes only when the gateway stops or
+// starts answering, so a screen reader is not told every redraw.
 (function () {
   "use strict";
   var main = document.getElementById("lab");
+  var state = document.getElementById("state");
   var updated = document.getElementById("updated");
   var period = parseInt(document.body.getAttribute("data-refresh-ms"), 10) || 2500;
+  var last = null;
   var timer = null;
 
   function schedule(ms) {
     clearTimeout(timer);
     timer = setTimeout(tick, ms);
+  }
+
+  function say(text) {
+    if (state.textContent !== text) { state.textContent = text; }
+  }
+
+  function stamp() {
+    updated.textContent = "· " + new Date().toLocaleTimeString();
   }
 
   function tick() {
@@ -20,14 +32,15 @@
         return r.text();
       })
       .then(function (html) {
-        main.innerHTML = html;
+        if (html !== last) { main.innerHTML = html; last = html; }
         document.body.classList.remove("stale");
-        updated.textContent = "live · " + new Date().toLocaleTimeString();
+        say("live");
+        stamp();
         schedule(period);
       })
       .catch(function () {
         document.body.classList.add("stale");
-        updated.textContent = "gateway not answering, retrying";
+        say("gateway not answering, retrying");
         schedule(period * 2);
       });
   }
@@ -35,6 +48,6 @@
   document.addEventListener("visibilitychange", function () {
     if (!document.hidden) { schedule(0); }
   });
-  updated.textContent = "live · " + new Date().toLocaleTimeString();
+  stamp();
   schedule(period);
 })();
