@@ -25,6 +25,8 @@ command -v htpasswd >/dev/null 2>&1 || missing+=(apache2-utils)
 # The package test builds the .deb (scripts/deb: cargo-deb, installed by it from crates.io, and
 # dpkg-shlibdeps) and verifies its unit with systemd-analyze where systemd is installed.
 command -v dpkg-shlibdeps >/dev/null 2>&1 || missing+=(dpkg-dev)
+# The dashboard test loads the lab page in a real headless browser (Debian's chromium).
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "prereqs: installing ${missing[*]}" >&2
   as_root apt-get update -qq

@@ -24,7 +24,8 @@
 //! - [`gpu`]: the GPU inventory (NVML), the allocator (exclusive or shared, by UUID, never
 //!   oversubscribed), and the pure decisions of the GPU queue and of reclaiming idle GPUs.
 //! - [`admin`]: the admin socket (`labgate status | stop | kick | gpus`, one module each in
-//!   [`admin::cmd`]), `/metrics` and `/healthz`, the audit log.
+//!   [`admin::cmd`]), `/metrics` and `/healthz`, the read-only lab page
+//!   ([`admin::dashboard`]: `/`, `/api/lab`), the audit log.
 //! - [`metrics`]: the process-wide Prometheus metrics; [`codes`]: the stable error codes.
 //! - [`check`]: `labgate check`, the config and key files validated like `sshd -t`.
 //! - [`demo`]: the embedded demo setup (locally built busybox image, demo user and key).

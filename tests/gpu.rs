@@ -1197,6 +1197,8 @@ fn gpu_queue_figures() {
     println!("gpu-queue: login (ssh true), empty accounting, ms (median of 16): {empty:.1}");
     println!("gpu-queue: login (ssh true), a week of 50 users, ms (median of 16): {full:.1}");
     println!("gpu-queue: login ratio full/empty: {:.2}", full / empty);
+}
+
 /// `[gpu]` lines that turn reclaim on, short enough for a test: warned after 2 s idle, stopped
 /// 4 s later.
 const RECLAIM: &str = "reclaim_idle = \"2s\"\nreclaim_warning = \"4s\"\n";

@@ -12,6 +12,10 @@
 //! | `GET /gpus`              | yes    | no       | the GPU table with holders             |
 //! | `POST /users/NAME/kick`  | yes    | no       | disconnect NAME's connections          |
 //! | `POST /users/NAME/stop`  | yes    | no       | kick, then stop NAME's containers      |
+//! | `GET /`, `/api/lab`      | yes    | yes      | the lab page and its JSON ([`dashboard`]) |
+//!
+//! The lab page is also served alone, GET and HEAD only, on `[admin] dashboard_listen` for
+//! the lab network.
 //!
 //! The socket is created mode 0600 (bound under a temporary name, restricted, then renamed
 //! into place), so only its owner — root, for a system gateway — can act; the loopback port
@@ -20,6 +24,7 @@
 pub mod audit;
 pub mod client;
 pub mod cmd;
+pub mod dashboard;
 pub mod logtext;
 pub use crate::metrics;
 
@@ -61,6 +66,15 @@ pub(crate) enum AdminError {
         #[source]
         source: std::io::Error,
     },
+    /// The lab page's address could not be bound.
+    #[error("cannot listen on {addr} for the lab page: {source}")]
+    DashboardListen {
+        /// The configured address.
+        addr: std::net::SocketAddr,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// The metrics address could not be bound.
     #[error("cannot listen on {addr} for /metrics: {source}")]
     Listen {
@@ -75,12 +89,14 @@ pub(crate) enum AdminError {
 /// Binds the admin socket and the metrics listener as `config` says and serves them until
 /// `stop` turns true. Problems are logged; the gateway serves SSH regardless.
 pub(crate) async fn start(ctx: Arc<Context>, config: &AdminConfig, stop: watch::Receiver<bool>) {
+    let page = Arc::new(dashboard::Dashboard::default());
     match bind_socket(&config.socket).await {
         Ok(listener) => {
             info!(socket = %config.socket.display(), "admin socket ready");
             tokio::spawn(serve_listener(
                 Listener::Unix(listener, config.socket.clone()),
                 ctx.clone(),
+                page.clone(),
                 stop.clone(),
             ));
         }
@@ -90,12 +106,33 @@ pub(crate) async fn start(ctx: Arc<Context>, config: &AdminConfig, stop: watch::
         match TcpListener::bind(addr).await {
             Ok(listener) => {
                 let bound = listener.local_addr().unwrap_or(addr);
-                info!(addr = %bound, "serving /metrics and /healthz");
+                info!(addr = %bound, "serving /metrics, /healthz and the lab page");
                 // Tests and scripts read the bound address (port 0 picks one) from this line.
                 println!("labgate admin listening on {bound}");
-                tokio::spawn(serve_listener(Listener::Tcp(listener), ctx, stop));
+                tokio::spawn(serve_listener(
+                    Listener::Tcp(listener, Access::ReadOnly),
+                    ctx.clone(),
+                    page.clone(),
+                    stop.clone(),
+                ));
             }
             Err(source) => warn!("{}", AdminError::Listen { addr, source }),
+        }
+    }
+    if let Some(addr) = config.dashboard_listen {
+        match TcpListener::bind(addr).await {
+            Ok(listener) => {
+                let bound = listener.local_addr().unwrap_or(addr);
+                info!(addr = %bound, "serving the lab page");
+                println!("labgate dashboard listening on {bound}");
+                tokio::spawn(serve_listener(
+                    Listener::Tcp(listener, Access::Dashboard),
+                    ctx,
+                    page,
+                    stop,
+                ));
+            }
+            Err(source) => warn!("{}", AdminError::DashboardListen { addr, source }),
         }
     }
 }
@@ -126,33 +163,63 @@ async fn bind_socket(path: &Path) -> Result<UnixListener, AdminError> {
     Ok(listener)
 }
 
-/// One of the two admin listeners.
+/// One of the admin listeners.
 enum Listener {
     /// The admin socket, removed from the file system when serving ends.
     Unix(UnixListener, PathBuf),
-    /// The loopback metrics port.
-    Tcp(TcpListener),
+    /// The loopback metrics port, or the lab page's port.
+    Tcp(TcpListener, Access),
 }
 
 /// Accepts one client of `listener` and serves it on a task of its own.
-async fn accept_one(listener: &Listener, ctx: &Arc<Context>) -> std::io::Result<()> {
+async fn accept_one(
+    listener: &Listener,
+    ctx: &Arc<Context>,
+    page: &Arc<dashboard::Dashboard>,
+) -> std::io::Result<()> {
     match listener {
         Listener::Unix(l, _) => {
             let (stream, _) = l.accept().await?;
-            tokio::spawn(serve_connection(stream, ctx.clone(), Access::Admin));
+            tokio::spawn(serve_connection(
+                stream,
+                ctx.clone(),
+                page.clone(),
+                Access::Admin,
+            ));
         }
-        Listener::Tcp(l) => {
+        Listener::Tcp(l, Access::Dashboard) => {
             let (stream, _) = l.accept().await?;
-            tokio::spawn(serve_connection(stream, ctx.clone(), Access::ReadOnly));
+            // Open to the lab network: bounded, and each client's headers have a deadline.
+            let Ok(permit) = page.connections.clone().try_acquire_owned() else {
+                debug!(
+                    "lab page: {} connections already, closing a new one",
+                    dashboard::MAX_CONNECTIONS
+                );
+                return Ok(());
+            };
+            let (ctx, page) = (ctx.clone(), page.clone());
+            tokio::spawn(async move {
+                serve_connection(stream, ctx, page, Access::Dashboard).await;
+                drop(permit);
+            });
+        }
+        Listener::Tcp(l, access) => {
+            let (stream, _) = l.accept().await?;
+            tokio::spawn(serve_connection(stream, ctx.clone(), page.clone(), *access));
         }
     }
     Ok(())
 }
 
-async fn serve_listener(listener: Listener, ctx: Arc<Context>, mut stop: watch::Receiver<bool>) {
+async fn serve_listener(
+    listener: Listener,
+    ctx: Arc<Context>,
+    page: Arc<dashboard::Dashboard>,
+    mut stop: watch::Receiver<bool>,
+) {
     loop {
         tokio::select! {
-            r = accept_one(&listener, &ctx) => if let Err(e) = r {
+            r = accept_one(&listener, &ctx, &page) => if let Err(e) = r {
                 warn!("admin accept failed: {e}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             },
@@ -169,19 +236,28 @@ async fn serve_listener(listener: Listener, ctx: Arc<Context>, mut stop: watch::
 enum Access {
     /// The root-only socket: everything.
     Admin,
-    /// The loopback port: `/metrics` and `/healthz`.
+    /// The loopback port: `/metrics`, `/healthz` and the lab page.
     ReadOnly,
+    /// `dashboard_listen`: the lab page alone, GET and HEAD only.
+    Dashboard,
 }
 
-async fn serve_connection<S>(stream: S, ctx: Arc<Context>, access: Access)
-where
+async fn serve_connection<S>(
+    stream: S,
+    ctx: Arc<Context>,
+    page: Arc<dashboard::Dashboard>,
+    access: Access,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let service = hyper::service::service_fn(move |req| {
         let ctx = ctx.clone();
-        async move { Ok::<_, Infallible>(route(&ctx, access, req).await) }
+        let page = page.clone();
+        async move { Ok::<_, Infallible>(route(&ctx, &page, access, req).await) }
     });
     if let Err(e) = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
         .serve_connection(TokioIo::new(stream), service)
         .await
     {
@@ -218,10 +294,26 @@ fn answer<T: serde::Serialize>(result: Result<T, impl std::fmt::Display>) -> Res
     }
 }
 
-async fn route(ctx: &Context, access: Access, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn route(
+    ctx: &Context,
+    page: &dashboard::Dashboard,
+    access: Access,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
+    if access == Access::Dashboard {
+        // Nothing but the page here, and nothing but reads.
+        return match (&method, dashboard::serves(&path)) {
+            (&Method::GET | &Method::HEAD, true) => page.respond(ctx, &method, req.uri()).await,
+            (&Method::GET | &Method::HEAD, false) => dashboard::not_found(),
+            _ => dashboard::not_allowed(),
+        };
+    }
     match (&method, path.as_str()) {
+        (&Method::GET | &Method::HEAD, p) if dashboard::serves(p) => {
+            page.respond(ctx, &method, req.uri()).await
+        }
         (&Method::GET, "/healthz") => healthz(ctx).await,
         (&Method::GET, "/metrics") => {
             refresh_gpu_metrics(ctx).await;

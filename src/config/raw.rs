@@ -140,6 +140,8 @@ pub(super) struct RawAdmin {
     pub(super) socket: Option<PathBuf>,
     pub(super) listen: Option<Spanned<SocketAddr>>,
     pub(super) audit_log: Option<PathBuf>,
+    pub(super) dashboard_listen: Option<Spanned<SocketAddr>>,
+    pub(super) dashboard_show_users: Option<bool>,
 }
 
 /// `idle_stop`: a duration, or `"never"` (a user's table can turn off the default's).

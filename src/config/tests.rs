@@ -1156,6 +1156,11 @@ fn operations_settings_parse_with_defaults_and_per_user_idle_stop() {
     assert_eq!(cfg.admin.socket, PathBuf::from("/run/labgate/admin.sock"));
     assert_eq!(cfg.admin.listen, Some("127.0.0.1:9122".parse().unwrap()));
     assert_eq!(
+        cfg.admin.dashboard_listen,
+        Some("0.0.0.0:9123".parse().unwrap())
+    );
+    assert!(!cfg.admin.dashboard_show_users);
+    assert_eq!(
         cfg.admin.audit_log,
         Some(PathBuf::from("/var/log/labgate/audit.jsonl"))
     );
@@ -1181,6 +1186,11 @@ fn operations_settings_parse_with_defaults_and_per_user_idle_stop() {
     assert!(!bare.server.end_sessions_on_key_removal);
     assert_eq!(bare.server.motd, None);
     assert_eq!(bare.admin.listen, None);
+    assert_eq!(bare.admin.dashboard_listen, None);
+    assert!(
+        bare.admin.dashboard_show_users,
+        "names shown unless the admin hides them"
+    );
     assert_eq!(bare.defaults.idle_stop, None);
     assert_eq!(bare.gpu.busy_utilization, 5);
 }

@@ -230,6 +230,11 @@ pub struct AdminConfig {
     /// File that receives one JSON line per audit event (`None`: audit events go only to
     /// the log).
     pub audit_log: Option<PathBuf>,
+    /// Address serving the read-only lab page (`/`, `/api/lab`) to the lab network, beside
+    /// the loopback `listen` (`None`: only there). See [`crate::admin::dashboard`].
+    pub dashboard_listen: Option<SocketAddr>,
+    /// Whether the lab page names users (else stable anonymous labels such as `user-3f2a`).
+    pub dashboard_show_users: bool,
 }
 
 /// Default of `[admin] socket`.

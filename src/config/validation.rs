@@ -103,6 +103,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         ),
         auto_uids: raw.server.auto_uids.map_or(DEFAULT_AUTO_UIDS, |r| r.0),
     };
+    let admin_listen = raw.admin.listen.as_ref().map(|l| *l.get_ref());
     let admin = AdminConfig {
         socket: resolve(
             raw.admin
@@ -122,6 +123,19 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             l => l.map(Spanned::into_inner),
         },
         audit_log: raw.admin.audit_log.map(resolve),
+        dashboard_listen: match raw.admin.dashboard_listen {
+            Some(d) if d.get_ref().port() != 0 && admin_listen == Some(*d.get_ref()) => {
+                return Err(v.at(
+                    d.span(),
+                    format!(
+                        "[admin] dashboard_listen = \"{}\" is the same address as listen, which serves the lab page already: leave dashboard_listen out, or give it another address",
+                        d.get_ref()
+                    ),
+                ));
+            }
+            d => d.map(Spanned::into_inner),
+        },
+        dashboard_show_users: raw.admin.dashboard_show_users.unwrap_or(true),
     };
     let helper_dirs = helpers::search_dirs();
     let docker = DockerConfig {

@@ -83,6 +83,8 @@ pub struct Gateway {
     pub addr: std::net::SocketAddr,
     /// `ip:port` of its `/metrics` and `/healthz` listener.
     pub admin_addr: Option<std::net::SocketAddr>,
+    /// `ip:port` of its lab page listener (`[admin] dashboard_listen`), if it has one.
+    pub dashboard_addr: Option<std::net::SocketAddr>,
     /// The `labgate serve` process.
     child: Mutex<Option<Child>>,
     /// Users created for this gateway (containers removed on drop).
@@ -99,6 +101,7 @@ pub struct Gateway {
 pub struct GatewayBuilder {
     users: usize,
     server: String,
+    admin: String,
     defaults: String,
     docker: String,
     tail: String,
@@ -114,6 +117,12 @@ impl GatewayBuilder {
     /// Lines appended inside `[server]`.
     pub fn server(mut self, extra: &str) -> Self {
         self.server = extra.to_owned();
+        self
+    }
+
+    /// Lines appended inside `[admin]`.
+    pub fn admin(mut self, extra: &str) -> Self {
+        self.admin = extra.to_owned();
         self
     }
 
@@ -156,6 +165,7 @@ impl GatewayBuilder {
                 t.replace(&format!("{{u{i}}}"), u)
             })
         };
+        let admin_extra = named(&self.admin);
         let (server_extra, defaults_extra, docker) = (
             named(&self.server),
             named(&self.defaults),
@@ -204,7 +214,7 @@ impl GatewayBuilder {
         };
         let config_text = format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nhost_key = \"host_key\"\nkeys_dir = \"keys\"\n{grace}{state}{server_extra}\n\n\
-             [admin]\nsocket = \"admin.sock\"\nlisten = \"127.0.0.1:0\"\naudit_log = \"audit.jsonl\"\n\n\
+             [admin]\nsocket = \"admin.sock\"\nlisten = \"127.0.0.1:0\"\naudit_log = \"audit.jsonl\"\n{admin_extra}\n\n\
              [defaults]\nimage = \"{IMAGE}\"\nmemory = \"256M\"\ncpus = 0.5\nshm = \"32M\"\npids = 128\nhome = \"home/{{user}}\"\n{defaults_extra}\n\n{tail}\n"
         );
         std::fs::write(dir.path().join("labgate.toml"), &config_text).unwrap();
@@ -212,6 +222,7 @@ impl GatewayBuilder {
             dir,
             addr: "127.0.0.1:1".parse().unwrap(),
             admin_addr: None,
+            dashboard_addr: None,
             child: Mutex::new(None),
             users,
             keys,
@@ -288,6 +299,7 @@ impl Gateway {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if line.starts_with("labgate listening on ")
                     || line.starts_with("labgate admin listening on ")
+                    || line.starts_with("labgate dashboard listening on ")
                 {
                     let _ = tx.send(line);
                 }
@@ -297,7 +309,9 @@ impl Gateway {
             let line = rx
                 .recv_timeout(Duration::from_secs(30))
                 .unwrap_or_else(|_| panic!("gateway did not start; log:\n{}", self.log()));
-            if let Some(a) = line.strip_prefix("labgate admin listening on ") {
+            if let Some(a) = line.strip_prefix("labgate dashboard listening on ") {
+                self.dashboard_addr = Some(a.parse().unwrap());
+            } else if let Some(a) = line.strip_prefix("labgate admin listening on ") {
                 self.admin_addr = Some(a.parse().unwrap());
             } else if let Some(a) = line.strip_prefix("labgate listening on ") {
                 self.addr = a.parse().unwrap();
