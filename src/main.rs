@@ -264,7 +264,7 @@ fn run(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
     match runtime.block_on(fut) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("labgate: {e:#}");
+            eprintln!("labgate: {}", chain(&e));
             ExitCode::FAILURE
         }
     }
@@ -283,5 +283,43 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+/// An error and its causes on one line, `a: b: c`; a cause whose text the line already ends
+/// with is not repeated (the library's errors name their cause in their own message).
+fn chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.ends_with(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_cause_already_in_the_message_is_said_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let e = anyhow::Error::new(labgate::config::ConfigError::Io {
+            path: "/etc/labgate/labgate.toml".into(),
+            source: io,
+        });
+        assert_eq!(
+            super::chain(&e),
+            "/etc/labgate/labgate.toml: cannot read config: no such file"
+        );
+        let wrapped = e.context("starting the gateway");
+        assert_eq!(
+            super::chain(&wrapped),
+            "starting the gateway: /etc/labgate/labgate.toml: cannot read config: no such file"
+        );
     }
 }
