@@ -339,7 +339,7 @@ fn unix_socket_forwards_resolve_inside_the_container_only() {
             .spawn()
             .unwrap();
         assert!(eventually(Duration::from_secs(20), || tunnel_sock.exists()));
-        let mut s = std::os::unix::net::UnixStream::connect(&tunnel_sock).unwrap();
+        let mut s = common::connect_unix(&tunnel_sock, Duration::from_secs(20));
         let mut got = String::new();
         s.read_to_string(&mut got).unwrap();
         assert_eq!(got, "unix-hello\n");
@@ -372,7 +372,7 @@ fn unix_socket_forwards_resolve_inside_the_container_only() {
             eventually(Duration::from_secs(20), || local.exists()),
             "{evil}: no local socket"
         );
-        let mut s = std::os::unix::net::UnixStream::connect(&local).unwrap();
+        let mut s = common::connect_unix(&local, Duration::from_secs(20));
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut got = Vec::new();
         let _ = s.read_to_end(&mut got);
@@ -600,7 +600,7 @@ fn the_exec_relay_path_resolves_unix_sockets_inside_the_container() {
             .spawn()
             .unwrap();
         assert!(eventually(Duration::from_secs(20), || local.exists()));
-        let mut s = std::os::unix::net::UnixStream::connect(&local).unwrap();
+        let mut s = common::connect_unix(&local, Duration::from_secs(20));
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut got = String::new();
         let _ = s.read_to_string(&mut got);
@@ -654,7 +654,7 @@ fn remote_and_unix_switches_refuse_those_forwards() {
         .spawn()
         .unwrap();
     assert!(eventually(Duration::from_secs(20), || local.exists()));
-    let mut s = std::os::unix::net::UnixStream::connect(&local).unwrap();
+    let mut s = common::connect_unix(&local, Duration::from_secs(20));
     let mut got = Vec::new();
     let _ = s.read_to_end(&mut got);
     let _ = child.kill();

@@ -63,7 +63,7 @@ fn through_unix_forward(gw: &Gateway, i: usize, target: &str, n: usize) -> (Vec<
         eventually(Duration::from_secs(20), || local.exists()),
         "no local socket for {target}"
     );
-    let mut s = std::os::unix::net::UnixStream::connect(&local).unwrap();
+    let mut s = common::connect_unix(&local, Duration::from_secs(20));
     s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
     let mut got = Vec::new();
     let _ = s.read_to_end(&mut got);
@@ -174,7 +174,7 @@ fn opens_to_a_listener_that_never_accepts_end_by_their_deadline_and_leave_nothin
     let t0 = Instant::now();
     let clients: Vec<_> = (0..90)
         .map(|_| {
-            let mut s = std::os::unix::net::UnixStream::connect(&local).unwrap();
+            let mut s = common::connect_unix(&local, Duration::from_secs(20));
             s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
             // Ok: the channel was closed (refused); Err: still open after 20 s.
             std::thread::spawn(move || s.read_to_end(&mut Vec::new()).is_ok())

@@ -584,6 +584,20 @@ pub fn pids_of(cmdline: &str) -> Vec<i32> {
     found
 }
 
+/// Connects to the unix socket at `path` that an `ssh -L` client is setting up: its file
+/// appears when the client binds it, a moment before it listens, so a refused connection is
+/// tried again (within `timeout`).
+pub fn connect_unix(path: &std::path::Path, timeout: Duration) -> std::os::unix::net::UnixStream {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(s) => return s,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => panic!("{}: no client listens there: {e}", path.display()),
+        }
+    }
+}
+
 /// Polls `f` until it returns true or `timeout` passes; returns the last result.
 pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
