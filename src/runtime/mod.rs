@@ -9,6 +9,7 @@ pub mod docker;
 #[cfg(test)]
 pub mod fake;
 pub mod reach;
+pub mod swarm;
 
 use std::collections::BTreeMap;
 use std::io;
