@@ -19,7 +19,7 @@ use std::io::{BufRead, BufReader};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -31,36 +31,15 @@ use tungstenite::stream::MaybeTlsStream;
 const GPU0: &str = "GPU-6b1e0d2c-0000-4000-8000-0000000000d0";
 const GPU1: &str = "GPU-6b1e0d2c-0000-4000-8000-0000000000d1";
 
-/// Builds the fake NVML once, in a target directory of its own (as `tests/gpu.rs` does).
-fn fake_nvml() -> PathBuf {
-    static LIB: OnceLock<PathBuf> = OnceLock::new();
-    LIB.get_or_init(|| {
-        let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fake-nvml");
-        let out = Command::new(env!("CARGO"))
-            .args(["build", "--quiet", "-p", "fake-nvml", "--manifest-path"])
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
-            .env("CARGO_TARGET_DIR", &target)
-            .output()
-            .expect("running cargo to build tests/fake-nvml");
-        assert!(out.status.success(), "{}", stderr_of(&out));
-        target.join("debug/libfake_nvml.so")
-    })
-    .clone()
-}
-
 /// The fake as `DIR/libnvidia-ml.so.1` describing two A100s, one busy, one idle.
 fn install_fake(dir: &Path) -> PathBuf {
-    let lib = dir.join("libnvidia-ml.so.1");
-    std::fs::copy(fake_nvml(), &lib).unwrap();
-    std::fs::write(
-        dir.join("libnvidia-ml.so.1.gpus"),
-        format!(
+    common::nvml::install_fake(
+        dir,
+        &format!(
             "{GPU0},NVIDIA A100-SXM4-80GB,81920,util=72,used=30720,mig=off,procs=4242:30720\n\
              {GPU1},NVIDIA A100-SXM4-80GB,81920,util=0,used=512,mig=off\n"
         ),
     )
-    .unwrap();
-    lib
 }
 
 /// `ssh USER@gw CMD` as user `i`, in the background, its output drained; killed on drop.

@@ -83,6 +83,30 @@ pub async fn run(ctx: Arc<Context>, mut stop: tokio::sync::watch::Receiver<bool>
     }
 }
 
+/// `holder`'s charge for `secs` seconds of `gpus`: held, and busy as each GPU's utilisation
+/// (percent) says.
+fn charge(
+    holder: Username,
+    gpus: Vec<GpuUuid>,
+    since: SystemTime,
+    secs: f64,
+    utilization: &impl Fn(&GpuUuid) -> u32,
+    last: bool,
+) -> Charge {
+    let busy = gpus
+        .iter()
+        .map(|u| secs * f64::from(utilization(u).min(100)) / 100.0)
+        .sum();
+    Charge {
+        held: secs * gpus.len() as f64,
+        busy,
+        since,
+        gpus,
+        holder,
+        last,
+    }
+}
+
 /// Each holder's GPUs and since when, as a sample saw them.
 type Held = BTreeMap<Username, (Vec<GpuUuid>, SystemTime)>;
 
@@ -112,18 +136,7 @@ async fn sample(ctx: &Context, now: SystemTime, elapsed: Duration, before: &mut 
     for (holder, (uuids, since)) in std::mem::take(before) {
         if !held.contains_key(&holder) {
             let secs = elapsed.as_secs_f64();
-            let busy = uuids
-                .iter()
-                .map(|u| secs * f64::from(utilization(u).min(100)) / 100.0)
-                .sum();
-            charges.push(Charge {
-                held: secs * uuids.len() as f64,
-                busy,
-                since,
-                gpus: uuids,
-                holder,
-                last: true,
-            });
+            charges.push(charge(holder, uuids, since, secs, &utilization, true));
         }
     }
     for (holder, uuids) in held {
@@ -136,18 +149,7 @@ async fn sample(ctx: &Context, now: SystemTime, elapsed: Duration, before: &mut 
             .as_secs_f64();
         let since = since.unwrap_or(now);
         before.insert(holder.clone(), (uuids.clone(), since));
-        let busy: f64 = uuids
-            .iter()
-            .map(|u| secs * f64::from(utilization(u).min(100)) / 100.0)
-            .sum();
-        charges.push(Charge {
-            held: secs * uuids.len() as f64,
-            busy,
-            since,
-            gpus: uuids,
-            holder,
-            last: false,
-        });
+        charges.push(charge(holder, uuids, since, secs, &utilization, false));
     }
     for c in &charges {
         let user = c.holder.account();

@@ -8,6 +8,7 @@
 
 pub mod client;
 pub mod dockerd;
+pub mod nvml;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -78,8 +78,9 @@ pub fn helper_mount(helper: &std::path::Path, target: &str) -> Mount {
     }
 }
 
-/// The create body for `spec`, joining `network` (labgate's isolated bridge).
-pub fn create_body(spec: &ContainerSpec, network: &str) -> ContainerCreateBody {
+/// The binds of `spec`: its home, writable, then the admin's mounts as configured. Nothing
+/// else of the host (never the Docker socket).
+pub fn binds(spec: &ContainerSpec) -> Vec<Mount> {
     let mut mounts = vec![Mount {
         typ: Some(MountType::BIND),
         source: Some(spec.home_source.to_string_lossy().into_owned()),
@@ -94,6 +95,12 @@ pub fn create_body(spec: &ContainerSpec, network: &str) -> ContainerCreateBody {
         read_only: Some(!m.writable),
         ..Default::default()
     }));
+    mounts
+}
+
+/// The create body for `spec`, joining `network` (labgate's isolated bridge).
+pub fn create_body(spec: &ContainerSpec, network: &str) -> ContainerCreateBody {
+    let mounts = binds(spec);
     let mut labels = HashMap::from([
         (LABEL_MANAGED.to_owned(), "true".to_owned()),
         (LABEL_USER.to_owned(), spec.user.to_string()),

@@ -27,7 +27,7 @@ use crate::runtime::ContainerSpec;
 use crate::runtime::docker::labels::{
     LABEL_IMAGE, LABEL_MANAGED, LABEL_PROFILE, LABEL_SETTINGS, LABEL_USER,
 };
-use crate::runtime::docker::spec::{DROPPED_CAPABILITIES, KEEPALIVE, settings_label};
+use crate::runtime::docker::spec::{DROPPED_CAPABILITIES, KEEPALIVE, binds, settings_label};
 
 /// Seconds a task gets to end after SIGTERM (its keep-alive ends at once).
 const STOP_GRACE_NS: i64 = 10_000_000_000;
@@ -78,20 +78,7 @@ pub fn service_spec(spec: &ContainerSpec, on: &Placement<'_>) -> Result<ServiceS
     if let Some(profile) = &spec.profile {
         labels.insert(LABEL_PROFILE.to_owned(), profile.to_string());
     }
-    let mut mounts = vec![Mount {
-        typ: Some(MountType::BIND),
-        source: Some(spec.home_source.to_string_lossy().into_owned()),
-        target: Some(spec.home_target.clone()),
-        read_only: Some(false),
-        ..Default::default()
-    }];
-    mounts.extend(spec.mounts.iter().map(|m| Mount {
-        typ: Some(MountType::BIND),
-        source: Some(m.source.to_string_lossy().into_owned()),
-        target: Some(m.target.clone()),
-        read_only: Some(!m.writable),
-        ..Default::default()
-    }));
+    let mut mounts = binds(spec);
     if let Some(shm) = spec.shm {
         mounts.push(Mount {
             typ: Some(MountType::TMPFS),
