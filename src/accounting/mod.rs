@@ -298,7 +298,7 @@ impl Accounting {
         self.blocking(move |store| store.report(since)).await
     }
 
-    /// Each user's GPU-seconds per minute since `since`, oldest first (blocking: for start-up).
+    /// Each user's GPU-seconds per hour since `since`, oldest first (blocking: for start-up).
     pub fn history(
         &self,
         since: SystemTime,

@@ -297,8 +297,9 @@ impl Store {
         Ok(out)
     }
 
-    /// Each user's GPU-seconds held per minute since `since`, oldest first (to rebuild the
-    /// queue's decayed usage).
+    /// Each user's GPU-seconds held per hour since `since`, oldest first (to rebuild the
+    /// queue's decayed usage at start: hours, so ten half-lives of a busy lab stay a few
+    /// thousand rows).
     pub fn history(
         &self,
         since: SystemTime,
@@ -306,8 +307,8 @@ impl Store {
         let mut stmt = self
             .conn
             .prepare(
-                "SELECT user, minute, SUM(held) FROM usage WHERE minute >= ?1
-                 GROUP BY minute, user ORDER BY minute",
+                "SELECT user, minute / 3600 * 3600 AS hour, SUM(held) FROM usage
+                 WHERE minute >= ?1 GROUP BY hour, user ORDER BY hour",
             )
             .map_err(|e| self.err(e))?;
         let rows = stmt
@@ -321,10 +322,10 @@ impl Store {
             .map_err(|e| self.err(e))?;
         let mut out = Vec::new();
         for row in rows {
-            let (user, minute, held) = row.map_err(|e| self.err(e))?;
+            let (user, hour, held) = row.map_err(|e| self.err(e))?;
             if let Ok(user) = Username::parse(&user) {
-                // The minute's end: what was charged in it was used by then.
-                out.push((user, time(minute + 60), held));
+                // The hour's end: what was charged in it was used by then.
+                out.push((user, time(hour + 3600), held));
             }
         }
         Ok(out)
