@@ -8,6 +8,7 @@
 
 pub mod client;
 pub mod dockerd;
+pub mod swarm;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
