@@ -26,7 +26,7 @@ command -v htpasswd >/dev/null 2>&1 || missing+=(apache2-utils)
 # The package test builds the .deb (scripts/deb: cargo-deb, installed by it from crates.io, and
 # dpkg-shlibdeps) and verifies its unit with systemd-analyze where systemd is installed.
 command -v dpkg-shlibdeps >/dev/null 2>&1 || missing+=(dpkg-dev)
-# The swarm test rig (tests/common/swarm.rs) runs three more dockerds in namespaces of their
+# The swarm test rig (tests/common/swarm/) runs three more dockerds in namespaces of their
 # own: ip (iproute2), unshare/nsenter/setsid (util-linux), and its own TLS CA (openssl).
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 command -v unshare >/dev/null 2>&1 || missing+=(util-linux)

@@ -67,9 +67,19 @@
 //!
 //! Needs root, `dockerd`, `openssl`, `unshare`, `nsenter`, `ip` and cgroup v1 with a freezer;
 //! [`SwarmRig::start`] says what is missing (callers skip with [`super::skip_unless`]).
+//!
+//! # Layout
+//! - this module: [`SwarmRig`] and [`Node`]: bringing the rig up, what tests use of it,
+//!   [`SwarmRig::kill_node`], the drop;
+//! - `names`: [`RigNames`], the teardown script and what is left of a rig; the sweep of stale
+//!   rigs;
+//! - `tls`: the CA and the certificates;
+//! - `host`: commands, the test process's cgroups, processes by cgroup, readiness checks.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
+mod host;
+mod names;
+mod tls;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
@@ -78,6 +88,14 @@ use std::time::{Duration, Instant};
 
 use super::dockerd::subnet_in_use;
 use super::{IMAGE, eventually};
+pub use host::docker_plain;
+use host::{
+    covered_by_a_route, docker_command, ip, load, own_cgroups, pings, processes_in_cgroups_named,
+    run, sq, start_time,
+};
+pub use names::RigNames;
+use names::sweep_stale_rigs;
+use tls::{certificate, openssl_config};
 
 /// The start of every rig's name: its directory, namespaces and cgroups. Stale rigs are
 /// found by it.
@@ -93,7 +111,7 @@ pub const NODE_NETWORK: &str = "labgate-node";
 pub const GPU_KIND: &str = "NVIDIA-GPU";
 
 /// The names of the nodes; the first is the manager.
-const NODES: [&str; 3] = ["n1", "n2", "n3"];
+pub(crate) const NODES: [&str; 3] = ["n1", "n2", "n3"];
 
 /// Fake GPUs per node (n1, the manager, has none).
 const GPUS_PER_NODE: [usize; 3] = [0, 2, 2];
@@ -143,168 +161,6 @@ impl Node {
     }
 }
 
-/// The names of everything a rig makes, kept apart from the rig so a test can check, after
-/// dropping it, that none of it is left.
-#[derive(Debug, Clone)]
-pub struct RigNames {
-    /// `labgate-swarm-PID-K`.
-    pub tag: String,
-    /// Its directory (`$TMPDIR/TAG`).
-    pub dir: PathBuf,
-    /// N of its range `10.218.N.0/24`.
-    pub subnet: u8,
-    /// Each node's cgroup directories, one per hierarchy; the first is the freezer's.
-    pub cgroups: Vec<Vec<PathBuf>>,
-}
-
-impl RigNames {
-    /// The rig's range, `10.218.N.0/24`.
-    pub fn range(&self) -> String {
-        format!("10.218.{}.0/24", self.subnet)
-    }
-
-    /// Address `host` of the rig's range.
-    pub fn addr(&self, host: u8) -> String {
-        format!("10.218.{}.{host}", self.subnet)
-    }
-
-    /// The host's end of the veth to the hub.
-    pub fn host_iface(&self) -> String {
-        format!("lgsw{}h", self.subnet)
-    }
-
-    /// The network namespace of node `name` (or `hub`).
-    pub fn netns(&self, name: &str) -> String {
-        format!("{}-{name}", self.tag)
-    }
-
-    /// What is left of the rig: namespaces, interfaces, routes, mounts, cgroups, processes
-    /// and files that carry its names. Empty once it is torn down.
-    pub fn leftovers(&self) -> Vec<String> {
-        let mut left = Vec::new();
-        let text = |args: &[&str]| {
-            Command::new(args[0])
-                .args(&args[1..])
-                .output()
-                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                .unwrap_or_default()
-        };
-        let prefix = format!("10.218.{}.", self.subnet);
-        left.extend(
-            text(&["ip", "netns", "list"])
-                .lines()
-                .filter(|l| l.contains(&self.tag))
-                .map(|l| format!("netns {l}")),
-        );
-        left.extend(
-            text(&["ip", "-o", "link", "show"])
-                .lines()
-                .filter(|l| l.contains(&self.host_iface()))
-                .map(|l| format!("link {l}")),
-        );
-        left.extend(
-            text(&["ip", "-o", "-4", "addr", "show"])
-                .lines()
-                .chain(text(&["ip", "-4", "route", "show", "table", "all"]).lines())
-                .filter(|l| l.contains(&prefix))
-                .map(|l| format!("address or route {l}")),
-        );
-        left.extend(
-            std::fs::read_to_string("/proc/self/mountinfo")
-                .unwrap_or_default()
-                .lines()
-                .filter(|l| l.contains(&self.tag))
-                .map(|l| format!("mount {l}")),
-        );
-        left.extend(
-            self.cgroups
-                .iter()
-                .flatten()
-                .filter(|c| c.exists())
-                .map(|c| format!("cgroup {}", c.display())),
-        );
-        left.extend(processes_in_cgroups_named(&self.tag).into_iter().map(|p| {
-            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
-            format!(
-                "process {}",
-                stat.split(' ').take(5).collect::<Vec<_>>().join(" ")
-            )
-        }));
-        if self.dir.exists() {
-            left.push(format!("directory {}", self.dir.display()));
-        }
-        left
-    }
-
-    /// The shell commands that freeze node `i`'s cgroup, kill everything in it and wait
-    /// until it is empty. Safe when the node is already gone.
-    fn kill_script(&self, i: usize) -> String {
-        let f = sq(&self.cgroups[i][0].to_string_lossy());
-        format!(
-            "F={f}\n\
-             if [ -d \"$F\" ]; then\n\
-             \x20 echo FROZEN > \"$F/freezer.state\"\n\
-             \x20 i=0; while [ \"$(cat \"$F/freezer.state\")\" != FROZEN ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done\n\
-             \x20 find \"$F\" -name cgroup.procs -exec cat {{}} + | xargs -r kill -9\n\
-             \x20 echo THAWED > \"$F/freezer.state\"\n\
-             \x20 i=0; while [ -n \"$(find \"$F\" -name cgroup.procs -exec cat {{}} +)\" ] && [ $i -lt 400 ]; do sleep 0.05; i=$((i+1)); done\n\
-             fi\n"
-        )
-    }
-
-    /// The whole teardown (see the module doc); safe to run twice, or on a half-made rig.
-    fn teardown_script(&self) -> String {
-        let mut s = format!(
-            "#!/bin/sh\n\
-             # Tears down the swarm test rig {tag} (tests/common/swarm.rs). Run by its watchdog\n\
-             # when the rig is dropped or its test process ends, or by the next rig's start.\n",
-            tag = self.tag
-        );
-        for i in 0..NODES.len() {
-            s += &self.kill_script(i);
-        }
-        // Cgroups, deepest first; a cgroup whose last task is still exiting refuses at first.
-        let all: Vec<String> = self
-            .cgroups
-            .iter()
-            .flatten()
-            .map(|c| sq(&c.to_string_lossy()))
-            .collect();
-        s += &format!(
-            "for try in 1 2 3 4 5 6 7 8 9 10; do\n\
-             \x20 left=\n\
-             \x20 for c in {all}; do\n\
-             \x20   [ -d \"$c\" ] || continue\n\
-             \x20   find \"$c\" -depth -type d -exec rmdir {{}} + 2>/dev/null\n\
-             \x20   [ -d \"$c\" ] && left=1\n\
-             \x20 done\n\
-             \x20 [ -z \"$left\" ] && break\n\
-             \x20 sleep 0.2\n\
-             done\n",
-            all = all.join(" ")
-        );
-        for name in NODES.iter().chain(&["hub"]) {
-            s += &format!("ip netns del {} 2>/dev/null\n", self.netns(name));
-        }
-        // Subnet 0: the range was not claimed (yet), so the route is not ours.
-        if self.subnet != 0 {
-            s += &format!(
-                "ip link del {} 2>/dev/null\n\
-                 ip route del unreachable {} 2>/dev/null\n",
-                self.host_iface(),
-                self.range()
-            );
-        }
-        let d = sq(&self.dir.to_string_lossy());
-        s += &format!(
-            "awk -v d={d} '$5 == d || index($5, d \"/\") == 1 {{ print $5 }}' /proc/self/mountinfo \
-             | sort -r | xargs -r -n1 umount -l 2>/dev/null\n\
-             rm -rf {d}\n"
-        );
-        s
-    }
-}
-
 /// A running three-node swarm (see the module doc); torn down when dropped.
 pub struct SwarmRig {
     /// What it is made of, by name.
@@ -317,287 +173,6 @@ pub struct SwarmRig {
     started_in: Duration,
 }
 
-/// Quotes `s` for `sh`.
-fn sq(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
-}
-
-/// `docker`, with none of the caller's `DOCKER_*` settings (they would point it elsewhere or
-/// turn TLS on for a unix socket).
-fn docker_command() -> Command {
-    let mut cmd = Command::new("docker");
-    for var in [
-        "DOCKER_HOST",
-        "DOCKER_TLS_VERIFY",
-        "DOCKER_CERT_PATH",
-        "DOCKER_CONTEXT",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd.stdin(Stdio::null());
-    cmd
-}
-
-/// `docker -H HOST ARGS` with no TLS at all, whatever it answers.
-pub fn docker_plain(host: &str, args: &[&str]) -> Output {
-    docker_command()
-        .args(["-H", host])
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("docker: {e}"))
-}
-
-/// Runs `program args`, and says what went wrong if it did not succeed; stdout trimmed.
-fn run(program: &str, args: &[&str]) -> Result<String, String> {
-    let mut cmd = if program == "docker" {
-        docker_command()
-    } else {
-        Command::new(program)
-    };
-    let out = cmd
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("{program}: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-    } else {
-        Err(format!(
-            "{program} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-/// `ip ARGS`, or why it failed.
-fn ip(args: &[&str]) -> Result<(), String> {
-    run("ip", args).map(drop)
-}
-
-/// Host PIDs of the processes in a cgroup (of any hierarchy) whose path contains `tag`.
-fn processes_in_cgroups_named(tag: &str) -> Vec<i32> {
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .filter_map(Result::ok)
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|c| c.contains(tag))
-        })
-        .collect()
-}
-
-/// The start time of process `pid` (field 22 of its `stat`), to tell it from a later process
-/// with the same PID.
-fn start_time(pid: u32) -> Option<String> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces; it ends at the last ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split(' ').nth(19).map(str::to_owned)
-}
-
-/// This process's cgroup in each hierarchy: (hierarchy mount, own directory), the freezer's
-/// first. `None` without a cgroup v1 freezer.
-fn own_cgroups() -> Option<Vec<(String, PathBuf)>> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    // (mount point, root inside the hierarchy, super options) of each cgroup mount.
-    let mounts: Vec<(String, String, String, bool)> = mountinfo
-        .lines()
-        .filter_map(|l| {
-            let (pre, post) = l.split_once(" - ")?;
-            let pre: Vec<&str> = pre.split(' ').collect();
-            let post: Vec<&str> = post.split(' ').collect();
-            let v2 = match *post.first()? {
-                "cgroup" => false,
-                "cgroup2" => true,
-                _ => return None,
-            };
-            Some((
-                pre.get(4)?.to_string(),
-                pre.get(3)?.to_string(),
-                post.get(2)?.to_string(),
-                v2,
-            ))
-        })
-        .collect();
-    let mut own = Vec::new();
-    for line in std::fs::read_to_string("/proc/self/cgroup").ok()?.lines() {
-        let mut parts = line.splitn(3, ':');
-        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
-        let mount = mounts.iter().find(|(_, _, options, v2)| {
-            if controllers.is_empty() {
-                *v2
-            } else {
-                !*v2 && controllers
-                    .split(',')
-                    .all(|c| options.split(',').any(|o| o == c))
-            }
-        })?;
-        let (point, root) = (&mount.0, &mount.1);
-        let inner = path.strip_prefix(root.as_str()).unwrap_or(path);
-        let dir = Path::new(point).join(inner.trim_start_matches('/'));
-        let name = if controllers.is_empty() {
-            "unified"
-        } else {
-            controllers
-        };
-        own.push((name.to_owned(), dir));
-    }
-    let freezer = own.iter().position(|(c, _)| c == "freezer")?;
-    own.swap(0, freezer);
-    Some(own)
-}
-
-/// Runs the teardown of every rig whose owner process is gone.
-fn sweep_stale_rigs() {
-    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
-        return;
-    };
-    for entry in entries.filter_map(Result::ok) {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix(PREFIX)
-            .and_then(|rest| rest.split('-').next())
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let dir = entry.path();
-        let owner = std::fs::read_to_string(dir.join("owner")).unwrap_or_default();
-        let stale = match start_time(pid) {
-            None => true,
-            // No owner yet: a rig being made right now.
-            Some(t) => !owner.trim().is_empty() && owner.trim() != format!("{pid} {t}"),
-        };
-        if !stale {
-            continue;
-        }
-        eprintln!("swarm rig: tearing down {name}, left by a test process that is gone");
-        match std::fs::read_to_string(dir.join("teardown.sh")) {
-            Ok(script) => {
-                let _ = Command::new("sh")
-                    .arg("-c")
-                    .arg(script)
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status();
-            }
-            Err(_) => {
-                let _ = std::fs::remove_dir_all(&dir);
-            }
-        }
-    }
-}
-
-/// `docker load` of `image` (a `docker save` archive) on `node`.
-fn load(node: &Node, image: &[u8]) -> Result<(), String> {
-    let mut child = docker_command()
-        .args(["-H", &node.host(), "load", "-q"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("docker load: {e}"))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(image)
-            .map_err(|e| format!("docker load on {}: {e}", node.name))?;
-    }
-    let out = child.wait_with_output().map_err(|e| e.to_string())?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "docker load on {}: {}",
-            node.name,
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
-}
-
-/// Whether dockerd answers `/_ping` on `socket`.
-fn pings(socket: &Path) -> bool {
-    let Ok(mut s) = UnixStream::connect(socket) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    let mut reply = String::new();
-    if s.write_all(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
-        .is_err()
-    {
-        return false;
-    }
-    let _ = s.read_to_string(&mut reply);
-    reply.starts_with("HTTP/1.0 200") || reply.starts_with("HTTP/1.1 200")
-}
-
-/// The openssl config for the rig's CA, its nodes' server certificates and the client's.
-fn openssl_config(names: &RigNames) -> String {
-    let mut c = String::from(
-        "[req]\ndistinguished_name = dn\nprompt = no\n[dn]\nCN = x\n\
-         [ca]\nbasicConstraints = critical,CA:TRUE\nkeyUsage = critical,keyCertSign,cRLSign\n\
-         subjectKeyIdentifier = hash\n\
-         [client]\nbasicConstraints = critical,CA:FALSE\nkeyUsage = critical,digitalSignature\n\
-         extendedKeyUsage = clientAuth\n",
-    );
-    for (i, node) in NODES.iter().enumerate() {
-        c += &format!(
-            "[{node}]\nbasicConstraints = critical,CA:FALSE\n\
-             keyUsage = critical,digitalSignature,keyEncipherment\n\
-             extendedKeyUsage = serverAuth\n\
-             subjectAltName = IP:{},DNS:{node}\n",
-            names.addr(11 + i as u8)
-        );
-    }
-    c
-}
-
-/// Makes a key and a certificate (`extensions`: a section of `config`) in `out`, signed by
-/// the CA in `ca_dir` (self-signed without).
-fn certificate(
-    config: &Path,
-    extensions: &str,
-    cn: &str,
-    out: &Path,
-    ca_dir: Option<&Path>,
-) -> Result<(), String> {
-    let mut cmd = Command::new("openssl");
-    cmd.args(["req", "-x509", "-config"])
-        .arg(config)
-        .args(["-extensions", extensions, "-newkey", "ec"])
-        .args([
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-days",
-            "2",
-        ])
-        .args(["-subj", &format!("/CN={cn}")])
-        .arg("-keyout")
-        .arg(out.join("key.pem"))
-        .arg("-out")
-        .arg(out.join("cert.pem"));
-    if let Some(ca) = ca_dir {
-        cmd.arg("-CA")
-            .arg(ca.join("cert.pem"))
-            .arg("-CAkey")
-            .arg(ca.join("key.pem"));
-    }
-    let done = cmd
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("openssl: {e}"))?;
-    if done.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "openssl req ({extensions}): {}",
-            String::from_utf8_lossy(&done.stderr)
-        ))
-    }
-}
-
 /// The fake GPU `i` of node `node` (1-based) for the rig of process `pid`: a UUID in the
 /// shape NVML gives.
 fn gpu_uuid(pid: u32, node: usize, i: usize) -> String {
@@ -606,8 +181,9 @@ fn gpu_uuid(pid: u32, node: usize, i: usize) -> String {
 
 impl SwarmRig {
     /// Starts a rig: three nodes up, the swarm formed, the image loaded, the networks made.
-    /// Or says why it cannot (no root, a missing tool, no cgroup v1 freezer, a node that did
-    /// not come up); what it made by then is torn down.
+    /// Or says why it cannot run here (no root, a missing tool, no cgroup v1 freezer).
+    /// Panics if it can run and fails (a node that did not come up...), once what it made is
+    /// torn down.
     pub fn start() -> Result<SwarmRig, String> {
         let t0 = Instant::now();
         if !rustix::process::geteuid().is_root() {
@@ -626,7 +202,13 @@ impl SwarmRig {
         let own = own_cgroups().ok_or("needs cgroup v1 with a freezer hierarchy")?;
         super::ensure_image();
         sweep_stale_rigs();
+        // It can run here: from now on a failure is a failure, not a reason to skip (what
+        // was made is torn down first).
+        Ok(Self::bring_up(t0, &own).unwrap_or_else(|e| panic!("the swarm rig: {e}")))
+    }
 
+    /// Makes the rig (see [`SwarmRig::start`]).
+    fn bring_up(t0: Instant, own: &[(String, PathBuf)]) -> Result<SwarmRig, String> {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let pid = std::process::id();
         let tag = format!("{PREFIX}{pid}-{}", NEXT.fetch_add(1, Ordering::SeqCst));
@@ -690,7 +272,7 @@ impl SwarmRig {
         rig.make_network()?;
         rig.make_certificates()?;
         for i in 0..NODES.len() {
-            let child = rig.spawn_node(i, pid, &own)?;
+            let child = rig.spawn_node(i, pid, own)?;
             rig.nodes.push(Node {
                 name: NODES[i].to_owned(),
                 addr: rig.names.addr(11 + i as u8),
@@ -854,7 +436,7 @@ impl SwarmRig {
         let q = |rel: &str| sq(&p(rel));
         let start = format!(
             "# Node {name} of the swarm test rig {tag}: runs as PID 1 of its own PID, mount and\n\
-             # UTS namespaces, in its network namespace (tests/common/swarm.rs).\n\
+             # UTS namespaces, in its network namespace (tests/common/swarm/).\n\
              set -e\n\
              # Into the node's cgroups first: everything it starts is then in them. (Its\n\
              # parent, unshare, stays out: it outlives a kill of the node and reaps it.)\n\
@@ -1084,15 +666,16 @@ impl SwarmRig {
             .unwrap_or_else(|e| panic!("sh: {e}"));
         assert!(status.success(), "killing node {name}: {status}");
         // Its unshare (outside the node's cgroups) has reaped the node's init and ends.
-        if let Some(mut child) = self.nodes[i]
+        let process = self.nodes[i]
             .process
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
-            if !eventually(Duration::from_secs(10), || {
+            .take();
+        if let Some(mut child) = process {
+            let ended = eventually(Duration::from_secs(10), || {
                 !matches!(child.try_wait(), Ok(None))
-            }) {
+            });
+            if !ended {
                 let _ = child.kill();
                 let _ = child.wait();
             }
@@ -1137,18 +720,6 @@ impl SwarmRig {
         });
         std::mem::forget(self);
     }
-}
-
-/// Whether some route other than the default covers `10.218.n.0/24`.
-fn covered_by_a_route(n: u8) -> bool {
-    Command::new("ip")
-        .args(["-4", "route", "show", "match", &format!("10.218.{n}.0/24")])
-        .output()
-        .is_ok_and(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .any(|l| !l.starts_with("default"))
-        })
 }
 
 impl Drop for SwarmRig {
