@@ -326,7 +326,7 @@ fn the_rig_is_three_ready_nodes_reached_over_tls() {
         assert_eq!(announced, expected, "{}", node.name);
         assert_eq!(node.gpus.len(), if manager { 0 } else { 2 });
         // Plain TCP (no client certificate) is refused.
-        let plain = common::swarm::docker_plain(&node.tcp_url(), &["version"]);
+        let plain = rig.docker_without_tls(node, &["version"]);
         assert!(
             !plain.status.success(),
             "{} answered without TLS",

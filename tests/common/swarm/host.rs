@@ -32,7 +32,7 @@ pub(super) fn docker_command() -> Command {
 }
 
 /// `docker -H HOST ARGS` with no TLS at all, whatever it answers.
-pub fn docker_plain(host: &str, args: &[&str]) -> Output {
+pub(super) fn docker_plain(host: &str, args: &[&str]) -> Output {
     docker_command()
         .args(["-H", host])
         .args(args)

@@ -88,10 +88,9 @@ use std::time::{Duration, Instant};
 
 use super::dockerd::subnet_in_use;
 use super::{IMAGE, eventually};
-pub use host::docker_plain;
 use host::{
-    covered_by_a_route, docker_command, ip, load, own_cgroups, pings, processes_in_cgroups_named,
-    run, sq, start_time,
+    covered_by_a_route, docker_command, docker_plain, ip, load, own_cgroups, pings,
+    processes_in_cgroups_named, run, sq, start_time,
 };
 pub use names::RigNames;
 use names::sweep_stale_rigs;
@@ -625,6 +624,12 @@ impl SwarmRig {
             .env("DOCKER_TLS_VERIFY", "1")
             .env("DOCKER_CERT_PATH", self.tls_dir());
         cmd
+    }
+
+    /// `docker -H tcp://ADDR:2376 ARGS` to `node` without TLS (no client certificate),
+    /// whatever it answers.
+    pub fn docker_without_tls(&self, node: &Node, args: &[&str]) -> Output {
+        docker_plain(&node.tcp_url(), args)
     }
 
     /// `docker -H <node's unix socket> ARGS`, whatever it answers.
