@@ -338,6 +338,31 @@ fn the_rig_is_three_ready_nodes_reached_over_tls() {
         3,
         "engine IDs must differ: {engine_ids:?}"
     );
+    // The network rule: the rig's range is unreachable from the host but through its veth,
+    // and no node has a way out of the rig.
+    let names = rig.names();
+    let ip = |args: &[&str]| {
+        let out = std::process::Command::new("ip")
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert!(
+        ip(&["-4", "route", "show", "type", "unreachable"]).contains(&names.range()),
+        "no unreachable route for {}",
+        names.range()
+    );
+    assert!(
+        ip(&["-4", "route", "get", &names.addr(200)]).is_empty(),
+        "{} has a route",
+        names.addr(200)
+    );
+    assert!(ip(&["-4", "route", "get", &rig.node("n2").addr]).contains(&names.host_iface()));
+    for node in rig.nodes() {
+        let routes = ip(&["-n", &names.netns(&node.name), "-4", "route", "show"]);
+        assert!(!routes.contains("default"), "{}: {routes}", node.name);
+    }
     assert_eq!(
         rig.docker(
             rig.manager(),
@@ -539,19 +564,40 @@ fn a_killed_node_goes_down_and_the_others_stay_ready() {
     let Some(rig) = own_rig() else { return };
     let names = rig.names().clone();
     let n3 = rig.node("n3");
+    let on_n3 = format!("{}-n3", names.tag);
+    let comms_on_n3 = || -> Vec<String> {
+        rig.processes()
+            .iter()
+            .filter(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/cgroup"))
+                    .is_ok_and(|c| c.contains(&on_n3))
+            })
+            .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).ok())
+            .map(|c| c.trim().to_owned())
+            .collect()
+    };
+    // A container on n3, so the kill has a shim and a container to take too.
+    let service = Service::create(&rig, &["--constraint", "node.hostname==n3"]);
+    let task = service.running(Duration::from_secs(60));
+    assert_eq!(service.node_of(&task).name, "n3");
+    let before = comms_on_n3();
+    for comm in [
+        "dockerd",
+        "containerd",
+        "containerd-shim",
+        "docker-init",
+        "sleep",
+    ] {
+        assert!(
+            before.iter().any(|c| c.starts_with(comm)),
+            "no {comm} on n3: {before:?}"
+        );
+    }
+
     let t0 = Instant::now();
     rig.kill_node("n3");
     let killed_in = t0.elapsed();
-    // Nothing of it runs: dockerd, containerd, shims.
-    assert!(
-        rig.processes()
-            .iter()
-            .all(|p| !std::fs::read_to_string(format!("/proc/{p}/cgroup"))
-                .unwrap_or_default()
-                .contains(&format!("{}-n3", names.tag))),
-        "n3 still runs processes: {:?}",
-        names.leftovers()
-    );
+    assert_eq!(comms_on_n3(), Vec::<String>::new(), "n3 still runs these");
     assert!(!rig.docker_output(n3, &["version"]).status.success());
     let down = eventually(Duration::from_secs(25), || {
         node_table(&rig).contains(&"n3 Down Active".to_owned())
@@ -567,6 +613,7 @@ fn a_killed_node_goes_down_and_the_others_stay_ready() {
             "n3 Down Active"
         ]
     );
+    drop(service);
     drop(rig);
     assert_eq!(names.leftovers(), Vec::<String>::new());
 }
