@@ -17,7 +17,8 @@
 //! - **its own cgroup** in every hierarchy (`…/labgate-swarm-PID-K-nN`, under the test's own
 //!   cgroup), holding dockerd, its containerd, the shims and, through the relative
 //!   `cgroup-parent`, its containers: [`SwarmRig::kill_node`] freezes that cgroup and kills
-//!   everything in it, as a machine dies whole;
+//!   everything in it, as a machine dies whole (dockerd's parent, `unshare`, stays outside:
+//!   it reaps the node's init, and the test reaps it);
 //! - **its own files** under the rig's directory `$TMPDIR/labgate-swarm-PID-K/nN`: config
 //!   (always `--config-file`: without it dockerd would read the machine's
 //!   `/etc/docker/daemon.json`, data root included), data root, pid file, log, unix socket.
