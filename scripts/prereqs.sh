@@ -2,7 +2,8 @@
 # Installs and starts what labgate's demo and tests need on a fresh Debian machine:
 # the OpenSSH client, a static busybox (the demo/test image is built from it, no registry
 # needed), a registry for the image tests (docker-registry, htpasswd), dpkg-dev for the
-# package test and a running Docker Engine. Safe to run again: it only acts on what is missing.
+# package test, iproute2 and openssl for the swarm test rig, and a running Docker Engine.
+# Safe to run again: it only acts on what is missing.
 set -euo pipefail
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -25,6 +26,12 @@ command -v htpasswd >/dev/null 2>&1 || missing+=(apache2-utils)
 # The package test builds the .deb (scripts/deb: cargo-deb, installed by it from crates.io, and
 # dpkg-shlibdeps) and verifies its unit with systemd-analyze where systemd is installed.
 command -v dpkg-shlibdeps >/dev/null 2>&1 || missing+=(dpkg-dev)
+# The swarm test rig (tests/common/swarm/) runs three more dockerds in namespaces of their
+# own: ip (iproute2), unshare/nsenter/setsid (util-linux), and its own TLS CA (openssl).
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+command -v unshare >/dev/null 2>&1 || missing+=(util-linux)
+command -v nsenter >/dev/null 2>&1 || missing+=(util-linux)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 # The dashboard test loads the lab page in a real headless browser (Debian's chromium).
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then

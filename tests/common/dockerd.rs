@@ -52,7 +52,7 @@ pub struct PrivateDockerd {
 const STUB_HOOK: &str = "#!/bin/sh\ncat >/dev/null\nexit 0\n";
 
 /// Whether an address of `10.{a}.{b}.x` is already on an interface or in a route here.
-fn subnet_in_use(a: u32, b: u32) -> bool {
+pub fn subnet_in_use(a: u32, b: u32) -> bool {
     let prefix = format!("10.{a}.{b}.");
     ["addr", "route"].iter().any(|what| {
         Command::new("ip")

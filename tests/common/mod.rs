@@ -9,6 +9,7 @@
 pub mod client;
 pub mod dockerd;
 pub mod nvml;
+pub mod swarm;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
