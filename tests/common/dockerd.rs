@@ -367,9 +367,21 @@ impl Drop for PrivateDockerd {
         if !self.bridge.is_empty() {
             let _ = ip(&["link", "del", &self.bridge]);
         }
+        // A relative cgroup parent lands under the daemon's own cgroup in each hierarchy,
+        // which is the test process's (`/` in most, a directory of its own in some): remove
+        // it from the root and from under each of those.
+        let own: Vec<String> = std::fs::read_to_string("/proc/self/cgroup")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.splitn(3, ':').nth(2))
+            .map(|p| p.trim_start_matches('/').to_owned())
+            .collect();
         if let Ok(controllers) = std::fs::read_dir("/sys/fs/cgroup") {
             for c in controllers.filter_map(Result::ok) {
                 let _ = std::fs::remove_dir(c.path().join(&self.cgroup_parent));
+                for p in own.iter().filter(|p| !p.is_empty()) {
+                    let _ = std::fs::remove_dir(c.path().join(p).join(&self.cgroup_parent));
+                }
             }
         }
         if std::thread::panicking() {
