@@ -129,7 +129,7 @@ pub fn main(lab: &Lab) -> Markup {
                         td data-label="Node" { (c.node) }
                         td.num data-label="CPUs" { (c.cpus.map_or("no limit".to_owned(), |n| format!("{n}"))) }
                         td.num data-label="Memory" { (c.memory.map_or("no limit".to_owned(), bytes)) }
-                        td data-label="GPUs" { @if c.gpus.is_empty() { "–" } @else { (c.gpus.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")) } }
+                        td data-label="GPUs" { @if c.gpus.is_empty() { "–" } @else { (c.gpus.iter().map(|i| format!("GPU {i}")).collect::<Vec<_>>().join(", ")) } }
                         td.num data-label="Connections" { (c.connections) }
                     } } }
                 } }
