@@ -1225,6 +1225,17 @@ fn reclaim_warns_an_idle_holder_then_stops_it_for_the_one_who_waits() {
             .as_deref(),
         Some("running")
     );
+    // The admin sees it coming.
+    let status = gw.labgate(&["status"]);
+    let said = String::from_utf8_lossy(&status.stdout);
+    let reclaiming = said
+        .lines()
+        .skip_while(|l| !l.starts_with("RECLAIMING"))
+        .nth(1);
+    assert!(
+        reclaiming.is_some_and(|l| l.starts_with(&gw.container(0))),
+        "{said}"
+    );
 
     // Still idle at the deadline: stopped, her terminal told why; Bob gets the GPU.
     let why = term.expect_line(

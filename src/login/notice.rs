@@ -92,6 +92,23 @@ impl Notices {
         let _ = self.sender.send(notice);
     }
 
+    /// The reclaim warnings standing now: container, idle since, deadline; by container.
+    pub fn warnings(&self) -> Vec<(String, SystemTime, SystemTime)> {
+        let mut out: Vec<_> = self
+            .standing()
+            .values()
+            .filter_map(|n| match n.event {
+                Event::ReclaimWarning {
+                    idle_since,
+                    deadline,
+                } => Some((n.container.clone(), idle_since, deadline)),
+                _ => None,
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
     /// Forgets `container`'s standing warning without telling anyone (it no longer runs).
     pub fn clear(&self, container: &str) {
         self.standing().remove(container);

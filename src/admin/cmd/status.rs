@@ -25,6 +25,22 @@ pub struct Status {
     /// Logins waiting for GPUs, in the order they are served (absent from older gateways).
     #[serde(default)]
     pub queue: Vec<QueueStatus>,
+    /// Containers warned that their idle GPUs are about to be reclaimed (absent from older
+    /// gateways).
+    #[serde(default)]
+    pub reclaims: Vec<ReclaimStatus>,
+}
+
+/// A standing reclaim warning: the container is stopped at its deadline unless its GPUs
+/// are used.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ReclaimStatus {
+    /// Container name.
+    pub container: String,
+    /// Seconds its GPUs have been idle.
+    pub idle_secs: u64,
+    /// Seconds until it is stopped (0: due now).
+    pub stops_in_secs: u64,
 }
 
 /// One place in the GPU queue.
@@ -126,8 +142,19 @@ pub(crate) async fn collect(ctx: &Context) -> Result<Status, RuntimeError> {
             logins: p.logins,
         })
         .collect();
+    let reclaims = ctx
+        .notices
+        .warnings()
+        .into_iter()
+        .map(|(container, idle_since, deadline)| ReclaimStatus {
+            container,
+            idle_secs: now.duration_since(idle_since).unwrap_or_default().as_secs(),
+            stops_in_secs: deadline.duration_since(now).unwrap_or_default().as_secs(),
+        })
+        .collect();
     Ok(Status {
         queue,
+        reclaims,
         containers,
         connections: connections
             .into_iter()
@@ -239,6 +266,22 @@ pub fn render(status: &Status) -> String {
         out.push('\n');
         out.push_str(&table(&rows));
     }
+    if !status.reclaims.is_empty() {
+        let mut rows = vec![
+            ["RECLAIMING", "GPUS IDLE", "STOPPED IN"]
+                .map(String::from)
+                .to_vec(),
+        ];
+        for r in &status.reclaims {
+            rows.push(vec![
+                r.container.clone(),
+                human(r.idle_secs),
+                human(r.stops_in_secs),
+            ]);
+        }
+        out.push('\n');
+        out.push_str(&table(&rows));
+    }
     out
 }
 
@@ -315,8 +358,10 @@ mod tests {
                 forwards: 2,
             }],
             queue: vec![],
+            reclaims: vec![],
         };
         let text = render(&status);
+        assert!(!text.contains("RECLAIMING"), "{text}");
         assert!(
             !text.contains("WAITING"),
             "no queue table when nobody waits: {text}"
@@ -349,17 +394,31 @@ mod tests {
                     logins: 1,
                 },
             ],
+            reclaims: vec![ReclaimStatus {
+                container: "labgate-dave".into(),
+                idle_secs: 7500,
+                stops_in_secs: 600,
+            }],
         };
         let text = render(&status);
         let lines: Vec<&str> = text
             .lines()
             .skip_while(|l| !l.starts_with("WAITING"))
+            .take_while(|l| !l.is_empty())
             .collect();
         assert_eq!(lines.len(), 3, "{text}");
         assert!(lines[1].starts_with("1        bob"), "{text}");
         assert!(lines[1].contains("1m 30s"), "{text}");
         assert!(lines[2].starts_with("2        carol+big  2"), "{text}");
+        let reclaim = text
+            .lines()
+            .find(|l| l.starts_with("labgate-dave"))
+            .unwrap();
+        assert!(
+            reclaim.contains("2h 5m") && reclaim.ends_with("10m"),
+            "{text}"
+        );
         let old: Status = serde_json::from_str("{\"containers\":[],\"connections\":[]}").unwrap();
-        assert!(old.queue.is_empty());
+        assert!(old.queue.is_empty() && old.reclaims.is_empty());
     }
 }
