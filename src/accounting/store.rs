@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use rusqlite::{Connection, OpenFlags, params};
 
 use super::{AccountingError, Charge, EndedHold, UsageRow, Wait};
 use crate::auth::Username;
@@ -383,18 +383,6 @@ impl Store {
             r.wait_seconds_max = max;
         }
         Ok(rows.into_values().collect())
-    }
-
-    /// The hold of `holder` so far, if one is recorded.
-    pub fn hold(&self, holder: &Username) -> Result<Option<(f64, f64)>, AccountingError> {
-        self.conn
-            .query_row(
-                "SELECT held, busy FROM holds WHERE holder = ?1",
-                params![holder.as_str()],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()
-            .map_err(|e| self.err(e))
     }
 }
 

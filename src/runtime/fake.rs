@@ -231,7 +231,7 @@ impl ContainerRuntime for FakeRuntime {
 }
 
 /// Controls of a fake process: it has already exited 0.
-struct FakeControl;
+pub(crate) struct FakeControl;
 
 #[async_trait]
 impl ExecControl for FakeControl {

@@ -294,24 +294,7 @@ mod tests {
 
     use super::*;
     use crate::login::notice::{Event, Notices};
-    use crate::runtime::{RuntimeError, TtySize};
-
-    /// A process that has exited 0.
-    struct Exited;
-
-    #[async_trait::async_trait]
-    impl ExecControl for Exited {
-        async fn resize(&self, _size: TtySize) -> Result<(), RuntimeError> {
-            Ok(())
-        }
-        async fn signal(&self, _signal: i32) -> Result<(), RuntimeError> {
-            Ok(())
-        }
-        async fn wait(&self) -> Result<ExitStatus, RuntimeError> {
-            Ok(ExitStatus::Code(0))
-        }
-        async fn hangup(&self) {}
-    }
+    use crate::runtime::fake::FakeControl as Exited;
 
     #[tokio::test]
     async fn notices_go_among_the_output_on_a_terminal_and_to_stderr_without_one() {
