@@ -238,10 +238,14 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             profiles.quotas.insert((name.clone(), user), q);
         }
     }
+    let cluster = raw
+        .cluster
+        .validate(resolve)
+        .map_err(|(span, message)| v.at(span, message))?;
     Ok(Config {
         source: path.to_owned(),
         server,
-        cluster: raw.cluster.validate(),
+        cluster,
         docker,
         gpu,
         admin,

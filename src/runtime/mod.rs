@@ -570,6 +570,7 @@ pub type StillWanted = Box<dyn FnOnce() -> bool + Send>;
 pub async fn gpu_report(config: &crate::config::Config) -> Result<String, GpuError> {
     match config.cluster.engine {
         crate::config::cluster::Engine::Docker => docker::gpus::report(config).await,
+        crate::config::cluster::Engine::Swarm => swarm::gpu_report(config).await,
     }
 }
 
@@ -578,6 +579,12 @@ pub async fn gpu_report(config: &crate::config::Config) -> Result<String, GpuErr
 pub async fn open(config: &crate::config::Config) -> Arc<dyn ContainerRuntime> {
     match config.cluster.engine {
         crate::config::cluster::Engine::Docker => {
+            let gpus = docker::pool::GpuPool::open(&config.gpu).await;
+            Arc::new(docker::DockerRuntime::new(&config.docker, gpus))
+        }
+        // Placeholder until the swarm runtime lands (this commit is a branch point only).
+        crate::config::cluster::Engine::Swarm => {
+            let _ = swarm::SwarmRuntime::new(config);
             let gpus = docker::pool::GpuPool::open(&config.gpu).await;
             Arc::new(docker::DockerRuntime::new(&config.docker, gpus))
         }
