@@ -12,7 +12,10 @@
 //! - `labgate-relay listen-tcp DIR ADDR PORT`: a TCP listener inside the container whose
 //!   connections the gateway takes over the same way (`-R`);
 //! - `labgate-relay serve DIR -- ARGV...`: run `ARGV` (the sftp server) on the one connection
-//!   the gateway makes to a private unix socket in `DIR` (see [`serve`]).
+//!   the gateway makes to a private unix socket in `DIR` (see [`serve`]);
+//! - `labgate-relay signal MARK SIG`, `labgate-relay hangup MARK GRACE_MS`: signal a process
+//!   the gateway started, found by its mark (remote nodes, where the gateway sees no PID of
+//!   the container's: see [`signal`]).
 //!
 //! After connecting it writes `connected` (or `error: REASON`) as one line on stderr, then
 //! joins stdin to the socket and the socket to stdout. Stdin EOF half-closes the socket;
@@ -26,6 +29,7 @@ use std::time::Duration;
 
 mod listen;
 mod serve;
+mod signal;
 
 /// A connected socket of either kind.
 pub(crate) trait Socket: Read + Write + Send + 'static {
@@ -68,7 +72,8 @@ fn connect(args: &[String]) -> io::Result<Box<dyn Socket>> {
         _ => Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "usage: labgate-relay tcp ADDR PORT | unix PATH | resolve NAME | listen DIR NAME \
-             | listen-tcp DIR ADDR PORT | serve DIR -- ARGV...",
+             | listen-tcp DIR ADDR PORT | serve DIR -- ARGV... | signal MARK SIG \
+             | hangup MARK GRACE_MS",
         )),
     }
 }
@@ -106,6 +111,20 @@ fn main() -> ExitCode {
     };
     if let Some((dir, bind)) = bind {
         return match listen::run(std::path::Path::new(dir), bind) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let signalled = match args.as_slice() {
+        [kind, mark, sig] if kind == "signal" => Some(signal::signal(mark, sig)),
+        [kind, mark, grace] if kind == "hangup" => Some(signal::hangup(mark, grace)),
+        _ => None,
+    };
+    if let Some(done) = signalled {
+        return match done {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e}");

@@ -278,7 +278,9 @@ pub(super) struct RawAddr(pub(super) EngineAddr);
 impl<'de> Deserialize<'de> for RawAddr {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        EngineAddr::parse(&s).map(RawAddr).map_err(de::Error::custom)
+        EngineAddr::parse(&s)
+            .map(RawAddr)
+            .map_err(de::Error::custom)
     }
 }
 
@@ -289,7 +291,9 @@ pub(super) struct RawNodeApi(pub(super) NodeApi);
 impl<'de> Deserialize<'de> for RawNodeApi {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        NodeApi::parse(&s).map(RawNodeApi).map_err(de::Error::custom)
+        NodeApi::parse(&s)
+            .map(RawNodeApi)
+            .map_err(de::Error::custom)
     }
 }
 
@@ -332,9 +336,13 @@ impl RawCluster {
                 self.manager.as_ref().map(|s| ("manager", s.span())),
                 self.node_api.as_ref().map(|s| ("node_api", s.span())),
                 self.tls_dir.as_ref().map(|s| ("tls_dir", s.span())),
-                self.gpu_resource.as_ref().map(|s| ("gpu_resource", s.span())),
+                self.gpu_resource
+                    .as_ref()
+                    .map(|s| ("gpu_resource", s.span())),
                 self.network.as_ref().map(|s| ("network", s.span())),
-                self.shared_paths.as_ref().map(|s| ("shared_paths", s.span())),
+                self.shared_paths
+                    .as_ref()
+                    .map(|s| ("shared_paths", s.span())),
                 self.nodes.values().next().map(|s| ("nodes", s.span())),
             ]
             .into_iter()

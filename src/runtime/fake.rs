@@ -187,6 +187,7 @@ impl ContainerRuntime for FakeRuntime {
                 },
                 image: c.spec.image.clone(),
                 gpus: c.spec.gpus.clone(),
+                node: None,
             })
             .collect())
     }

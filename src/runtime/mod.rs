@@ -9,6 +9,7 @@ pub mod docker;
 #[cfg(test)]
 pub mod fake;
 pub mod reach;
+pub mod relay;
 pub mod swarm;
 
 use std::collections::BTreeMap;
@@ -336,6 +337,8 @@ pub struct ManagedContainer {
     pub image: String,
     /// GPUs its label records.
     pub gpus: Vec<GpuUuid>,
+    /// The node it runs on, on a cluster (`None`: this host, or not running).
+    pub node: Option<String>,
 }
 
 /// A terminal's size.
@@ -582,12 +585,7 @@ pub async fn open(config: &crate::config::Config) -> Arc<dyn ContainerRuntime> {
             let gpus = docker::pool::GpuPool::open(&config.gpu).await;
             Arc::new(docker::DockerRuntime::new(&config.docker, gpus))
         }
-        // Placeholder until the swarm runtime lands (this commit is a branch point only).
-        crate::config::cluster::Engine::Swarm => {
-            let _ = swarm::SwarmRuntime::new(config);
-            let gpus = docker::pool::GpuPool::open(&config.gpu).await;
-            Arc::new(docker::DockerRuntime::new(&config.docker, gpus))
-        }
+        crate::config::cluster::Engine::Swarm => Arc::new(swarm::SwarmRuntime::new(config)),
     }
 }
 

@@ -11,7 +11,7 @@
 //! [`ContainerRuntime::reach`]: super::ContainerRuntime::reach
 
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use async_trait::async_trait;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -23,6 +23,23 @@ use super::{Exec, ExecRequest, Identity, RuntimeError};
 /// How long opening a forward may take, from its request to its connection: resolving the
 /// name and trying every address it resolves to, together.
 pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// `localhost` and IP literals, which need no resolver.
+pub(crate) fn literal(host: &str) -> Option<Vec<IpAddr>> {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = bare.parse::<IpAddr>() {
+        return Some(vec![ip]);
+    }
+    let name = bare.to_ascii_lowercase();
+    (name == "localhost" || name == "localhost.localdomain" || name.ends_with(".localhost")).then(
+        || {
+            vec![
+                IpAddr::V4(Ipv4Addr::LOCALHOST),
+                IpAddr::V6(Ipv6Addr::LOCALHOST),
+            ]
+        },
+    )
+}
 
 /// A byte stream to something inside a container.
 pub trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}

@@ -290,7 +290,10 @@ impl Gateway {
         let mut child = Command::new(env!("CARGO_BIN_EXE_labgate"))
             .args(["serve", "--config"])
             .arg(self.config_path())
-            .env("LABGATE_LOG", "debug,russh=info,bollard=info,hyper=info")
+            .env(
+                "LABGATE_LOG",
+                "debug,russh=info,bollard=info,hyper=info,rustls=info",
+            )
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()

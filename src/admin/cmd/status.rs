@@ -71,6 +71,9 @@ pub struct ContainerStatus {
     pub image: String,
     /// GPUs it holds (UUIDs).
     pub gpus: Vec<String>,
+    /// The node it runs on, on a cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     /// Connections working in it now.
     pub connections: usize,
     /// The user's `idle_stop`, in seconds (`None`: never stopped).
@@ -121,6 +124,7 @@ pub(crate) async fn collect(ctx: &Context) -> Result<Status, RuntimeError> {
                     .map(|t| now.duration_since(t).unwrap_or_default().as_secs()),
                 idle_stop_secs: idle_stop.map(|d| d.as_secs()),
                 gpus: c.gpus.iter().map(ToString::to_string).collect(),
+                node: c.node,
                 name: c.name,
                 user: c.user,
                 state: c.state.to_string(),
@@ -192,6 +196,11 @@ pub fn render(status: &Status) -> String {
         .map(String::from)
         .to_vec(),
     ];
+    // A cluster's containers say where they run.
+    let nodes = status.containers.iter().any(|c| c.node.is_some());
+    if nodes {
+        rows[0].insert(3, "NODE".to_owned());
+    }
     for c in &status.containers {
         let idle = match (c.idle_stop_secs, c.idle_secs) {
             (None, _) => "never stopped".to_owned(),
@@ -205,7 +214,7 @@ pub fn render(status: &Status) -> String {
             }
             (Some(_), None) => "-".to_owned(),
         };
-        rows.push(vec![
+        let mut row = vec![
             c.name.clone(),
             c.user.clone(),
             c.state.clone(),
@@ -217,7 +226,11 @@ pub fn render(status: &Status) -> String {
             },
             c.connections.to_string(),
             idle,
-        ]);
+        ];
+        if nodes {
+            row.insert(3, c.node.clone().unwrap_or_else(|| "-".to_owned()));
+        }
+        rows.push(row);
     }
     let mut out = table(&rows);
     out.push('\n');
@@ -332,6 +345,7 @@ mod tests {
                     state: "running".into(),
                     image: "lab/cuda:12".into(),
                     gpus: vec!["GPU-1".into()],
+                    node: None,
                     connections: 0,
                     idle_stop_secs: Some(7200),
                     idle_secs: Some(600),
@@ -342,6 +356,7 @@ mod tests {
                     state: "exited".into(),
                     image: "lab/cuda:12".into(),
                     gpus: vec![],
+                    node: None,
                     connections: 0,
                     idle_stop_secs: None,
                     idle_secs: None,
@@ -371,6 +386,17 @@ mod tests {
         let conn_line = text.lines().find(|l| l.starts_with("3 ")).unwrap();
         assert!(conn_line.contains("10.0.0.7:50000"), "{conn_line}");
         assert!(conn_line.contains("SHA256:abc"), "{conn_line}");
+        assert!(!text.contains("NODE"), "one host: no node column: {text}");
+        let mut on_cluster = status.clone();
+        on_cluster.containers[0].node = Some("gpu2".into());
+        let text = render(&on_cluster);
+        let header = text.lines().next().unwrap();
+        assert!(header.contains("NODE"), "{text}");
+        let alice = text
+            .lines()
+            .find(|l| l.starts_with("labgate-alice"))
+            .unwrap();
+        assert!(alice.contains("gpu2"), "{text}");
     }
 
     #[test]

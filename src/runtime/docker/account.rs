@@ -33,7 +33,7 @@ has /etc/group \"$3\" || echo \"$1:x:$3:\" >> /etc/group || exit 1";
 
 /// Containers (by id) whose account is known to be in place.
 #[derive(Default)]
-pub(super) struct Accounts {
+pub(crate) struct Accounts {
     done: Mutex<HashSet<String>>,
 }
 
@@ -41,7 +41,7 @@ impl Accounts {
     /// Makes sure container `id` (whose init is host process `pid`, when known) has a
     /// `passwd`/`group` entry for `spec`'s uid:gid. Safe to call on every login: it runs once
     /// per container (again only after a failure).
-    pub(super) async fn ensure(
+    pub(crate) async fn ensure(
         &self,
         docker: &Docker,
         id: &str,

@@ -8,7 +8,7 @@ use crate::runtime::{ContainerSpec, RuntimeError};
 /// Checks every bind source of `spec` on the host (see [`hostpath`]): the
 /// home, made if missing, and the admin's mounts. A refusal is logged with its path for the
 /// admin; the user is told one line.
-pub(super) async fn check_binds(spec: &ContainerSpec) -> Result<Vec<Checked>, RuntimeError> {
+pub(crate) async fn check_binds(spec: &ContainerSpec) -> Result<Vec<Checked>, RuntimeError> {
     let spec = spec.clone();
     let checked = tokio::task::spawn_blocking(move || {
         let mut binds = vec![hostpath::ensure_home(

@@ -6,7 +6,6 @@
 //! exec's multiplexed stream (8-byte frame headers) is decoded by [`Demux`].
 
 use std::io;
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
@@ -19,17 +18,19 @@ use http_body_util::{BodyExt, Full};
 use hyper::{Request, StatusCode, header};
 use hyper_util::rt::TokioIo;
 use nix::sys::signal::Signal;
-use tokio::net::UnixStream;
 use tokio_util::codec::{Decoder, FramedRead};
 use tokio_util::io::ReaderStream;
 
 use super::process::HostProcess;
 use crate::runtime::{Exec, ExecControl, ExecOutput, ExitStatus, RuntimeError, TtySize};
 
-/// Starts exec `exec_id` attached, over a fresh connection to `socket`, and returns its
+/// How long opening the exec's own connection may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Starts exec `exec_id` attached, over a fresh connection to `dial`, and returns its
 /// output stream and stdin.
-pub(super) async fn start_attached(
-    socket: &Path,
+pub(crate) async fn start_attached(
+    dial: &super::dial::Dial,
     api_version: &str,
     exec_id: &str,
     tty: bool,
@@ -41,9 +42,10 @@ pub(super) async fn start_attached(
     RuntimeError,
 > {
     let err = |what: &str, e: &dyn std::fmt::Display| RuntimeError::Exec(format!("{what}: {e}"));
-    let stream = UnixStream::connect(socket)
+    let stream = dial
+        .connect(CONNECT_TIMEOUT)
         .await
-        .map_err(|e| RuntimeError::Unavailable(format!("{}: {e}", socket.display())))?;
+        .map_err(|e| RuntimeError::Unavailable(e.to_string()))?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| err("engine handshake", &e))?;
@@ -197,44 +199,7 @@ impl ExecControl for DockerExecControl {
     }
 
     async fn wait(&self) -> Result<ExitStatus, RuntimeError> {
-        // The engine can report the exec as running for a moment after its stream ended.
-        let mut delay = Duration::from_millis(2);
-        for _ in 0..60 {
-            let info = self
-                .docker
-                .inspect_exec(&self.exec_id)
-                .await
-                .map_err(|e| RuntimeError::Engine(e.to_string()))?;
-            if info.running != Some(true) {
-                let code = info.exit_code.unwrap_or(255);
-                // 126/127 from the engine itself: the exec could not run, which a container
-                // that died right after starting (no shell in the image) also causes when
-                // the exec slipped in before its death. Say what really happened.
-                if matches!(code, 126 | 127)
-                    && let Some(id) = info.container_id.as_deref()
-                    && let Ok(container) = self
-                        .docker
-                        .inspect_container(
-                            id,
-                            None::<bollard::query_parameters::InspectContainerOptions>,
-                        )
-                        .await
-                    && let Some(dead) = super::inspect::ended(&container)
-                {
-                    return Err(dead);
-                }
-                let delivered = self.delivered.load(Ordering::SeqCst);
-                if delivered > 0 && code == 128 + i64::from(delivered) {
-                    return Ok(ExitStatus::Signal(delivered));
-                }
-                return Ok(ExitStatus::Code(u32::try_from(code).unwrap_or(255)));
-            }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_millis(200));
-        }
-        Err(RuntimeError::Engine(
-            "the process's output ended but the engine still reports it running".into(),
-        ))
+        wait_exec(&self.docker, &self.exec_id, &self.delivered).await
     }
 
     async fn hangup(&self) {
@@ -249,8 +214,53 @@ impl ExecControl for DockerExecControl {
     }
 }
 
+/// The exit status of exec `exec_id`, once its output has ended; `delivered` is the last
+/// signal labgate sent it (0: none), so a `128 + n` exit of that signal reads as the signal.
+pub(crate) async fn wait_exec(
+    docker: &Docker,
+    exec_id: &str,
+    delivered: &AtomicI32,
+) -> Result<ExitStatus, RuntimeError> {
+    // The engine can report the exec as running for a moment after its stream ended.
+    let mut delay = Duration::from_millis(2);
+    for _ in 0..60 {
+        let info = docker
+            .inspect_exec(exec_id)
+            .await
+            .map_err(|e| RuntimeError::Engine(e.to_string()))?;
+        if info.running != Some(true) {
+            let code = info.exit_code.unwrap_or(255);
+            // 126/127 from the engine itself: the exec could not run, which a container
+            // that died right after starting (no shell in the image) also causes when
+            // the exec slipped in before its death. Say what really happened.
+            if matches!(code, 126 | 127)
+                && let Some(id) = info.container_id.as_deref()
+                && let Ok(container) = docker
+                    .inspect_container(
+                        id,
+                        None::<bollard::query_parameters::InspectContainerOptions>,
+                    )
+                    .await
+                && let Some(dead) = super::inspect::ended(&container)
+            {
+                return Err(dead);
+            }
+            let delivered = delivered.load(Ordering::SeqCst);
+            if delivered > 0 && code == 128 + i64::from(delivered) {
+                return Ok(ExitStatus::Signal(delivered));
+            }
+            return Ok(ExitStatus::Code(u32::try_from(code).unwrap_or(255)));
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(200));
+    }
+    Err(RuntimeError::Engine(
+        "the process's output ended but the engine still reports it running".into(),
+    ))
+}
+
 /// How a detached command failed: the engine refused to start it, or its end could not be read.
-pub(super) enum DetachedError {
+pub(crate) enum DetachedError {
     /// Create or start was refused (the caller explains it, e.g. a container that died).
     Engine(bollard::errors::Error),
     /// The exit status could not be read.
@@ -259,7 +269,7 @@ pub(super) enum DetachedError {
 
 /// Runs `opts` in container `id` without attaching to it and waits for its exit status: for
 /// the gateway's own short commands (probes, account entries).
-pub(super) async fn run_detached(
+pub(crate) async fn run_detached(
     docker: &Docker,
     id: &str,
     opts: bollard::exec::CreateExecOptions<String>,
@@ -295,10 +305,19 @@ pub(super) fn assemble(
     stdin: tokio::io::WriteHalf<TokioIo<hyper::upgrade::Upgraded>>,
     control: DockerExecControl,
 ) -> Exec {
+    assemble_boxed(output, stdin, Box::new(control))
+}
+
+/// Assembles an [`Exec`] from its parts, with any backend's controls.
+pub(crate) fn assemble_boxed(
+    output: futures::stream::BoxStream<'static, io::Result<ExecOutput>>,
+    stdin: tokio::io::WriteHalf<TokioIo<hyper::upgrade::Upgraded>>,
+    control: Box<dyn ExecControl>,
+) -> Exec {
     Exec {
         output,
         stdin: Box::pin(stdin),
-        control: Box::new(control),
+        control,
     }
 }
 

@@ -51,5 +51,6 @@ pub(super) fn managed(c: ContainerSummary) -> ManagedContainer {
             &c.state.map(|s| s.to_string()).unwrap_or_default(),
         ),
         image: c.image.clone().unwrap_or_default(),
+        node: None,
     }
 }

@@ -5,8 +5,9 @@
 //! pure `lifecycle::plan` carried out), `image`, `network`, `shell`, `binds`, `inspect`,
 //! `list` and `legacy` each own what their names say.
 
-mod account;
-mod binds;
+pub(crate) mod account;
+pub(crate) mod binds;
+pub mod dial;
 mod direct;
 pub mod exec;
 pub mod gpus;
@@ -24,9 +25,8 @@ pub mod prepull;
 pub mod process;
 pub mod pull;
 mod reach;
-mod relay;
 pub mod rootfs;
-mod shell;
+pub(crate) mod shell;
 pub mod spec;
 
 use std::collections::HashMap;
@@ -289,8 +289,13 @@ impl ContainerRuntime for DockerRuntime {
             Ok(c) => c,
             Err(e) => return Err(self.exec_failure(docker, &container.id, e).await),
         };
-        let (output, stdin) =
-            exec::start_attached(&self.socket, version, &created.id, req.tty.is_some()).await?;
+        let (output, stdin) = exec::start_attached(
+            &dial::Dial::Unix(self.socket.clone()),
+            version,
+            &created.id,
+            req.tty.is_some(),
+        )
+        .await?;
         let control = exec::DockerExecControl {
             docker: docker.clone(),
             exec_id: created.id,

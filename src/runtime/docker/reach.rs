@@ -4,7 +4,7 @@
 //! labgate's relay helper run as an exec of the user's ([`super::relay`]). Both act as the
 //! user, under the same deadlines, and refuse the same things.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,9 +13,10 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::{DockerRuntime, direct, netns, relay};
+use super::{DockerRuntime, direct, netns};
 use crate::config::ForwardVia;
-use crate::runtime::reach::{Acceptor, BoxedStream, Reach, ReachError, Reacher};
+use crate::runtime::reach::{Acceptor, BoxedStream, Reach, ReachError, Reacher, literal};
+use crate::runtime::relay::RelayReach;
 use crate::runtime::{ContainerHandle, ContainerRuntime, Exec, ExecRequest, RuntimeError};
 
 /// The way into one container for one login.
@@ -29,6 +30,17 @@ pub(super) struct DockerReach {
     /// The host PID of the container's init when its namespaces are entered; `None`: the
     /// relay path.
     pub(super) pid: Option<i32>,
+}
+
+impl DockerReach {
+    /// The relay path into the same container, for the same login.
+    fn relay(&self) -> RelayReach {
+        RelayReach {
+            runtime: self.runtime.clone(),
+            container: self.container.clone(),
+            who: self.who.clone(),
+        }
+    }
 }
 
 impl DockerRuntime {
@@ -57,23 +69,6 @@ impl DockerRuntime {
             }
         }
     }
-}
-
-/// `localhost` and IP literals, which need no resolver.
-fn literal(host: &str) -> Option<Vec<IpAddr>> {
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    if let Ok(ip) = bare.parse::<IpAddr>() {
-        return Some(vec![ip]);
-    }
-    let name = bare.to_ascii_lowercase();
-    (name == "localhost" || name == "localhost.localdomain" || name.ends_with(".localhost")).then(
-        || {
-            vec![
-                IpAddr::V4(Ipv4Addr::LOCALHOST),
-                IpAddr::V6(Ipv6Addr::LOCALHOST),
-            ]
-        },
-    )
 }
 
 /// Looks `host` up in the `hosts` file text.
@@ -137,39 +132,16 @@ impl Acceptor for UnixAcceptor {
     }
 }
 
-/// A `labgate-relay listen` exec: each connection is announced and taken over through a
-/// relay exec of its own (the hand-off socket `DIR/.N`).
-struct RelayAcceptor {
-    listener: relay::RelayListener,
-    runtime: Arc<DockerRuntime>,
-    container: ContainerHandle,
-    who: Reacher,
-    dir: String,
-}
-
-#[async_trait]
-impl Acceptor for RelayAcceptor {
-    async fn accept(&mut self) -> Option<(BoxedStream, Option<SocketAddr>)> {
-        loop {
-            let (n, peer) = self.listener.next_connection().await?;
-            let args = vec!["unix".to_owned(), format!("{}/.{n}", self.dir)];
-            let deadline = Instant::now() + crate::runtime::reach::CONNECT_TIMEOUT;
-            let runtime: &dyn ContainerRuntime = self.runtime.as_ref();
-            match relay::connect(runtime, &self.who, &self.container, args, deadline).await {
-                Ok(s) => return Some((Box::new(s), peer)),
-                Err(e) => debug!("relay hand-off failed: {e}"),
-            }
-        }
-    }
-}
-
 #[async_trait]
 impl Reach for DockerReach {
     async fn resolve(&self, host: &str, deadline: Instant) -> Result<Vec<IpAddr>, ReachError> {
         if let Some(ips) = literal(host) {
             return Ok(ips);
         }
-        if let Some(pid) = self.pid {
+        let Some(pid) = self.pid else {
+            return self.relay().resolve(host, deadline).await;
+        };
+        {
             let hosts = netns::read_file(
                 pid,
                 PathBuf::from("/etc/hosts"),
@@ -185,14 +157,7 @@ impl Reach for DockerReach {
         }
         // The container's own resolver (its resolv.conf, Docker's embedded DNS), through the
         // relay helper when it is mounted.
-        relay::resolve(
-            self.runtime.as_ref(),
-            &self.who,
-            &self.container,
-            host,
-            deadline,
-        )
-        .await
+        self.relay().resolve(host, deadline).await
     }
 
     async fn connect_tcp(
@@ -204,26 +169,7 @@ impl Reach for DockerReach {
             let s = netns::connect_tcp(pid, addrs, deadline, &self.who.gone).await?;
             return Ok(Box::new(s));
         }
-        let mut last = None;
-        for addr in addrs {
-            let args = vec!["tcp".into(), addr.ip().to_string(), addr.port().to_string()];
-            match relay::connect(
-                self.runtime.as_ref(),
-                &self.who,
-                &self.container,
-                args,
-                deadline,
-            )
-            .await
-            {
-                Ok(s) => return Ok(Box::new(s)),
-                Err(e) => last = Some(e),
-            }
-            if Instant::now() >= deadline {
-                break;
-            }
-        }
-        Err(last.unwrap_or(ReachError::Unsupported("no address to connect to")))
+        self.relay().connect_tcp(addrs, deadline).await
     }
 
     async fn connect_unix(&self, path: &str, deadline: Instant) -> Result<BoxedStream, ReachError> {
@@ -238,16 +184,7 @@ impl Reach for DockerReach {
             .await?;
             return Ok(Box::new(s));
         }
-        let args = vec!["unix".into(), path.to_owned()];
-        let s = relay::connect(
-            self.runtime.as_ref(),
-            &self.who,
-            &self.container,
-            args,
-            deadline,
-        )
-        .await?;
-        Ok(Box::new(s))
+        self.relay().connect_unix(path, deadline).await
     }
 
     async fn listen_tcp(
@@ -259,23 +196,7 @@ impl Reach for DockerReach {
             let bound = listener.local_addr()?;
             return Ok((Box::new(TcpAcceptor(listener)), bound));
         }
-        let dir = format!("/tmp/labgate-fwd-{:016x}", rand::random::<u64>());
-        let (listener, port) = relay::listen_tcp(
-            self.runtime.as_ref(),
-            &self.who,
-            &self.container,
-            &dir,
-            addr,
-        )
-        .await?;
-        let acceptor = RelayAcceptor {
-            listener,
-            runtime: self.runtime.clone(),
-            container: self.container.clone(),
-            who: self.who.clone(),
-            dir,
-        };
-        Ok((Box::new(acceptor), SocketAddr::new(addr.ip(), port)))
+        self.relay().listen_tcp(addr).await
     }
 
     async fn listen_unix(&self, dir: &str, name: &str) -> Result<Box<dyn Acceptor>, ReachError> {
@@ -291,18 +212,7 @@ impl Reach for DockerReach {
                     who,
                 }))
             }
-            None => {
-                let listener =
-                    relay::listen(self.runtime.as_ref(), &self.who, &self.container, dir, name)
-                        .await?;
-                Ok(Box::new(RelayAcceptor {
-                    listener,
-                    runtime: self.runtime.clone(),
-                    container: self.container.clone(),
-                    who: self.who.clone(),
-                    dir: dir.to_owned(),
-                }))
-            }
+            None => self.relay().listen_unix(dir, name).await,
         }
     }
 
@@ -332,6 +242,7 @@ impl Reach for DockerReach {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
 
     #[test]
     fn names_resolve_as_the_container_would() {

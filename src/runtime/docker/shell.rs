@@ -65,7 +65,7 @@ impl DockerRuntime {
 /// Wraps `argv` so the terminal has its size before the program starts. Engine API 1.41 has
 /// no console size on exec create, and a resize after start races with the program (`stty
 /// size` would print `0 0`). The wrapper execs `argv`, so the process tree is unchanged.
-pub(super) fn sized_terminal(size: crate::runtime::TtySize, argv: &[String]) -> Vec<String> {
+pub(crate) fn sized_terminal(size: crate::runtime::TtySize, argv: &[String]) -> Vec<String> {
     let mut out: Vec<String> = vec![
         "/bin/sh".into(),
         "-c".into(),

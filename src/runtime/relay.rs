@@ -1,5 +1,5 @@
 //! The exec path of forwarding: when the gateway cannot enter a container's namespaces
-//! (rootless, or no host PID namespace), a forward runs labgate's static `labgate-relay`
+//! (rootless, no host PID namespace, or a container on another node), a forward runs labgate's static `labgate-relay`
 //! (bind-mounted read-only into every container at [`RELAY_PATH`]) as an exec: the relay
 //! connects from inside the container and joins the socket to its stdin/stdout, which the
 //! gateway joins to the SSH channel. Nothing has to be installed in the image.
@@ -15,9 +15,14 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 use tokio_util::io::StreamReader;
 
-use crate::runtime::reach::{ReachError, Reacher};
+use std::net::{IpAddr, SocketAddr};
+
+use async_trait::async_trait;
+
+use crate::runtime::reach::{Acceptor, BoxedStream, Reach, ReachError, Reacher};
 use crate::runtime::{
-    ContainerHandle, ContainerRuntime, ExecControl, ExecOutput, ExecRequest, RELAY_PATH,
+    ContainerHandle, ContainerRuntime, Exec, ExecControl, ExecOutput, ExecRequest, RELAY_PATH,
+    RuntimeError,
 };
 
 type Output = futures::stream::BoxStream<'static, io::Result<ExecOutput>>;
@@ -353,5 +358,146 @@ impl Drop for RelayListener {
                 control.hangup().await;
             }
         });
+    }
+}
+
+/// The way into a container through relay execs alone ([`Reach`] for backends that cannot
+/// enter a container's namespaces: a cluster's remote nodes, or local Docker without them).
+pub struct RelayReach {
+    /// The backend the relay execs run through.
+    pub runtime: Arc<dyn ContainerRuntime>,
+    /// The container.
+    pub container: ContainerHandle,
+    /// Who, and until when.
+    pub who: Reacher,
+}
+
+/// A `labgate-relay listen` exec: each connection is announced and taken over through a
+/// relay exec of its own (the hand-off socket `DIR/.N`).
+struct RelayAcceptor {
+    listener: RelayListener,
+    runtime: Arc<dyn ContainerRuntime>,
+    container: ContainerHandle,
+    who: Reacher,
+    dir: String,
+}
+
+#[async_trait]
+impl Acceptor for RelayAcceptor {
+    async fn accept(&mut self) -> Option<(BoxedStream, Option<SocketAddr>)> {
+        loop {
+            let (n, peer) = self.listener.next_connection().await?;
+            let args = vec!["unix".to_owned(), format!("{}/.{n}", self.dir)];
+            let deadline = Instant::now() + crate::runtime::reach::CONNECT_TIMEOUT;
+            match connect(
+                self.runtime.as_ref(),
+                &self.who,
+                &self.container,
+                args,
+                deadline,
+            )
+            .await
+            {
+                Ok(s) => return Some((Box::new(s), peer)),
+                Err(e) => tracing::debug!("relay hand-off failed: {e}"),
+            }
+        }
+    }
+}
+
+impl RelayReach {
+    fn acceptor(&self, listener: RelayListener, dir: String) -> RelayAcceptor {
+        RelayAcceptor {
+            listener,
+            runtime: self.runtime.clone(),
+            container: self.container.clone(),
+            who: self.who.clone(),
+            dir,
+        }
+    }
+}
+
+#[async_trait]
+impl Reach for RelayReach {
+    async fn resolve(&self, host: &str, deadline: Instant) -> Result<Vec<IpAddr>, ReachError> {
+        if let Some(ips) = crate::runtime::reach::literal(host) {
+            return Ok(ips);
+        }
+        resolve(
+            self.runtime.as_ref(),
+            &self.who,
+            &self.container,
+            host,
+            deadline,
+        )
+        .await
+    }
+
+    async fn connect_tcp(
+        &self,
+        addrs: Vec<SocketAddr>,
+        deadline: Instant,
+    ) -> Result<BoxedStream, ReachError> {
+        let mut last = None;
+        for addr in addrs {
+            let args = vec!["tcp".into(), addr.ip().to_string(), addr.port().to_string()];
+            match connect(
+                self.runtime.as_ref(),
+                &self.who,
+                &self.container,
+                args,
+                deadline,
+            )
+            .await
+            {
+                Ok(s) => return Ok(Box::new(s)),
+                Err(e) => last = Some(e),
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+        }
+        Err(last.unwrap_or(ReachError::Unsupported("no address to connect to")))
+    }
+
+    async fn connect_unix(&self, path: &str, deadline: Instant) -> Result<BoxedStream, ReachError> {
+        let args = vec!["unix".into(), path.to_owned()];
+        let s = connect(
+            self.runtime.as_ref(),
+            &self.who,
+            &self.container,
+            args,
+            deadline,
+        )
+        .await?;
+        Ok(Box::new(s))
+    }
+
+    async fn listen_tcp(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<(Box<dyn Acceptor>, SocketAddr), ReachError> {
+        let dir = format!("/tmp/labgate-fwd-{:016x}", rand::random::<u64>());
+        let (listener, port) = listen_tcp(
+            self.runtime.as_ref(),
+            &self.who,
+            &self.container,
+            &dir,
+            addr,
+        )
+        .await?;
+        Ok((
+            Box::new(self.acceptor(listener, dir)),
+            SocketAddr::new(addr.ip(), port),
+        ))
+    }
+
+    async fn listen_unix(&self, dir: &str, name: &str) -> Result<Box<dyn Acceptor>, ReachError> {
+        let listener = listen(self.runtime.as_ref(), &self.who, &self.container, dir, name).await?;
+        Ok(Box::new(self.acceptor(listener, dir.to_owned())))
+    }
+
+    async fn start_stdio(&self, req: ExecRequest) -> Result<Exec, RuntimeError> {
+        self.runtime.exec(&self.container, req).await
     }
 }

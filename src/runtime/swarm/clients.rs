@@ -1,0 +1,319 @@
+//! Reaching the swarm: the manager's API (services, tasks, nodes) and each node's own API
+//! (exec, inspect), made once and kept, API versions negotiated. `tcp://` APIs speak TLS with
+//! the client certificate in `[cluster] tls_dir`; every call is bounded by `[docker]
+//! timeout`, and the exec streams labgate opens itself get keepalives (`docker::dial`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bollard::Docker;
+use bollard::errors::Error as BollardError;
+use bollard::models::{Service, Task};
+use bollard::query_parameters::{ListNodesOptions, ListServicesOptions};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use tokio::sync::OnceCell;
+
+use super::cluster::View;
+use crate::config::cluster::{EngineAddr, SwarmConfig};
+use crate::runtime::RuntimeError;
+use crate::runtime::docker::dial::{Dial, tls_config};
+use crate::runtime::docker::labels::LABEL_MANAGED;
+
+/// A node's own API.
+pub struct NodeClient {
+    /// Its hostname (what users and admins see).
+    pub hostname: String,
+    /// The client for ordinary calls.
+    pub docker: Docker,
+    /// Where labgate opens exec streams.
+    pub dial: Dial,
+    /// The negotiated API version prefix (`v1.41`).
+    pub version: String,
+}
+
+/// The manager's client and the nodes'.
+pub struct Clients {
+    config: SwarmConfig,
+    timeout: Duration,
+    manager: OnceCell<(Docker, Dial, String)>,
+    tls: OnceCell<Arc<rustls::ClientConfig>>,
+    nodes: tokio::sync::Mutex<HashMap<String, Arc<NodeClient>>>,
+}
+
+/// Maps a bollard error from `what`: an engine's answer stays an engine error, the rest
+/// means unreachable.
+pub fn engine_error(what: &str, e: BollardError) -> RuntimeError {
+    match e {
+        BollardError::DockerResponseServerError { message, .. } => {
+            RuntimeError::Engine(format!("{what}: {message}"))
+        }
+        other => RuntimeError::Unavailable(format!("{what}: {other}")),
+    }
+}
+
+impl Clients {
+    /// Clients for `config`'s swarm; nothing is connected yet.
+    pub fn new(config: SwarmConfig, timeout: Duration) -> Self {
+        Clients {
+            config,
+            timeout,
+            manager: OnceCell::new(),
+            tls: OnceCell::new(),
+            nodes: tokio::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    async fn tls(&self) -> Result<Arc<rustls::ClientConfig>, RuntimeError> {
+        self.tls
+            .get_or_try_init(|| async {
+                tls_config(&self.config.tls_dir).map_err(|e| {
+                    RuntimeError::Unavailable(format!("TLS for the cluster's Docker APIs: {e}"))
+                })
+            })
+            .await
+            .cloned()
+    }
+
+    /// A negotiated client of the API at `addr`, and how to dial it.
+    async fn connect(&self, addr: &EngineAddr) -> Result<(Docker, Dial, String), RuntimeError> {
+        let secs = self.timeout.as_secs().max(1);
+        let unreachable = |e: BollardError| RuntimeError::Unavailable(format!("{addr}: {e}"));
+        let (docker, dial) = match addr {
+            EngineAddr::Unix(path) => (
+                Docker::connect_with_unix(
+                    &path.to_string_lossy(),
+                    secs,
+                    bollard::API_DEFAULT_VERSION,
+                )
+                .map_err(unreachable)?,
+                Dial::Unix(path.clone()),
+            ),
+            EngineAddr::Tcp { host, port } => {
+                let [ca, cert, key] = self.config.tls_files();
+                let hostport = if host.contains(':') {
+                    format!("[{host}]:{port}")
+                } else {
+                    format!("{host}:{port}")
+                };
+                let docker = Docker::connect_with_ssl(
+                    &hostport,
+                    &key,
+                    &cert,
+                    &ca,
+                    secs,
+                    bollard::API_DEFAULT_VERSION,
+                )
+                .map_err(unreachable)?;
+                let dial = Dial::tls(host, *port, self.tls().await?)
+                    .map_err(|e| RuntimeError::Unavailable(format!("{addr}: {e}")))?;
+                (docker, dial)
+            }
+        };
+        let docker = docker.negotiate_version().await.map_err(unreachable)?;
+        let v = docker.client_version();
+        let version = format!("v{}.{}", v.major_version, v.minor_version);
+        Ok((docker, dial, version))
+    }
+
+    /// The manager's client, how to dial it, its API version.
+    async fn manager_api(&self) -> Result<&(Docker, Dial, String), RuntimeError> {
+        self.manager
+            .get_or_try_init(|| async {
+                let api = self.connect(&self.config.manager).await?;
+                tracing::info!(api = %api.2, manager = %self.config.manager, "connected to the swarm manager");
+                Ok(api)
+            })
+            .await
+    }
+
+    /// The manager's client.
+    pub async fn manager(&self) -> Result<&Docker, RuntimeError> {
+        Ok(&self.manager_api().await?.0)
+    }
+
+    /// The tasks of `services`. Asked without bollard: Engine API before 1.42 names a task's
+    /// GPUs `GenericResources`, later ones `AssignedGenericResources` (bollard's only name).
+    async fn tasks(&self, services: Vec<String>) -> Result<Vec<Task>, RuntimeError> {
+        let (_, dial, version) = self.manager_api().await?;
+        let filters = serde_json::json!({ "service": services }).to_string();
+        let path = format!("/{version}/tasks?filters={}", url_escape(&filters));
+        tasks_of(get_json(dial, &path, self.timeout).await?)
+    }
+
+    /// The services labgate manages.
+    pub async fn services(&self) -> Result<Vec<Service>, RuntimeError> {
+        let manager = self.manager().await?;
+        let filters = HashMap::from([("label".to_owned(), vec![format!("{LABEL_MANAGED}=true")])]);
+        manager
+            .list_services(Some(ListServicesOptions {
+                filters: Some(filters),
+                ..Default::default()
+            }))
+            .await
+            .map_err(|e| engine_error("swarm manager", e))
+    }
+
+    /// The swarm as the manager sees it now.
+    pub async fn view(&self) -> Result<View, RuntimeError> {
+        let manager = self.manager().await?;
+        let services = self.services().await?;
+        let nodes = manager
+            .list_nodes(None::<ListNodesOptions>)
+            .await
+            .map_err(|e| engine_error("swarm manager", e))?;
+        let ids: Vec<String> = services.iter().filter_map(|s| s.id.clone()).collect();
+        let tasks = if ids.is_empty() {
+            Vec::new()
+        } else {
+            self.tasks(ids).await?
+        };
+        Ok(View::of(nodes, &services, tasks, &self.config.gpu_resource))
+    }
+
+    /// The client of node `id` (its API found from its address and hostname by
+    /// `[cluster] node_api`, or `[cluster.nodes.HOSTNAME]`).
+    pub async fn node(&self, id: &str) -> Result<Arc<NodeClient>, RuntimeError> {
+        let mut nodes = self.nodes.lock().await;
+        if let Some(n) = nodes.get(id) {
+            return Ok(n.clone());
+        }
+        let manager = self.manager().await?;
+        let node = manager
+            .inspect_node(id)
+            .await
+            .map_err(|e| engine_error("swarm manager", e))?;
+        let hostname = node
+            .description
+            .and_then(|d| d.hostname)
+            .unwrap_or_else(|| id.to_owned());
+        let addr = node.status.and_then(|s| s.addr).unwrap_or_default();
+        let api = self
+            .config
+            .node_addr(&hostname, &addr)
+            .map_err(|e| RuntimeError::Unavailable(format!("node {hostname}'s API: {e}")))?;
+        let (docker, dial, version) = self.connect(&api).await.map_err(|e| match e {
+            RuntimeError::Unavailable(why) => {
+                RuntimeError::Unavailable(format!("node {hostname} ({why})"))
+            }
+            other => other,
+        })?;
+        tracing::info!(node = %hostname, api = %api, version = %version, "connected to a node's Docker API");
+        let client = Arc::new(NodeClient {
+            hostname,
+            docker,
+            dial,
+            version,
+        });
+        nodes.insert(id.to_owned(), client.clone());
+        Ok(client)
+    }
+}
+
+/// The tasks in the manager's answer `json`, their GPUs read under either name.
+fn tasks_of(mut json: serde_json::Value) -> Result<Vec<Task>, RuntimeError> {
+    if let Some(list) = json.as_array_mut() {
+        for task in list.iter_mut().filter_map(|t| t.as_object_mut()) {
+            if !task.contains_key("AssignedGenericResources")
+                && let Some(gpus) = task.remove("GenericResources")
+            {
+                task.insert("AssignedGenericResources".to_owned(), gpus);
+            }
+        }
+    }
+    serde_json::from_value(json)
+        .map_err(|e| RuntimeError::Engine(format!("swarm manager: tasks: {e}")))
+}
+
+/// `s` escaped for a URL's query.
+fn url_escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}
+
+/// `GET path` of the API at `dial`, as JSON, within `timeout`.
+async fn get_json(
+    dial: &Dial,
+    path: &str,
+    timeout: Duration,
+) -> Result<serde_json::Value, RuntimeError> {
+    let unreachable =
+        |e: &dyn std::fmt::Display| RuntimeError::Unavailable(format!("{dial:?}: {e}"));
+    let ask = async {
+        let stream = dial.connect(timeout).await.map_err(|e| unreachable(&e))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| unreachable(&e))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!("engine connection ended: {e}");
+            }
+        });
+        let req = hyper::Request::get(path)
+            .header(hyper::header::HOST, "docker")
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| RuntimeError::Engine(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| unreachable(&e))?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| unreachable(&e))?
+            .to_bytes();
+        if !status.is_success() {
+            return Err(RuntimeError::Engine(format!(
+                "{dial:?}: {status}: {}",
+                String::from_utf8_lossy(&body).trim()
+            )));
+        }
+        serde_json::from_slice(&body).map_err(|e| RuntimeError::Engine(format!("{dial:?}: {e}")))
+    };
+    tokio::time::timeout(timeout, ask)
+        .await
+        .map_err(|_| unreachable(&"no answer in time"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tasks_gpus_are_read_under_the_old_and_the_new_name() {
+        let gpu = |v: &str| serde_json::json!([{ "NamedResourceSpec": { "Kind": "NVIDIA-GPU", "Value": v } }]);
+        let json = serde_json::json!([
+            { "ID": "old", "GenericResources": gpu("GPU-a") },
+            { "ID": "new", "AssignedGenericResources": gpu("GPU-b") },
+        ]);
+        let tasks = tasks_of(json).unwrap();
+        let named = |t: &Task| {
+            t.assigned_generic_resources.as_ref().unwrap()[0]
+                .named_resource_spec
+                .as_ref()
+                .unwrap()
+                .value
+                .clone()
+        };
+        assert_eq!(named(&tasks[0]).as_deref(), Some("GPU-a"));
+        assert_eq!(named(&tasks[1]).as_deref(), Some("GPU-b"));
+    }
+
+    #[test]
+    fn filters_are_escaped_for_the_query() {
+        assert_eq!(
+            url_escape(r#"{"service":["a b"]}"#),
+            "%7B%22service%22%3A%5B%22a%20b%22%5D%7D"
+        );
+    }
+}

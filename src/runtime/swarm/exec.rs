@@ -1,0 +1,151 @@
+//! A process in a container on a remote node: started through the node's own API (the
+//! manager cannot exec), its stream over a connection of labgate's own (TLS, keepalives),
+//! and its controls. The gateway sees no PID of a remote container, so every process it
+//! starts carries a mark (`LABGATE_EXEC=...` in its environment) and signals and hangups are
+//! delivered from inside the container by the relay helper (`labgate-relay signal|hangup`),
+//! run as the same user: never more than the user could do themselves.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bollard::exec::CreateExecOptions;
+
+use super::clients::NodeClient;
+use crate::runtime::docker::exec::{DetachedError, assemble_boxed, run_detached, start_attached};
+use crate::runtime::docker::shell::sized_terminal;
+use crate::runtime::{
+    Exec, ExecControl, ExecRequest, ExitStatus, RELAY_PATH, RuntimeError, TtySize,
+};
+
+/// How long a hung-up process's group gets between SIGHUP and SIGKILL.
+pub const HANGUP_GRACE: Duration = Duration::from_secs(2);
+
+/// The environment variable that marks the processes labgate starts.
+pub const MARK_VAR: &str = "LABGATE_EXEC";
+
+/// Starts `req` in `container` on `node`.
+pub async fn start(
+    node: Arc<NodeClient>,
+    container: &str,
+    req: ExecRequest,
+) -> Result<Exec, RuntimeError> {
+    let mark = format!("{:016x}", rand::random::<u64>());
+    let mut env: Vec<String> = req.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    env.push(format!("{MARK_VAR}={mark}"));
+    let opts = CreateExecOptions::<String> {
+        attach_stdin: Some(true),
+        attach_stdout: Some(true),
+        attach_stderr: Some(true),
+        tty: Some(req.tty.is_some()),
+        env: Some(env),
+        cmd: Some(match req.tty {
+            Some(size) => sized_terminal(size, &req.argv),
+            None => req.argv.clone(),
+        }),
+        user: req.user.map(|(u, g)| format!("{u}:{g}")),
+        working_dir: Some(req.workdir.clone()),
+        ..Default::default()
+    };
+    let created = node
+        .docker
+        .create_exec(container, opts)
+        .await
+        .map_err(|e| match e {
+            bollard::errors::Error::DockerResponseServerError { message, .. } => {
+                RuntimeError::Exec(message)
+            }
+            other => RuntimeError::Unavailable(format!("node {}: {other}", node.hostname)),
+        })?;
+    let (output, stdin) =
+        start_attached(&node.dial, &node.version, &created.id, req.tty.is_some()).await?;
+    let control = RemoteExecControl {
+        node,
+        container: container.to_owned(),
+        exec_id: created.id,
+        mark,
+        user: req.user,
+        delivered: Arc::new(AtomicI32::new(0)),
+    };
+    if let Some(size) = req.tty
+        && let Err(e) = control.resize(size).await
+    {
+        tracing::debug!("initial resize: {e}");
+    }
+    Ok(assemble_boxed(output, stdin, Box::new(control)))
+}
+
+/// Controls of a process on a remote node.
+struct RemoteExecControl {
+    node: Arc<NodeClient>,
+    container: String,
+    exec_id: String,
+    /// Its mark (see the module doc).
+    mark: String,
+    /// Who it runs as: signals are sent as the same user.
+    user: Option<(u32, u32)>,
+    /// The last signal labgate delivered (0: none).
+    delivered: Arc<AtomicI32>,
+}
+
+impl RemoteExecControl {
+    /// Runs the relay helper with `args` in the container as the process's user.
+    async fn relay(&self, args: &[String]) -> Result<(), RuntimeError> {
+        let mut cmd = vec![RELAY_PATH.to_owned()];
+        cmd.extend(args.iter().cloned());
+        let opts = CreateExecOptions::<String> {
+            cmd: Some(cmd),
+            user: self.user.map(|(u, g)| format!("{u}:{g}")),
+            ..Default::default()
+        };
+        match run_detached(&self.node.docker, &self.container, opts, HANGUP_GRACE).await {
+            Ok(ExitStatus::Code(0)) => Ok(()),
+            Ok(status) => Err(RuntimeError::Exec(format!(
+                "the relay could not signal the process ({status:?})"
+            ))),
+            Err(DetachedError::Engine(e)) => Err(RuntimeError::Exec(format!(
+                "on node {}: {e}",
+                self.node.hostname
+            ))),
+            Err(DetachedError::Wait(e)) => Err(e),
+        }
+    }
+}
+
+#[async_trait]
+impl ExecControl for RemoteExecControl {
+    async fn resize(&self, size: TtySize) -> Result<(), RuntimeError> {
+        let opts = bollard::query_parameters::ResizeExecOptions {
+            h: i32::from(size.rows),
+            w: i32::from(size.cols),
+        };
+        self.node
+            .docker
+            .resize_exec(&self.exec_id, opts)
+            .await
+            .map_err(|e| RuntimeError::Engine(e.to_string()))
+    }
+
+    async fn signal(&self, signal: i32) -> Result<(), RuntimeError> {
+        self.delivered.store(signal, Ordering::SeqCst);
+        self.relay(&["signal".into(), self.mark.clone(), signal.to_string()])
+            .await
+    }
+
+    async fn wait(&self) -> Result<ExitStatus, RuntimeError> {
+        crate::runtime::docker::exec::wait_exec(&self.node.docker, &self.exec_id, &self.delivered)
+            .await
+    }
+
+    async fn hangup(&self) {
+        self.delivered.store(1, Ordering::SeqCst);
+        let grace = HANGUP_GRACE.as_millis().to_string();
+        if let Err(e) = self
+            .relay(&["hangup".into(), self.mark.clone(), grace])
+            .await
+        {
+            tracing::debug!(node = %self.node.hostname, exec = %self.exec_id, "hangup: {e}");
+        }
+    }
+}

@@ -1,0 +1,333 @@
+//! Making a user's service run, and stopping it: create it (first login), scale it to one
+//! replica with the current spec (a later login after a stop), or use it as it runs; then
+//! wait for its task to run, telling the waiting user why the engine says it is pending. A
+//! wait given up (the deadline, or the login gone: its future dropped) scales the service
+//! back to zero, so no half-started service is left holding a GPU.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bollard::errors::Error as BollardError;
+use bollard::models::{ServiceSpec, ServiceSpecMode, ServiceSpecModeReplicated, TaskState};
+use bollard::query_parameters::{InspectServiceOptions, UpdateServiceOptions};
+use tokio::time::Instant;
+
+use super::SwarmRuntime;
+use super::clients::{Clients, engine_error};
+use super::cluster::pending_reason;
+use super::spec::{Placement, service_spec};
+use crate::gpu::GpuError;
+use crate::gpu::allocator::AllocError;
+use crate::runtime::docker::labels::{LABEL_IMAGE, LABEL_SETTINGS};
+use crate::runtime::docker::spec::{changed_settings, helper_mount, relay_mount};
+use crate::runtime::{ContainerSpec, EnsureOutcome, PullEvent, PullProgress, RuntimeError};
+
+/// How long a task may stay unplaced (pending) before the login gives up.
+const PLACEMENT_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a placed task may take to run (its node pulling the image included).
+const START_TIMEOUT: Duration = Duration::from_secs(600);
+/// How often a waiting start looks at its task.
+const POLL: Duration = Duration::from_millis(100);
+
+/// Where a service's task runs.
+pub struct Placed {
+    /// The node's swarm ID.
+    pub node: String,
+    /// The task's container on it.
+    pub container: String,
+    /// What this start did.
+    pub outcome: EnsureOutcome,
+    /// The GPUs the engine gave it.
+    pub gpus: Vec<crate::config::GpuUuid>,
+    /// The image it had before this start made it again from another.
+    pub recreated_from: Option<String>,
+    /// The settings whose change this start applied.
+    pub remade_for: Vec<&'static str>,
+}
+
+/// Scales `name` back to zero if dropped armed: a start given up leaves nothing running.
+struct Withdraw {
+    clients: Arc<Clients>,
+    name: String,
+    armed: bool,
+}
+
+impl Drop for Withdraw {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let clients = self.clients.clone();
+        let name = std::mem::take(&mut self.name);
+        tracing::info!(target: "audit", container = %name, "start withdrawn: service scaled back to 0");
+        tokio::spawn(async move {
+            if let Err(e) = scale(&clients, &name, 0, None).await {
+                tracing::warn!(container = %name, "cannot scale a withdrawn start back to 0: {e}");
+            }
+        });
+    }
+}
+
+/// The replicas a service asks for.
+fn replicas(spec: &ServiceSpec) -> i64 {
+    spec.mode
+        .as_ref()
+        .and_then(|m| m.replicated.as_ref())
+        .and_then(|r| r.replicas)
+        .unwrap_or(0)
+}
+
+/// Sets `name`'s replicas to `n`, with `new_spec` instead of its own when given. `Ok(false)`
+/// when there is no such service or it already asked for `n` (and no new spec was given).
+async fn scale(
+    clients: &Clients,
+    name: &str,
+    n: i64,
+    new_spec: Option<ServiceSpec>,
+) -> Result<bool, RuntimeError> {
+    let manager = clients.manager().await?;
+    let service = match manager
+        .inspect_service(name, None::<InspectServiceOptions>)
+        .await
+    {
+        Ok(s) => s,
+        Err(BollardError::DockerResponseServerError {
+            status_code: 404, ..
+        }) => return Ok(false),
+        Err(e) => return Err(engine_error("swarm manager", e)),
+    };
+    let version = service
+        .version
+        .and_then(|v| v.index)
+        .and_then(|i| i32::try_from(i).ok())
+        .unwrap_or_default();
+    let current = service.spec.unwrap_or_default();
+    if new_spec.is_none() && replicas(&current) == n {
+        return Ok(false);
+    }
+    let mut spec = new_spec.unwrap_or(current);
+    spec.mode = Some(ServiceSpecMode {
+        replicated: Some(ServiceSpecModeReplicated { replicas: Some(n) }),
+        ..Default::default()
+    });
+    manager
+        .update_service(
+            name,
+            spec,
+            UpdateServiceOptions {
+                version,
+                ..Default::default()
+            },
+            None,
+        )
+        .await
+        .map_err(|e| engine_error("swarm manager", e))?;
+    Ok(true)
+}
+
+impl SwarmRuntime {
+    /// Stops the service `name` (scaled to zero). `Ok(false)` when it was not running.
+    pub(super) async fn scale_to_zero(&self, name: &str) -> Result<bool, RuntimeError> {
+        scale(&self.clients, name, 0, None).await
+    }
+
+    /// The service of `spec` as it should be: the configured spec, with the helpers bound.
+    fn wanted(&self, spec: &ContainerSpec) -> Result<ServiceSpec, RuntimeError> {
+        let on = Placement {
+            network: &self.config.network,
+            gpu_resource: &self.config.gpu_resource,
+            constraints: &[],
+        };
+        let mut service =
+            service_spec(spec, &on).map_err(|e| RuntimeError::Create(e.to_string()))?;
+        if let Some(mounts) = service
+            .task_template
+            .as_mut()
+            .and_then(|t| t.container_spec.as_mut())
+            .and_then(|c| c.mounts.as_mut())
+        {
+            if self.relay_helper.is_file() {
+                mounts.push(relay_mount(&self.relay_helper));
+            }
+            if self.sftp_helper.is_file() {
+                mounts.push(helper_mount(
+                    &self.sftp_helper,
+                    crate::runtime::SFTP_SERVER_PATH,
+                ));
+            }
+        }
+        Ok(service)
+    }
+
+    /// Whether a start that takes GPUs may go ahead: the queue lets it, and some usable node
+    /// has as many free GPUs as it asks for (else the login waits in the GPU line).
+    async fn gpus_free(&self, spec: &ContainerSpec) -> Result<(), RuntimeError> {
+        let wanted = spec.gpu_request.count();
+        if wanted == 0 {
+            return Ok(());
+        }
+        if !spec.may_take_gpus {
+            return Err(RuntimeError::Gpu(GpuError::Waiting));
+        }
+        let view = self.view(true).await?;
+        let most = view.most_gpus_on_a_node();
+        if most < wanted {
+            return Err(RuntimeError::Gpu(GpuError::Allocation(
+                AllocError::TooMany {
+                    wanted,
+                    total: most,
+                },
+            )));
+        }
+        match view.gpus_free_for(wanted) {
+            Ok(_) => Ok(()),
+            Err((free, taken)) => Err(RuntimeError::Gpu(GpuError::Allocation(
+                AllocError::NotEnough {
+                    wanted,
+                    free,
+                    taken,
+                },
+            ))),
+        }
+    }
+
+    /// Makes `spec`'s service run and waits for its task.
+    pub(super) async fn make_running(&self, spec: &ContainerSpec) -> Result<Placed, RuntimeError> {
+        crate::runtime::docker::binds::check_binds(spec).await?;
+        let manager = self.clients.manager().await?;
+        let wanted = self.wanted(spec)?;
+        let existing = match manager
+            .inspect_service(&spec.name, None::<InspectServiceOptions>)
+            .await
+        {
+            Ok(s) => Some(s),
+            Err(BollardError::DockerResponseServerError {
+                status_code: 404, ..
+            }) => None,
+            Err(e) => return Err(engine_error("swarm manager", e)),
+        };
+        let mut recreated_from = None;
+        let mut remade_for = Vec::new();
+        let t0 = std::time::Instant::now();
+        let (outcome, withdraw) = match existing {
+            None => {
+                self.gpus_free(spec).await?;
+                match manager.create_service(wanted, None).await {
+                    Ok(_) => {}
+                    Err(BollardError::DockerResponseServerError {
+                        status_code: 409, ..
+                    }) => {
+                        // Made meanwhile by another gateway: theirs is used below.
+                    }
+                    Err(BollardError::DockerResponseServerError { message, .. }) => {
+                        return Err(RuntimeError::Create(message));
+                    }
+                    Err(e) => return Err(engine_error("swarm manager", e)),
+                }
+                tracing::info!(target: "audit", container = %spec.name, image = %spec.image, "container created (service)");
+                (EnsureOutcome::Created, true)
+            }
+            Some(service) => {
+                let current = service.spec.clone().unwrap_or_default();
+                let labels = current.labels.clone().unwrap_or_default();
+                let ours = super::cluster::holder_of(&labels).is_some_and(|h| h == spec.holder());
+                if !ours {
+                    return Err(RuntimeError::NameTaken(spec.name.clone()));
+                }
+                if replicas(&current) >= 1 {
+                    (EnsureOutcome::Running, false)
+                } else {
+                    self.gpus_free(spec).await?;
+                    let old_image = labels.get(LABEL_IMAGE).filter(|i| **i != spec.image);
+                    recreated_from = old_image.cloned();
+                    remade_for = labels
+                        .get(LABEL_SETTINGS)
+                        .map(|l| changed_settings(l, spec))
+                        .unwrap_or_default();
+                    scale(&self.clients, &spec.name, 1, Some(wanted)).await?;
+                    tracing::info!(target: "audit", container = %spec.name, "container started (service scaled to 1)");
+                    (EnsureOutcome::Started, true)
+                }
+            }
+        };
+        let mut guard = Withdraw {
+            clients: self.clients.clone(),
+            name: spec.name.clone(),
+            armed: withdraw,
+        };
+        let placed = self.wait_running(spec).await?;
+        guard.armed = false;
+        if outcome != EnsureOutcome::Running {
+            crate::metrics::metrics()
+                .container_ready(outcome == EnsureOutcome::Created, t0.elapsed());
+        }
+        Ok(Placed {
+            outcome,
+            recreated_from,
+            remade_for,
+            ..placed
+        })
+    }
+
+    /// Waits until `spec`'s service has a running task, telling the waiting session why it
+    /// does not (as pull events for its container).
+    async fn wait_running(&self, spec: &ContainerSpec) -> Result<Placed, RuntimeError> {
+        let started = Instant::now();
+        let mut said = String::new();
+        loop {
+            let view = self.view(true).await?;
+            let task = view.live_task(&spec.name).cloned();
+            if let Some(t) = &task
+                && t.state == TaskState::RUNNING
+                && let (Some(node), Some(container)) = (&t.node, &t.container)
+            {
+                return Ok(Placed {
+                    node: node.clone(),
+                    container: container.clone(),
+                    outcome: EnsureOutcome::Running,
+                    gpus: t.gpus.clone(),
+                    recreated_from: None,
+                    remade_for: Vec::new(),
+                });
+            }
+            // The newest task that failed says why, when none is on its way.
+            let failed = view
+                .tasks
+                .iter()
+                .filter(|t| t.service == spec.name && t.err.is_some())
+                .max_by_key(|t| t.state)
+                .cloned();
+            let (placed, reason) = match (&task, &failed) {
+                (Some(t), _) => (t.state >= TaskState::ASSIGNED, pending_reason(t)),
+                (None, Some(f)) => (false, pending_reason(f)),
+                (None, None) => (false, "waiting for the swarm to make a task".to_owned()),
+            };
+            let limit = if placed {
+                START_TIMEOUT
+            } else {
+                PLACEMENT_TIMEOUT
+            };
+            if started.elapsed() >= limit {
+                return Err(RuntimeError::Start(format!(
+                    "the cluster did not run your container within {}: {reason}",
+                    humantime::format_duration(limit)
+                )));
+            }
+            if reason != said && started.elapsed() >= Duration::from_millis(500) {
+                let line = match &task {
+                    Some(t) if t.state < TaskState::ASSIGNED => {
+                        format!("waiting for the cluster to place your container: {reason}")
+                    }
+                    Some(t) => format!("starting your container ({}): {reason}", t.state),
+                    None => format!("waiting for the cluster: {reason}"),
+                };
+                let _ = self.events.send(PullEvent {
+                    container: spec.name.clone(),
+                    progress: PullProgress { line, step: true },
+                });
+                said = reason;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+}

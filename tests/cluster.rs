@@ -1,0 +1,382 @@
+//! The gateway on a Docker Swarm (`[cluster] engine = "swarm"`, issue #17), against the real
+//! three-node swarm of `common::swarm` and the real OpenSSH client: a login lands in a
+//! one-replica service on a node the engine chose, commands keep their exit status and
+//! streams through the node's own TLS API, a terminal behaves, `-L` reaches a server on the
+//! container's loopback and `-R` a listener there, sftp moves files into the shared home,
+//! GPU users get distinct GPUs of the nodes' generic resources and one more waits in line
+//! until a GPU is freed, `labgate stop` scales the service to zero and the next login makes
+//! it again with the home kept, and the gateway's admin commands show the node.
+//!
+//! The tests share one rig (torn down by its watchdog when the test process ends) and run
+//! one at a time; each removes the services it made. Without root, `dockerd` or a cgroup v1
+//! freezer they are skipped (a failure under CI).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::process::Stdio;
+use std::sync::{MutexGuard, OnceLock};
+use std::time::Duration;
+
+use common::swarm::{GPU_KIND, NETWORK, SwarmRig};
+use common::{Gateway, Terminal, Tunnel, eventually, skip_unless, stderr_of};
+
+fn one_at_a_time() -> MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn shared_rig() -> Option<&'static SwarmRig> {
+    static RIG: OnceLock<Result<SwarmRig, String>> = OnceLock::new();
+    match RIG.get_or_init(SwarmRig::start) {
+        Ok(rig) => Some(rig),
+        Err(why) => {
+            skip_unless(false, why);
+            None
+        }
+    }
+}
+
+/// The `[cluster]` table for `rig`, homes declared shared (they are on this machine's disk,
+/// which every node of the rig sees at the same path).
+fn cluster_table(rig: &SwarmRig) -> String {
+    format!(
+        "[cluster]\nengine = \"swarm\"\nmanager = \"{}\"\nnode_api = \"tcp://{{addr}}:2376\"\n\
+         tls_dir = \"{}\"\ngpu_resource = \"{GPU_KIND}\"\nnetwork = \"{NETWORK}\"\n\
+         shared_paths = [\"/\"]\n",
+        rig.manager().host(),
+        rig.tls_dir().display(),
+    )
+}
+
+/// A gateway on `rig` with `users` users; `defaults` goes into `[defaults]`. Both static
+/// helpers are installed, as the package installs them on every node.
+fn gateway<'a>(rig: &'a SwarmRig, users: usize, defaults: &str) -> Cluster<'a> {
+    let gw = Gateway::builder()
+        .users(users)
+        .defaults(defaults)
+        .docker(&format!(
+            "sftp_helper = \"{}\"",
+            common::static_helper("labgate-sftp").display()
+        ))
+        .tail(&cluster_table(rig))
+        .start();
+    Cluster { rig, gw }
+}
+
+/// A gateway on the rig; its users' services are removed when it is dropped.
+struct Cluster<'a> {
+    rig: &'a SwarmRig,
+    gw: Gateway,
+}
+
+impl Drop for Cluster<'_> {
+    fn drop(&mut self) {
+        for user in &self.gw.users {
+            let _ = self.rig.docker_result(
+                self.rig.manager(),
+                &["service", "rm", &format!("labgate-{user}")],
+            );
+        }
+    }
+}
+
+impl Cluster<'_> {
+    /// The node (hostname) running user `i`'s task, as the manager says.
+    fn node_of(&self, i: usize) -> String {
+        let service = format!("labgate-{}", self.gw.users[i]);
+        self.rig
+            .docker(
+                self.rig.manager(),
+                &[
+                    "service",
+                    "ps",
+                    "--filter",
+                    "desired-state=running",
+                    "--format",
+                    "{{.Node}}",
+                    &service,
+                ],
+            )
+            .trim()
+            .to_owned()
+    }
+
+    /// The replicas user `i`'s service asks for.
+    fn replicas(&self, i: usize) -> String {
+        let service = format!("labgate-{}", self.gw.users[i]);
+        self.rig
+            .docker(
+                self.rig.manager(),
+                &[
+                    "service",
+                    "inspect",
+                    "--format",
+                    "{{.Spec.Mode.Replicated.Replicas}}",
+                    &service,
+                ],
+            )
+            .trim()
+            .to_owned()
+    }
+}
+
+#[test]
+fn a_login_runs_in_a_service_on_a_node_with_exit_status_streams_and_stdin() {
+    let _serial = one_at_a_time();
+    let Some(rig) = shared_rig() else { return };
+    let c = gateway(rig, 1, "");
+    let gw = &c.gw;
+    let out = gw.run(0, "echo out; echo err >&2; hostname; exit 7");
+    assert_eq!(out.status.code(), Some(7), "{}", stderr_of(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        ["out", &format!("labgate-{}", gw.users[0])]
+    );
+    assert!(stderr_of(&out).contains("err"), "{}", stderr_of(&out));
+    let node = c.node_of(0);
+    assert!(["n1", "n2", "n3"].contains(&node.as_str()), "{node:?}");
+    assert_eq!(c.replicas(0), "1");
+    // Stdin through, EOF delivered, binary bytes intact.
+    let data = common::random_bytes(1 << 20, 17);
+    let mut child = gw
+        .ssh(0)
+        .arg("cat > ~/blob && md5sum < ~/blob")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(&data).unwrap();
+    let done = child.wait_with_output().unwrap();
+    assert!(done.status.success());
+    let theirs = String::from_utf8_lossy(&done.stdout);
+    let local = std::process::Command::new("md5sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut m| {
+            m.stdin.take().unwrap().write_all(&data)?;
+            m.wait_with_output()
+        })
+        .unwrap();
+    assert_eq!(
+        theirs.split_whitespace().next(),
+        String::from_utf8_lossy(&local.stdout)
+            .split_whitespace()
+            .next(),
+        "the bytes arrived whole"
+    );
+    // The home is the host directory the gateway prepared (shared by every node).
+    let home = gw.dir.path().join(format!("home/{}", gw.users[0]));
+    assert_eq!(std::fs::read(home.join("blob")).unwrap(), data);
+    // `labgate status --json` says where it runs.
+    let status = gw.labgate(&["status", "--json"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains(&format!("\"{node}\"")), "{text}");
+}
+
+#[test]
+fn a_terminal_on_a_remote_node_sizes_resizes_and_delivers_ctrl_c() {
+    let _serial = one_at_a_time();
+    let Some(rig) = shared_rig() else { return };
+    let c = gateway(rig, 1, "");
+    let gw = &c.gw;
+    let mut t = Terminal::open(gw.ssh(0).arg("-tt"), 30, 100);
+    t.send("stty size; echo READY\r");
+    t.expect("30 100");
+    t.expect("READY");
+    t.resize(40, 120);
+    std::thread::sleep(Duration::from_millis(300));
+    t.send("stty size\r");
+    t.expect("40 120");
+    t.send("sleep 60\r");
+    std::thread::sleep(Duration::from_millis(500));
+    t.send("\x03");
+    t.send("echo after=$?\r");
+    t.expect_within("after=130", Duration::from_secs(10));
+    t.send("exit 5\r");
+    let status = t.wait();
+    assert_eq!(status.code(), Some(5));
+}
+
+#[test]
+fn forwards_reach_the_containers_loopback_and_listen_inside_it() {
+    let _serial = one_at_a_time();
+    let Some(rig) = shared_rig() else { return };
+    let c = gateway(rig, 1, "");
+    let gw = &c.gw;
+    gw.ok(
+        0,
+        "mkdir -p ~/www && echo hello-from-$(hostname) > ~/www/hello.txt && httpd -p 127.0.0.1:8000 -h ~/www",
+    );
+    let tunnel = Tunnel::open(gw, 0, |p| {
+        vec!["-L".into(), format!("127.0.0.1:{p}:localhost:8000")]
+    });
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", tunnel.port)).unwrap();
+    s.write_all(b"GET /hello.txt HTTP/1.0\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert!(
+        answer.contains(&format!("hello-from-labgate-{}", gw.users[0])),
+        "{answer}"
+    );
+    drop(tunnel);
+    // -R: a listener inside the container whose connections come back to this machine.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let back = listener.local_addr().unwrap().port();
+    let mut remote = gw
+        .ssh(0)
+        .args(["-N", "-o", "ExitOnForwardFailure=yes", "-R"])
+        .arg(format!("127.0.0.1:9090:127.0.0.1:{back}"))
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let served = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        conn.write_all(b"from-the-laptop\n").unwrap();
+    });
+    let mut got = String::new();
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            let out = gw.run(0, "nc 127.0.0.1 9090 </dev/null");
+            got = String::from_utf8_lossy(&out.stdout).into_owned();
+            got.contains("from-the-laptop")
+        }),
+        "{got}\n{}",
+        gw.log()
+    );
+    served.join().unwrap();
+    let _ = remote.kill();
+    let _ = remote.wait();
+}
+
+#[test]
+fn sftp_moves_files_into_the_shared_home() {
+    let _serial = one_at_a_time();
+    let Some(rig) = shared_rig() else { return };
+    let c = gateway(rig, 1, "");
+    let gw = &c.gw;
+    let local = gw.dir.path().join("upload.bin");
+    let data = common::random_bytes(300_000, 5);
+    std::fs::write(&local, &data).unwrap();
+    let fetched = gw.dir.path().join("fetched.bin");
+    let batch = format!(
+        "put {} up.bin\nget up.bin {}\n",
+        local.display(),
+        fetched.display()
+    );
+    let mut sftp = std::process::Command::new("sftp")
+        .args(gw.ssh_options(0))
+        .args(["-b", "-"])
+        .arg(gw.destination(0))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    sftp.stdin
+        .take()
+        .unwrap()
+        .write_all(batch.as_bytes())
+        .unwrap();
+    let out = sftp.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}\n{}", stderr_of(&out), gw.log());
+    assert_eq!(std::fs::read(&fetched).unwrap(), data);
+    let home = gw.dir.path().join(format!("home/{}", gw.users[0]));
+    assert_eq!(std::fs::read(home.join("up.bin")).unwrap(), data);
+}
+
+#[test]
+fn stop_scales_to_zero_and_the_next_login_makes_it_again_with_the_home_kept() {
+    let _serial = one_at_a_time();
+    let Some(rig) = shared_rig() else { return };
+    let c = gateway(rig, 1, "");
+    let gw = &c.gw;
+    gw.ok(0, "echo kept > ~/note; touch /outside-home");
+    let user = gw.users[0].clone();
+    let out = gw.labgate(&["stop", &user]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(
+        eventually(Duration::from_secs(20), || c.replicas(0) == "0"),
+        "scaled to zero"
+    );
+    let out = gw.run(
+        0,
+        "cat ~/note; test -e /outside-home && echo layer-kept || echo layer-new",
+    );
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .collect::<Vec<_>>(),
+        ["kept", "layer-new"],
+        "the home stays, the writable layer does not (README says so)"
+    );
+    assert_eq!(c.replicas(0), "1");
+}
+
+#[test]
+fn gpu_users_get_distinct_gpus_and_one_more_waits_until_one_is_freed() {
+    let _serial = one_at_a_time();
+    let Some(rig) = shared_rig() else { return };
+    let c = gateway(rig, 5, "gpus = 1\n");
+    let gw = &c.gw;
+    let mut seen = BTreeSet::new();
+    for i in 0..4 {
+        let out = gw.run(
+            0 + i,
+            "tr '\\0' '\\n' < /proc/1/environ | grep '^DOCKER_RESOURCE_NVIDIA-GPU=' | cut -d= -f2",
+        );
+        assert!(out.status.success(), "{}\n{}", stderr_of(&out), gw.log());
+        let uuid = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        assert!(uuid.starts_with("GPU-"), "user {i}: {uuid:?}");
+        let node = c.node_of(i);
+        let on = rig.node(&node);
+        assert!(on.gpus.contains(&uuid), "{uuid} is one of {node}'s GPUs");
+        assert!(seen.insert(uuid), "GPUs are never shared");
+    }
+    eprintln!(
+        "DEBUGGPUS {}",
+        String::from_utf8_lossy(&gw.labgate(&["gpus"]).stdout)
+    );
+    let ids = rig.docker(
+        rig.manager(),
+        &["service", "ps", "-q", &format!("labgate-{}", gw.users[0])],
+    );
+    eprintln!(
+        "DEBUGTASKS {}",
+        rig.docker(rig.manager(), &["inspect", ids.trim()])
+    );
+    // The fifth waits in line (no service is made for it meanwhile)...
+    let mut waiting = gw
+        .ssh(4)
+        .arg("echo served")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(matches!(waiting.try_wait(), Ok(None)), "it waits");
+    let fifth = format!("labgate-{}", gw.users[4]);
+    let services = rig.docker(rig.manager(), &["service", "ls", "--format", "{{.Name}}"]);
+    assert!(!services.contains(&fifth), "{services}");
+    // ...until a holder stops.
+    let out = gw.labgate(&["stop", &gw.users[0]]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let out = waiting.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}\n{}", stderr_of(&out), gw.log());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "served");
+    assert!(
+        stderr_of(&out).contains("GPU"),
+        "the wait was shown: {}",
+        stderr_of(&out)
+    );
+    let table = gw.labgate(&["gpus"]);
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.contains(&gw.users[4]), "{table}");
+}
