@@ -74,6 +74,27 @@ pub struct SwarmConfig {
     pub nodes: BTreeMap<String, EngineAddr>,
 }
 
+impl ClusterConfig {
+    /// The `[cluster]` keys whose values differ from `self` to `new`, as `cluster.KEY`, in
+    /// the order the README lists them (for reload's "needs a restart" report).
+    pub fn changed_keys(&self, new: &ClusterConfig) -> Vec<&'static str> {
+        let (a, b) = (&self.swarm, &new.swarm);
+        [
+            ("cluster.engine", self.engine != new.engine),
+            ("cluster.manager", a.manager != b.manager),
+            ("cluster.node_api", a.node_api != b.node_api),
+            ("cluster.tls_dir", a.tls_dir != b.tls_dir),
+            ("cluster.gpu_resource", a.gpu_resource != b.gpu_resource),
+            ("cluster.network", a.network != b.network),
+            ("cluster.shared_paths", a.shared_paths != b.shared_paths),
+            ("cluster.nodes", a.nodes != b.nodes),
+        ]
+        .into_iter()
+        .filter_map(|(key, changed)| changed.then_some(key))
+        .collect()
+    }
+}
+
 impl SwarmConfig {
     /// The API of the node `hostname` whose swarm address is `addr`.
     pub fn node_addr(&self, hostname: &str, addr: &str) -> Result<EngineAddr, String> {
@@ -278,7 +299,9 @@ pub(super) struct RawAddr(pub(super) EngineAddr);
 impl<'de> Deserialize<'de> for RawAddr {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        EngineAddr::parse(&s).map(RawAddr).map_err(de::Error::custom)
+        EngineAddr::parse(&s)
+            .map(RawAddr)
+            .map_err(de::Error::custom)
     }
 }
 
@@ -289,7 +312,9 @@ pub(super) struct RawNodeApi(pub(super) NodeApi);
 impl<'de> Deserialize<'de> for RawNodeApi {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        NodeApi::parse(&s).map(RawNodeApi).map_err(de::Error::custom)
+        NodeApi::parse(&s)
+            .map(RawNodeApi)
+            .map_err(de::Error::custom)
     }
 }
 
@@ -310,7 +335,7 @@ pub(super) struct RawCluster {
     pub(super) tls_dir: Option<toml::Spanned<PathBuf>>,
     pub(super) gpu_resource: Option<toml::Spanned<String>>,
     pub(super) network: Option<toml::Spanned<String>>,
-    pub(super) shared_paths: Option<toml::Spanned<Vec<PathBuf>>>,
+    pub(super) shared_paths: Option<toml::Spanned<Vec<toml::Spanned<PathBuf>>>>,
     #[serde(default)]
     pub(super) nodes: BTreeMap<String, toml::Spanned<RawNode>>,
 }
@@ -332,9 +357,13 @@ impl RawCluster {
                 self.manager.as_ref().map(|s| ("manager", s.span())),
                 self.node_api.as_ref().map(|s| ("node_api", s.span())),
                 self.tls_dir.as_ref().map(|s| ("tls_dir", s.span())),
-                self.gpu_resource.as_ref().map(|s| ("gpu_resource", s.span())),
+                self.gpu_resource
+                    .as_ref()
+                    .map(|s| ("gpu_resource", s.span())),
                 self.network.as_ref().map(|s| ("network", s.span())),
-                self.shared_paths.as_ref().map(|s| ("shared_paths", s.span())),
+                self.shared_paths
+                    .as_ref()
+                    .map(|s| ("shared_paths", s.span())),
                 self.nodes.values().next().map(|s| ("nodes", s.span())),
             ]
             .into_iter()
@@ -387,8 +416,9 @@ impl RawCluster {
             swarm.network = n;
         }
         if let Some(paths) = self.shared_paths {
-            let span = paths.span();
             for p in paths.into_inner() {
+                let span = p.span();
+                let p = p.into_inner();
                 if !p.is_absolute() {
                     return Err((
                         span,
