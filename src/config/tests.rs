@@ -1677,3 +1677,75 @@ fn gpu_reclaim_is_off_by_default_per_user_exemptions_inherit_and_values_are_chec
     let typed = err_at("[defaults]\nimage = \"x\"\ngpu_reclaim = \"no\"\n");
     assert_eq!((typed.line, typed.column), (3, 15), "{}", typed.display);
 }
+
+#[test]
+fn constraints_merge_like_the_other_quota_keys_and_each_entry_is_checked() {
+    let c = ok(concat!(
+        "[defaults]\nimage = \"x\"\nconstraints = [\"node.labels.gpu == a100\"]\n\n",
+        "[users.alice]\nconstraints = [\"node.labels.gpu != a100\", \"node.role == worker\"]\n\n",
+        "[users.bob]\nmemory = \"1G\"\n\n",
+        "[users.carol]\nconstraints = []\n\n",
+        "[profiles.big]\nusers = [\"alice\", \"bob\"]\nconstraints = [\"node.hostname == gpu9\"]\n\n",
+        "[profiles.small]\nusers = [\"alice\"]\nmemory = \"2G\"\n",
+    ));
+    assert_eq!(c.defaults.constraints, ["node.labels.gpu == a100"]);
+    assert_eq!(
+        c.quota_for(&user("alice")).constraints,
+        ["node.labels.gpu != a100", "node.role == worker"]
+    );
+    assert_eq!(
+        c.quota_for(&user("bob")).constraints,
+        ["node.labels.gpu == a100"],
+        "a user's table without the key keeps [defaults]'"
+    );
+    assert!(c.quota_for(&user("carol")).constraints.is_empty());
+    assert!(
+        ok("[defaults]\nimage = \"x\"\n")
+            .defaults
+            .constraints
+            .is_empty()
+    );
+    let profile = |u: &str, p: &str| {
+        c.profile_quota(&user(u), &ProfileName::parse(p).unwrap())
+            .unwrap()
+            .constraints
+            .clone()
+    };
+    assert_eq!(profile("bob", "big"), ["node.hostname == gpu9"]);
+    assert_eq!(
+        profile("alice", "small"),
+        ["node.labels.gpu != a100", "node.role == worker"],
+        "a profile without the key keeps its user's"
+    );
+    let spec =
+        crate::runtime::ContainerSpec::new(&user("alice"), c.quota_for(&user("alice")), None);
+    assert_eq!(spec.constraints, c.quota_for(&user("alice")).constraints);
+
+    assert_err(
+        "[defaults]\nimage = \"x\"\nconstraints = [\"node.labels.gpu == a100\", \"gpu=a100\"]\n",
+        3,
+        43,
+        &["constraint \"gpu=a100\": write KEY == VALUE or KEY != VALUE"],
+    );
+    assert_err(
+        "[defaults]\nimage = \"x\"\n\n[users.alice]\nconstraints = [\" == a100\"]\n",
+        5,
+        16,
+        &["has no key"],
+    );
+    assert_err(
+        "[defaults]\nimage = \"x\"\n\n[profiles.p]\nusers = [\"alice\"]\nconstraints = [\"node.label.gpu == a100\"]\n",
+        6,
+        16,
+        &[
+            "Swarm matches no node on the key \"node.label.gpu\"",
+            "node.labels.NAME",
+        ],
+    );
+    assert_err(
+        "[defaults]\nimage = \"x\"\nconstraints = \"node.labels.gpu == a100\"\n",
+        3,
+        15,
+        &["expected a sequence"],
+    );
+}

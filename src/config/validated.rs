@@ -333,6 +333,10 @@ pub struct Quota {
     pub idle_stop: Option<Duration>,
     /// When the image is pulled.
     pub pull_policy: PullPolicy,
+    /// Swarm placement constraints (`node.labels.gpu == a100`): which nodes may run the
+    /// container. Only a cluster engine places containers; on this host's Docker Engine they
+    /// mean nothing (`labgate check` warns).
+    pub constraints: Vec<String>,
     /// Credentials of the image's registry, when `[registries]` has them.
     pub registry: Option<RegistryAuth>,
     /// The profile this quota is for (`user+profile` logins), `None` for plain logins.
