@@ -1,7 +1,9 @@
 //! `labgate check`, like `sshd -t`: loads the config and the key files and prints each
 //! problem with its file, line and column (stderr), what it found (stdout), and warnings for
 //! what works degraded (users without keys, unreadable registry secrets, missing helpers,
-//! homes under writable mounts).
+//! homes under writable mounts). `[cluster]` has its own checks in [`cluster`].
+
+mod cluster;
 
 use std::path::Path;
 
@@ -30,6 +32,7 @@ pub fn run(path: &Path) -> bool {
         eprintln!("{e}");
     }
     let ca_ok = check_trusted_cas(&config);
+    let cluster_ok = cluster::report(&config);
     for user in config.configured_users() {
         if !report.users.iter().any(|(u, _)| u == user) {
             eprintln!(
@@ -49,7 +52,7 @@ pub fn run(path: &Path) -> bool {
             source.display()
         );
     }
-    if report.errors.is_empty() && ca_ok {
+    if report.errors.is_empty() && ca_ok && cluster_ok {
         println!(
             "{}: OK ({} user(s) with keys in {})",
             config.source.display(),

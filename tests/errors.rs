@@ -367,6 +367,97 @@ fn check_reports_a_bad_size_with_line_and_column() {
 }
 
 #[test]
+fn check_reports_a_bad_cluster_value_with_line_and_column() {
+    // VALID is 12 lines; `manager` is line 16, its value at column 11.
+    let text =
+        format!("{VALID}\n[cluster]\nengine = \"swarm\"\nmanager = \"http://manager.lab:2375\"\n");
+    let (_dir, path) = check_dir(&text);
+    let out = check(&path);
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.starts_with(&format!("{}:16:11: ", path.display())),
+        "expected `{}:16:11: ...`, got: {err}",
+        path.display()
+    );
+    assert!(
+        err.contains(
+            "\"http://manager.lab:2375\": a Docker API address is unix:///PATH or tcp://HOST:PORT"
+        ),
+        "{err}"
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("OK"));
+}
+
+#[test]
+fn check_on_a_swarm_describes_it_fails_without_its_tls_files_and_warns_of_unshared_homes() {
+    let swarm = format!("{VALID}\n[cluster]\nengine = \"swarm\"\ntls_dir = \"tls\"\n");
+    let (dir, path) = check_dir(&swarm);
+    let file = path.display().to_string();
+
+    // The default node API is tcp://: without the client certificate the check fails.
+    let out = check(&path);
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let ca = dir.path().join("tls/ca.pem");
+    assert!(
+        err.contains(&format!(
+            "{file}: [cluster] tls_dir: cannot read {} (",
+            ca.display()
+        )) && err.contains("key.pem (")
+            && err.contains("(node_api tcp://{addr}:2376)"),
+        "{err}"
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("OK"));
+
+    // With them it passes, describes the cluster and says once that nothing is shared.
+    std::fs::create_dir(dir.path().join("tls")).unwrap();
+    for name in ["ca.pem", "cert.pem", "key.pem"] {
+        std::fs::write(dir.path().join("tls").join(name), "pem\n").unwrap();
+    }
+    let out = check(&path);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        stdout.contains(&format!(
+            "cluster: engine \"swarm\", manager unix:///var/run/docker.sock, node API tcp://{{addr}}:2376, TLS from {}\n",
+            dir.path().join("tls").display()
+        )),
+        "{stdout}"
+    );
+    assert!(stdout.contains("OK"), "{stdout}");
+    let empty = format!("{file}: warning: [cluster] shared_paths is empty");
+    assert_eq!(err.matches(&empty).count(), 1, "{err}");
+    assert!(
+        err.contains("[defaults] home \"/var/lib/labgate/home/{user}\"")
+            && err.contains("homes must be the same directory on every node (NFS or similar); declare the shared directories in [cluster] shared_paths"),
+        "{err}"
+    );
+
+    // Shared paths that leave the home out: a warning naming it.
+    let (_dir, path) = check_dir(&swarm.replace(
+        "tls_dir = \"tls\"",
+        "tls_dir = \"tls\"\nnode_api = \"unix:///run/docker-{hostname}.sock\"\nshared_paths = [\"/srv/home\"]",
+    ));
+    let out = check(&path);
+    let err = stderr_of(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "no tcp:// API, no TLS files needed: {err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "{}: warning: [defaults] home \"/var/lib/labgate/home/{{user}}\" is not under [cluster] shared_paths: homes must be the same directory on every node",
+            path.display()
+        )),
+        "{err}"
+    );
+    assert!(!err.contains("shared_paths is empty"), "{err}");
+}
+
+#[test]
 fn check_reports_a_bad_key_line_with_its_line_number() {
     let (dir, path) = check_dir(VALID);
     let alice = dir.path().join("keys/alice.pub");

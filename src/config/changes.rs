@@ -8,7 +8,9 @@ use super::Quota;
 ///
 /// Settings in neither group (`shell`, `accept_env`, `forwarding`, `idle_stop`, `gpu_share`,
 /// `gpu_reclaim`, `pull_policy`, registry credentials, the profile name) need nothing done:
-/// they are read from the config at each login, request or check.
+/// they are read from the config at each login, request or check. So are `constraints`:
+/// this host's engine ignores them, and a cluster backend reads them when it places a
+/// container.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct QuotaChanges {
     /// Memory, CPUs or the process limit differ: applied to a running container as it runs

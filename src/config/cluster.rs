@@ -74,6 +74,27 @@ pub struct SwarmConfig {
     pub nodes: BTreeMap<String, EngineAddr>,
 }
 
+impl ClusterConfig {
+    /// The `[cluster]` keys whose values differ from `self` to `new`, as `cluster.KEY`, in
+    /// the order the README lists them (for reload's "needs a restart" report).
+    pub fn changed_keys(&self, new: &ClusterConfig) -> Vec<&'static str> {
+        let (a, b) = (&self.swarm, &new.swarm);
+        [
+            ("cluster.engine", self.engine != new.engine),
+            ("cluster.manager", a.manager != b.manager),
+            ("cluster.node_api", a.node_api != b.node_api),
+            ("cluster.tls_dir", a.tls_dir != b.tls_dir),
+            ("cluster.gpu_resource", a.gpu_resource != b.gpu_resource),
+            ("cluster.network", a.network != b.network),
+            ("cluster.shared_paths", a.shared_paths != b.shared_paths),
+            ("cluster.nodes", a.nodes != b.nodes),
+        ]
+        .into_iter()
+        .filter_map(|(key, changed)| changed.then_some(key))
+        .collect()
+    }
+}
+
 impl SwarmConfig {
     /// The API of the node `hostname` whose swarm address is `addr`.
     pub fn node_addr(&self, hostname: &str, addr: &str) -> Result<EngineAddr, String> {
@@ -102,6 +123,66 @@ impl SwarmConfig {
     pub fn is_shared(&self, path: &Path) -> bool {
         self.shared_paths.iter().any(|s| path.starts_with(s))
     }
+}
+
+/// The keys a Swarm placement constraint may test (besides `node.labels.NAME` and
+/// `engine.labels.NAME`): Swarm matches no node on any other key, so a container asking for
+/// one would wait for ever.
+pub const CONSTRAINT_KEYS: &[&str] = &[
+    "node.id",
+    "node.hostname",
+    "node.ip",
+    "node.role",
+    "node.platform.os",
+    "node.platform.arch",
+];
+
+/// Checks a quota's `constraints` entry as Swarm reads one: `KEY == VALUE` or `KEY != VALUE`
+/// (spaces around the operator are fine), a key Swarm knows, a value of the characters it
+/// accepts (swarmkit's `constraint.Parse`).
+pub fn check_constraint(c: &str) -> Result<(), String> {
+    const EXAMPLE: &str = "e.g. \"node.labels.gpu == a100\"";
+    let Some((key, value)) = ["==", "!="].iter().find_map(|op| c.split_once(op)) else {
+        return Err(format!(
+            "constraint {c:?}: write KEY == VALUE or KEY != VALUE ({EXAMPLE})"
+        ));
+    };
+    let (key, value) = (key.trim(), value.trim());
+    if key.is_empty() || value.is_empty() {
+        let what = if key.is_empty() { "key" } else { "value" };
+        return Err(format!(
+            "constraint {c:?} has no {what}: write KEY == VALUE or KEY != VALUE ({EXAMPLE})"
+        ));
+    }
+    let mut chars = key.chars();
+    let key_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && key.len() > 1
+        && chars.all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if !key_ok {
+        return Err(format!(
+            "constraint {c:?}: the key {key:?} is not one Swarm accepts (letters, digits, '.', '_' and '-', starting with a letter)"
+        ));
+    }
+    let lower = key.to_ascii_lowercase();
+    let labelled = ["node.labels.", "engine.labels."]
+        .iter()
+        .any(|p| lower.len() > p.len() && lower.starts_with(p));
+    if !labelled && !CONSTRAINT_KEYS.contains(&lower.as_str()) {
+        return Err(format!(
+            "constraint {c:?}: Swarm matches no node on the key {key:?}: use node.labels.NAME, engine.labels.NAME or one of {}",
+            CONSTRAINT_KEYS.join(", ")
+        ));
+    }
+    if let Some(bad) = value.chars().find(|c| {
+        !(c.is_ascii_alphanumeric() || c.is_whitespace() || ":-_.*()?+[]\\^$|/".contains(*c))
+    }) {
+        return Err(format!(
+            "constraint {c:?}: Swarm refuses {bad:?} in a value (letters, digits, spaces and :-_.*()?+[]\\^$|/)"
+        ));
+    }
+    Ok(())
 }
 
 /// A Docker API address: `unix:///PATH` or `tcp://HOST:PORT` (always with TLS).
@@ -314,7 +395,7 @@ pub(super) struct RawCluster {
     pub(super) tls_dir: Option<toml::Spanned<PathBuf>>,
     pub(super) gpu_resource: Option<toml::Spanned<String>>,
     pub(super) network: Option<toml::Spanned<String>>,
-    pub(super) shared_paths: Option<toml::Spanned<Vec<PathBuf>>>,
+    pub(super) shared_paths: Option<toml::Spanned<Vec<toml::Spanned<PathBuf>>>>,
     #[serde(default)]
     pub(super) nodes: BTreeMap<String, toml::Spanned<RawNode>>,
 }
@@ -395,8 +476,9 @@ impl RawCluster {
             swarm.network = n;
         }
         if let Some(paths) = self.shared_paths {
-            let span = paths.span();
             for p in paths.into_inner() {
+                let span = p.span();
+                let p = p.into_inner();
                 if !p.is_absolute() {
                     return Err((
                         span,
@@ -444,6 +526,49 @@ mod tests {
         ] {
             let e = EngineAddr::parse(bad).unwrap_err();
             assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn constraints_have_the_shape_and_keys_swarm_accepts() {
+        for good in [
+            "node.labels.gpu == a100",
+            "node.labels.gpu==a100",
+            "node.hostname != gpu3",
+            "engine.labels.zone == lab-2",
+            "Node.Role == manager",
+            "node.ip == 10.0.0.0/24",
+            "node.platform.arch == x86_64",
+        ] {
+            assert_eq!(check_constraint(good), Ok(()), "{good}");
+        }
+        for (bad, says) in [
+            (
+                "node.labels.gpu = a100",
+                "write KEY == VALUE or KEY != VALUE",
+            ),
+            ("node.labels.gpu", "write KEY == VALUE"),
+            ("== a100", "has no key"),
+            ("node.labels.gpu == ", "has no value"),
+            (
+                "node labels == a100",
+                "the key \"node labels\" is not one Swarm accepts",
+            ),
+            (
+                "node.label.gpu == a100",
+                "Swarm matches no node on the key \"node.label.gpu\"",
+            ),
+            ("node.labels. == a100", "matches no node"),
+            ("gpu == a100", "node.labels.NAME"),
+            (
+                "node.labels.gpu == a100 != b",
+                "Swarm refuses '!' in a value",
+            ),
+            ("node.labels.gpu == \"a100\"", "Swarm refuses '\"'"),
+        ] {
+            let e = check_constraint(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+            assert!(e.starts_with(&format!("constraint {bad:?}")), "{e}");
         }
     }
 

@@ -203,6 +203,7 @@ pub(super) struct RawQuota {
     pub(super) forwarding: Option<RawForwarding>,
     pub(super) idle_stop: Option<IdleStop>,
     pub(super) pull_policy: Option<PullPolicy>,
+    pub(super) constraints: Option<Vec<Spanned<String>>>,
     /// Only in `[profiles.NAME]`: who may use the profile.
     pub(super) users: Option<Spanned<Vec<Username>>>,
 }
@@ -335,6 +336,7 @@ impl RawQuota {
             accept_env: self.accept_env.or_else(|| base.accept_env.clone()),
             idle_stop: self.idle_stop.or(base.idle_stop),
             pull_policy: self.pull_policy.or(base.pull_policy),
+            constraints: self.constraints.or_else(|| base.constraints.clone()),
             users: self.users,
             forwarding: Some(
                 self.forwarding

@@ -118,9 +118,9 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.docker.network != new.docker.network {
         changed.push("docker.network");
     }
-    if old.cluster != new.cluster {
-        changed.push("cluster.engine");
-    }
+    // The backend is chosen and given its `[cluster]` keys once, at start (shared_paths
+    // included: the swarm backend keeps the section it was made with).
+    changed.extend(old.cluster.changed_keys(&new.cluster));
     if old.docker.forward_via != new.docker.forward_via {
         changed.push("docker.forward_via");
     }
@@ -158,4 +158,48 @@ fn watch_file(
     })?;
     watcher.watch(&dir, RecursiveMode::NonRecursive)?;
     Ok(watcher)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn config(cluster: &str) -> Config {
+        crate::config::parse(
+            Path::new("/etc/labgate/labgate.toml"),
+            &format!("{cluster}\n[defaults]\nimage = \"x\"\n"),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_changed_cluster_key_is_named_and_needs_a_restart() {
+        let docker = config("");
+        let swarm = config("[cluster]\nengine = \"swarm\"\n");
+        assert!(restart_only_changes(&docker, &docker).is_empty());
+        assert_eq!(restart_only_changes(&docker, &swarm), ["cluster.engine"]);
+        for (edit, key) in [
+            ("manager = \"tcp://m1:2376\"", "cluster.manager"),
+            ("node_api = \"tcp://{hostname}:2376\"", "cluster.node_api"),
+            ("tls_dir = \"/etc/tls\"", "cluster.tls_dir"),
+            ("gpu_resource = \"GPU\"", "cluster.gpu_resource"),
+            ("network = \"lab2\"", "cluster.network"),
+            ("shared_paths = [\"/srv\"]", "cluster.shared_paths"),
+            (
+                "[cluster.nodes.n2]\napi = \"unix:///x.sock\"",
+                "cluster.nodes",
+            ),
+        ] {
+            let edited = config(&format!("[cluster]\nengine = \"swarm\"\n{edit}\n"));
+            assert_eq!(restart_only_changes(&swarm, &edited), [key], "{edit}");
+        }
+        let two =
+            config("[cluster]\nengine = \"swarm\"\nmanager = \"tcp://m1\"\nnetwork = \"n\"\n");
+        assert_eq!(
+            restart_only_changes(&swarm, &two),
+            ["cluster.manager", "cluster.network"]
+        );
+    }
 }

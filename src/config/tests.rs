@@ -1403,22 +1403,198 @@ fn the_engine_is_this_hosts_docker_unless_cluster_names_another() {
     );
     let explicit = ok("[cluster]\nengine = \"docker\"\n\n[defaults]\nimage = \"x\"\n");
     assert_eq!(explicit.cluster.engine, Engine::Docker);
-    let swarm = err_at("[cluster]\nengine = \"swarm\"\n\n[defaults]\nimage = \"x\"\n");
-    assert_eq!((swarm.line, swarm.column), (2, 10), "{}", swarm.display);
-    assert!(
-        swarm.message.contains("not available in this version"),
-        "{}",
-        swarm.message
+    let swarm = ok("[cluster]\nengine = \"swarm\"\n\n[defaults]\nimage = \"x\"\n");
+    assert_eq!(swarm.cluster.engine, Engine::Swarm);
+    assert_err(
+        "[cluster]\nengine = \"kubernetes\"\n\n[defaults]\nimage = \"x\"\n",
+        2,
+        10,
+        &[
+            "engine = \"kubernetes\" is not available in this version",
+            "\"swarm\"",
+        ],
     );
-    let typo = err_at("[cluster]\nengine = \"dokcer\"\n\n[defaults]\nimage = \"x\"\n");
-    assert!(
-        typo.message
-            .contains("unknown engine \"dokcer\": expected one of \"docker\""),
-        "{}",
-        typo.message
+    assert_err(
+        "[cluster]\nengine = \"dokcer\"\n\n[defaults]\nimage = \"x\"\n",
+        2,
+        10,
+        &["unknown engine \"dokcer\": expected one of \"docker\", \"swarm\""],
     );
-    let unknown = err_at("[cluster]\nmanager = \"unix:///x\"\n\n[defaults]\nimage = \"x\"\n");
-    assert!(unknown.message.contains("manager"), "{}", unknown.message);
+    // A swarm key under the (default or explicit) docker engine names itself and the engine.
+    assert_err(
+        "[cluster]\nmanager = \"unix:///x\"\n\n[defaults]\nimage = \"x\"\n",
+        2,
+        11,
+        &[
+            "[cluster] manager applies only to engine = \"swarm\"",
+            "\"docker\"",
+        ],
+    );
+    assert_err(
+        "[cluster]\nengine = \"docker\"\nnode_api = \"tcp://{addr}:2376\"\n\n[defaults]\nimage = \"x\"\n",
+        3,
+        12,
+        &["[cluster] node_api applies only to engine = \"swarm\""],
+    );
+    assert_err(
+        "[cluster]\nshared_paths = [\"/srv\"]\n\n[defaults]\nimage = \"x\"\n",
+        2,
+        16,
+        &["[cluster] shared_paths applies only"],
+    );
+    assert_err(
+        "[cluster]\nengine = \"docker\"\n\n[cluster.nodes.n2]\napi = \"unix:///x\"\n\n[defaults]\nimage = \"x\"\n",
+        4,
+        1,
+        &["[cluster] nodes applies only"],
+    );
+}
+
+#[test]
+fn a_swarm_section_gets_every_default_it_leaves_out() {
+    use crate::config::cluster::{Engine, EngineAddr};
+    let c = ok("[cluster]\nengine = \"swarm\"\n\n[defaults]\nimage = \"x\"\n").cluster;
+    assert_eq!(c.engine, Engine::Swarm);
+    let s = &c.swarm;
+    assert_eq!(s.manager, EngineAddr::Unix("/var/run/docker.sock".into()));
+    assert_eq!(s.manager.to_string(), cluster::DEFAULT_MANAGER);
+    assert_eq!(s.node_api.as_str(), "tcp://{addr}:2376");
+    assert_eq!(s.tls_dir, Path::new("/etc/labgate/docker-tls"));
+    assert_eq!(s.gpu_resource, "NVIDIA-GPU");
+    assert_eq!(s.network, "labgate");
+    assert!(s.shared_paths.is_empty() && s.nodes.is_empty());
+    assert_eq!(
+        s.node_addr("gpu1", "10.1.0.5"),
+        Ok(EngineAddr::Tcp {
+            host: "10.1.0.5".into(),
+            port: 2376
+        })
+    );
+    assert!(s.uses_tcp(), "the default node API is TCP");
+    assert_eq!(
+        s.tls_files(),
+        ["ca.pem", "cert.pem", "key.pem"].map(|f| Path::new("/etc/labgate/docker-tls").join(f))
+    );
+}
+
+#[test]
+fn a_full_swarm_section_is_read_with_paths_resolved_and_per_node_apis() {
+    use crate::config::cluster::EngineAddr;
+    let c = ok(r#"[cluster]
+engine = "swarm"
+manager = "tcp://10.0.0.1:2377"
+node_api = "tcp://{hostname}.lab:2376"
+tls_dir = "tls"
+gpu_resource = "GPU.a100"
+network = "lab-users"
+shared_paths = ["/srv/home", "/datasets"]
+
+[cluster.nodes.n2]
+api = "unix:///run/x.sock"
+
+[cluster.nodes.n3]
+api = "tcp://[fd00::3]"
+
+[defaults]
+image = "x"
+home = "/srv/home/{user}"
+"#)
+    .cluster;
+    let s = &c.swarm;
+    assert_eq!(
+        s.manager,
+        EngineAddr::Tcp {
+            host: "10.0.0.1".into(),
+            port: 2377
+        }
+    );
+    assert_eq!(s.node_api.as_str(), "tcp://{hostname}.lab:2376");
+    assert_eq!(
+        s.tls_dir,
+        Path::new("/etc/labgate/tls"),
+        "relative to the config's directory"
+    );
+    assert_eq!(s.gpu_resource, "GPU.a100");
+    assert_eq!(s.network, "lab-users");
+    assert_eq!(
+        s.shared_paths,
+        [PathBuf::from("/srv/home"), PathBuf::from("/datasets")]
+    );
+    assert_eq!(
+        s.node_addr("n2", "10.0.0.2"),
+        Ok(EngineAddr::Unix("/run/x.sock".into()))
+    );
+    assert_eq!(
+        s.node_addr("n3", "10.0.0.3").unwrap().to_string(),
+        "tcp://[fd00::3]:2376"
+    );
+    assert_eq!(
+        s.node_addr("n4", "10.0.0.4").unwrap().to_string(),
+        "tcp://n4.lab:2376"
+    );
+    assert!(s.is_shared(Path::new("/srv/home/alice")));
+    assert!(!s.is_shared(Path::new("/srv/homework")));
+    assert!(!s.is_shared(Path::new("/var/lib/labgate/home/alice")));
+}
+
+#[test]
+fn bad_swarm_values_are_refused_at_their_position_with_the_reason() {
+    let swarm = |line: &str| {
+        format!("[cluster]\nengine = \"swarm\"\n{line}\n\n[defaults]\nimage = \"x\"\n")
+    };
+    for (line, column, needles) in [
+        (
+            "manager = \"http://10.0.0.1:2375\"",
+            11,
+            &[
+                "\"http://10.0.0.1:2375\"",
+                "unix:///PATH or tcp://HOST:PORT",
+            ][..],
+        ),
+        (
+            "manager = \"unix://run/docker.sock\"",
+            11,
+            &["absolute path"],
+        ),
+        ("manager = \"tcp://m1:0\"", 11, &["\"0\" is not a port"]),
+        (
+            "node_api = \"tcp://{ip}:2376\"",
+            12,
+            &["unknown placeholder {ip}", "{addr}", "{hostname}"],
+        ),
+        ("node_api = \"tcp://{addr:2376\"", 12, &["unclosed {"]),
+        (
+            "gpu_resource = \"NVIDIA GPU\"",
+            16,
+            &["gpu_resource \"NVIDIA GPU\"", "node-generic-resources"],
+        ),
+        ("gpu_resource = \"\"", 16, &["generic resource kind"]),
+        ("network = \"two words\"", 11, &["not a network name"]),
+        (
+            "shared_paths = [\"/srv/home\", \"datasets\"]",
+            30,
+            &["shared_paths: datasets is not absolute", "every node"],
+        ),
+        (
+            "managr = \"unix:///x\"",
+            1,
+            &["unknown field `managr`", "manager"],
+        ),
+    ] {
+        assert_err(&swarm(line), 3, column, needles);
+    }
+    assert_err(
+        &swarm("\n[cluster.nodes.n2]\napi = \"ftp://n2\""),
+        5,
+        7,
+        &["\"ftp://n2\"", "unix:///PATH or tcp://HOST:PORT"],
+    );
+    assert_err(
+        &swarm("\n[cluster.nodes.n2]\naddr = \"tcp://n2\""),
+        5,
+        1,
+        &["unknown field `addr`"],
+    );
 }
 
 #[test]
@@ -1500,4 +1676,76 @@ fn gpu_reclaim_is_off_by_default_per_user_exemptions_inherit_and_values_are_chec
     );
     let typed = err_at("[defaults]\nimage = \"x\"\ngpu_reclaim = \"no\"\n");
     assert_eq!((typed.line, typed.column), (3, 15), "{}", typed.display);
+}
+
+#[test]
+fn constraints_merge_like_the_other_quota_keys_and_each_entry_is_checked() {
+    let c = ok(concat!(
+        "[defaults]\nimage = \"x\"\nconstraints = [\"node.labels.gpu == a100\"]\n\n",
+        "[users.alice]\nconstraints = [\"node.labels.gpu != a100\", \"node.role == worker\"]\n\n",
+        "[users.bob]\nmemory = \"1G\"\n\n",
+        "[users.carol]\nconstraints = []\n\n",
+        "[profiles.big]\nusers = [\"alice\", \"bob\"]\nconstraints = [\"node.hostname == gpu9\"]\n\n",
+        "[profiles.small]\nusers = [\"alice\"]\nmemory = \"2G\"\n",
+    ));
+    assert_eq!(c.defaults.constraints, ["node.labels.gpu == a100"]);
+    assert_eq!(
+        c.quota_for(&user("alice")).constraints,
+        ["node.labels.gpu != a100", "node.role == worker"]
+    );
+    assert_eq!(
+        c.quota_for(&user("bob")).constraints,
+        ["node.labels.gpu == a100"],
+        "a user's table without the key keeps [defaults]'"
+    );
+    assert!(c.quota_for(&user("carol")).constraints.is_empty());
+    assert!(
+        ok("[defaults]\nimage = \"x\"\n")
+            .defaults
+            .constraints
+            .is_empty()
+    );
+    let profile = |u: &str, p: &str| {
+        c.profile_quota(&user(u), &ProfileName::parse(p).unwrap())
+            .unwrap()
+            .constraints
+            .clone()
+    };
+    assert_eq!(profile("bob", "big"), ["node.hostname == gpu9"]);
+    assert_eq!(
+        profile("alice", "small"),
+        ["node.labels.gpu != a100", "node.role == worker"],
+        "a profile without the key keeps its user's"
+    );
+    let spec =
+        crate::runtime::ContainerSpec::new(&user("alice"), c.quota_for(&user("alice")), None);
+    assert_eq!(spec.constraints, c.quota_for(&user("alice")).constraints);
+
+    assert_err(
+        "[defaults]\nimage = \"x\"\nconstraints = [\"node.labels.gpu == a100\", \"gpu=a100\"]\n",
+        3,
+        43,
+        &["constraint \"gpu=a100\": write KEY == VALUE or KEY != VALUE"],
+    );
+    assert_err(
+        "[defaults]\nimage = \"x\"\n\n[users.alice]\nconstraints = [\" == a100\"]\n",
+        5,
+        16,
+        &["has no key"],
+    );
+    assert_err(
+        "[defaults]\nimage = \"x\"\n\n[profiles.p]\nusers = [\"alice\"]\nconstraints = [\"node.label.gpu == a100\"]\n",
+        6,
+        16,
+        &[
+            "Swarm matches no node on the key \"node.label.gpu\"",
+            "node.labels.NAME",
+        ],
+    );
+    assert_err(
+        "[defaults]\nimage = \"x\"\nconstraints = \"node.labels.gpu == a100\"\n",
+        3,
+        15,
+        &["expected a sequence"],
+    );
 }

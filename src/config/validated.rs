@@ -64,6 +64,26 @@ impl Config {
             .collect()
     }
 
+    /// Every quota table with the quota it is merged over, so a report can name the table
+    /// that sets a value (where the two differ): `[defaults]` (over nothing), each
+    /// `[users.NAME]` (over `[defaults]`), each `[profiles.NAME]` once per user who may use it
+    /// (over that user's quota).
+    pub(crate) fn quota_tables(&self) -> Vec<(String, &Quota, Option<&Quota>)> {
+        let mut tables = vec![("[defaults]".to_owned(), &self.defaults, None)];
+        tables.extend(
+            self.users
+                .iter()
+                .map(|(u, q)| (format!("[users.{u}]"), q, Some(&self.defaults))),
+        );
+        tables.extend(
+            self.profiles
+                .quotas
+                .iter()
+                .map(|((p, u), q)| (format!("[profiles.{p}]"), q, Some(self.quota_for(u)))),
+        );
+        tables
+    }
+
     /// Homes that lie under a writable mount source (of any user's quota): `(table, home
     /// template, mount source)`. Someone who can write there can rename a home and put a
     /// symlink in its place; labgate refuses to start such a container, but the admin should
@@ -333,6 +353,10 @@ pub struct Quota {
     pub idle_stop: Option<Duration>,
     /// When the image is pulled.
     pub pull_policy: PullPolicy,
+    /// Swarm placement constraints (`node.labels.gpu == a100`): which nodes may run the
+    /// container. Only a cluster engine places containers; on this host's Docker Engine they
+    /// mean nothing (`labgate check` warns).
+    pub constraints: Vec<String>,
     /// Credentials of the image's registry, when `[registries]` has them.
     pub registry: Option<RegistryAuth>,
     /// The profile this quota is for (`user+profile` logins), `None` for plain logins.

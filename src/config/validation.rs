@@ -332,6 +332,13 @@ impl Validator<'_> {
                 out
             }
         };
+        let mut constraints = Vec::new();
+        for c in raw.constraints.unwrap_or_default() {
+            let span = c.span();
+            let c = c.into_inner();
+            super::cluster::check_constraint(&c).map_err(|m| self.at(span, m))?;
+            constraints.push(c);
+        }
         Ok(Quota {
             image: image.0,
             memory: raw.memory.map(|m| m.0),
@@ -368,6 +375,7 @@ impl Validator<'_> {
             },
             gpu_reclaim: raw.gpu_reclaim.unwrap_or(DEFAULT_GPU_RECLAIM),
             pull_policy: raw.pull_policy.unwrap_or_default(),
+            constraints,
             registry: None,
             profile: None,
         })

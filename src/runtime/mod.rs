@@ -74,6 +74,9 @@ pub struct ContainerSpec {
     /// The GPUs the quota asks for: the backend decides which (the local one from its NVML
     /// inventory, a cluster backend through its engine).
     pub gpu_request: GpuRequest,
+    /// Placement constraints from the quota (`node.labels.gpu == a100`), for a cluster
+    /// backend; this host's Docker Engine places nothing and ignores them.
+    pub constraints: Vec<String>,
     /// GPUs to give the container, by UUID: set by the backend's own allocation, never from
     /// the quota directly (empty from [`ContainerSpec::new`]).
     pub gpus: Vec<GpuUuid>,
@@ -107,6 +110,7 @@ impl ContainerSpec {
             uid_gid: identity.map(|i| (i.uid, i.gid)),
             groups: identity.map(|i| i.groups.clone()).unwrap_or_default(),
             gpu_request: quota.gpus.clone(),
+            constraints: quota.constraints.clone(),
             gpus: Vec::new(),
             may_take_gpus: true,
         }

@@ -275,6 +275,7 @@ mod tests {
             uid_gid: Some((1000, 100)),
             groups: vec![],
             gpu_request: Default::default(),
+            constraints: vec![],
             gpus: vec![],
             may_take_gpus: true,
         }
