@@ -136,7 +136,7 @@ impl SwarmRuntime {
         let on = Placement {
             network: &self.config.network,
             gpu_resource: &self.config.gpu_resource,
-            constraints: &[],
+            constraints: &spec.constraints,
         };
         let mut service =
             service_spec(spec, &on).map_err(|e| RuntimeError::Create(e.to_string()))?;
