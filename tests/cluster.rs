@@ -21,7 +21,7 @@ use std::process::Stdio;
 use std::sync::{MutexGuard, OnceLock};
 use std::time::Duration;
 
-use common::swarm::{GPU_KIND, NETWORK, SwarmRig};
+use common::swarm::SwarmRig;
 use common::{Gateway, Terminal, Tunnel, eventually, skip_unless, stderr_of};
 
 fn one_at_a_time() -> MutexGuard<'static, ()> {
@@ -40,18 +40,6 @@ fn shared_rig() -> Option<&'static SwarmRig> {
     }
 }
 
-/// The `[cluster]` table for `rig`, homes declared shared (they are on this machine's disk,
-/// which every node of the rig sees at the same path).
-fn cluster_table(rig: &SwarmRig) -> String {
-    format!(
-        "[cluster]\nengine = \"swarm\"\nmanager = \"{}\"\nnode_api = \"tcp://{{addr}}:2376\"\n\
-         tls_dir = \"{}\"\ngpu_resource = \"{GPU_KIND}\"\nnetwork = \"{NETWORK}\"\n\
-         shared_paths = [\"/\"]\n",
-        rig.manager().host(),
-        rig.tls_dir().display(),
-    )
-}
-
 /// A gateway on `rig` with `users` users; `defaults` goes into `[defaults]`. Both static
 /// helpers are installed, as the package installs them on every node.
 fn gateway<'a>(rig: &'a SwarmRig, users: usize, defaults: &str) -> Cluster<'a> {
@@ -62,7 +50,7 @@ fn gateway<'a>(rig: &'a SwarmRig, users: usize, defaults: &str) -> Cluster<'a> {
             "sftp_helper = \"{}\"",
             common::static_helper("labgate-sftp").display()
         ))
-        .tail(&cluster_table(rig))
+        .tail(&rig.cluster_table())
         .start();
     Cluster { rig, gw }
 }

@@ -617,6 +617,29 @@ impl SwarmRig {
         self.names.dir.join("client")
     }
 
+    /// The gateway's `[cluster]` table for this rig: the manager's unix socket, the nodes'
+    /// TLS APIs by the default template, homes declared shared (they are on this machine's
+    /// disk, which every node sees at the same path).
+    pub fn cluster_table(&self) -> String {
+        format!(
+            "[cluster]\nengine = \"swarm\"\nmanager = \"{}\"\nnode_api = \"tcp://{{addr}}:{TLS_PORT}\"\n\
+             tls_dir = \"{}\"\ngpu_resource = \"{GPU_KIND}\"\nnetwork = \"{NETWORK}\"\n\
+             shared_paths = [\"/\"]\n",
+            self.manager().host(),
+            self.tls_dir().display(),
+        )
+    }
+
+    /// Removes the services of `users` (`labgate-USER`), if any: a test's cleanup.
+    pub fn remove_services(&self, users: &[String]) {
+        for user in users {
+            let _ = self.docker_result(
+                self.manager(),
+                &["service", "rm", &format!("labgate-{user}")],
+            );
+        }
+    }
+
     /// `docker` talking to `node` over TLS (`DOCKER_HOST=tcp://ADDR:2376`,
     /// `DOCKER_TLS_VERIFY`, `DOCKER_CERT_PATH`), as a remote client would.
     pub fn docker_tls(&self, node: &Node) -> Command {
