@@ -19,10 +19,10 @@ use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::process::Stdio;
 use std::sync::{MutexGuard, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::swarm::SwarmRig;
-use common::{Gateway, Terminal, Tunnel, eventually, skip_unless, stderr_of};
+use common::{Gateway, Terminal, Tunnel, assert_alive, eventually, skip_unless, stderr_of};
 
 fn one_at_a_time() -> MutexGuard<'static, ()> {
     static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -35,6 +35,17 @@ fn shared_rig() -> Option<&'static SwarmRig> {
         Ok(rig) => Some(rig),
         Err(why) => {
             skip_unless(false, why);
+            None
+        }
+    }
+}
+
+/// A rig of the test's own (for a test that kills a node); `None` (skipped) if it cannot run.
+fn own_rig() -> Option<SwarmRig> {
+    match SwarmRig::start() {
+        Ok(rig) => Some(rig),
+        Err(why) => {
+            skip_unless(false, &why);
             None
         }
     }
@@ -367,4 +378,74 @@ fn gpu_users_get_distinct_gpus_and_one_more_waits_until_one_is_freed() {
     let table = gw.labgate(&["gpus"]);
     let table = String::from_utf8_lossy(&table.stdout);
     assert!(table.contains(&gw.users[4]), "{table}");
+}
+
+#[test]
+fn a_session_on_a_node_that_dies_ends_with_one_line_and_the_next_login_lands_on_a_live_node() {
+    let _serial = one_at_a_time();
+    let Some(rig) = own_rig() else { return };
+    let c = gateway(&rig, 1, "constraints = [\"node.role == worker\"]\n");
+    let gw = &c.gw;
+    gw.ok(0, "echo kept > ~/note");
+    let node = c.node_of(0);
+    assert!(node == "n2" || node == "n3", "a worker: {node}");
+    let mut session = gw
+        .ssh(0)
+        .arg("echo started; sleep 600")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 8];
+    session.stdout.as_mut().unwrap().read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"started\n");
+    let killed = Instant::now();
+    rig.kill_node(&node);
+    let out = session.wait_with_output().unwrap();
+    let ended_in = killed.elapsed();
+    eprintln!("session on the killed node ended after {ended_in:?}");
+    assert!(ended_in < Duration::from_secs(60), "bounded: {ended_in:?}");
+    let said = stderr_of(&out);
+    assert!(
+        said.contains(&format!("the server {node} that ran your container stopped answering")),
+        "one line says why: {said}\n{}",
+        gw.log()
+    );
+    assert_eq!(said.trim().lines().count(), 1, "{said}");
+    assert_alive(gw);
+    // The next login waits for the cluster to start the container on the other worker,
+    // with the same home.
+    let t0 = Instant::now();
+    let out = gw.run(0, "cat ~/note");
+    eprintln!("the next login took {:?}", t0.elapsed());
+    assert!(out.status.success(), "{}\n{}", stderr_of(&out), gw.log());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "kept");
+    let now_on = c.node_of(0);
+    assert!(now_on != node && now_on != "n1", "{now_on}");
+}
+
+#[test]
+fn a_restarted_gateway_finds_the_running_services_and_who_holds_which_gpu() {
+    let _serial = one_at_a_time();
+    let Some(rig) = shared_rig() else { return };
+    let mut c = gateway(rig, 1, "gpus = 1\n");
+    c.gw.ok(0, "touch /tmp/made-before-the-restart");
+    let before = String::from_utf8_lossy(&c.gw.labgate(&["gpus"]).stdout).into_owned();
+    assert!(before.contains(&c.gw.users[0]), "{before}");
+    c.gw.stop();
+    c.gw.spawn();
+    // Nothing is asked of the gateway yet: it rebuilt its view from the manager.
+    let after = String::from_utf8_lossy(&c.gw.labgate(&["gpus"]).stdout).into_owned();
+    assert_eq!(after, before, "same holders after the restart");
+    let status = c.gw.labgate(&["status", "--json"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains("\"running\""), "{text}");
+    let out = c.gw.run(0, "test -e /tmp/made-before-the-restart && echo same");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "same",
+        "the same container: {}",
+        stderr_of(&out)
+    );
 }

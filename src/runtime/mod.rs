@@ -459,6 +459,16 @@ pub enum RuntimeError {
     /// Anything else the engine said.
     #[error("container engine error: {0}")]
     Engine(String),
+    /// The cluster node that ran the container stopped answering (it died, or its network).
+    #[error(
+        "the server {node} that ran your container stopped answering ({reason}); log in again to continue on a live server (your home is kept)"
+    )]
+    NodeLost {
+        /// The node's hostname.
+        node: String,
+        /// What failed.
+        reason: String,
+    },
 }
 
 impl crate::codes::Coded for RuntimeError {
@@ -478,6 +488,7 @@ impl crate::codes::Coded for RuntimeError {
             RuntimeError::Unsafe(_) => Code::UnsafeBind,
             RuntimeError::Gpu(e) => e.code(),
             RuntimeError::Engine(_) => Code::EngineError,
+            RuntimeError::NodeLost { .. } => Code::EngineLost,
         }
     }
 }

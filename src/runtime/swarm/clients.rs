@@ -210,6 +210,11 @@ impl Clients {
         nodes.insert(id.to_owned(), client.clone());
         Ok(client)
     }
+
+    /// Forgets node `id`'s client (it stopped answering: the next use connects again).
+    pub async fn forget(&self, id: &str) {
+        self.nodes.lock().await.remove(id);
+    }
 }
 
 /// The tasks in the manager's answer `json`, their GPUs read under either name.

@@ -172,6 +172,20 @@ impl View {
             .max_by_key(|t| t.state)
     }
 
+    /// [`View::live_task`], leaving out tasks on nodes the manager sees down.
+    pub fn live_task_on_a_live_node(&self, service: &str) -> Option<&TaskView> {
+        self.tasks
+            .iter()
+            .filter(|t| t.service == service && t.live())
+            .filter(|t| {
+                t.node
+                    .as_deref()
+                    .and_then(|n| self.node(n))
+                    .is_none_or(|n| n.ready)
+            })
+            .max_by_key(|t| t.state)
+    }
+
     /// Every GPU of the swarm, numbered across nodes in hostname order (a cluster has no
     /// NVML of the gateway's: names say the node, figures are unknown).
     pub fn inventory(&self) -> Vec<GpuInfo> {
@@ -387,6 +401,28 @@ mod tests {
         );
         assert!(view.holders().is_empty());
         assert!(view.live_task("labgate-alice").is_none());
+        let on_down = View::of(
+            vec![
+                node("id2", "n2", false, &[A]),
+                node("id3", "n3", true, &[B]),
+            ],
+            &[service("s-alice", "alice")],
+            vec![
+                task("s-alice", "id2", TaskState::RUNNING, &[A]),
+                task("s-alice", "id3", TaskState::PENDING, &[]),
+            ],
+            "NVIDIA-GPU",
+        );
+        assert_eq!(
+            on_down.live_task("labgate-alice").unwrap().node.as_deref(),
+            Some("id2")
+        );
+        let replacement = on_down.live_task_on_a_live_node("labgate-alice").unwrap();
+        assert_eq!(
+            (replacement.node.as_deref(), replacement.state),
+            (Some("id3"), TaskState::PENDING),
+            "the task on the down node is not waited for: its replacement is"
+        );
         assert_eq!(view.gpus_free_for(1).unwrap_err().0, 0, "n2 is down");
     }
 

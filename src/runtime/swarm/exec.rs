@@ -22,6 +22,18 @@ use crate::runtime::{
 /// How long a hung-up process's group gets between SIGHUP and SIGKILL.
 pub const HANGUP_GRACE: Duration = Duration::from_secs(2);
 
+/// How long the exit status of a process whose output ended may take: longer means its
+/// node is gone.
+const WAIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Whether `node`'s API answers a ping within a few seconds.
+pub async fn node_answers(node: &NodeClient) -> bool {
+    matches!(
+        tokio::time::timeout(Duration::from_secs(3), node.docker.ping()).await,
+        Ok(Ok(_))
+    )
+}
+
 /// The environment variable that marks the processes labgate starts.
 pub const MARK_VAR: &str = "LABGATE_EXEC";
 
@@ -134,8 +146,31 @@ impl ExecControl for RemoteExecControl {
     }
 
     async fn wait(&self) -> Result<ExitStatus, RuntimeError> {
-        crate::runtime::docker::exec::wait_exec(&self.node.docker, &self.exec_id, &self.delivered)
-            .await
+        let lost = |reason: String| RuntimeError::NodeLost {
+            node: self.node.hostname.clone(),
+            reason,
+        };
+        let waited = tokio::time::timeout(
+            WAIT_TIMEOUT,
+            crate::runtime::docker::exec::wait_exec(
+                &self.node.docker,
+                &self.exec_id,
+                &self.delivered,
+            ),
+        )
+        .await;
+        match waited {
+            Ok(Err(RuntimeError::Engine(e) | RuntimeError::Unavailable(e)))
+                if !node_answers(&self.node).await =>
+            {
+                Err(lost(e))
+            }
+            Ok(other) => other,
+            Err(_) => Err(lost(format!(
+                "no exit status within {}",
+                humantime::format_duration(WAIT_TIMEOUT)
+            ))),
+        }
     }
 
     async fn hangup(&self) {

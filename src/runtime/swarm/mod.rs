@@ -180,6 +180,48 @@ impl SwarmRuntime {
     }
 }
 
+impl SwarmRuntime {
+    /// Makes `spec`'s service run, on a node whose API answers: a task the manager still
+    /// places on a node that died (it notices within about 15 s, then starts the task
+    /// elsewhere) is waited out, the user told why.
+    async fn running_on_a_live_node(
+        &self,
+        spec: &ContainerSpec,
+    ) -> Result<(service::Placed, Arc<NodeClient>), RuntimeError> {
+        let deadline = Instant::now() + service::PLACEMENT_TIMEOUT;
+        let mut first = None;
+        loop {
+            let placed = self.make_running(spec).await?;
+            let outcome = *first.get_or_insert(placed.outcome);
+            let why = match self.clients.node(&placed.node).await {
+                Ok(node) if exec::node_answers(&node).await => {
+                    return Ok((service::Placed { outcome, ..placed }, node));
+                }
+                Ok(node) => {
+                    self.clients.forget(&placed.node).await;
+                    format!("the server {} does not answer", node.hostname)
+                }
+                Err(e) => e.to_string(),
+            };
+            if Instant::now() >= deadline {
+                return Err(RuntimeError::Start(format!(
+                    "the cluster did not run your container on a live server: {why}"
+                )));
+            }
+            let _ = self.events.send(PullEvent {
+                container: spec.name.clone(),
+                progress: crate::runtime::PullProgress {
+                    line: format!(
+                        "{why}; waiting for the cluster to start your container on another server"
+                    ),
+                    step: true,
+                },
+            });
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}
+
 #[async_trait]
 impl ContainerRuntime for SwarmRuntime {
     fn pull_events(&self) -> tokio::sync::broadcast::Receiver<PullEvent> {
@@ -189,8 +231,7 @@ impl ContainerRuntime for SwarmRuntime {
     async fn ensure_running(&self, spec: &ContainerSpec) -> Result<ContainerHandle, RuntimeError> {
         let lock = self.lock_for(&spec.name);
         let _guard = lock.lock().await;
-        let placed = self.make_running(spec).await?;
-        let node = self.clients.node(&placed.node).await?;
+        let (placed, node) = self.running_on_a_live_node(spec).await?;
         let shell = self.shell_of(&node, &placed.container, spec).await?;
         if let Err(e) = self
             .accounts

@@ -23,7 +23,7 @@ use crate::runtime::docker::spec::{changed_settings, helper_mount, relay_mount};
 use crate::runtime::{ContainerSpec, EnsureOutcome, PullEvent, PullProgress, RuntimeError};
 
 /// How long a task may stay unplaced (pending) before the login gives up.
-const PLACEMENT_TIMEOUT: Duration = Duration::from_secs(120);
+pub(super) const PLACEMENT_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a placed task may take to run (its node pulling the image included).
 const START_TIMEOUT: Duration = Duration::from_secs(600);
 /// How often a waiting start looks at its task.
@@ -276,7 +276,8 @@ impl SwarmRuntime {
         let mut said = String::new();
         loop {
             let view = self.view(true).await?;
-            let task = view.live_task(&spec.name).cloned();
+            // A task on a node the manager sees down is not coming back: its replacement is.
+            let task = view.live_task_on_a_live_node(&spec.name).cloned();
             if let Some(t) = &task
                 && t.state == TaskState::RUNNING
                 && let (Some(node), Some(container)) = (&t.node, &t.container)
