@@ -18,6 +18,15 @@ use prometheus_client::registry::Registry;
 /// One label with a fixed set of values (`result="accepted"`).
 type Label = [(&'static str, &'static str); 1];
 
+/// The gauges of a cluster's nodes, labelled `node`.
+#[derive(Default)]
+struct NodeGauges {
+    up: Family<Vec<(&'static str, String)>, Gauge>,
+    gpus: Family<Vec<(&'static str, String)>, Gauge>,
+    gpus_held: Family<Vec<(&'static str, String)>, Gauge>,
+    containers: Family<Vec<(&'static str, String)>, Gauge>,
+}
+
 /// Every metric labgate exports.
 pub struct Metrics {
     registry: Registry,
@@ -30,6 +39,7 @@ pub struct Metrics {
     container_start: Histogram,
     gpus_allocated: Gauge,
     gpus_total: Gauge,
+    node: NodeGauges,
     reloads: Family<Label, Counter>,
     user_errors: Family<Label, Counter>,
     gpu_queue: Gauge,
@@ -67,6 +77,7 @@ impl Metrics {
             container_start: Histogram::new(latency_buckets()),
             gpus_allocated: Gauge::default(),
             gpus_total: Gauge::default(),
+            node: NodeGauges::default(),
             reloads: Family::default(),
             user_errors: Family::default(),
             gpu_queue: Gauge::default(),
@@ -123,6 +134,26 @@ impl Metrics {
             "gpus",
             "GPUs NVML reports on this host",
             m.gpus_total.clone(),
+        );
+        registry.register(
+            "node_up",
+            "Whether each cluster node is up (1) or not (0), as its engine sees it",
+            m.node.up.clone(),
+        );
+        registry.register(
+            "node_gpus",
+            "GPUs each cluster node announces",
+            m.node.gpus.clone(),
+        );
+        registry.register(
+            "node_gpus_allocated",
+            "GPUs of each cluster node held by labgate's containers",
+            m.node.gpus_held.clone(),
+        );
+        registry.register(
+            "node_containers",
+            "labgate's containers running on each cluster node",
+            m.node.containers.clone(),
         );
         registry.register(
             "gpu_queue_length",
@@ -244,6 +275,23 @@ impl Metrics {
             .set(i64::try_from(total).unwrap_or(i64::MAX));
         self.gpus_allocated
             .set(i64::try_from(allocated).unwrap_or(i64::MAX));
+    }
+
+    /// Sets the per-node gauges of a cluster (at scrape time); nodes gone from the cluster
+    /// lose their series.
+    pub fn nodes(&self, nodes: &[crate::runtime::NodeSummary]) {
+        let g = &self.node;
+        for family in [&g.up, &g.gpus, &g.gpus_held, &g.containers] {
+            family.clear();
+        }
+        let n = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
+        for node in nodes {
+            let label = vec![("node", node.name.clone())];
+            g.up.get_or_create(&label).set(i64::from(node.ready));
+            g.gpus.get_or_create(&label).set(n(node.gpus));
+            g.gpus_held.get_or_create(&label).set(n(node.gpus_held));
+            g.containers.get_or_create(&label).set(n(node.containers));
+        }
     }
 
     /// Counts a container stopped for idleness.

@@ -378,6 +378,15 @@ fn gpu_users_get_distinct_gpus_and_one_more_waits_until_one_is_freed() {
     let table = gw.labgate(&["gpus"]);
     let table = String::from_utf8_lossy(&table.stdout);
     assert!(table.contains(&gw.users[4]), "{table}");
+    // /metrics: per node, up, GPUs, GPUs held (all four), labgate's containers.
+    for node in ["n2", "n3"] {
+        let at = |m: &str| gw.metric(&format!("labgate_{m}{{node=\"{node}\"}}"));
+        assert_eq!(at("node_up"), Some(1.0), "{node}");
+        assert_eq!(at("node_gpus"), Some(2.0), "{node}");
+        assert_eq!(at("node_gpus_allocated"), Some(2.0), "{node}");
+        assert_eq!(at("node_containers"), Some(2.0), "{node}");
+    }
+    assert_eq!(gw.metric("labgate_node_gpus{node=\"n1\"}"), Some(0.0));
 }
 
 #[test]
@@ -398,7 +407,12 @@ fn a_session_on_a_node_that_dies_ends_with_one_line_and_the_next_login_lands_on_
         .spawn()
         .unwrap();
     let mut first = [0u8; 8];
-    session.stdout.as_mut().unwrap().read_exact(&mut first).unwrap();
+    session
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut first)
+        .unwrap();
     assert_eq!(&first, b"started\n");
     let killed = Instant::now();
     rig.kill_node(&node);
@@ -408,7 +422,9 @@ fn a_session_on_a_node_that_dies_ends_with_one_line_and_the_next_login_lands_on_
     assert!(ended_in < Duration::from_secs(60), "bounded: {ended_in:?}");
     let said = stderr_of(&out);
     assert!(
-        said.contains(&format!("the server {node} that ran your container stopped answering")),
+        said.contains(&format!(
+            "the server {node} that ran your container stopped answering"
+        )),
         "one line says why: {said}\n{}",
         gw.log()
     );
@@ -441,7 +457,8 @@ fn a_restarted_gateway_finds_the_running_services_and_who_holds_which_gpu() {
     let status = c.gw.labgate(&["status", "--json"]);
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(text.contains("\"running\""), "{text}");
-    let out = c.gw.run(0, "test -e /tmp/made-before-the-restart && echo same");
+    let out =
+        c.gw.run(0, "test -e /tmp/made-before-the-restart && echo same");
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         "same",

@@ -353,10 +353,14 @@ async fn user_action(ctx: &Context, path: &str) -> Response<Full<Bytes>> {
     }
 }
 
-/// Updates the GPU gauges before a scrape.
+/// Updates the GPU and node gauges before a scrape.
 async fn refresh_gpu_metrics(ctx: &Context) {
     let total = ctx.runtime.gpus().await.map(|g| g.len()).unwrap_or(0);
     metrics::metrics().gpus(total, ctx.runtime.gpu_holders().len());
+    match ctx.runtime.nodes().await {
+        Ok(nodes) => metrics::metrics().nodes(&nodes),
+        Err(e) => tracing::debug!("node gauges not updated: {e}"),
+    }
 }
 
 async fn healthz(ctx: &Context) -> Response<Full<Bytes>> {

@@ -568,6 +568,11 @@ pub trait ContainerRuntime: Send + Sync + 'static {
         None
     }
 
+    /// The nodes of a cluster backend (none for one host).
+    async fn nodes(&self) -> Result<Vec<NodeSummary>, RuntimeError> {
+        Ok(Vec::new())
+    }
+
     /// Run once when the gateway starts: brings the backend's own state in line with the
     /// engine's (containers labgate manages, GPU holdings) and logs what it found.
     async fn recover(&self) -> Result<(), RuntimeError>;
@@ -579,6 +584,21 @@ pub trait ContainerRuntime: Send + Sync + 'static {
         _config: tokio::sync::watch::Receiver<std::sync::Arc<crate::config::Config>>,
     ) {
     }
+}
+
+/// A node of a cluster backend, as the metrics show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeSummary {
+    /// Its hostname.
+    pub name: String,
+    /// Whether the cluster sees it up.
+    pub ready: bool,
+    /// Its GPUs.
+    pub gpus: usize,
+    /// Its GPUs labgate's containers hold.
+    pub gpus_held: usize,
+    /// labgate's containers running on it.
+    pub containers: usize,
 }
 
 /// Asked once a stop may go ahead: `false` calls it off (a login arrived meanwhile).

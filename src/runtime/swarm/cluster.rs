@@ -260,6 +260,31 @@ impl View {
     }
 }
 
+impl View {
+    /// Each node's figures: up, GPUs, GPUs held, labgate's running containers.
+    pub fn summaries(&self) -> Vec<crate::runtime::NodeSummary> {
+        let held = self.holders();
+        self.nodes
+            .iter()
+            .map(|n| crate::runtime::NodeSummary {
+                name: n.hostname.clone(),
+                ready: n.ready,
+                gpus: n.gpus.len(),
+                gpus_held: n.gpus.iter().filter(|g| held.contains_key(*g)).count(),
+                containers: self
+                    .tasks
+                    .iter()
+                    .filter(|t| {
+                        t.live()
+                            && t.state == TaskState::RUNNING
+                            && t.node.as_deref() == Some(n.id.as_str())
+                    })
+                    .count(),
+            })
+            .collect()
+    }
+}
+
 /// Why a task is not running yet, in the engine's words, for a waiting user.
 pub fn pending_reason(task: &TaskView) -> String {
     match (&task.err, task.message.as_str()) {
@@ -383,6 +408,16 @@ mod tests {
             Some("id2")
         );
         assert_eq!(view.gpus_free_for(1).unwrap().hostname, "n2");
+        let n3 = view
+            .summaries()
+            .into_iter()
+            .find(|n| n.name == "n3")
+            .unwrap();
+        assert_eq!(
+            (n3.ready, n3.gpus, n3.gpus_held, n3.containers),
+            (true, 1, 1, 0),
+            "bob's task holds n3's GPU while it starts"
+        );
         let (most, taken) = view.gpus_free_for(2).unwrap_err();
         assert_eq!(most, 1);
         assert_eq!(taken.len(), 2);

@@ -363,6 +363,10 @@ impl ContainerRuntime for SwarmRuntime {
         self.cached_view().holders()
     }
 
+    async fn nodes(&self) -> Result<Vec<crate::runtime::NodeSummary>, RuntimeError> {
+        Ok(self.view(false).await?.summaries())
+    }
+
     async fn recover(&self) -> Result<(), RuntimeError> {
         let list = self.list_managed().await?;
         let view = self.cached_view();
