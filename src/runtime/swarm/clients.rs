@@ -134,6 +134,15 @@ impl Clients {
         Ok(&self.manager_api().await?.0)
     }
 
+    /// The tasks of service `name` that should run (one manager call: a warm login's).
+    pub async fn tasks_to_run(&self, name: &str) -> Result<Vec<Task>, RuntimeError> {
+        let (_, dial, version) = self.manager_api().await?;
+        let filters =
+            serde_json::json!({ "service": [name], "desired-state": ["running"] }).to_string();
+        let path = format!("/{version}/tasks?filters={}", url_escape(&filters));
+        tasks_of(get_json(dial, &path, self.timeout).await?)
+    }
+
     /// The tasks of `services`. Asked without bollard: Engine API before 1.42 names a task's
     /// GPUs `GenericResources`, later ones `AssignedGenericResources` (bollard's only name).
     async fn tasks(&self, services: Vec<String>) -> Result<Vec<Task>, RuntimeError> {
@@ -176,10 +185,10 @@ impl Clients {
     /// The client of node `id` (its API found from its address and hostname by
     /// `[cluster] node_api`, or `[cluster.nodes.HOSTNAME]`).
     pub async fn node(&self, id: &str) -> Result<Arc<NodeClient>, RuntimeError> {
-        let mut nodes = self.nodes.lock().await;
-        if let Some(n) = nodes.get(id) {
+        if let Some(n) = self.nodes.lock().await.get(id) {
             return Ok(n.clone());
         }
+        // Not locked while connecting: a node that does not answer holds up no other.
         let manager = self.manager().await?;
         let node = manager
             .inspect_node(id)
@@ -207,7 +216,10 @@ impl Clients {
             dial,
             version,
         });
-        nodes.insert(id.to_owned(), client.clone());
+        self.nodes
+            .lock()
+            .await
+            .insert(id.to_owned(), client.clone());
         Ok(client)
     }
 

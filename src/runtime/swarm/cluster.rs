@@ -72,7 +72,7 @@ pub struct View {
     pub tasks: Vec<TaskView>,
 }
 
-fn named_of_kind(
+pub(super) fn named_of_kind(
     resources: Option<&Vec<bollard::models::GenericResourcesInner>>,
     kind: &str,
 ) -> Vec<GpuUuid> {

@@ -43,6 +43,7 @@ pub async fn start(
     container: &str,
     req: ExecRequest,
 ) -> Result<Exec, RuntimeError> {
+    let t0 = std::time::Instant::now();
     let mark = format!("{:016x}", rand::random::<u64>());
     let mut env: Vec<String> = req.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
     env.push(format!("{MARK_VAR}={mark}"));
@@ -85,6 +86,7 @@ pub async fn start(
     {
         tracing::debug!("initial resize: {e}");
     }
+    tracing::debug!(node = %control.node.hostname, ms = t0.elapsed().as_millis() as u64, "exec started");
     Ok(assemble_boxed(output, stdin, Box::new(control)))
 }
 

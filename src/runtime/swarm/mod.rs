@@ -188,6 +188,9 @@ impl SwarmRuntime {
         &self,
         spec: &ContainerSpec,
     ) -> Result<(service::Placed, Arc<NodeClient>), RuntimeError> {
+        if let Some(running) = self.already_running(spec).await {
+            return Ok(running);
+        }
         let deadline = Instant::now() + service::PLACEMENT_TIMEOUT;
         let mut first = None;
         loop {
@@ -250,6 +253,7 @@ impl ContainerRuntime for SwarmRuntime {
         handle.gpus = placed.gpus;
         handle.recreated_from = placed.recreated_from;
         handle.remade_for = placed.remade_for;
+        handle.pending_image = placed.pending_image;
         Ok(handle)
     }
 
@@ -381,6 +385,17 @@ impl ContainerRuntime for SwarmRuntime {
         );
         for c in &list {
             tracing::debug!(user = %c.user, service = %c.name, state = %c.state, node = ?c.node, "managed service");
+        }
+        // Each live node's API now, so a first login does not wait for a TLS handshake and a
+        // version negotiation; one that does not answer is logged (and asked again later).
+        for node in view.nodes.iter().filter(|n| n.ready) {
+            match tokio::time::timeout(Duration::from_secs(5), self.clients.node(&node.id)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(node = %node.hostname, "node API not reachable: {e}"),
+                Err(_) => {
+                    tracing::warn!(node = %node.hostname, "node API did not answer within 5 s")
+                }
+            }
         }
         Ok(())
     }

@@ -27,7 +27,7 @@ pub(super) const PLACEMENT_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a placed task may take to run (its node pulling the image included).
 const START_TIMEOUT: Duration = Duration::from_secs(600);
 /// How often a waiting start looks at its task.
-const POLL: Duration = Duration::from_millis(100);
+const POLL: Duration = Duration::from_millis(50);
 
 /// Where a service's task runs.
 pub struct Placed {
@@ -43,6 +43,9 @@ pub struct Placed {
     pub recreated_from: Option<String>,
     /// The settings whose change this start applied.
     pub remade_for: Vec<&'static str>,
+    /// The image it runs when that is not the configured one (it gets that one when it
+    /// next starts).
+    pub pending_image: Option<String>,
 }
 
 /// Scales `name` back to zero if dropped armed: a start given up leaves nothing running.
@@ -208,6 +211,7 @@ impl SwarmRuntime {
         };
         let mut recreated_from = None;
         let mut remade_for = Vec::new();
+        let mut pending_image = None;
         let t0 = std::time::Instant::now();
         let (outcome, withdraw) = match existing {
             None => {
@@ -235,6 +239,10 @@ impl SwarmRuntime {
                     return Err(RuntimeError::NameTaken(spec.name.clone()));
                 }
                 if replicas(&current) >= 1 {
+                    pending_image = labels
+                        .get(LABEL_IMAGE)
+                        .filter(|i| **i != spec.image)
+                        .cloned();
                     (EnsureOutcome::Running, false)
                 } else {
                     self.gpus_free(spec).await?;
@@ -265,8 +273,65 @@ impl SwarmRuntime {
             outcome,
             recreated_from,
             remade_for,
+            pending_image,
             ..placed
         })
+    }
+
+    /// Where `task` runs, when it runs (its container made, on a node).
+    fn placed(&self, task: &bollard::models::Task) -> Option<Placed> {
+        let status = task.status.as_ref()?;
+        if status.state != Some(TaskState::RUNNING) {
+            return None;
+        }
+        Some(Placed {
+            node: task.node_id.clone().filter(|n| !n.is_empty())?,
+            container: status
+                .container_status
+                .as_ref()?
+                .container_id
+                .clone()
+                .filter(|c| !c.is_empty())?,
+            outcome: EnsureOutcome::Running,
+            gpus: super::cluster::named_of_kind(
+                task.assigned_generic_resources.as_ref(),
+                &self.config.gpu_resource,
+            ),
+            recreated_from: None,
+            remade_for: Vec::new(),
+            pending_image: None,
+        })
+    }
+
+    /// `spec`'s container when its task already runs on a node that answers, asked of the
+    /// manager in one call (a warm login); `None`: the full path decides.
+    pub(super) async fn already_running(
+        &self,
+        spec: &ContainerSpec,
+    ) -> Option<(Placed, Arc<super::clients::NodeClient>)> {
+        let tasks = self.clients.tasks_to_run(&spec.name).await.ok()?;
+        let (task, placed) = tasks.iter().find_map(|t| Some((t, self.placed(t)?)))?;
+        let labels = task
+            .spec
+            .as_ref()
+            .and_then(|s| s.container_spec.as_ref())
+            .and_then(|c| c.labels.clone())
+            .unwrap_or_default();
+        if super::cluster::holder_of(&labels)? != spec.holder() {
+            return None;
+        }
+        let node = self.clients.node(&placed.node).await.ok()?;
+        if !super::exec::node_answers(&node).await {
+            return None;
+        }
+        let placed = Placed {
+            pending_image: labels
+                .get(LABEL_IMAGE)
+                .filter(|i| **i != spec.image)
+                .cloned(),
+            ..placed
+        };
+        Some((placed, node))
     }
 
     /// Waits until `spec`'s service has a running task, telling the waiting session why it
@@ -274,7 +339,23 @@ impl SwarmRuntime {
     async fn wait_running(&self, spec: &ContainerSpec) -> Result<Placed, RuntimeError> {
         let started = Instant::now();
         let mut said = String::new();
+        let mut next_look = started + Duration::from_millis(300);
         loop {
+            // One light call per poll; the whole swarm (why it waits) twice a second.
+            if let Some(placed) = self
+                .clients
+                .tasks_to_run(&spec.name)
+                .await?
+                .iter()
+                .find_map(|t| self.placed(t))
+            {
+                return Ok(placed);
+            }
+            if Instant::now() < next_look {
+                tokio::time::sleep(POLL).await;
+                continue;
+            }
+            next_look = Instant::now() + Duration::from_millis(500);
             let view = self.view(true).await?;
             // A task on a node the manager sees down is not coming back: its replacement is.
             let task = view.live_task_on_a_live_node(&spec.name).cloned();
@@ -289,6 +370,7 @@ impl SwarmRuntime {
                     gpus: t.gpus.clone(),
                     recreated_from: None,
                     remade_for: Vec::new(),
+                    pending_image: None,
                 });
             }
             // The newest task that failed says why, when none is on its way.
