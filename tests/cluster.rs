@@ -466,6 +466,45 @@ fn a_restarted_gateway_finds_the_running_services_and_who_holds_which_gpu() {
     );
 }
 
+/// Sets `node`'s availability back to active when dropped.
+struct Reactivate<'a>(&'a SwarmRig, String);
+
+impl Drop for Reactivate<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.docker_result(
+            self.0.manager(),
+            &["node", "update", "--availability", "active", &self.1],
+        );
+    }
+}
+
+#[test]
+fn a_drained_node_sends_the_container_to_another_and_the_home_follows() {
+    let _serial = one_at_a_time();
+    let Some(rig) = shared_rig() else { return };
+    let c = gateway(rig, 1, "constraints = [\"node.role == worker\"]\n");
+    let gw = &c.gw;
+    gw.ok(0, "echo kept > ~/note");
+    let node = c.node_of(0);
+    let _restore = Reactivate(rig, node.clone());
+    rig.docker(
+        rig.manager(),
+        &["node", "update", "--availability", "drain", &node],
+    );
+    let mut now_on = String::new();
+    assert!(
+        eventually(Duration::from_secs(60), || {
+            now_on = c.node_of(0);
+            !now_on.is_empty() && now_on != node
+        }),
+        "the task left {node}: {now_on:?}"
+    );
+    let out = gw.run(0, "cat ~/note");
+    assert!(out.status.success(), "{}\n{}", stderr_of(&out), gw.log());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "kept");
+    assert_eq!(c.node_of(0), now_on);
+}
+
 /// Proportional set size of process `pid`, in KiB.
 fn pss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
