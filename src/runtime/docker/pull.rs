@@ -194,7 +194,7 @@ fn pull_options(image: &str) -> CreateImageOptions {
 }
 
 /// Reads the password file now (so a rotated secret applies to the next pull).
-async fn credentials(auth: &RegistryAuth) -> Result<DockerCredentials, String> {
+pub(crate) async fn credentials(auth: &RegistryAuth) -> Result<DockerCredentials, String> {
     let password = tokio::fs::read_to_string(&auth.password_file)
         .await
         .map_err(|e| {

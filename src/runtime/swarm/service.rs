@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use bollard::auth::DockerCredentials;
 use bollard::errors::Error as BollardError;
 use bollard::models::{ServiceSpec, ServiceSpecMode, ServiceSpecModeReplicated, TaskState};
 use bollard::query_parameters::{InspectServiceOptions, UpdateServiceOptions};
@@ -48,11 +49,14 @@ pub struct Placed {
     pub pending_image: Option<String>,
 }
 
-/// Scales `name` back to zero if dropped armed: a start given up leaves nothing running.
+/// Undoes a start if dropped armed: a service this start made is removed, one it scaled up
+/// is scaled back to zero, so a start given up leaves nothing half-made.
 struct Withdraw {
     clients: Arc<Clients>,
     name: String,
     armed: bool,
+    /// This start made the service.
+    made: bool,
 }
 
 impl Drop for Withdraw {
@@ -62,12 +66,46 @@ impl Drop for Withdraw {
         }
         let clients = self.clients.clone();
         let name = std::mem::take(&mut self.name);
-        tracing::info!(target: "audit", container = %name, "start withdrawn: service scaled back to 0");
+        let made = self.made;
         tokio::spawn(async move {
-            if let Err(e) = scale(&clients, &name, 0, None).await {
-                tracing::warn!(container = %name, "cannot scale a withdrawn start back to 0: {e}");
+            let undone = if made {
+                match clients.manager().await {
+                    Ok(m) => m
+                        .delete_service(&name)
+                        .await
+                        .map_err(|e| engine_error("swarm manager", e)),
+                    Err(e) => Err(e),
+                }
+            } else {
+                scale(&clients, &name, 0, None).await.map(|_| ())
+            };
+            match undone {
+                Ok(()) if made => {
+                    tracing::info!(target: "audit", container = %name, "start withdrawn: service removed")
+                }
+                Ok(()) => {
+                    tracing::info!(target: "audit", container = %name, "start withdrawn: service scaled back to 0")
+                }
+                Err(e) => tracing::warn!(container = %name, "cannot undo a withdrawn start: {e}"),
             }
         });
+    }
+}
+
+/// The registry credentials of `spec`'s image, for the nodes' pulls (sent with the service,
+/// read from their file now).
+async fn registry_credentials(
+    spec: &ContainerSpec,
+) -> Result<Option<DockerCredentials>, RuntimeError> {
+    match &spec.registry {
+        Some(auth) => crate::runtime::docker::pull::credentials(auth)
+            .await
+            .map(Some)
+            .map_err(|reason| RuntimeError::Pull {
+                image: spec.image.clone(),
+                reason,
+            }),
+        None => Ok(None),
     }
 }
 
@@ -86,7 +124,7 @@ async fn scale(
     clients: &Clients,
     name: &str,
     n: i64,
-    new_spec: Option<ServiceSpec>,
+    new_spec: Option<(ServiceSpec, Option<DockerCredentials>)>,
 ) -> Result<bool, RuntimeError> {
     let manager = clients.manager().await?;
     let service = match manager
@@ -108,7 +146,7 @@ async fn scale(
     if new_spec.is_none() && replicas(&current) == n {
         return Ok(false);
     }
-    let mut spec = new_spec.unwrap_or(current);
+    let (mut spec, credentials) = new_spec.unwrap_or((current, None));
     spec.mode = Some(ServiceSpecMode {
         replicated: Some(ServiceSpecModeReplicated { replicas: Some(n) }),
         ..Default::default()
@@ -121,7 +159,7 @@ async fn scale(
                 version,
                 ..Default::default()
             },
-            None,
+            credentials,
         )
         .await
         .map_err(|e| engine_error("swarm manager", e))?;
@@ -216,7 +254,8 @@ impl SwarmRuntime {
         let (outcome, withdraw) = match existing {
             None => {
                 self.gpus_free(spec).await?;
-                match manager.create_service(wanted, None).await {
+                let credentials = registry_credentials(spec).await?;
+                match manager.create_service(wanted, credentials).await {
                     Ok(_) => {}
                     Err(BollardError::DockerResponseServerError {
                         status_code: 409, ..
@@ -252,7 +291,8 @@ impl SwarmRuntime {
                         .get(LABEL_SETTINGS)
                         .map(|l| changed_settings(l, spec))
                         .unwrap_or_default();
-                    scale(&self.clients, &spec.name, 1, Some(wanted)).await?;
+                    let credentials = registry_credentials(spec).await?;
+                    scale(&self.clients, &spec.name, 1, Some((wanted, credentials))).await?;
                     tracing::info!(target: "audit", container = %spec.name, "container started (service scaled to 1)");
                     (EnsureOutcome::Started, true)
                 }
@@ -262,6 +302,7 @@ impl SwarmRuntime {
             clients: self.clients.clone(),
             name: spec.name.clone(),
             armed: withdraw,
+            made: outcome == EnsureOutcome::Created,
         };
         let placed = self.wait_running(spec).await?;
         guard.armed = false;
