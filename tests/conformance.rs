@@ -1,8 +1,9 @@
-//! The backend conformance suite (#16): one list of what every container backend must do for
-//! its users, each behaviour written once as a function of the way in ([`Way`]) and run on
-//! every way local Docker has (the macro at the bottom makes `namespace::NAME` and
-//! `relay::NAME` of each). A new backend, or a new way into containers, adds a variant to
-//! [`Way`] and a line to the macro, and passes the whole list.
+//! The backend conformance suite (#16, #17): one list of what every container backend must do
+//! for its users, each behaviour written once as a function of the way in ([`Way`]) and run
+//! on every way: the two ways of local Docker and the swarm backend (the macro at the bottom
+//! makes `namespace::NAME`, `relay::NAME` and `swarm::NAME` of each). A new backend, or a new
+//! way into containers, adds a variant to [`Way`] and a module to the macro, and passes the
+//! whole list.
 //!
 //! The list (each checked as a user sees it, with the real OpenSSH client):
 //!
@@ -18,8 +19,21 @@
 //!   listening inside the container and reaching back to the client, agent forwarding
 //!   (`ssh -A`, `ssh-add -l` inside).
 //!
+//! What a behaviour checks beyond the user's view (how many containers, whether a process
+//! still runs, a container's id or `/dev/shm`, that it stopped) is asked through [`Way`] of
+//! the engine that knows it (`way`): the machine's Docker and host PIDs for local Docker; for
+//! the swarm, the manager (services, tasks, replicas) and the node running the task (its
+//! container, `docker top`). Where a cluster means something else by a behaviour, the
+//! swarm's meaning is asserted and said: `labgate stop` scales the service to 0 and Swarm
+//! removes the container; a changed setting reaches the service when it is next scaled up.
+//!
 //! Each test also asserts, from the gateway's log, that it went the way it names, so passing
-//! on both ways means both were exercised.
+//! on every way means every way was exercised. (On the swarm the log proves only a negative
+//! for forwards: no namespace entered, no direct path; the relay exec logs no line.)
+//!
+//! The swarm tests share one three-node rig (`common::swarm`, torn down when the process
+//! ends), run one at a time, and each removes its services, even when it fails; without
+//! root or `dockerd` they are skipped.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test fails
 
@@ -29,76 +43,11 @@ mod common;
 mod forwards;
 #[path = "conformance/sessions.rs"]
 mod sessions;
+#[path = "conformance/way.rs"]
+mod way;
 
-use common::{Gateway, GatewayBuilder};
-
-/// A way into local Docker containers (`[docker] forward_via`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Way {
-    /// The default (`auto`): as root in the host PID namespace, the gateway enters the
-    /// containers' namespaces, and commands without a terminal take the direct path.
-    Namespace,
-    /// `exec`: everything through `labgate-relay` execs and the engine's exec stream, the
-    /// way a remote engine's containers would be reached.
-    Relay,
-}
-
-impl Way {
-    /// A gateway builder set to this way, the static relay installed as deployed.
-    pub fn builder(self) -> GatewayBuilder {
-        Gateway::builder().docker(match self {
-            Way::Namespace => "forward_via = \"auto\"\n",
-            Way::Relay => "forward_via = \"exec\"\n",
-        })
-    }
-
-    /// A gateway of this way with `users` users and nothing else configured.
-    pub fn gateway(self, users: usize) -> Gateway {
-        self.builder().users(users).start()
-    }
-
-    /// Asserts `gw` was started on this way (its log names the `forward_via` it read), for
-    /// behaviours that are the same on every way of one backend (terminals: always the
-    /// engine's).
-    pub fn assert_set(self, gw: &Gateway) {
-        let log = gw.log();
-        let line = match self {
-            Way::Namespace => "forwards: entering containers' namespaces when possible",
-            Way::Relay => "forwards: path fixed by [docker] forward_via",
-        };
-        assert!(
-            log.contains(line),
-            "not started on the {self:?} way:\n{log}"
-        );
-    }
-
-    /// Asserts the commands `gw` ran without a terminal went this way: the direct path
-    /// (a socket as stdin/stdout) on the namespace way, the exec stream on the relay way.
-    pub fn assert_commands_went_this_way(self, gw: &Gateway) {
-        let log = gw.log();
-        let direct = log.contains("on the direct path");
-        match self {
-            Way::Namespace => assert!(direct, "no command took the direct path:\n{log}"),
-            Way::Relay => assert!(!direct, "a command took the direct path:\n{log}"),
-        }
-    }
-
-    /// Asserts the forwards `gw` made went this way: into the container's namespaces, or
-    /// through relay execs only.
-    pub fn assert_forwards_went_this_way(self, gw: &Gateway) {
-        let log = gw.log();
-        let entered = log.contains("forwards enter containers' network namespaces");
-        match self {
-            Way::Namespace => assert!(entered, "forwards did not enter namespaces:\n{log}"),
-            Way::Relay => {
-                assert!(
-                    log.contains("forwards: path fixed by [docker] forward_via") && !entered,
-                    "forwards did not go through the relay only:\n{log}"
-                )
-            }
-        }
-    }
-}
+use common::Gateway;
+pub use way::Way;
 
 /// `conformance!(module::behaviour, ...)`: a `#[test]` of each behaviour on each way.
 macro_rules! conformance {
@@ -119,6 +68,22 @@ macro_rules! conformance {
                 #[test]
                 fn $name() {
                     super::$module::$name(super::Way::Relay);
+                }
+            )*
+        }
+
+        /// The swarm backend on the rig's three nodes, one test at a time (they share the
+        /// rig); skipped where the rig cannot run (no root, no `dockerd`...).
+        mod swarm {
+            $(
+                #[test]
+                fn $name() {
+                    let _serial = super::way::one_at_a_time();
+                    if super::way::shared_rig().is_none() {
+                        return;
+                    }
+                    super::$module::$name(super::Way::Swarm);
+                    super::way::assert_no_services_left();
                 }
             )*
         }

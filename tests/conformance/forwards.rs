@@ -150,10 +150,10 @@ pub fn remote_forward_listens_inside_the_container_and_reaches_back(way: Way) {
 pub fn agent_forwarding_lists_the_clients_keys_inside(way: Way) {
     // busybox has no ssh-add: this user gets the Debian image.
     ensure_debian_image();
-    let gw = way
-        .builder()
-        .tail(&format!("[users.{{u0}}]\nimage = \"{DEBIAN_IMAGE}\"\n"))
-        .start();
+    let gw = way.gateway_with(
+        1,
+        &format!("[users.{{u0}}]\n{}", way.image_lines(DEBIAN_IMAGE)),
+    );
     let agent = Agent::start(gw.dir.path());
     let ssh = |forward: bool, cmd: &str| {
         let mut c = gw.ssh(0);

@@ -630,6 +630,21 @@ impl SwarmRig {
         )
     }
 
+    /// Loads `image` from the machine's engine on `node` (no registry serves the rig): for a
+    /// test whose user needs an image other than the test image, placed on that node.
+    pub fn load_image(&self, node: &Node, image: &str) {
+        let saved = docker_command()
+            .args(["save", image])
+            .output()
+            .unwrap_or_else(|e| panic!("docker save {image}: {e}"));
+        assert!(
+            saved.status.success(),
+            "docker save {image}: {}",
+            String::from_utf8_lossy(&saved.stderr)
+        );
+        load(node, &saved.stdout).unwrap_or_else(|e| panic!("{e}"));
+    }
+
     /// Removes the services of `users` (`labgate-USER`), if any: a test's cleanup.
     pub fn remove_services(&self, users: &[String]) {
         for user in users {
