@@ -113,7 +113,11 @@ pub async fn serve(
         ctx.clone(),
         stop_rx.clone(),
     ));
+    let engine = ctx.config.borrow().cluster.engine;
     match ctx.config.borrow().docker.forward_via {
+        _ if engine == crate::config::cluster::Engine::Swarm => info!(
+            "forwards: through the relay exec in each container (a cluster's containers are not entered from the gateway)"
+        ),
         crate::config::ForwardVia::Auto => {
             info!(
                 "forwards: entering containers' namespaces when possible, else the relay exec (decided at the first forward)"

@@ -466,6 +466,57 @@ fn a_restarted_gateway_finds_the_running_services_and_who_holds_which_gpu() {
     );
 }
 
+#[test]
+fn a_login_the_cluster_cannot_place_waits_visibly_and_leaving_removes_its_service() {
+    let _serial = one_at_a_time();
+    let Some(rig) = shared_rig() else { return };
+    let c = gateway(rig, 1, "constraints = [\"node.labels.nowhere == true\"]\n");
+    let gw = &c.gw;
+    let service = format!("labgate-{}", gw.users[0]);
+    let mut waiting = gw
+        .ssh(0)
+        .arg("echo never")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let listed = || rig.docker(rig.manager(), &["service", "ls", "--format", "{{.Name}}"]);
+    assert!(
+        eventually(Duration::from_secs(20), || listed().contains(&service)),
+        "the service is made"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(matches!(waiting.try_wait(), Ok(None)), "the login waits");
+    waiting.kill().unwrap();
+    let out = waiting.wait_with_output().unwrap();
+    let said = stderr_of(&out);
+    assert!(
+        said.contains("waiting for the cluster to place your container: no suitable node"),
+        "the engine's reason is shown: {said}"
+    );
+    assert!(
+        eventually(Duration::from_secs(20), || !listed().contains(&service)),
+        "the login left: its service is removed\n{}",
+        gw.log()
+    );
+    assert_alive(gw);
+}
+
+#[test]
+fn idle_stop_scales_the_service_to_zero() {
+    let _serial = one_at_a_time();
+    let Some(rig) = shared_rig() else { return };
+    let c = gateway(rig, 1, "idle_stop = \"3s\"\n");
+    c.gw.ok(0, "true");
+    assert_eq!(c.replicas(0), "1");
+    assert!(
+        eventually(Duration::from_secs(30), || c.replicas(0) == "0"),
+        "idle stop scaled it to zero\n{}",
+        c.gw.log()
+    );
+}
+
 /// Sets `node`'s availability back to active when dropped.
 struct Reactivate<'a>(&'a SwarmRig, String);
 

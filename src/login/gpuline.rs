@@ -185,12 +185,12 @@ impl GpuLine {
         };
         let busy_at = ctx.config.borrow().gpu.busy_utilization;
         if !queue {
-            return ctx.runtime.ensure_running(&spec).await;
+            return super::run_container(ctx, &spec, cancel, &login.gone).await;
         }
         // Nobody waits: the backend decides. Others wait: only a container already running
         // with its GPUs may be used without queueing.
         spec.may_take_gpus = self.queue().is_empty();
-        match ctx.runtime.ensure_running(&spec).await {
+        match super::run_container(ctx, &spec, cancel, &login.gone).await {
             Err(RuntimeError::Gpu(e)) if e.is_busy() => {}
             other => return other,
         }
@@ -229,7 +229,7 @@ impl GpuLine {
                     .try_serve(ticket, self.standing(SystemTime::now()));
             if first {
                 spec.may_take_gpus = true;
-                match ctx.runtime.ensure_running(&spec).await {
+                match super::run_container(ctx, &spec, cancel, &login.gone).await {
                     Ok(c) => {
                         info!(target: "audit", user = %login.user, container = %spec.name, "GPUs free: leaving the queue");
                         place.outcome = WaitOutcome::Served;

@@ -167,11 +167,31 @@ pub async fn start_container(
     }
     let spec = login.spec();
     if spec.gpu_request.count() == 0 {
-        return ctx.runtime.ensure_running(&spec).await;
+        return run_container(ctx, &spec, cancel, &login.gone).await;
     }
-    // Only the wait in line ends early; a start under way runs to its end (as for logins
-    // without GPUs), so no container is left half made.
+    // The wait in line ends early; a start under way runs to its end unless the backend
+    // undoes a start given up (see `run_container`), so no container is left half made.
     ctx.gpu_line.start(ctx, login, spec, cancel).await
+}
+
+/// `ctx.runtime.ensure_running(spec)`. When the backend undoes a start that is given up
+/// ([`crate::runtime::ContainerRuntime::withdraws_dropped_starts`]: a cluster, where a start
+/// can wait long for a place), it is given up as soon as `cancel` or `gone` is cancelled;
+/// otherwise it runs to its end.
+pub(crate) async fn run_container(
+    ctx: &Context,
+    spec: &crate::runtime::ContainerSpec,
+    cancel: &tokio_util::sync::CancellationToken,
+    gone: &tokio_util::sync::CancellationToken,
+) -> Result<ContainerHandle, RuntimeError> {
+    if !ctx.runtime.withdraws_dropped_starts() {
+        return ctx.runtime.ensure_running(spec).await;
+    }
+    tokio::select! {
+        started = ctx.runtime.ensure_running(spec) => started,
+        () = cancel.cancelled() => Err(RuntimeError::Start("the login ended before the container started".into())),
+        () = gone.cancelled() => Err(RuntimeError::Start("the login ended before the container started".into())),
+    }
 }
 
 /// The quota a login gets: the user's own, or for `user+profile` the profile's, or (with the

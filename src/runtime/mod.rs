@@ -568,6 +568,13 @@ pub trait ContainerRuntime: Send + Sync + 'static {
         None
     }
 
+    /// Whether a start ([`ContainerRuntime::ensure_running`]) dropped before it ends undoes
+    /// itself (the login that asked for it has gone): then it is dropped at once, else it
+    /// runs to its end.
+    fn withdraws_dropped_starts(&self) -> bool {
+        false
+    }
+
     /// The nodes of a cluster backend (none for one host).
     async fn nodes(&self) -> Result<Vec<NodeSummary>, RuntimeError> {
         Ok(Vec::new())

@@ -38,6 +38,11 @@ pub(crate) struct Accounts {
 }
 
 impl Accounts {
+    /// Keeps only the containers `keep` says yes to (the rest are gone).
+    pub(crate) fn retain(&self, keep: impl Fn(&str) -> bool) {
+        self.lock().retain(|id| keep(id));
+    }
+
     /// Makes sure container `id` (whose init is host process `pid`, when known) has a
     /// `passwd`/`group` entry for `spec`'s uid:gid. Safe to call on every login: it runs once
     /// per container (again only after a failure).

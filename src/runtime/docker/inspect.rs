@@ -85,7 +85,7 @@ pub(super) fn labelled_ours(
 }
 
 /// The host PID of the container's init process and the container's own addresses.
-pub(super) fn placement(
+pub(crate) fn placement(
     info: &bollard::models::ContainerInspectResponse,
 ) -> (Option<i32>, Vec<IpAddr>) {
     let pid = info

@@ -13,7 +13,7 @@ pub mod exec;
 pub mod gpus;
 pub mod hostpath;
 mod image;
-mod inspect;
+pub(crate) mod inspect;
 pub mod labels;
 mod legacy;
 mod lifecycle;

@@ -52,6 +52,8 @@ pub struct SwarmRuntime {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Resolved login shell per container id.
     shells: Mutex<HashMap<String, String>>,
+    /// Each container's addresses on its networks, by container id (fixed for its life).
+    ips: Mutex<HashMap<String, Vec<std::net::IpAddr>>>,
     /// Containers given a `passwd` entry for the configured uid.
     accounts: Accounts,
     /// The relay helper bound into containers (the same path on every node).
@@ -92,6 +94,7 @@ impl SwarmRuntime {
             )),
             locks: Mutex::new(HashMap::new()),
             shells: Mutex::new(HashMap::new()),
+            ips: Mutex::new(HashMap::new()),
             accounts: Accounts::default(),
             relay_helper: config.docker.relay_helper.path.clone(),
             sftp_helper: config.docker.sftp_helper.path.clone(),
@@ -114,8 +117,28 @@ impl SwarmRuntime {
             }
         }
         let view = self.clients.view().await?;
+        self.forget_gone_containers(&view);
         *self.view.lock().unwrap_or_else(|p| p.into_inner()) = (view.clone(), Some(Instant::now()));
         Ok(view)
+    }
+
+    /// Drops what is remembered of containers no task of `view` has any more (a stopped
+    /// service's container is gone for good: the next start makes another).
+    fn forget_gone_containers(&self, view: &View) {
+        let live: std::collections::HashSet<&str> = view
+            .tasks
+            .iter()
+            .filter_map(|t| t.container.as_deref())
+            .collect();
+        self.shells
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|id, _| live.contains(id.as_str()));
+        self.ips
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|id, _| live.contains(id.as_str()));
+        self.accounts.retain(|id| live.contains(id));
     }
 
     /// The last view taken, however old (for the synchronous questions).
@@ -125,6 +148,40 @@ impl SwarmRuntime {
             .unwrap_or_else(|p| p.into_inner())
             .0
             .clone()
+    }
+
+    /// The addresses of `container` on `node` (its own, for the forward policy), asked of the
+    /// node once per container.
+    async fn ips_of(&self, node: &NodeClient, container: &str) -> Vec<std::net::IpAddr> {
+        if let Some(ips) = self
+            .ips
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(container)
+        {
+            return ips.clone();
+        }
+        match node
+            .docker
+            .inspect_container(
+                container,
+                None::<bollard::query_parameters::InspectContainerOptions>,
+            )
+            .await
+        {
+            Ok(info) => {
+                let ips = crate::runtime::docker::inspect::placement(&info).1;
+                self.ips
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(container.to_owned(), ips.clone());
+                ips
+            }
+            Err(e) => {
+                tracing::warn!(node = %node.hostname, container, "cannot read the container's addresses: {e}");
+                Vec::new()
+            }
+        }
     }
 
     /// The login shell of `container` on `node`: the configured one, else `/bin/bash` when
@@ -249,6 +306,7 @@ impl ContainerRuntime for SwarmRuntime {
             shell,
             placed.outcome,
         );
+        handle.ips = self.ips_of(&node, &placed.container).await;
         handle.engine_data = Some(Arc::new(Remote { node }));
         handle.gpus = placed.gpus;
         handle.recreated_from = placed.recreated_from;
@@ -365,6 +423,10 @@ impl ContainerRuntime for SwarmRuntime {
 
     fn gpu_holders(&self) -> BTreeMap<GpuUuid, Vec<Username>> {
         self.cached_view().holders()
+    }
+
+    fn withdraws_dropped_starts(&self) -> bool {
+        true
     }
 
     async fn nodes(&self) -> Result<Vec<crate::runtime::NodeSummary>, RuntimeError> {

@@ -251,24 +251,38 @@ impl SwarmRuntime {
         let mut remade_for = Vec::new();
         let mut pending_image = None;
         let t0 = std::time::Instant::now();
-        let (outcome, withdraw) = match existing {
+        // Armed before each request that makes or scales, so a start dropped while the
+        // request is under way is undone too.
+        let mut guard = Withdraw {
+            clients: self.clients.clone(),
+            name: spec.name.clone(),
+            armed: false,
+            made: false,
+        };
+        let outcome = match existing {
             None => {
                 self.gpus_free(spec).await?;
                 let credentials = registry_credentials(spec).await?;
+                (guard.armed, guard.made) = (true, true);
                 match manager.create_service(wanted, credentials).await {
                     Ok(_) => {}
                     Err(BollardError::DockerResponseServerError {
                         status_code: 409, ..
                     }) => {
                         // Made meanwhile by another gateway: theirs is used below.
+                        guard.armed = false;
                     }
                     Err(BollardError::DockerResponseServerError { message, .. }) => {
+                        guard.armed = false;
                         return Err(RuntimeError::Create(message));
                     }
-                    Err(e) => return Err(engine_error("swarm manager", e)),
+                    Err(e) => {
+                        guard.armed = false;
+                        return Err(engine_error("swarm manager", e));
+                    }
                 }
                 tracing::info!(target: "audit", container = %spec.name, image = %spec.image, "container created (service)");
-                (EnsureOutcome::Created, true)
+                EnsureOutcome::Created
             }
             Some(service) => {
                 let current = service.spec.clone().unwrap_or_default();
@@ -282,7 +296,7 @@ impl SwarmRuntime {
                         .get(LABEL_IMAGE)
                         .filter(|i| **i != spec.image)
                         .cloned();
-                    (EnsureOutcome::Running, false)
+                    EnsureOutcome::Running
                 } else {
                     self.gpus_free(spec).await?;
                     let old_image = labels.get(LABEL_IMAGE).filter(|i| **i != spec.image);
@@ -292,17 +306,12 @@ impl SwarmRuntime {
                         .map(|l| changed_settings(l, spec))
                         .unwrap_or_default();
                     let credentials = registry_credentials(spec).await?;
+                    guard.armed = true;
                     scale(&self.clients, &spec.name, 1, Some((wanted, credentials))).await?;
                     tracing::info!(target: "audit", container = %spec.name, "container started (service scaled to 1)");
-                    (EnsureOutcome::Started, true)
+                    EnsureOutcome::Started
                 }
             }
-        };
-        let mut guard = Withdraw {
-            clients: self.clients.clone(),
-            name: spec.name.clone(),
-            armed: withdraw,
-            made: outcome == EnsureOutcome::Created,
         };
         let placed = self.wait_running(spec).await?;
         guard.armed = false;
@@ -441,6 +450,9 @@ impl SwarmRuntime {
                 let line = match &task {
                     Some(t) if t.state < TaskState::ASSIGNED => {
                         format!("waiting for the cluster to place your container: {reason}")
+                    }
+                    Some(t) if reason == t.state.to_string() => {
+                        format!("starting your container ({reason})")
                     }
                     Some(t) => format!("starting your container ({}): {reason}", t.state),
                     None => format!("waiting for the cluster: {reason}"),
