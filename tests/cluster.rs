@@ -54,6 +54,11 @@ fn own_rig() -> Option<SwarmRig> {
 /// A gateway on `rig` with `users` users; `defaults` goes into `[defaults]`. Both static
 /// helpers are installed, as the package installs them on every node.
 fn gateway<'a>(rig: &'a SwarmRig, users: usize, defaults: &str) -> Cluster<'a> {
+    gateway_with(rig, users, defaults, "")
+}
+
+/// [`gateway`] with `tables` (`[users.{u0}]`...) after the `[cluster]` table.
+fn gateway_with<'a>(rig: &'a SwarmRig, users: usize, defaults: &str, tables: &str) -> Cluster<'a> {
     let gw = Gateway::builder()
         .users(users)
         .defaults(defaults)
@@ -61,7 +66,7 @@ fn gateway<'a>(rig: &'a SwarmRig, users: usize, defaults: &str) -> Cluster<'a> {
             "sftp_helper = \"{}\"",
             common::static_helper("labgate-sftp").display()
         ))
-        .tail(&rig.cluster_table())
+        .tail(&format!("{}\n{tables}", rig.cluster_table()))
         .start();
     Cluster { rig, gw }
 }
@@ -515,6 +520,72 @@ fn idle_stop_scales_the_service_to_zero() {
         "idle stop scaled it to zero\n{}",
         c.gw.log()
     );
+}
+
+#[test]
+fn rsync_copies_a_tree_into_a_container_on_a_node_and_a_second_run_transfers_nothing() {
+    let _serial = one_at_a_time();
+    let Some(rig) = shared_rig() else { return };
+    // The Debian lab image (rsync in it), which no registry serves the rig: loaded on n2.
+    common::ensure_debian_image();
+    static LOADED: std::sync::Once = std::sync::Once::new();
+    LOADED.call_once(|| rig.load_image(rig.node("n2"), common::DEBIAN_IMAGE));
+    let c = gateway_with(
+        rig,
+        1,
+        "",
+        &format!(
+            "[users.{{u0}}]\nimage = \"{}\"\nuid = 1000\ngid = 1001\nconstraints = [\"node.hostname == n2\"]\n",
+            common::DEBIAN_IMAGE
+        ),
+    );
+    let gw = &c.gw;
+    let local = tempfile::tempdir().unwrap();
+    let tree = local.path().join("tree");
+    std::fs::create_dir_all(tree.join("a/b")).unwrap();
+    let files = [
+        ("top.txt", common::random_bytes(1000, 4)),
+        ("a/b/deep.bin", common::random_bytes(200_000, 6)),
+    ];
+    for (name, data) in &files {
+        std::fs::write(tree.join(name), data).unwrap();
+    }
+    let ssh = std::iter::once("ssh".to_owned())
+        .chain(gw.ssh_options(0))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let rsync = || {
+        std::process::Command::new("rsync")
+            .args(["-a", "-i", "-e", &ssh])
+            .arg(format!("{}/", tree.display()))
+            .arg(format!("{}:tree/", gw.destination(0)))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let first = rsync();
+    assert!(
+        first.status.success(),
+        "{}\n{}",
+        stderr_of(&first),
+        gw.log()
+    );
+    assert!(String::from_utf8_lossy(&first.stdout).contains("a/b/deep.bin"));
+    let home = gw.dir.path().join(format!("home/{}", gw.users[0]));
+    for (name, data) in &files {
+        assert!(
+            &std::fs::read(home.join("tree").join(name)).unwrap() == data,
+            "{name}"
+        );
+    }
+    let second = rsync();
+    assert!(second.status.success(), "{}", stderr_of(&second));
+    assert_eq!(
+        String::from_utf8_lossy(&second.stdout),
+        "",
+        "nothing to transfer"
+    );
+    assert_eq!(c.node_of(0), "n2");
 }
 
 /// Sets `node`'s availability back to active when dropped.
