@@ -505,6 +505,22 @@ fn a_login_the_cluster_cannot_place_waits_visibly_and_leaving_removes_its_servic
         "the login left: its service is removed\n{}",
         gw.log()
     );
+    // On a terminal, Ctrl-C gives the wait up the same way.
+    let mut t = Terminal::open(gw.ssh(0).arg("-tt"), 24, 100);
+    t.expect_within(
+        "waiting for the cluster to place your container",
+        Duration::from_secs(20),
+    );
+    t.send("\x03");
+    t.expect_within(
+        "you stopped waiting for your container; nothing was started",
+        Duration::from_secs(10),
+    );
+    assert_eq!(t.wait().code(), Some(130));
+    assert!(
+        eventually(Duration::from_secs(20), || !listed().contains(&service)),
+        "its service is removed"
+    );
     assert_alive(gw);
 }
 
@@ -586,6 +602,49 @@ fn rsync_copies_a_tree_into_a_container_on_a_node_and_a_second_run_transfers_not
         "nothing to transfer"
     );
     assert_eq!(c.node_of(0), "n2");
+}
+
+#[test]
+fn users_containers_on_one_node_cannot_reach_each_other() {
+    let _serial = one_at_a_time();
+    let Some(rig) = shared_rig() else { return };
+    let c = gateway(rig, 2, "constraints = [\"node.hostname == n2\"]\n");
+    let gw = &c.gw;
+    gw.ok(
+        0,
+        "mkdir -p ~/www && echo secret > ~/www/s && httpd -p 0.0.0.0:8001 -h ~/www",
+    );
+    let a = gw.ok(0, "grep \"$(hostname)\" /etc/hosts | cut -f1 | head -n1");
+    let a = a.trim().to_owned();
+    assert!(a.parse::<std::net::IpAddr>().is_ok(), "{a:?}");
+    assert_eq!(
+        gw.ok(0, &format!("wget -q -O - http://{a}:8001/s")).trim(),
+        "secret",
+        "its own address answers it"
+    );
+    let out = gw.run(1, &format!("wget -q -T 3 -O - http://{a}:8001/s"));
+    assert_eq!(c.node_of(1), "n2", "both on one node");
+    assert!(
+        !out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("secret"),
+        "another user's container is out of reach: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // Nor through the gateway: a forward to it is refused.
+    let tunnel = Tunnel::open(gw, 1, |p| {
+        vec!["-L".into(), format!("127.0.0.1:{p}:{a}:8001")]
+    });
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", tunnel.port)).unwrap();
+    let _ = s.write_all(b"GET /s HTTP/1.0\r\n\r\n");
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(!answer.contains("secret"), "{answer}");
+    assert!(
+        eventually(Duration::from_secs(5), || gw
+            .log()
+            .contains("forward refused")),
+        "{}",
+        gw.log()
+    );
 }
 
 /// Sets `node`'s availability back to active when dropped.

@@ -299,6 +299,14 @@ pub fn left_queue(tty: bool) -> String {
     line("you left the queue for GPUs; nothing was started", tty)
 }
 
+/// The line for a user who pressed Ctrl-C while the cluster placed their container.
+pub fn gave_up_start(tty: bool) -> String {
+    line(
+        "you stopped waiting for your container; nothing was started",
+        tty,
+    )
+}
+
 /// One line per GPU for the banner of a login shell: index, name, use and memory.
 pub fn gpu_banner(gpus: &[GpuInfo]) -> String {
     crate::gpu::render_banner(gpus)

@@ -29,9 +29,11 @@ pub(super) struct EarlyInput {
     pub(super) closed: bool,
     /// The last window size the client sent.
     pub(super) size: Option<TtySize>,
-    /// The user pressed Ctrl-C on the terminal while waiting for GPUs: the start was
-    /// cancelled, the channel is still open.
+    /// The user pressed Ctrl-C on the terminal while waiting for GPUs (or for a cluster to
+    /// place the container): the start was cancelled, the channel is still open.
     pub(super) interrupted: bool,
+    /// That Ctrl-C came while in line for GPUs.
+    pub(super) left_gpu_line: bool,
 }
 
 /// Drives `start` to its end while draining the channel, so the connection never stalls on
@@ -56,6 +58,7 @@ pub(super) async fn drain_until<T>(
     // The place in line last shown, while this container's start waits for GPUs.
     let mut waiting: Option<usize> = None;
     let mut view = ProgressView::new(cols);
+    let withdrawable = ctx.runtime.withdraws_dropped_starts();
     tokio::pin!(start);
     let started = loop {
         tokio::select! {
@@ -84,9 +87,11 @@ pub(super) async fn drain_until<T>(
                     early.closed = true;
                     cancel.cancel();
                 }
-                // Ctrl-C on a terminal while in line for GPUs: leave the line.
-                Some(ChannelMsg::Data { data }) if cols.is_some() && waiting.is_some() && data.contains(&0x03) => {
+                // Ctrl-C on a terminal while in line for GPUs, or while a cluster places the
+                // container (its start undoes itself): give the start up.
+                Some(ChannelMsg::Data { data }) if cols.is_some() && (waiting.is_some() || withdrawable) && data.contains(&0x03) => {
                     early.interrupted = true;
+                    early.left_gpu_line = waiting.is_some();
                     cancel.cancel();
                 }
                 Some(ChannelMsg::Data { data }) => {

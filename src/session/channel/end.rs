@@ -23,9 +23,13 @@ pub(super) async fn not_started(tx: &ChannelWriteHalf<Msg>, e: &RuntimeError, tt
 
 /// The user pressed Ctrl-C while waiting for GPUs: they left the line; the session ends
 /// with 130, as a shell's interrupted command does.
-pub(super) async fn left_queue(tx: &ChannelWriteHalf<Msg>, tty: bool) {
+pub(super) async fn left_queue(tx: &ChannelWriteHalf<Msg>, tty: bool, gpu_line: bool) {
     let mut stderr = tx.make_writer_ext(Some(1));
-    let line = super::super::text::left_queue(tty);
+    let line = if gpu_line {
+        super::super::text::left_queue(tty)
+    } else {
+        super::super::text::gave_up_start(tty)
+    };
     let _ = stderr.write_all(line.as_bytes()).await;
     let _ = stderr.flush().await;
     let _ = tx.exit_status(EXIT_INTERRUPTED).await;

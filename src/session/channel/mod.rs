@@ -84,7 +84,7 @@ async fn serve(
     let exec = match started {
         Ok(Some(exec)) => exec,
         Ok(None) if early.interrupted && !early.closed => {
-            end::left_queue(&tx, setup.pty.is_some()).await;
+            end::left_queue(&tx, setup.pty.is_some(), early.left_gpu_line).await;
             return;
         }
         Ok(None) => {
