@@ -647,6 +647,29 @@ fn users_containers_on_one_node_cannot_reach_each_other() {
     );
 }
 
+#[test]
+fn an_image_no_node_can_get_fails_the_login_at_once_and_leaves_no_service() {
+    let _serial = one_at_a_time();
+    let Some(rig) = shared_rig() else { return };
+    let c = gateway_with(rig, 1, "", "[users.{u0}]\nimage = \"labgate/nowhere:1\"\n");
+    let gw = &c.gw;
+    let t0 = Instant::now();
+    let out = gw.run(0, "true");
+    assert!(!out.status.success());
+    let said = stderr_of(&out);
+    assert!(
+        said.contains("cannot pull image \"labgate/nowhere:1\""),
+        "{said}\n{}",
+        gw.log()
+    );
+    assert!(t0.elapsed() < Duration::from_secs(60), "{:?}", t0.elapsed());
+    let service = format!("labgate-{}", gw.users[0]);
+    assert!(eventually(Duration::from_secs(20), || {
+        !rig.docker(rig.manager(), &["service", "ls", "--format", "{{.Name}}"])
+            .contains(&service)
+    }));
+}
+
 /// Sets `node`'s availability back to active when dropped.
 struct Reactivate<'a>(&'a SwarmRig, String);
 

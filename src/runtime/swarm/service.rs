@@ -109,6 +109,19 @@ async fn registry_credentials(
     }
 }
 
+/// Whether a task's error says its node has no such image and cannot pull it.
+fn image_missing(err: &str) -> bool {
+    let err = err.to_ascii_lowercase();
+    [
+        "no such image",
+        "pull access denied",
+        "manifest unknown",
+        "not found: manifest",
+    ]
+    .iter()
+    .any(|m| err.contains(m))
+}
+
 /// The replicas a service asks for.
 fn replicas(spec: &ServiceSpec) -> i64 {
     spec.mode
@@ -390,6 +403,7 @@ impl SwarmRuntime {
         let started = Instant::now();
         let mut said = String::new();
         let mut next_look = started + Duration::from_millis(300);
+        let mut failed_before = None;
         loop {
             // One light call per poll; the whole swarm (why it waits) twice a second.
             if let Some(placed) = self
@@ -421,6 +435,26 @@ impl SwarmRuntime {
                     recreated_from: None,
                     remade_for: Vec::new(),
                     pending_image: None,
+                });
+            }
+            // A task that failed during this start for want of its image: no retry brings it.
+            let failed_before = failed_before.get_or_insert_with(|| {
+                view.tasks
+                    .iter()
+                    .filter(|t| t.service == spec.name && t.err.is_some())
+                    .map(|t| t.id.clone())
+                    .collect::<std::collections::HashSet<_>>()
+            });
+            if let Some(err) = view
+                .tasks
+                .iter()
+                .filter(|t| t.service == spec.name && !failed_before.contains(&t.id))
+                .filter_map(|t| t.err.as_deref())
+                .find(|e| image_missing(e))
+            {
+                return Err(RuntimeError::Pull {
+                    image: spec.image.clone(),
+                    reason: format!("the cluster's node could not get it: {err}"),
                 });
             }
             // The newest task that failed says why, when none is on its way.
