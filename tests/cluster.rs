@@ -18,27 +18,14 @@ mod common;
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::process::Stdio;
-use std::sync::{MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use common::swarm::{NETWORK as NETWORK_NAME, SwarmRig};
-use common::{Gateway, Terminal, Tunnel, assert_alive, eventually, skip_unless, stderr_of};
+use common::{
+    Gateway, Terminal, Tunnel, assert_alive, eventually, median, pss_kib, skip_unless, stderr_of,
+};
 
-fn one_at_a_time() -> MutexGuard<'static, ()> {
-    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn shared_rig() -> Option<&'static SwarmRig> {
-    static RIG: OnceLock<Result<SwarmRig, String>> = OnceLock::new();
-    match RIG.get_or_init(SwarmRig::start) {
-        Ok(rig) => Some(rig),
-        Err(why) => {
-            skip_unless(false, why);
-            None
-        }
-    }
-}
+use common::swarm::{serial as one_at_a_time, shared as shared_rig};
 
 /// A rig of the test's own (for a test that kills a node); `None` (skipped) if it cannot run.
 fn own_rig() -> Option<SwarmRig> {
@@ -91,22 +78,9 @@ impl Drop for Cluster<'_> {
 impl Cluster<'_> {
     /// The node (hostname) running user `i`'s task, as the manager says.
     fn node_of(&self, i: usize) -> String {
-        let service = format!("labgate-{}", self.gw.users[i]);
         self.rig
-            .docker(
-                self.rig.manager(),
-                &[
-                    "service",
-                    "ps",
-                    "--filter",
-                    "desired-state=running",
-                    "--format",
-                    "{{.Node}}",
-                    &service,
-                ],
-            )
-            .trim()
-            .to_owned()
+            .service_node(&format!("labgate-{}", self.gw.users[i]))
+            .unwrap_or_default()
     }
 
     /// The replicas user `i`'s service asks for.
@@ -709,25 +683,6 @@ fn a_drained_node_sends_the_container_to_another_and_the_home_follows() {
     assert_eq!(c.node_of(0), now_on);
 }
 
-/// Proportional set size of process `pid`, in KiB.
-fn pss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.strip_prefix("Pss:"))
-        .filter_map(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .sum()
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
-
 /// Milliseconds `f` took.
 fn timed(f: impl FnOnce()) -> f64 {
     let t0 = Instant::now();
@@ -869,19 +824,8 @@ fn cluster_figures() {
                     ],
                 );
                 assert!(eventually(Duration::from_secs(60), || {
-                    rig.docker(
-                        rig.manager(),
-                        &[
-                            "service",
-                            "ps",
-                            "--filter",
-                            "desired-state=running",
-                            "--format",
-                            "{{.CurrentState}}",
-                            &name,
-                        ],
-                    )
-                    .starts_with("Running")
+                    rig.running_task(&name, "{{.CurrentState}}")
+                        .is_some_and(|s| s.starts_with("Running"))
                 }));
             });
             let _ = rig.docker_result(rig.manager(), &["service", "rm", &name]);

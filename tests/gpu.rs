@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use common::dockerd::{DockerdOptions, PrivateDockerd};
 use common::nvml::{install_fake, set_gpus};
-use common::{Gateway, IMAGE, Terminal, docker_inspect, eventually, stderr_of};
+use common::{Gateway, IMAGE, Terminal, docker_inspect, eventually, median, pss_kib, stderr_of};
 
 const GPU0: &str = "GPU-6b1e0d2c-0000-4000-8000-000000000000";
 const GPU1: &str = "GPU-6b1e0d2c-0000-4000-8000-000000000001";
@@ -1010,21 +1010,6 @@ fn gpu_use_and_waits_are_accounted_match_the_audit_log_and_survive_a_restart() {
     gw.spawn();
     std::thread::sleep(Duration::from_secs(3));
     check(&gw);
-}
-
-/// The gateway's proportional set size, in KiB.
-fn pss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.strip_prefix("Pss:"))
-        .filter_map(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .sum()
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 /// The GPU queue's figures for `bench/run` (not a test: it asserts nothing a user checks and

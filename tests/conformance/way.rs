@@ -6,11 +6,10 @@
 //! `docker top`), since nothing of a remote container is visible from the gateway's host.
 
 use std::ops::Deref;
-use std::sync::{MutexGuard, OnceLock};
 use std::time::Duration;
 
 use crate::common::swarm::SwarmRig;
-use crate::common::{Gateway, containers_named, docker_inspect, eventually, pids_of, skip_unless};
+use crate::common::{Gateway, containers_named, docker_inspect, eventually, pids_of};
 
 /// A way into containers: the ways of local Docker (`[docker] forward_via`), and the swarm
 /// backend (`[cluster] engine = "swarm"`, issue #17).
@@ -29,24 +28,7 @@ pub enum Way {
     Swarm,
 }
 
-/// Runs the swarm tests one at a time: they share the rig's nodes and GPUs.
-pub fn one_at_a_time() -> MutexGuard<'static, ()> {
-    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// The rig all swarm tests of this binary share (torn down by its watchdog when the process
-/// ends), or `None` (after saying why) where it cannot run: no root, no `dockerd`...
-pub fn shared_rig() -> Option<&'static SwarmRig> {
-    static RIG: OnceLock<Result<SwarmRig, String>> = OnceLock::new();
-    match RIG.get_or_init(SwarmRig::start) {
-        Ok(rig) => Some(rig),
-        Err(why) => {
-            skip_unless(false, why);
-            None
-        }
-    }
-}
+pub use crate::common::swarm::{serial as one_at_a_time, shared as shared_rig};
 
 /// The shared rig, for a swarm test that already knows it runs (the macro's swarm tests
 /// return before the behaviour when it does not).
@@ -106,23 +88,7 @@ fn of_service(service: &str) -> String {
 
 /// The node (hostname) that runs, or is to run, the task of `service`, as the manager says.
 fn swarm_node_of(service: &str) -> Option<String> {
-    let rig = rig();
-    let node = rig
-        .docker_result(
-            rig.manager(),
-            &[
-                "service",
-                "ps",
-                "--filter",
-                "desired-state=running",
-                "--format",
-                "{{.Node}}",
-                service,
-            ],
-        )
-        .ok()?;
-    let node = node.lines().next()?.trim().to_owned();
-    (!node.is_empty()).then_some(node)
+    rig().service_node(service)
 }
 
 /// The running container of `service`'s task and its node, asked of the manager (where)

@@ -43,23 +43,27 @@ impl DockerRuntime {
 
     /// Whether `/bin/bash` is executable in container `id`, asked with an exec.
     async fn probe_bash(&self, docker: &Docker, id: &str) -> Result<bool, RuntimeError> {
-        let probe = CreateExecOptions::<String> {
-            cmd: Some(vec![
-                "/bin/sh".into(),
-                "-c".into(),
-                "test -x /bin/bash".into(),
-            ]),
-            ..Default::default()
-        };
-        let status = match exec::run_detached(docker, id, probe, HANGUP_GRACE).await {
-            Ok(status) => status,
-            Err(exec::DetachedError::Engine(e)) => {
-                return Err(self.exec_failure(docker, id, e).await);
-            }
-            Err(exec::DetachedError::Wait(e)) => return Err(e),
-        };
-        Ok(status == crate::runtime::ExitStatus::Code(0))
+        match has_bash(docker, id).await {
+            Ok(bash) => Ok(bash),
+            Err(exec::DetachedError::Engine(e)) => Err(self.exec_failure(docker, id, e).await),
+            Err(exec::DetachedError::Wait(e)) => Err(e),
+        }
     }
+}
+
+/// Whether `/bin/bash` is executable in container `id` of the engine `docker`, asked with
+/// an exec (any backend whose engine is a Docker Engine).
+pub(crate) async fn has_bash(docker: &Docker, id: &str) -> Result<bool, exec::DetachedError> {
+    let probe = CreateExecOptions::<String> {
+        cmd: Some(vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            "test -x /bin/bash".into(),
+        ]),
+        ..Default::default()
+    };
+    let status = exec::run_detached(docker, id, probe, HANGUP_GRACE).await?;
+    Ok(status == crate::runtime::ExitStatus::Code(0))
 }
 
 /// Wraps `argv` so the terminal has its size before the program starts. Engine API 1.41 has

@@ -23,7 +23,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use bollard::exec::CreateExecOptions;
 
 use crate::auth::Username;
 use crate::config::cluster::SwarmConfig;
@@ -203,32 +202,15 @@ impl SwarmRuntime {
         {
             return Ok(s.clone());
         }
-        let probe = CreateExecOptions::<String> {
-            cmd: Some(vec![
-                "/bin/sh".into(),
-                "-c".into(),
-                "test -x /bin/bash".into(),
-            ]),
-            ..Default::default()
-        };
-        let status = crate::runtime::docker::exec::run_detached(
-            &node.docker,
-            container,
-            probe,
-            exec::HANGUP_GRACE,
-        )
-        .await
-        .map_err(|e| match e {
-            crate::runtime::docker::exec::DetachedError::Engine(e) => {
-                RuntimeError::Exec(format!("on node {}: {e}", node.hostname))
-            }
-            crate::runtime::docker::exec::DetachedError::Wait(e) => e,
-        })?;
-        let shell = if status == crate::runtime::ExitStatus::Code(0) {
-            "/bin/bash"
-        } else {
-            "/bin/sh"
-        };
+        let bash = crate::runtime::docker::shell::has_bash(&node.docker, container)
+            .await
+            .map_err(|e| match e {
+                crate::runtime::docker::exec::DetachedError::Engine(e) => {
+                    RuntimeError::Exec(format!("on node {}: {e}", node.hostname))
+                }
+                crate::runtime::docker::exec::DetachedError::Wait(e) => e,
+            })?;
+        let shell = if bash { "/bin/bash" } else { "/bin/sh" };
         self.shells
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -173,6 +173,26 @@ pub struct SwarmRig {
     started_in: Duration,
 }
 
+/// The rig all swarm tests of one test binary share (torn down by its watchdog when the
+/// process ends), or `None` (after saying why) where it cannot run: no root, no `dockerd`...
+pub fn shared() -> Option<&'static SwarmRig> {
+    static RIG: std::sync::OnceLock<Result<SwarmRig, String>> = std::sync::OnceLock::new();
+    match RIG.get_or_init(SwarmRig::start) {
+        Ok(rig) => Some(rig),
+        Err(why) => {
+            super::skip_unless(false, why);
+            None
+        }
+    }
+}
+
+/// One swarm test at a time in a test binary: they share a rig and its GPUs, and rigs of
+/// their own would only compete for the cores.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The fake GPU `i` of node `node` (1-based) for the rig of process `pid`: a UUID in the
 /// shape NVML gives.
 fn gpu_uuid(pid: u32, node: usize, i: usize) -> String {
@@ -643,6 +663,33 @@ impl SwarmRig {
             String::from_utf8_lossy(&saved.stderr)
         );
         load(node, &saved.stdout).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// The node (hostname) of `service`'s task that should run, as the manager says; `None`
+    /// when there is none (no such service, or scaled to zero).
+    pub fn service_node(&self, service: &str) -> Option<String> {
+        self.running_task(service, "{{.Node}}")
+    }
+
+    /// `docker service ps --filter desired-state=running --format FORMAT SERVICE` on the
+    /// manager: the first line, `None` when there is none.
+    pub fn running_task(&self, service: &str, format: &str) -> Option<String> {
+        let out = self
+            .docker_result(
+                self.manager(),
+                &[
+                    "service",
+                    "ps",
+                    "--filter",
+                    "desired-state=running",
+                    "--format",
+                    format,
+                    service,
+                ],
+            )
+            .ok()?;
+        let line = out.lines().next()?.trim().to_owned();
+        (!line.is_empty()).then_some(line)
     }
 
     /// Removes the services of `users` (`labgate-USER`), if any: a test's cleanup.
