@@ -50,6 +50,8 @@ pub struct TaskView {
     pub container: Option<String>,
     /// The GPUs the engine assigned it.
     pub gpus: Vec<GpuUuid>,
+    /// How many GPUs it asks for (its reservation of the kind).
+    pub wants: usize,
     /// The engine's word on it (`pending`: why).
     pub message: String,
     /// Its error, if any (`no suitable node (insufficient resources on 3 nodes)`).
@@ -151,6 +153,18 @@ impl View {
                         .and_then(|c| c.container_id)
                         .filter(|c| !c.is_empty()),
                     gpus: named_of_kind(t.assigned_generic_resources.as_ref(), gpu_kind),
+                    wants: t
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.resources.as_ref())
+                        .and_then(|r| r.reservations.as_ref())
+                        .and_then(|r| r.generic_resources.as_ref())
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|g| g.discrete_resource_spec.as_ref())
+                        .filter(|d| d.kind.as_deref() == Some(gpu_kind))
+                        .filter_map(|d| usize::try_from(d.value?).ok())
+                        .sum(),
                     message: status.message.unwrap_or_default(),
                     err: status.err.filter(|e| !e.is_empty()),
                 })
@@ -229,10 +243,25 @@ impl View {
         let held = self.holders();
         let free_on = |n: &NodeView| n.gpus.iter().filter(|g| !held.contains_key(*g)).count();
         let usable = || self.nodes.iter().filter(|n| n.ready && n.active);
-        if let Some(n) = usable().find(|n| free_on(n) >= wanted) {
+        // Tasks on their way that the engine has not given GPUs yet will take some: which
+        // is the engine's to say, so they count against every node's and the total.
+        let coming: usize = self
+            .tasks
+            .iter()
+            .filter(|t| t.live() && t.gpus.is_empty())
+            .map(|t| t.wants)
+            .sum();
+        let total_free: usize = usable().map(free_on).sum();
+        if total_free >= wanted + coming
+            && let Some(n) = usable().find(|n| free_on(n) >= wanted)
+        {
             return Ok(n);
         }
-        let most = usable().map(free_on).max().unwrap_or(0);
+        let most = usable()
+            .map(free_on)
+            .max()
+            .unwrap_or(0)
+            .min(total_free.saturating_sub(coming));
         let index: HashMap<GpuUuid, u32> = self
             .inventory()
             .into_iter()
@@ -422,6 +451,41 @@ mod tests {
         assert_eq!(most, 1);
         assert_eq!(taken.len(), 2);
         assert_eq!(taken[0].index, Some(0));
+        // A task on its way asking for a GPU the engine has not assigned yet takes the last.
+        let mut carol = task("s-carol", "", TaskState::PENDING, &[]);
+        carol.spec = Some(bollard::models::TaskSpec {
+            resources: Some(bollard::models::TaskSpecResources {
+                reservations: Some(ResourceObject {
+                    generic_resources: Some(vec![GenericResourcesInner {
+                        discrete_resource_spec: Some(
+                            bollard::models::GenericResourcesInnerDiscreteResourceSpec {
+                                kind: Some("NVIDIA-GPU".into()),
+                                value: Some(1),
+                            },
+                        ),
+                        ..Default::default()
+                    }]),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let busier = View::of(
+            vec![
+                node("id3", "n3", true, &[C]),
+                node("id2", "n2", true, &[A, B]),
+            ],
+            &[service("s-alice", "alice"), service("s-carol", "carol")],
+            vec![task("s-alice", "id2", TaskState::RUNNING, &[A]), carol],
+            "NVIDIA-GPU",
+        );
+        assert_eq!(
+            busier.gpus_free_for(1).unwrap().hostname,
+            "n2",
+            "2 free, 1 coming"
+        );
+        assert_eq!(busier.gpus_free_for(2).unwrap_err().0, 1);
     }
 
     #[test]
@@ -472,6 +536,7 @@ mod tests {
             desired: TaskState::RUNNING,
             container: None,
             gpus: Vec::new(),
+            wants: 0,
             message: "pending task scheduling".into(),
             err: None,
         };
