@@ -94,6 +94,54 @@ impl Dial {
     }
 }
 
+/// A bollard client whose requests go over connections of `dial`'s (one per request: TLS
+/// with `TCP_NODELAY` and session resumption costs about a round trip, where bollard's own
+/// TLS transport, with Nagle's algorithm on, waited for a delayed ACK on every call).
+pub fn docker_over(
+    dial: Dial,
+    timeout: Duration,
+) -> Result<bollard::Docker, bollard::errors::Error> {
+    let dial = Arc::new(dial);
+    bollard::Docker::connect_with_custom_transport(
+        move |req: bollard::BollardRequest| {
+            let dial = dial.clone();
+            async move {
+                let io_err = |err: io::Error| bollard::errors::Error::IOError { err };
+                let (mut parts, body) = req.into_parts();
+                // Origin form and a Host header, as the Engine's HTTP/1.1 server expects.
+                let path = parts
+                    .uri
+                    .path_and_query()
+                    .map_or("/", |p| p.as_str())
+                    .parse::<hyper::Uri>()
+                    .map_err(|e| io_err(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+                parts.uri = path;
+                parts.headers.insert(
+                    hyper::header::HOST,
+                    hyper::header::HeaderValue::from_static("docker"),
+                );
+                let stream = dial.connect(timeout).await.map_err(io_err)?;
+                let (mut sender, conn) =
+                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                        .await
+                        .map_err(|err| bollard::errors::Error::HyperResponseError { err })?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!("engine connection ended: {e}");
+                    }
+                });
+                sender
+                    .send_request(hyper::Request::from_parts(parts, body))
+                    .await
+                    .map_err(|err| bollard::errors::Error::HyperResponseError { err })
+            }
+        },
+        Some("http://docker"),
+        timeout.as_secs().max(1),
+        bollard::API_DEFAULT_VERSION,
+    )
+}
+
 /// Keepalives and a user timeout on `tcp` (see [`DEAD_PEER_AFTER`]).
 fn keepalive(tcp: &TcpStream) -> io::Result<()> {
     sockopt::set_socket_keepalive(tcp, true)?;

@@ -19,7 +19,7 @@ use tokio::sync::OnceCell;
 use super::cluster::View;
 use crate::config::cluster::{EngineAddr, SwarmConfig};
 use crate::runtime::RuntimeError;
-use crate::runtime::docker::dial::{Dial, tls_config};
+use crate::runtime::docker::dial::{Dial, docker_over, tls_config};
 use crate::runtime::docker::labels::LABEL_MANAGED;
 
 /// A node's own API.
@@ -92,24 +92,12 @@ impl Clients {
                 Dial::Unix(path.clone()),
             ),
             EngineAddr::Tcp { host, port } => {
-                let [ca, cert, key] = self.config.tls_files();
-                let hostport = if host.contains(':') {
-                    format!("[{host}]:{port}")
-                } else {
-                    format!("{host}:{port}")
-                };
-                let docker = Docker::connect_with_ssl(
-                    &hostport,
-                    &key,
-                    &cert,
-                    &ca,
-                    secs,
-                    bollard::API_DEFAULT_VERSION,
-                )
-                .map_err(unreachable)?;
                 let dial = Dial::tls(host, *port, self.tls().await?)
                     .map_err(|e| RuntimeError::Unavailable(format!("{addr}: {e}")))?;
-                (docker, dial)
+                (
+                    docker_over(dial.clone(), self.timeout).map_err(unreachable)?,
+                    dial,
+                )
             }
         };
         let docker = docker.negotiate_version().await.map_err(unreachable)?;

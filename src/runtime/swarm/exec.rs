@@ -71,6 +71,7 @@ pub async fn start(
             }
             other => RuntimeError::Unavailable(format!("node {}: {other}", node.hostname)),
         })?;
+    let created_ms = t0.elapsed().as_millis() as u64;
     let (output, stdin) =
         start_attached(&node.dial, &node.version, &created.id, req.tty.is_some()).await?;
     let control = RemoteExecControl {
@@ -86,7 +87,7 @@ pub async fn start(
     {
         tracing::debug!("initial resize: {e}");
     }
-    tracing::debug!(node = %control.node.hostname, ms = t0.elapsed().as_millis() as u64, "exec started");
+    tracing::debug!(node = %control.node.hostname, created_ms, ms = t0.elapsed().as_millis() as u64, "exec started");
     Ok(assemble_boxed(output, stdin, Box::new(control)))
 }
 
@@ -148,6 +149,7 @@ impl ExecControl for RemoteExecControl {
     }
 
     async fn wait(&self) -> Result<ExitStatus, RuntimeError> {
+        let _took = WaitTook(std::time::Instant::now());
         let lost = |reason: String| RuntimeError::NodeLost {
             node: self.node.hostname.clone(),
             reason,
@@ -184,5 +186,14 @@ impl ExecControl for RemoteExecControl {
         {
             tracing::debug!(node = %self.node.hostname, exec = %self.exec_id, "hangup: {e}");
         }
+    }
+}
+
+/// Logs how long a wait for an exit status took, when dropped.
+struct WaitTook(std::time::Instant);
+
+impl Drop for WaitTook {
+    fn drop(&mut self) {
+        tracing::debug!(ms = self.0.elapsed().as_millis() as u64, "exit status read");
     }
 }

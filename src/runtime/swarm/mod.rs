@@ -227,7 +227,12 @@ impl SwarmRuntime {
         &self,
         spec: &ContainerSpec,
     ) -> Result<(service::Placed, Arc<NodeClient>), RuntimeError> {
+        let t0 = Instant::now();
         if let Some(running) = self.already_running(spec).await {
+            tracing::debug!(
+                ms = t0.elapsed().as_millis() as u64,
+                "found running (one manager call)"
+            );
             return Ok(running);
         }
         let deadline = Instant::now() + service::PLACEMENT_TIMEOUT;

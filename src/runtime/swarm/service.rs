@@ -384,9 +384,11 @@ impl SwarmRuntime {
             return None;
         }
         let node = self.clients.node(&placed.node).await.ok()?;
+        let t0 = std::time::Instant::now();
         if !super::exec::node_answers(&node).await {
             return None;
         }
+        tracing::debug!(ms = t0.elapsed().as_millis() as u64, "node ping");
         let placed = Placed {
             pending_image: labels
                 .get(LABEL_IMAGE)
