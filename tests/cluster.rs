@@ -420,6 +420,55 @@ fn a_session_on_a_node_that_dies_ends_with_one_line_and_the_next_login_lands_on_
 }
 
 #[test]
+fn a_session_on_a_node_whose_network_vanishes_ends_within_a_bound_and_the_next_login_moves() {
+    let _serial = one_at_a_time();
+    let Some(rig) = own_rig() else { return };
+    let c = gateway(&rig, 1, "constraints = [\"node.role == worker\"]\n");
+    let gw = &c.gw;
+    gw.ok(0, "echo kept > ~/note");
+    let node = c.node_of(0);
+    let mut session = gw
+        .ssh(0)
+        .arg("echo started; sleep 600")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 8];
+    session
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut first)
+        .unwrap();
+    let cut = Instant::now();
+    rig.cut_node(&node);
+    let out = session.wait_with_output().unwrap();
+    let ended_in = cut.elapsed();
+    eprintln!("session on the cut-off node ended after {ended_in:?}");
+    assert!(
+        ended_in < Duration::from_secs(70),
+        "labgate's keepalives and deadlines end it: {ended_in:?}"
+    );
+    let said = stderr_of(&out);
+    assert!(
+        said.contains(&format!(
+            "the server {node} that ran your container stopped answering"
+        )),
+        "{said}\n{}",
+        gw.log()
+    );
+    assert_alive(gw);
+    let t0 = Instant::now();
+    let out = gw.run(0, "cat ~/note");
+    eprintln!("the next login took {:?}", t0.elapsed());
+    assert!(out.status.success(), "{}\n{}", stderr_of(&out), gw.log());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "kept");
+    assert_ne!(c.node_of(0), node);
+}
+
+#[test]
 fn a_restarted_gateway_finds_the_running_services_and_who_holds_which_gpu() {
     let _serial = one_at_a_time();
     let Some(rig) = shared_rig() else { return };
@@ -844,10 +893,26 @@ fn cluster_figures() {
         first - engine
     );
     drop(firsts);
-    // C3: -L throughput.
-    let (cluster_mb, host_mb) = (forward_mb_per_s(&c.gw), forward_mb_per_s(&one));
+    // C3: -L throughput; and one host on its relay path (forward_via = "exec"), the same
+    // kind of path as a remote node's, to show what the path costs and what the network does.
+    let relayed = Gateway::builder()
+        .docker("forward_via = \"exec\"\n")
+        .start();
+    let _gone_too = common::RemoveContainers(
+        relayed
+            .users
+            .iter()
+            .map(|u| format!("labgate-{u}"))
+            .collect(),
+    );
+    let (cluster_mb, host_mb, relay_mb) = (
+        forward_mb_per_s(&c.gw),
+        forward_mb_per_s(&one),
+        forward_mb_per_s(&relayed),
+    );
     println!(
-        "cluster: C3 -L download: remote node {cluster_mb:.0} MB/s, one host {host_mb:.0} MB/s, ratio {:.2} (goal >= 0.8)",
-        cluster_mb / host_mb
+        "cluster: C3 -L download: remote node {cluster_mb:.0} MB/s, one host {host_mb:.0} MB/s, ratio {:.2} (goal >= 0.8); one host through the relay exec {relay_mb:.0} MB/s (remote node / that {:.2})",
+        cluster_mb / host_mb,
+        cluster_mb / relay_mb
     );
 }

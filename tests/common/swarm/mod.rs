@@ -745,6 +745,18 @@ impl SwarmRig {
     /// Kills node `name` as a machine dies: its cgroup is frozen and everything in it
     /// (dockerd, containerd, the shims, the containers) killed. Its address stays on the hub
     /// (connections to it are refused, as by a host whose engine died).
+    /// Cuts node `name` off the network, as a pulled cable or a dead switch port would: its
+    /// processes (dockerd, containers) live on, but nothing reaches it and nothing it sends
+    /// arrives. No packet is refused: connections to it hang until their own timeouts.
+    pub fn cut_node(&self, name: &str) {
+        assert!(NODES.contains(&name), "no node {name}");
+        // The node's port on the hub: down, its frames go nowhere, and nothing answers.
+        ip(&["-n", &self.names.netns("hub"), "link", "set", name, "down"])
+            .unwrap_or_else(|e| panic!("cutting node {name}: {e}"));
+    }
+
+    /// Kills node `name` whole, as a machine dies: see [`SwarmRig::cut_node`] for one whose
+    /// network vanishes instead.
     pub fn kill_node(&self, name: &str) {
         let i = NODES
             .iter()
