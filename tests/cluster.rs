@@ -693,6 +693,53 @@ fn an_image_no_node_can_get_fails_the_login_at_once_and_leaves_no_service() {
     }));
 }
 
+#[test]
+fn a_reload_applies_new_limits_to_a_running_container_on_its_node() {
+    let _serial = one_at_a_time();
+    let Some(rig) = shared_rig() else { return };
+    let c = gateway(rig, 1, "");
+    let gw = &c.gw;
+    gw.ok(0, "true");
+    let node = c.node_of(0);
+    let service = format!("labgate-{}", gw.users[0]);
+    let container = rig
+        .docker(
+            rig.node(&node),
+            &[
+                "ps",
+                "-q",
+                "--filter",
+                &format!("label=com.docker.swarm.service.name={service}"),
+            ],
+        )
+        .trim()
+        .to_owned();
+    let memory = || {
+        rig.docker(
+            rig.node(&node),
+            &["inspect", "--format", "{{.HostConfig.Memory}}", &container],
+        )
+        .trim()
+        .to_owned()
+    };
+    assert_eq!(memory(), (256u64 << 20).to_string());
+    let path = gw.config_path();
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text.replacen("memory = \"256M\"", "memory = \"384M\"", 1),
+    )
+    .unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || memory()
+            == (384u64 << 20).to_string()),
+        "the running container got the new limit: {}\n{}",
+        memory(),
+        gw.log()
+    );
+    assert!(gw.log().contains("reload: live limits applied"));
+}
+
 /// Sets `node`'s availability back to active when dropped.
 struct Reactivate<'a>(&'a SwarmRig, String);
 
