@@ -342,11 +342,16 @@ fn gpu_users_get_distinct_gpus_and_one_more_waits_until_one_is_freed() {
         "the wait was shown: {}",
         stderr_of(&out)
     );
-    let table = gw.labgate(&["gpus"]);
-    let table = String::from_utf8_lossy(&table.stdout);
-    assert!(table.contains(&gw.users[4]), "{table}");
-    // /metrics: per node, up, GPUs, GPUs held (all four), labgate's containers.
     // (The gateway's view of the swarm is at most a second old.)
+    let mut table = String::new();
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            table = String::from_utf8_lossy(&gw.labgate(&["gpus"]).stdout).into_owned();
+            table.contains(&gw.users[4])
+        }),
+        "{table}"
+    );
+    // /metrics: per node, up, GPUs, GPUs held (all four), labgate's containers.
     for node in ["n2", "n3"] {
         let at = |m: &str| gw.metric(&format!("labgate_{m}{{node=\"{node}\"}}"));
         let figures = || {
@@ -365,6 +370,23 @@ fn gpu_users_get_distinct_gpus_and_one_more_waits_until_one_is_freed() {
         );
     }
     assert_eq!(gw.metric("labgate_node_gpus{node=\"n1\"}"), Some(0.0));
+    // The lab page's data: each GPU and each running container on its node.
+    let (code, lab) = gw.http_get("/api/lab");
+    assert_eq!(code, 200, "{lab}");
+    let lab: serde_json::Value = serde_json::from_str(&lab).unwrap();
+    let gpu_nodes: BTreeSet<&str> = lab["gpus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|g| g["node"].as_str())
+        .collect();
+    assert_eq!(gpu_nodes, BTreeSet::from(["n2", "n3"]), "{lab}");
+    for container in lab["containers"].as_array().unwrap() {
+        if container["state"] == "running" {
+            let node = container["node"].as_str().unwrap();
+            assert!(node == "n2" || node == "n3", "{container}");
+        }
+    }
 }
 
 #[test]

@@ -563,6 +563,11 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// Who holds which GPU, as the backend knows it (`user` or `user+profile`).
     fn gpu_holders(&self) -> BTreeMap<GpuUuid, Vec<Username>>;
 
+    /// The node GPU `uuid` is on, on a cluster (`None`: this host).
+    fn gpu_node(&self, _uuid: &GpuUuid) -> Option<String> {
+        None
+    }
+
     /// Since when `holder` has held its GPUs, when the backend knows.
     fn gpu_held_since(&self, _holder: &Username) -> Option<std::time::SystemTime> {
         None

@@ -185,7 +185,8 @@ fn rfc3339(t: SystemTime) -> String {
         .to_string()
 }
 
-/// This host's name: the node column of the single-host Docker backend.
+/// This host's name: the node column of the single-host Docker backend (a cluster backend
+/// names each GPU's and container's node).
 pub fn host_name() -> String {
     rustix::system::uname()
         .nodename()
@@ -210,7 +211,10 @@ pub async fn collect(ctx: &Context, names: &Names, now: SystemTime) -> Lab {
     let mut gpus: Vec<Gpu> = inventory
         .iter()
         .map(|g| Gpu {
-            node: node.clone(),
+            node: ctx
+                .runtime
+                .gpu_node(&g.uuid)
+                .unwrap_or_else(|| node.clone()),
             index: g.index,
             name: g.name.clone(),
             memory_used: g.memory_used,
@@ -263,7 +267,7 @@ pub async fn collect(ctx: &Context, names: &Names, now: SystemTime) -> Lab {
                 user: names.user(&c.user),
                 profile: c.profile.as_ref().map(ToString::to_string),
                 state: c.state.to_string(),
-                node: node.clone(),
+                node: c.node.clone().unwrap_or_else(|| node.clone()),
                 cpus: quota.and_then(|q| q.cpus),
                 memory: quota.and_then(|q| q.memory).map(|m| m.0),
                 gpus: c

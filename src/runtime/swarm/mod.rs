@@ -412,6 +412,15 @@ impl ContainerRuntime for SwarmRuntime {
         self.cached_view().holders()
     }
 
+    fn gpu_node(&self, uuid: &GpuUuid) -> Option<String> {
+        let view = self.view.lock().unwrap_or_else(|p| p.into_inner());
+        view.0
+            .nodes
+            .iter()
+            .find(|n| n.gpus.contains(uuid))
+            .map(|n| n.hostname.clone())
+    }
+
     fn withdraws_dropped_starts(&self) -> bool {
         true
     }
