@@ -253,6 +253,10 @@ fn main() -> ExitCode {
 fn run(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // Blocking threads (hangups waiting out their grace period, namespace entries,
+        // SQLite writes) go soon after a burst: with tokio's 10 s, periodic work handed to
+        // any idle one kept a burst's threads alive for ever.
+        .thread_keep_alive(std::time::Duration::from_secs(2))
         .build()
     {
         Ok(rt) => rt,
