@@ -810,17 +810,8 @@ fn kib_per_idle_session(gw: &Gateway) -> f64 {
     std::thread::sleep(Duration::from_secs(1));
     let base = pss_kib(gw.pid());
     let before = gw.log().matches("exec started").count();
-    let mut idle: Vec<std::process::Child> = (0..N)
-        .map(|_| {
-            gw.ssh(0)
-                .arg("sleep 600")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
+    let mut idle: Vec<std::process::Child> =
+        (0..N).map(|_| gw.spawn_silent(0, "sleep 600")).collect();
     assert!(eventually(Duration::from_secs(60), || {
         gw.log().matches("exec started").count() >= before + N
     }));
