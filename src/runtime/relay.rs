@@ -363,6 +363,7 @@ impl Drop for RelayListener {
 
 /// The way into a container through relay execs alone ([`Reach`] for backends that cannot
 /// enter a container's namespaces: a cluster's remote nodes, or local Docker without them).
+#[derive(Clone)]
 pub struct RelayReach {
     /// The backend the relay execs run through.
     pub runtime: Arc<dyn ContainerRuntime>,
@@ -372,13 +373,29 @@ pub struct RelayReach {
     pub who: Reacher,
 }
 
+impl RelayReach {
+    /// `labgate-relay ARGS...` connected in the container, within `deadline`.
+    async fn connect(
+        &self,
+        args: Vec<String>,
+        deadline: Instant,
+    ) -> Result<RelayStream, ReachError> {
+        connect(
+            self.runtime.as_ref(),
+            &self.who,
+            &self.container,
+            args,
+            deadline,
+        )
+        .await
+    }
+}
+
 /// A `labgate-relay listen` exec: each connection is announced and taken over through a
 /// relay exec of its own (the hand-off socket `DIR/.N`).
 struct RelayAcceptor {
     listener: RelayListener,
-    runtime: Arc<dyn ContainerRuntime>,
-    container: ContainerHandle,
-    who: Reacher,
+    reach: RelayReach,
     dir: String,
 }
 
@@ -389,30 +406,10 @@ impl Acceptor for RelayAcceptor {
             let (n, peer) = self.listener.next_connection().await?;
             let args = vec!["unix".to_owned(), format!("{}/.{n}", self.dir)];
             let deadline = Instant::now() + crate::runtime::reach::CONNECT_TIMEOUT;
-            match connect(
-                self.runtime.as_ref(),
-                &self.who,
-                &self.container,
-                args,
-                deadline,
-            )
-            .await
-            {
+            match self.reach.connect(args, deadline).await {
                 Ok(s) => return Some((Box::new(s), peer)),
                 Err(e) => tracing::debug!("relay hand-off failed: {e}"),
             }
-        }
-    }
-}
-
-impl RelayReach {
-    fn acceptor(&self, listener: RelayListener, dir: String) -> RelayAcceptor {
-        RelayAcceptor {
-            listener,
-            runtime: self.runtime.clone(),
-            container: self.container.clone(),
-            who: self.who.clone(),
-            dir,
         }
     }
 }
@@ -441,15 +438,7 @@ impl Reach for RelayReach {
         let mut last = None;
         for addr in addrs {
             let args = vec!["tcp".into(), addr.ip().to_string(), addr.port().to_string()];
-            match connect(
-                self.runtime.as_ref(),
-                &self.who,
-                &self.container,
-                args,
-                deadline,
-            )
-            .await
-            {
+            match self.connect(args, deadline).await {
                 Ok(s) => return Ok(Box::new(s)),
                 Err(e) => last = Some(e),
             }
@@ -461,15 +450,9 @@ impl Reach for RelayReach {
     }
 
     async fn connect_unix(&self, path: &str, deadline: Instant) -> Result<BoxedStream, ReachError> {
-        let args = vec!["unix".into(), path.to_owned()];
-        let s = connect(
-            self.runtime.as_ref(),
-            &self.who,
-            &self.container,
-            args,
-            deadline,
-        )
-        .await?;
+        let s = self
+            .connect(vec!["unix".into(), path.to_owned()], deadline)
+            .await?;
         Ok(Box::new(s))
     }
 
@@ -486,15 +469,21 @@ impl Reach for RelayReach {
             addr,
         )
         .await?;
-        Ok((
-            Box::new(self.acceptor(listener, dir)),
-            SocketAddr::new(addr.ip(), port),
-        ))
+        let acceptor = RelayAcceptor {
+            listener,
+            reach: self.clone(),
+            dir,
+        };
+        Ok((Box::new(acceptor), SocketAddr::new(addr.ip(), port)))
     }
 
     async fn listen_unix(&self, dir: &str, name: &str) -> Result<Box<dyn Acceptor>, ReachError> {
         let listener = listen(self.runtime.as_ref(), &self.who, &self.container, dir, name).await?;
-        Ok(Box::new(self.acceptor(listener, dir.to_owned())))
+        Ok(Box::new(RelayAcceptor {
+            listener,
+            reach: self.clone(),
+            dir: dir.to_owned(),
+        }))
     }
 
     async fn start_stdio(&self, req: ExecRequest) -> Result<Exec, RuntimeError> {

@@ -63,7 +63,7 @@ pub struct DockerRuntime {
     /// One lock per container name: creating and starting are serialized per user.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Resolved login shell per container id (probed once per container).
-    shells: Mutex<HashMap<String, String>>,
+    shells: shell::Shells,
     /// Containers given a `passwd` entry for the configured uid (sftp-server, scp and ssh
     /// refuse to run without one).
     accounts: account::Accounts,
@@ -116,7 +116,7 @@ impl DockerRuntime {
             client: OnceCell::new(),
             socket: cfg.socket.clone(),
             locks: Mutex::new(HashMap::new()),
-            shells: Mutex::new(HashMap::new()),
+            shells: shell::Shells::default(),
             accounts: account::Accounts::default(),
             network: cfg.network.clone(),
             relay_helper: cfg.relay_helper.path.clone(),

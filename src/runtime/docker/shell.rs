@@ -1,16 +1,61 @@
 //! A container's login shell (configured, else `/bin/bash` when it has one, else `/bin/sh`),
 //! and the wrapper that sizes an exec's terminal before its program starts.
 
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Mutex;
+
 use bollard::Docker;
 use bollard::exec::CreateExecOptions;
 
 use super::{DockerRuntime, HANGUP_GRACE, exec, rootfs};
 use crate::runtime::{ContainerSpec, RuntimeError};
 
+/// Login shells resolved per container id: the configured one, else `/bin/bash` when the
+/// container has it, else `/bin/sh`, each container asked once.
+#[derive(Default)]
+pub(crate) struct Shells(Mutex<HashMap<String, String>>);
+
+impl Shells {
+    /// The login shell of container `id` under `spec`; `has_bash` asks the container when
+    /// neither the config nor an earlier answer says.
+    pub(crate) async fn of<F>(
+        &self,
+        id: &str,
+        spec: &ContainerSpec,
+        has_bash: F,
+    ) -> Result<String, RuntimeError>
+    where
+        F: Future<Output = Result<bool, RuntimeError>>,
+    {
+        if let Some(shell) = &spec.shell {
+            return Ok(shell.clone());
+        }
+        if let Some(s) = self.lock().get(id) {
+            return Ok(s.clone());
+        }
+        let shell = if has_bash.await? {
+            "/bin/bash"
+        } else {
+            "/bin/sh"
+        };
+        self.lock().insert(id.to_owned(), shell.to_owned());
+        Ok(shell.to_owned())
+    }
+
+    /// Keeps only the containers `keep` says yes to (the rest are gone).
+    pub(crate) fn retain(&self, keep: impl Fn(&str) -> bool) {
+        self.lock().retain(|id, _| keep(id));
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 impl DockerRuntime {
-    /// The login shell: the configured one, else `/bin/bash` when the container has it, else
-    /// `/bin/sh`. Asked of the container's filesystem from the host when its init process
-    /// (`pid`) can be looked into, else of the container with an exec; remembered per id.
+    /// The login shell (see [`Shells`]): asked of the container's filesystem from the host
+    /// when its init process (`pid`) can be looked into, else of the container with an exec.
     pub(super) async fn shell_of(
         &self,
         docker: &Docker,
@@ -18,27 +63,14 @@ impl DockerRuntime {
         pid: Option<i32>,
         spec: &ContainerSpec,
     ) -> Result<String, RuntimeError> {
-        if let Some(shell) = &spec.shell {
-            return Ok(shell.clone());
-        }
-        if let Some(s) = self
-            .shells
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-        {
-            return Ok(s.clone());
-        }
-        let bash = match pid.and_then(|pid| rootfs::executable_in(pid, "/bin/bash")) {
-            Some(bash) => bash,
-            None => self.probe_bash(docker, id).await?,
-        };
-        let shell = if bash { "/bin/bash" } else { "/bin/sh" };
         self.shells
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id.to_owned(), shell.to_owned());
-        Ok(shell.to_owned())
+            .of(id, spec, async {
+                match pid.and_then(|pid| rootfs::executable_in(pid, "/bin/bash")) {
+                    Some(bash) => Ok(bash),
+                    None => self.probe_bash(docker, id).await,
+                }
+            })
+            .await
     }
 
     /// Whether `/bin/bash` is executable in container `id`, asked with an exec.

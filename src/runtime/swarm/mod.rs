@@ -50,7 +50,7 @@ pub struct SwarmRuntime {
     /// One lock per service name: making and scaling are serialized per container.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Resolved login shell per container id.
-    shells: Mutex<HashMap<String, String>>,
+    shells: crate::runtime::docker::shell::Shells,
     /// Each container's addresses on its networks, by container id (fixed for its life).
     ips: Mutex<HashMap<String, Vec<std::net::IpAddr>>>,
     /// Containers given a `passwd` entry for the configured uid.
@@ -92,7 +92,7 @@ impl SwarmRuntime {
                 config.docker.timeout,
             )),
             locks: Mutex::new(HashMap::new()),
-            shells: Mutex::new(HashMap::new()),
+            shells: crate::runtime::docker::shell::Shells::default(),
             ips: Mutex::new(HashMap::new()),
             accounts: Accounts::default(),
             relay_helper: config.docker.relay_helper.path.clone(),
@@ -129,10 +129,7 @@ impl SwarmRuntime {
             .iter()
             .filter_map(|t| t.container.as_deref())
             .collect();
-        self.shells
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|id, _| live.contains(id.as_str()));
+        self.shells.retain(|id| live.contains(id));
         self.ips
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -183,39 +180,24 @@ impl SwarmRuntime {
         }
     }
 
-    /// The login shell of `container` on `node`: the configured one, else `/bin/bash` when
-    /// the container has it, else `/bin/sh` (asked with an exec, remembered per container).
+    /// The login shell of `container` on `node` (see `Shells`), asked with an exec.
     async fn shell_of(
         &self,
         node: &NodeClient,
         container: &str,
         spec: &ContainerSpec,
     ) -> Result<String, RuntimeError> {
-        if let Some(shell) = &spec.shell {
-            return Ok(shell.clone());
-        }
-        if let Some(s) = self
-            .shells
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(container)
-        {
-            return Ok(s.clone());
-        }
-        let bash = crate::runtime::docker::shell::has_bash(&node.docker, container)
-            .await
-            .map_err(|e| match e {
-                crate::runtime::docker::exec::DetachedError::Engine(e) => {
-                    RuntimeError::Exec(format!("on node {}: {e}", node.hostname))
-                }
-                crate::runtime::docker::exec::DetachedError::Wait(e) => e,
-            })?;
-        let shell = if bash { "/bin/bash" } else { "/bin/sh" };
-        self.shells
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(container.to_owned(), shell.to_owned());
-        Ok(shell.to_owned())
+        let has_bash = async {
+            crate::runtime::docker::shell::has_bash(&node.docker, container)
+                .await
+                .map_err(|e| match e {
+                    crate::runtime::docker::exec::DetachedError::Engine(e) => {
+                        RuntimeError::Exec(format!("on node {}: {e}", node.hostname))
+                    }
+                    crate::runtime::docker::exec::DetachedError::Wait(e) => e,
+                })
+        };
+        self.shells.of(container, spec, has_bash).await
     }
 }
 
