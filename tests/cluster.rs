@@ -724,7 +724,14 @@ fn a_reload_applies_new_limits_to_a_running_container_on_its_node() {
         memory(),
         gw.log()
     );
-    assert!(gw.log().contains("reload: live limits applied"));
+    // The line follows the update it reports, so give it the moment it needs.
+    assert!(
+        eventually(Duration::from_secs(5), || gw
+            .log()
+            .contains("reload: live limits applied")),
+        "the reload said it applied the limits:\n{}",
+        gw.log()
+    );
 }
 
 /// Sets `node`'s availability back to active when dropped.
