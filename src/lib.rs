@@ -29,6 +29,8 @@
 //! - [`metrics`]: the process-wide Prometheus metrics; [`codes`]: the stable error codes.
 //! - [`check`]: `labgate check`, the config and key files validated like `sshd -t`.
 //! - [`demo`]: the embedded demo setup (locally built busybox image, demo user and key).
+//! - [`node_agent`]: `labgate node-agent`, which a cluster's nodes run so forwards enter
+//!   their containers directly (a TLS request per forward, then raw bytes).
 //! - [`app`]: the composition root: wires config, backend and server, runs until a signal.
 //!
 //! See ARCHITECTURE.md for the flow and the invariants.
@@ -48,6 +50,7 @@ pub mod forward;
 pub mod gpu;
 pub mod login;
 pub mod metrics;
+pub mod node_agent;
 pub mod runtime;
 pub mod session;
 pub mod ssh;

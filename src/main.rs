@@ -107,6 +107,27 @@ enum Command {
         #[arg(long, default_value = "/var/run/docker.sock")]
         docker: String,
     },
+    /// Run the node agent a cluster's nodes run beside their Docker Engine: the gateway's
+    /// forwards into containers on this node connect through it, straight into the
+    /// container, instead of through the engine's exec stream (`[cluster] node_agent`).
+    NodeAgent {
+        /// Where to listen: `tcp://HOST:PORT` (TLS, client certificates required) or
+        /// `unix:///PATH` (root only).
+        #[arg(long, default_value = "tcp://0.0.0.0:2378")]
+        listen: String,
+        /// CA that signs the gateway's client certificate (the node's Docker API's `tlscacert`).
+        #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+        tls_ca: Option<PathBuf>,
+        /// The agent's certificate (the node's Docker API's `tlscert` does).
+        #[arg(long, requires_all = ["tls_ca", "tls_key"])]
+        tls_cert: Option<PathBuf>,
+        /// The agent's key (the node's Docker API's `tlskey`).
+        #[arg(long, requires_all = ["tls_ca", "tls_cert"])]
+        tls_key: Option<PathBuf>,
+        /// The node's Docker Engine socket.
+        #[arg(long, default_value = "/var/run/docker.sock")]
+        docker: PathBuf,
+    },
     /// Print the shell completion script for SHELL, e.g.
     /// `labgate completions bash > /etc/bash_completion.d/labgate`.
     Completions {
@@ -232,6 +253,36 @@ fn main() -> ExitCode {
             app::run(&config, shutdown_signal()).await?;
             Ok(())
         }),
+        Command::NodeAgent {
+            listen,
+            tls_ca,
+            tls_cert,
+            tls_key,
+            docker,
+        } => run_on(tokio::runtime::Builder::new_current_thread(), async move {
+            let listen =
+                config::cluster::EngineAddr::parse_with_port(&listen, config::cluster::AGENT_PORT)
+                    .map_err(|e| anyhow::anyhow!("--listen {e}"))?;
+            let tls = match (tls_ca, tls_cert, tls_key) {
+                (Some(ca), Some(cert), Some(key)) => {
+                    Some(labgate::node_agent::TlsFiles { ca, cert, key })
+                }
+                _ => None,
+            };
+            let options = labgate::node_agent::AgentOptions {
+                listen,
+                tls,
+                docker,
+            };
+            let stop = tokio_util::sync::CancellationToken::new();
+            let stopping = stop.clone();
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                stopping.cancel();
+            });
+            labgate::node_agent::serve(options, stop).await?;
+            Ok(())
+        }),
         Command::Demo { dir, docker } => run(async move {
             let (config, key) = demo::prepare(&dir, &docker)
                 .await
@@ -251,7 +302,14 @@ fn main() -> ExitCode {
 }
 
 fn run(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    run_on(tokio::runtime::Builder::new_multi_thread(), fut)
+}
+
+fn run_on(
+    mut builder: tokio::runtime::Builder,
+    fut: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> ExitCode {
+    let runtime = match builder
         .enable_all()
         // Blocking threads (hangups waiting out their grace period, namespace entries,
         // SQLite writes) go soon after a burst: with tokio's 10 s, periodic work handed to

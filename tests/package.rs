@@ -169,6 +169,11 @@ fn the_package_installs_the_gateway_helpers_unit_config_and_docs_where_listed() 
             "regular file",
             "644",
         ),
+        (
+            "/usr/lib/systemd/system/labgate-node-agent.service",
+            "regular file",
+            "644",
+        ),
         ("/var/lib/labgate", "directory", "750"),
         ("/var/lib/labgate/home", "directory", "755"),
         ("/var/log/labgate", "directory", "750"),
@@ -388,17 +393,19 @@ fn the_unit_passes_systemd_analyze_verify_against_the_package_files() {
         }
     }
 
-    let out = Command::new("systemd-analyze")
-        .args(["verify", "--man=no"])
-        .arg(format!("--root={}", root.path().display()))
-        .arg("/usr/lib/systemd/system/labgate.service")
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{text}");
-    assert_eq!(text, "", "systemd has nothing to say about the unit");
+    for unit in ["labgate.service", "labgate-node-agent.service"] {
+        let out = Command::new("systemd-analyze")
+            .args(["verify", "--man=no"])
+            .arg(format!("--root={}", root.path().display()))
+            .arg(format!("/usr/lib/systemd/system/{unit}"))
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{unit}: {text}");
+        assert_eq!(text, "", "systemd has nothing to say about {unit}");
+    }
 }

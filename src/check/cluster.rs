@@ -89,8 +89,8 @@ fn constraints_ignored(tables: &[(String, &Quota, Option<&Quota>)]) -> Vec<Strin
         .collect()
 }
 
-/// One line: the engine, the manager, the node API template (and the TLS files when a
-/// `tcp://` API needs them), and the nodes named apart.
+/// One line: the engine, the manager, the node API and agent templates (and the TLS files
+/// when a `tcp://` address needs them), and the nodes named apart.
 fn describe(swarm: &SwarmConfig) -> String {
     let mut line = format!(
         "cluster: engine \"swarm\", manager {}, node API {}",
@@ -102,6 +102,21 @@ fn describe(swarm: &SwarmConfig) -> String {
             .nodes
             .iter()
             .map(|(host, api)| format!("{host} at {api}"))
+            .collect();
+        line.push_str(&format!(" ({})", named.join(", ")));
+    }
+    match &swarm.node_agent {
+        Some(agent) => line.push_str(&format!(", node agents {}", agent.as_str())),
+        None if swarm.agents.is_empty() => {
+            line.push_str(", no node agents (forwards through the relay exec)");
+        }
+        None => line.push_str(", node agents"),
+    }
+    if !swarm.agents.is_empty() {
+        let named: Vec<String> = swarm
+            .agents
+            .iter()
+            .map(|(host, agent)| format!("{host} at {agent}"))
             .collect();
         line.push_str(&format!(" ({})", named.join(", ")));
     }
@@ -123,7 +138,12 @@ fn unreadable_tls_files(swarm: &SwarmConfig) -> Vec<String> {
     if swarm.node_api.as_str().starts_with("tcp://") {
         tcp.push(format!("node_api {}", swarm.node_api.as_str()));
     }
-    for (host, api) in &swarm.nodes {
+    if let Some(agent) = &swarm.node_agent
+        && agent.as_str().starts_with("tcp://")
+    {
+        tcp.push(format!("node_agent {}", agent.as_str()));
+    }
+    for (host, api) in swarm.nodes.iter().chain(&swarm.agents) {
         if matches!(api, EngineAddr::Tcp { .. }) {
             tcp.push(format!("[cluster.nodes.{host}] {api}"));
         }
@@ -134,7 +154,7 @@ fn unreadable_tls_files(swarm: &SwarmConfig) -> Vec<String> {
         .filter_map(|file| {
             std::fs::File::open(file).err().map(|e| {
                 format!(
-                    "[cluster] tls_dir: cannot read {} ({e}): labgate speaks TLS to every tcp:// Docker API ({}) with tls_dir's ca.pem, cert.pem and key.pem",
+                    "[cluster] tls_dir: cannot read {} ({e}): labgate speaks TLS to every tcp:// Docker API and node agent ({}) with tls_dir's ca.pem, cert.pem and key.pem",
                     file.display(),
                     tcp.join(", ")
                 )
@@ -277,7 +297,7 @@ mod tests {
             found.info.as_deref(),
             Some(
                 format!(
-                    "cluster: engine \"swarm\", manager unix:///var/run/docker.sock, node API tcp://{{addr}}:2376, TLS from {}",
+                    "cluster: engine \"swarm\", manager unix:///var/run/docker.sock, node API tcp://{{addr}}:2376, no node agents (forwards through the relay exec), TLS from {}",
                     tls.display()
                 )
                 .as_str()
@@ -315,7 +335,7 @@ mod tests {
         assert_eq!(
             unix.info.as_deref(),
             Some(
-                "cluster: engine \"swarm\", manager unix:///var/run/docker.sock, node API unix:///run/docker-{hostname}.sock (n2 at unix:///run/n2.sock)"
+                "cluster: engine \"swarm\", manager unix:///var/run/docker.sock, node API unix:///run/docker-{hostname}.sock (n2 at unix:///run/n2.sock), no node agents (forwards through the relay exec)"
             )
         );
         // A tcp:// node named apart needs them too, and is named.
@@ -329,6 +349,25 @@ mod tests {
             node.errors[0].contains("([cluster.nodes.n3] tcp://n3:2376)"),
             "{}",
             node.errors[0]
+        );
+        // So do tcp:// agents, which are described with the nodes that have their own.
+        let agents = swarm(
+            Path::new("/nonexistent"),
+            "node_api = \"unix:///run/d.sock\"\nnode_agent = \"tcp://{addr}\"\n\n[cluster.nodes.n4]\nagent = \"unix:///run/a.sock\"",
+            "",
+        );
+        assert_eq!(agents.errors.len(), 3);
+        assert!(
+            agents.errors[0].contains("(node_agent tcp://{addr})"),
+            "{}",
+            agents.errors[0]
+        );
+        assert!(
+            agents.info.as_deref().is_some_and(
+                |i| i.contains(", node agents tcp://{addr} (n4 at unix:///run/a.sock)")
+            ),
+            "{:?}",
+            agents.info
         );
     }
 

@@ -26,6 +26,8 @@ pub const DEFAULT_GPU_RESOURCE: &str = "NVIDIA-GPU";
 pub const DEFAULT_CLUSTER_NETWORK: &str = "labgate";
 /// The TLS port of a Docker API when a `tcp://` address names none.
 pub const DOCKER_TLS_PORT: u16 = 2376;
+/// The port of a node's `labgate node-agent` when a `tcp://` address names none.
+pub const AGENT_PORT: u16 = 2378;
 
 /// `[cluster]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,7 +44,12 @@ impl Default for ClusterConfig {
             engine: Engine::Docker,
             swarm: SwarmConfig {
                 manager: EngineAddr::Unix(PathBuf::from("/var/run/docker.sock")),
-                node_api: NodeApi(DEFAULT_NODE_API.to_owned()),
+                node_api: NodeApi {
+                    template: DEFAULT_NODE_API.to_owned(),
+                    port: DOCKER_TLS_PORT,
+                },
+                node_agent: None,
+                agents: BTreeMap::new(),
                 tls_dir: PathBuf::from(DEFAULT_TLS_DIR),
                 gpu_resource: DEFAULT_GPU_RESOURCE.to_owned(),
                 network: DEFAULT_CLUSTER_NETWORK.to_owned(),
@@ -60,6 +67,9 @@ pub struct SwarmConfig {
     pub manager: EngineAddr,
     /// Each node's own Docker API (exec and inspect go to the node that runs the task).
     pub node_api: NodeApi,
+    /// Each node's `labgate node-agent`, where forwards into its containers go (`None`:
+    /// through the relay over the node's exec stream).
+    pub node_agent: Option<NodeApi>,
     /// `ca.pem`, `cert.pem`, `key.pem` for every `tcp://` API (manager and nodes).
     pub tls_dir: PathBuf,
     /// The nodes' generic resource kind for GPUs (`node-generic-resources` in daemon.json).
@@ -72,6 +82,8 @@ pub struct SwarmConfig {
     pub shared_paths: Vec<PathBuf>,
     /// Nodes whose API the `node_api` template does not describe, by hostname.
     pub nodes: BTreeMap<String, EngineAddr>,
+    /// Nodes whose agent the `node_agent` template does not describe, by hostname.
+    pub agents: BTreeMap<String, EngineAddr>,
 }
 
 impl ClusterConfig {
@@ -83,11 +95,12 @@ impl ClusterConfig {
             ("cluster.engine", self.engine != new.engine),
             ("cluster.manager", a.manager != b.manager),
             ("cluster.node_api", a.node_api != b.node_api),
+            ("cluster.node_agent", a.node_agent != b.node_agent),
             ("cluster.tls_dir", a.tls_dir != b.tls_dir),
             ("cluster.gpu_resource", a.gpu_resource != b.gpu_resource),
             ("cluster.network", a.network != b.network),
             ("cluster.shared_paths", a.shared_paths != b.shared_paths),
-            ("cluster.nodes", a.nodes != b.nodes),
+            ("cluster.nodes", a.nodes != b.nodes || a.agents != b.agents),
         ]
         .into_iter()
         .filter_map(|(key, changed)| changed.then_some(key))
@@ -104,6 +117,15 @@ impl SwarmConfig {
         }
     }
 
+    /// The agent of the node `hostname` whose swarm address is `addr`, when the nodes run
+    /// one.
+    pub fn agent_addr(&self, hostname: &str, addr: &str) -> Option<Result<EngineAddr, String>> {
+        match self.agents.get(hostname) {
+            Some(a) => Some(Ok(a.clone())),
+            None => self.node_agent.as_ref().map(|t| t.expand(hostname, addr)),
+        }
+    }
+
     /// The TLS files in [`SwarmConfig::tls_dir`]: CA, certificate, key.
     pub fn tls_files(&self) -> [PathBuf; 3] {
         ["ca.pem", "cert.pem", "key.pem"].map(|f| self.tls_dir.join(f))
@@ -112,10 +134,15 @@ impl SwarmConfig {
     /// Whether any API (manager, template, a node) is `tcp://` and so needs [`Self::tls_dir`].
     pub fn uses_tcp(&self) -> bool {
         matches!(self.manager, EngineAddr::Tcp { .. })
-            || self.node_api.0.starts_with("tcp://")
+            || self.node_api.template.starts_with("tcp://")
+            || self
+                .node_agent
+                .as_ref()
+                .is_some_and(|t| t.template.starts_with("tcp://"))
             || self
                 .nodes
                 .values()
+                .chain(self.agents.values())
                 .any(|a| matches!(a, EngineAddr::Tcp { .. }))
     }
 
@@ -200,8 +227,13 @@ pub enum EngineAddr {
 }
 
 impl EngineAddr {
-    /// Parses `unix:///PATH` or `tcp://HOST[:PORT]`.
+    /// Parses `unix:///PATH` or `tcp://HOST[:PORT]` (Docker's TLS port by default).
     pub fn parse(s: &str) -> Result<EngineAddr, String> {
+        Self::parse_with_port(s, DOCKER_TLS_PORT)
+    }
+
+    /// [`EngineAddr::parse`] with `default_port` for a `tcp://` address that names none.
+    pub fn parse_with_port(s: &str, default_port: u16) -> Result<EngineAddr, String> {
         if let Some(path) = s.strip_prefix("unix://") {
             if !path.starts_with('/') {
                 return Err(format!(
@@ -231,7 +263,7 @@ impl EngineAddr {
                 return Err(format!("{s:?}: expected tcp://HOST:PORT"));
             }
             let port = match port {
-                None => DOCKER_TLS_PORT,
+                None => default_port,
                 Some(p) => p
                     .parse::<u16>()
                     .ok()
@@ -261,14 +293,24 @@ impl fmt::Display for EngineAddr {
     }
 }
 
-/// The `node_api` template: an [`EngineAddr`] with `{addr}` (the node's swarm address) and
-/// `{hostname}` (its hostname) in it.
+/// A per-node address template (`node_api`, `node_agent`): an [`EngineAddr`] with `{addr}`
+/// (the node's swarm address) and `{hostname}` (its hostname) in it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NodeApi(String);
+pub struct NodeApi {
+    template: String,
+    /// The port of a `tcp://` address that names none.
+    port: u16,
+}
 
 impl NodeApi {
-    /// Checks `template`: only the two placeholders, and an address once they are filled.
+    /// Checks `template` (a node's Docker API): only the two placeholders, and an address
+    /// once they are filled.
     pub fn parse(template: &str) -> Result<NodeApi, String> {
+        Self::parse_with_port(template, DOCKER_TLS_PORT)
+    }
+
+    /// [`NodeApi::parse`] for an address whose default port is `port`.
+    pub fn parse_with_port(template: &str, port: u16) -> Result<NodeApi, String> {
         let mut rest = template;
         while let Some(open) = rest.find('{') {
             let Some(close) = rest[open..].find('}') else {
@@ -282,24 +324,28 @@ impl NodeApi {
             }
             rest = &rest[open + close + 1..];
         }
-        let t = NodeApi(template.to_owned());
+        let t = NodeApi {
+            template: template.to_owned(),
+            port,
+        };
         t.expand("node1", "10.0.0.1")?;
         Ok(t)
     }
 
     /// The API of the node `hostname` at `addr`.
     pub fn expand(&self, hostname: &str, addr: &str) -> Result<EngineAddr, String> {
-        EngineAddr::parse(
+        EngineAddr::parse_with_port(
             &self
-                .0
+                .template
                 .replace("{addr}", addr)
                 .replace("{hostname}", hostname),
+            self.port,
         )
     }
 
     /// The template as written.
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.template
     }
 }
 
@@ -378,11 +424,39 @@ impl<'de> Deserialize<'de> for RawNodeApi {
     }
 }
 
-/// `[cluster.nodes.HOSTNAME]`.
+/// The `node_agent` template as written.
+#[derive(Debug, Clone)]
+pub(super) struct RawNodeAgent(pub(super) NodeApi);
+
+impl<'de> Deserialize<'de> for RawNodeAgent {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        NodeApi::parse_with_port(&s, AGENT_PORT)
+            .map(RawNodeAgent)
+            .map_err(de::Error::custom)
+    }
+}
+
+/// An agent's address as written.
+#[derive(Debug, Clone)]
+pub(super) struct RawAgentAddr(pub(super) EngineAddr);
+
+impl<'de> Deserialize<'de> for RawAgentAddr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        EngineAddr::parse_with_port(&s, AGENT_PORT)
+            .map(RawAgentAddr)
+            .map_err(de::Error::custom)
+    }
+}
+
+/// `[cluster.nodes.HOSTNAME]`: a node whose Docker API, agent or both the templates do not
+/// describe.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawNode {
-    pub(super) api: RawAddr,
+    pub(super) api: Option<RawAddr>,
+    pub(super) agent: Option<RawAgentAddr>,
 }
 
 /// `[cluster]` as written.
@@ -392,6 +466,7 @@ pub(super) struct RawCluster {
     pub(super) engine: Option<Engine>,
     pub(super) manager: Option<toml::Spanned<RawAddr>>,
     pub(super) node_api: Option<toml::Spanned<RawNodeApi>>,
+    pub(super) node_agent: Option<toml::Spanned<RawNodeAgent>>,
     pub(super) tls_dir: Option<toml::Spanned<PathBuf>>,
     pub(super) gpu_resource: Option<toml::Spanned<String>>,
     pub(super) network: Option<toml::Spanned<String>>,
@@ -416,6 +491,7 @@ impl RawCluster {
             let first = [
                 self.manager.as_ref().map(|s| ("manager", s.span())),
                 self.node_api.as_ref().map(|s| ("node_api", s.span())),
+                self.node_agent.as_ref().map(|s| ("node_agent", s.span())),
                 self.tls_dir.as_ref().map(|s| ("tls_dir", s.span())),
                 self.gpu_resource
                     .as_ref()
@@ -446,6 +522,9 @@ impl RawCluster {
         }
         if let Some(t) = self.node_api {
             swarm.node_api = t.into_inner().0;
+        }
+        if let Some(t) = self.node_agent {
+            swarm.node_agent = Some(t.into_inner().0);
         }
         if let Some(d) = self.tls_dir {
             swarm.tls_dir = resolve(d.into_inner());
@@ -492,7 +571,22 @@ impl RawCluster {
             }
         }
         for (host, node) in self.nodes {
-            swarm.nodes.insert(host, node.into_inner().api.0);
+            let span = node.span();
+            let node = node.into_inner();
+            if node.api.is_none() && node.agent.is_none() {
+                return Err((
+                    span,
+                    format!(
+                        "[cluster.nodes.{host}] says nothing: give the node's api (its Docker API) or agent (its labgate node-agent), or both"
+                    ),
+                ));
+            }
+            if let Some(api) = node.api {
+                swarm.nodes.insert(host.clone(), api.0);
+            }
+            if let Some(agent) = node.agent {
+                swarm.agents.insert(host, agent.0);
+            }
         }
         Ok(out)
     }

@@ -183,6 +183,11 @@ mod tests {
         for (edit, key) in [
             ("manager = \"tcp://m1:2376\"", "cluster.manager"),
             ("node_api = \"tcp://{hostname}:2376\"", "cluster.node_api"),
+            ("node_agent = \"tcp://{addr}:2378\"", "cluster.node_agent"),
+            (
+                "[cluster.nodes.n2]\nagent = \"unix:///agent.sock\"",
+                "cluster.nodes",
+            ),
             ("tls_dir = \"/etc/tls\"", "cluster.tls_dir"),
             ("gpu_resource = \"GPU\"", "cluster.gpu_resource"),
             ("network = \"lab2\"", "cluster.network"),

@@ -1464,6 +1464,11 @@ fn a_swarm_section_gets_every_default_it_leaves_out() {
     assert_eq!(s.network, "labgate");
     assert!(s.shared_paths.is_empty() && s.nodes.is_empty());
     assert_eq!(
+        s.agent_addr("gpu1", "10.1.0.5"),
+        None,
+        "no agents unless named"
+    );
+    assert_eq!(
         s.node_addr("gpu1", "10.1.0.5"),
         Ok(EngineAddr::Tcp {
             host: "10.1.0.5".into(),
@@ -1484,6 +1489,7 @@ fn a_full_swarm_section_is_read_with_paths_resolved_and_per_node_apis() {
 engine = "swarm"
 manager = "tcp://10.0.0.1:2377"
 node_api = "tcp://{hostname}.lab:2376"
+node_agent = "tcp://{addr}"
 tls_dir = "tls"
 gpu_resource = "GPU.a100"
 network = "lab-users"
@@ -1494,6 +1500,10 @@ api = "unix:///run/x.sock"
 
 [cluster.nodes.n3]
 api = "tcp://[fd00::3]"
+agent = "unix:///run/labgate-agent.sock"
+
+[cluster.nodes.n5]
+agent = "tcp://n5-mgmt:7000"
 
 [defaults]
 image = "x"
@@ -1532,6 +1542,19 @@ home = "/srv/home/{user}"
         s.node_addr("n4", "10.0.0.4").unwrap().to_string(),
         "tcp://n4.lab:2376"
     );
+    let agent = |host: &str, addr: &str| s.agent_addr(host, addr).unwrap().unwrap().to_string();
+    assert_eq!(
+        agent("n2", "10.0.0.2"),
+        "tcp://10.0.0.2:2378",
+        "the agent's port"
+    );
+    assert_eq!(agent("n3", "10.0.0.3"), "unix:///run/labgate-agent.sock");
+    assert_eq!(agent("n5", "10.0.0.5"), "tcp://n5-mgmt:7000");
+    assert_eq!(
+        s.node_addr("n5", "10.0.0.5").unwrap().to_string(),
+        "tcp://n5.lab:2376",
+        "a node entry with only an agent keeps the template's API"
+    );
     assert!(s.is_shared(Path::new("/srv/home/alice")));
     assert!(!s.is_shared(Path::new("/srv/homework")));
     assert!(!s.is_shared(Path::new("/var/lib/labgate/home/alice")));
@@ -1564,6 +1587,16 @@ fn bad_swarm_values_are_refused_at_their_position_with_the_reason() {
         ),
         ("node_api = \"tcp://{addr:2376\"", 12, &["unclosed {"]),
         (
+            "node_agent = \"http://{addr}:2378\"",
+            14,
+            &["unix:///PATH or tcp://HOST:PORT"],
+        ),
+        (
+            "node_agent = \"tcp://{node}:2378\"",
+            14,
+            &["unknown placeholder {node}"],
+        ),
+        (
             "gpu_resource = \"NVIDIA GPU\"",
             16,
             &["gpu_resource \"NVIDIA GPU\"", "node-generic-resources"],
@@ -1594,6 +1627,14 @@ fn bad_swarm_values_are_refused_at_their_position_with_the_reason() {
         5,
         1,
         &["unknown field `addr`"],
+    );
+    let empty = err_at(&swarm("\n[cluster.nodes.n2]\n"));
+    assert!(
+        empty.message.contains("[cluster.nodes.n2] says nothing")
+            && empty.message.contains("api")
+            && empty.message.contains("agent"),
+        "{}",
+        empty.message
     );
 }
 

@@ -32,6 +32,8 @@ pub struct NodeClient {
     pub dial: Dial,
     /// The negotiated API version prefix (`v1.41`).
     pub version: String,
+    /// Its `labgate node-agent`, where `[cluster] node_agent` says the nodes run one.
+    pub agent: Option<Arc<super::tunnel::NodeAgent>>,
 }
 
 /// The manager's client and the nodes'.
@@ -198,17 +200,48 @@ impl Clients {
             other => other,
         })?;
         tracing::info!(node = %hostname, api = %api, version = %version, "connected to a node's Docker API");
+        let agent = self.agent(&hostname, &addr).await;
         let client = Arc::new(NodeClient {
             hostname,
             docker,
             dial,
             version,
+            agent,
         });
         self.nodes
             .lock()
             .await
             .insert(id.to_owned(), client.clone());
         Ok(client)
+    }
+
+    /// Node `hostname`'s agent (at swarm address `addr`), where the config names one that
+    /// can be dialled; why not is logged.
+    async fn agent(&self, hostname: &str, addr: &str) -> Option<Arc<super::tunnel::NodeAgent>> {
+        let at = match self.config.agent_addr(hostname, addr)? {
+            Ok(at) => at,
+            Err(e) => {
+                tracing::warn!(node = %hostname, error = %e, "the node's agent address: its forwards use the relay exec");
+                return None;
+            }
+        };
+        let dial = match &at {
+            EngineAddr::Unix(path) => Ok(Dial::Unix(path.clone())),
+            EngineAddr::Tcp { host, port } => match self.tls().await {
+                Ok(tls) => Dial::tls(host, *port, tls),
+                Err(e) => Err(e.to_string()),
+            },
+        };
+        match dial {
+            Ok(dial) => Some(Arc::new(super::tunnel::NodeAgent::new(
+                hostname.to_owned(),
+                dial,
+            ))),
+            Err(e) => {
+                tracing::warn!(node = %hostname, agent = %at, error = %e, "the node's agent: its forwards use the relay exec");
+                None
+            }
+        }
     }
 
     /// Forgets node `id`'s client (it stopped answering: the next use connects again).

@@ -16,6 +16,8 @@ pub mod cluster;
 mod exec;
 mod service;
 pub mod spec;
+mod tunnel;
+pub mod wire;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -285,11 +287,16 @@ impl ContainerRuntime for SwarmRuntime {
     }
 
     async fn reach(self: Arc<Self>, container: &ContainerHandle, who: Reacher) -> Arc<dyn Reach> {
-        Arc::new(RelayReach {
+        let agent = node_of(container).ok().and_then(|n| n.agent.clone());
+        let relay = RelayReach {
             runtime: self,
             container: container.clone(),
             who,
-        })
+        };
+        match agent {
+            Some(agent) => Arc::new(tunnel::AgentReach { relay, agent }),
+            None => Arc::new(relay),
+        }
     }
 
     async fn exec(

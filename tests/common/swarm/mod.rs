@@ -25,7 +25,9 @@
 //!
 //! Each listens on its unix socket and on `tcp://ADDR:2376` with TLS (`--tlsverify`, a CA of
 //! the rig's own made with `openssl`; without TLS dockerd waits 15 s at start). The client
-//! side is a `DOCKER_CERT_PATH` directory ([`SwarmRig::tls_dir`]). n1 is the manager (swarm
+//! side is a `DOCKER_CERT_PATH` directory ([`SwarmRig::tls_dir`]). Beside its dockerd each
+//! node runs `labgate node-agent` on `tcp://ADDR:2378` with the same certificates, inside
+//! the node's namespaces and cgroups (it dies with the node). n1 is the manager (swarm
 //! `init`), n2 and n3 workers; n1 has no GPUs and stays active (non-GPU services may land
 //! there), n2 and n3 have two fake GPUs each as `NVIDIA-GPU` generic resources
 //! (`node-generic-resources` in daemon.json). The test image is loaded on every node (no
@@ -121,6 +123,8 @@ const STORAGE_DRIVER: &str = "overlay2";
 
 /// The TLS port of every node.
 pub const TLS_PORT: u16 = 2376;
+/// The port of each node's `labgate node-agent` (TLS, the same certificates as its API).
+pub const AGENT_PORT: u16 = 2378;
 
 /// One node of the rig.
 pub struct Node {
@@ -158,6 +162,11 @@ impl Node {
     /// The daemon's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("dockerd.log")).unwrap_or_default()
+    }
+
+    /// Its `labgate node-agent`'s log so far (debug: a line per forward it joined).
+    pub fn agent_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
     }
 }
 
@@ -472,12 +481,22 @@ impl SwarmRig {
              mount --bind {etc} /etc/docker\n\
              mount -t tmpfs -o mode=711 tmpfs /run/containerd\n\
              mount -t tmpfs -o mode=711 tmpfs /run/docker\n\
+             # labgate's node agent beside the engine, as a lab's node runs it.\n\
+             LABGATE_LOG=labgate=debug {agent} node-agent --listen tcp://{addr}:{AGENT_PORT} \\\n\
+               --tls-ca {ca} --tls-cert {cert} --tls-key {key} --docker {sock} >> {agent_log} 2>&1 &\n\
              exec dockerd --config-file {config}\n",
             tag = n.tag,
             procs = procs.join(" "),
             cg = q("cgroup"),
             etc = q("etc"),
             config = q("daemon.json"),
+            agent = sq(env!("CARGO_BIN_EXE_labgate")),
+            addr = n.addr(11 + i as u8),
+            ca = sq(&n.dir.join("ca/cert.pem").to_string_lossy()),
+            cert = q("tls/cert.pem"),
+            key = q("tls/key.pem"),
+            sock = q("docker.sock"),
+            agent_log = q("agent.log"),
         );
         std::fs::write(nd.join("start.sh"), start).map_err(|e| e.to_string())?;
         let log = std::fs::File::create(nd.join("dockerd.log")).map_err(|e| e.to_string())?;
@@ -632,17 +651,34 @@ impl SwarmRig {
         self.nodes.iter().find(|n| n.id == id)
     }
 
+    /// The host PIDs of the nodes' `labgate node-agent`s.
+    pub fn agent_pids(&self) -> Vec<u32> {
+        let dir = self.names.dir.to_string_lossy().into_owned();
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let cmdline = String::from_utf8_lossy(&cmdline);
+                cmdline.contains("node-agent") && cmdline.contains(&dir)
+            })
+            .collect()
+    }
+
     /// The client's TLS directory (`DOCKER_CERT_PATH`: `ca.pem`, `cert.pem`, `key.pem`).
     pub fn tls_dir(&self) -> PathBuf {
         self.names.dir.join("client")
     }
 
     /// The gateway's `[cluster]` table for this rig: the manager's unix socket, the nodes'
-    /// TLS APIs by the default template, homes declared shared (they are on this machine's
+    /// TLS APIs by the default template, their agents, homes declared shared (they are on this machine's
     /// disk, which every node sees at the same path).
     pub fn cluster_table(&self) -> String {
         format!(
             "[cluster]\nengine = \"swarm\"\nmanager = \"{}\"\nnode_api = \"tcp://{{addr}}:{TLS_PORT}\"\n\
+             node_agent = \"tcp://{{addr}}:{AGENT_PORT}\"\n\
              tls_dir = \"{}\"\ngpu_resource = \"{GPU_KIND}\"\nnetwork = \"{NETWORK}\"\n\
              shared_paths = [\"/\"]\n",
             self.manager().host(),

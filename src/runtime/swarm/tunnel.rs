@@ -1,0 +1,267 @@
+//! Forwards into a container on a node through the node's `labgate node-agent`
+//! (`[cluster] node_agent`): one connection to the agent per forward, a request line, the
+//! agent's answer, then the forward's bytes, with no engine exec stream in the way. Where
+//! the nodes run no agent, or a node's agent does not answer, forwards take the relay over
+//! the node's exec stream ([`RelayReach`]), as they always did; listeners (`-R`, the agent
+//! socket), name lookups and commands always do.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::io::{AsyncRead, AsyncWrite, BufReader, ReadBuf};
+use tokio::time::Instant;
+
+use super::wire::{self, Answer, Request, Target, WireIdentity};
+use crate::runtime::docker::dial::Dial;
+use crate::runtime::reach::{Acceptor, BoxedStream, Reach, ReachError};
+use crate::runtime::relay::RelayReach;
+use crate::runtime::{Exec, ExecRequest, RuntimeError};
+
+/// How long a node's agent that did not answer is passed over (its forwards take the relay)
+/// before it is tried again.
+const PASS_OVER: Duration = Duration::from_secs(30);
+
+/// The longest the agent itself may take to answer the connection (TCP and TLS), whatever
+/// the forward's own deadline: past it the forward takes the relay.
+const AGENT_CONNECT: Duration = Duration::from_secs(3);
+
+/// One node's agent.
+pub struct NodeAgent {
+    /// The node's hostname (logs).
+    hostname: String,
+    /// Where it listens.
+    dial: Dial,
+    /// Until when it is passed over, after it did not answer.
+    passed_over: std::sync::Mutex<Option<Instant>>,
+}
+
+/// Why a forward did not go through the agent.
+enum AgentFailure {
+    /// The agent could not be reached or spoke nonsense: try the relay.
+    Unreachable(io::Error),
+    /// The agent answered: this is the forward's result.
+    Answered(io::Error),
+}
+
+impl NodeAgent {
+    /// The agent of node `hostname` at `dial`.
+    pub fn new(hostname: String, dial: Dial) -> Self {
+        NodeAgent {
+            hostname,
+            dial,
+            passed_over: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn is_passed_over(&self) -> bool {
+        let until = *self.passed_over.lock().unwrap_or_else(|p| p.into_inner());
+        until.is_some_and(|t| Instant::now() < t)
+    }
+
+    fn pass_over(&self, why: &io::Error) {
+        let mut until = self.passed_over.lock().unwrap_or_else(|p| p.into_inner());
+        if until.is_none_or(|t| Instant::now() >= t) {
+            tracing::warn!(
+                node = %self.hostname,
+                agent = ?self.dial,
+                error = %why,
+                "the node's agent does not answer: its forwards go through the relay exec for {}s",
+                PASS_OVER.as_secs()
+            );
+        }
+        *until = Some(Instant::now() + PASS_OVER);
+    }
+
+    /// Opens `to` in `container` through the agent, within `deadline`.
+    async fn open(
+        &self,
+        container: &str,
+        to: Target,
+        deadline: Instant,
+    ) -> Result<BoxedStream, AgentFailure> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let stream = self
+            .dial
+            .connect_bulk(left.min(AGENT_CONNECT))
+            .await
+            .map_err(AgentFailure::Unreachable)?;
+        let mut stream = BufReader::new(stream);
+        let req = Request {
+            v: wire::VERSION,
+            container: container.to_owned(),
+            to,
+            within_ms: left.as_millis() as u64,
+        };
+        let answer = tokio::time::timeout_at(deadline + AGENT_CONNECT, async {
+            wire::write_line(&mut stream, &req).await?;
+            wire::read_line::<_, Answer>(&mut stream).await
+        })
+        .await
+        .map_err(|_| {
+            AgentFailure::Unreachable(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no answer from the node's agent in time",
+            ))
+        })?
+        .map_err(AgentFailure::Unreachable)?;
+        match answer {
+            Answer::Ok => Ok(Box::new(Greedy(stream))),
+            Answer::Failed { kind, message } => {
+                let e = io::Error::new(kind.io_kind(), message);
+                if kind == wire::Failure::BadRequest {
+                    // Another release on the node: the relay still works.
+                    Err(AgentFailure::Unreachable(e))
+                } else {
+                    Err(AgentFailure::Answered(e))
+                }
+            }
+        }
+    }
+}
+
+/// The way into a container on a node that runs an agent: connects through the agent,
+/// everything else (and connects the agent cannot take) through the relay.
+pub struct AgentReach {
+    /// The relay way in, for the rest.
+    pub relay: RelayReach,
+    /// The node's agent.
+    pub agent: Arc<NodeAgent>,
+}
+
+impl AgentReach {
+    /// Connects to `to` through the agent, or through `relay` when the agent is passed over
+    /// or does not answer.
+    async fn connect(
+        &self,
+        to: Target,
+        deadline: Instant,
+        relay: impl std::future::Future<Output = Result<BoxedStream, ReachError>>,
+    ) -> Result<BoxedStream, ReachError> {
+        if !self.agent.is_passed_over() {
+            match self
+                .agent
+                .open(&self.relay.container.id, to, deadline)
+                .await
+            {
+                Ok(s) => return Ok(s),
+                Err(AgentFailure::Answered(e)) => return Err(ReachError::Io(e)),
+                Err(AgentFailure::Unreachable(e)) => self.agent.pass_over(&e),
+            }
+        }
+        relay.await
+    }
+}
+
+#[async_trait]
+impl Reach for AgentReach {
+    async fn resolve(&self, host: &str, deadline: Instant) -> Result<Vec<IpAddr>, ReachError> {
+        self.relay.resolve(host, deadline).await
+    }
+
+    async fn connect_tcp(
+        &self,
+        addrs: Vec<SocketAddr>,
+        deadline: Instant,
+    ) -> Result<BoxedStream, ReachError> {
+        let to = Target::Tcp(addrs.clone());
+        self.connect(to, deadline, self.relay.connect_tcp(addrs, deadline))
+            .await
+    }
+
+    async fn connect_unix(&self, path: &str, deadline: Instant) -> Result<BoxedStream, ReachError> {
+        let to = Target::Unix {
+            path: path.to_owned(),
+            user: self.relay.who.identity.as_ref().map(WireIdentity::from),
+        };
+        self.connect(to, deadline, self.relay.connect_unix(path, deadline))
+            .await
+    }
+
+    async fn listen_tcp(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<(Box<dyn Acceptor>, SocketAddr), ReachError> {
+        self.relay.listen_tcp(addr).await
+    }
+
+    async fn listen_unix(&self, dir: &str, name: &str) -> Result<Box<dyn Acceptor>, ReachError> {
+        self.relay.listen_unix(dir, name).await
+    }
+
+    async fn start_stdio(&self, req: ExecRequest) -> Result<Exec, RuntimeError> {
+        self.relay.start_stdio(req).await
+    }
+}
+
+/// A stream whose reads take all it has ready, up to the caller's buffer: TLS hands out one
+/// record (16 KiB) per read, so a forward's pump would otherwise turn twice as often as on a
+/// plain socket for the same bytes.
+struct Greedy<S>(S);
+
+impl<S: AsyncRead + Unpin> AsyncRead for Greedy<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let start = buf.filled().len();
+        loop {
+            let before = buf.filled().len();
+            match Pin::new(&mut self.0).poll_read(cx, buf) {
+                Poll::Ready(Ok(())) if buf.filled().len() > before && buf.remaining() > 0 => {}
+                // An end, an error, a full buffer: as it is.
+                Poll::Ready(result) => return Poll::Ready(result),
+                // Nothing more ready: what was read so far (the waker stays registered).
+                Poll::Pending if buf.filled().len() > start => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Greedy<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn greedy_reads_gather_what_is_ready_and_keep_the_end() {
+        let (a, mut b) = tokio::io::duplex(1 << 20);
+        for _ in 0..4 {
+            b.write_all(&[7u8; 1000]).await.unwrap();
+        }
+        // A reader that hands out at most 1000 bytes per read, as TLS hands out records.
+        let mut greedy = Greedy(tokio_util::io::StreamReader::new(
+            tokio_util::io::ReaderStream::with_capacity(a, 1000),
+        ));
+        let mut buf = vec![0u8; 64 * 1024];
+        assert_eq!(greedy.read(&mut buf).await.unwrap(), 4000);
+        b.write_all(b"end").await.unwrap();
+        drop(b);
+        assert_eq!(greedy.read(&mut buf).await.unwrap(), 3);
+        assert_eq!(greedy.read(&mut buf).await.unwrap(), 0);
+    }
+}
