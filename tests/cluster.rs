@@ -187,17 +187,8 @@ fn forwards_reach_the_containers_loopback_and_listen_inside_it() {
     let Some(rig) = shared_rig() else { return };
     let c = gateway(rig, 1, "");
     let gw = &c.gw;
-    gw.ok(
-        0,
-        "mkdir -p ~/www && echo hello-from-$(hostname) > ~/www/hello.txt && httpd -p 127.0.0.1:8000 -h ~/www",
-    );
-    let tunnel = Tunnel::open(gw, 0, |p| {
-        vec!["-L".into(), format!("127.0.0.1:{p}:localhost:8000")]
-    });
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", tunnel.port)).unwrap();
-    s.write_all(b"GET /hello.txt HTTP/1.0\r\n\r\n").unwrap();
-    let mut answer = String::new();
-    s.read_to_string(&mut answer).unwrap();
+    let tunnel = hello_tunnel(gw);
+    let answer = fetch_hello(tunnel.port, false);
     assert!(
         answer.contains(&format!("hello-from-labgate-{}", gw.users[0])),
         "{answer}"
@@ -235,12 +226,26 @@ fn forwards_reach_the_containers_loopback_and_listen_inside_it() {
     let _ = remote.wait();
 }
 
-/// `GET /hello.txt` through `port`, the request's side of the connection closed once sent
-/// (as HTTP/1.0 clients and `nc -N` do): the answer.
-fn fetch_half_closed(port: u16) -> String {
+/// busybox httpd on user 0's loopback, port 8000, serving `hello.txt` (`hello-from-` and
+/// the container's hostname), and a `-L` tunnel to it.
+fn hello_tunnel(gw: &Gateway) -> Tunnel {
+    gw.ok(
+        0,
+        "mkdir -p ~/www && echo hello-from-$(hostname) > ~/www/hello.txt && httpd -p 127.0.0.1:8000 -h ~/www",
+    );
+    Tunnel::open(gw, 0, |p| {
+        vec!["-L".into(), format!("127.0.0.1:{p}:localhost:8000")]
+    })
+}
+
+/// `GET /hello.txt` through `port`: the answer. With `half_close`, the request's side of the
+/// connection is closed once sent (as HTTP/1.0 clients and `nc -N` do).
+fn fetch_hello(port: u16, half_close: bool) -> String {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.write_all(b"GET /hello.txt HTTP/1.0\r\n\r\n").unwrap();
-    s.shutdown(std::net::Shutdown::Write).unwrap();
+    if half_close {
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+    }
     let mut answer = String::new();
     let _ = s.read_to_string(&mut answer);
     answer
@@ -252,31 +257,35 @@ fn forwards_go_through_the_nodes_agent_and_take_the_relay_when_it_does_not_answe
     let Some(rig) = shared_rig() else { return };
     let c = gateway(rig, 1, "");
     let gw = &c.gw;
-    gw.ok(
-        0,
-        "mkdir -p ~/www && echo hello-from-$(hostname) > ~/www/hello.txt && httpd -p 127.0.0.1:8000 -h ~/www",
-    );
+    let tunnel = hello_tunnel(gw);
     let node = rig.node(&c.node_of(0));
-    let joined = || node.agent_log().matches(" joined").count();
-    let before = joined();
-    let tunnel = Tunnel::open(gw, 0, |p| {
-        vec!["-L".into(), format!("127.0.0.1:{p}:localhost:8000")]
-    });
+    // Connections the agent carried an answer on (a tunnel's own probe carries none).
+    let carried = || {
+        node.agent_log()
+            .lines()
+            .filter(|l| l.contains(" closed ") && !l.contains(" down=0"))
+            .count()
+    };
+    let before = carried();
     // Through the agent a half-closed request still gets its whole answer.
-    let answer = fetch_half_closed(tunnel.port);
+    let answer = fetch_hello(tunnel.port, true);
     assert!(
         answer.contains(&format!("hello-from-labgate-{}", gw.users[0])),
         "{answer}\n{}\n{}",
         gw.log(),
         node.agent_log()
     );
-    assert_eq!(joined(), before + 1, "{}", node.agent_log());
+    assert!(
+        eventually(Duration::from_secs(5), || carried() == before + 1),
+        "{}",
+        node.agent_log()
+    );
     // A port nothing listens on is refused as on one host, and the relay is not tried.
     let execs = gw.log().matches("exec started").count();
     let refused = Tunnel::open(gw, 0, |p| {
         vec!["-L".into(), format!("127.0.0.1:{p}:127.0.0.1:8009")]
     });
-    assert_eq!(fetch_half_closed(refused.port), "");
+    assert_eq!(fetch_hello(refused.port, true), "");
     assert!(
         eventually(Duration::from_secs(5), || gw.log().lines().any(|l| l
             .contains("forward refused")
@@ -307,18 +316,9 @@ fn forwards_go_through_the_nodes_agent_and_take_the_relay_when_it_does_not_answe
         .start();
     let c2 = Cluster { rig, gw };
     let gw = &c2.gw;
-    gw.ok(
-        0,
-        "mkdir -p ~/www && echo hello-from-$(hostname) > ~/www/hello.txt && httpd -p 127.0.0.1:8000 -h ~/www",
-    );
-    let tunnel = Tunnel::open(gw, 0, |p| {
-        vec!["-L".into(), format!("127.0.0.1:{p}:localhost:8000")]
-    });
+    let tunnel = hello_tunnel(gw);
     for _ in 0..2 {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", tunnel.port)).unwrap();
-        s.write_all(b"GET /hello.txt HTTP/1.0\r\n\r\n").unwrap();
-        let mut answer = String::new();
-        s.read_to_string(&mut answer).unwrap();
+        let answer = fetch_hello(tunnel.port, false);
         assert!(
             answer.contains(&format!("hello-from-labgate-{}", gw.users[0])),
             "{answer}\n{}",
