@@ -92,19 +92,23 @@ fn constraints_ignored(tables: &[(String, &Quota, Option<&Quota>)]) -> Vec<Strin
 /// One line: the engine, the manager, the node API and agent templates (and the TLS files
 /// when a `tcp://` address needs them), and the nodes named apart.
 fn describe(swarm: &SwarmConfig) -> String {
-    let mut line = format!(
-        "cluster: engine \"swarm\", manager {}, node API {}",
-        swarm.manager,
-        swarm.node_api.as_str()
-    );
-    if !swarm.nodes.is_empty() {
-        let named: Vec<String> = swarm
-            .nodes
+    // ` (n2 at ADDR, n3 at ADDR)` for the nodes named apart, nothing when none is.
+    let apart = |nodes: &std::collections::BTreeMap<String, EngineAddr>| {
+        if nodes.is_empty() {
+            return String::new();
+        }
+        let named: Vec<String> = nodes
             .iter()
-            .map(|(host, api)| format!("{host} at {api}"))
+            .map(|(host, addr)| format!("{host} at {addr}"))
             .collect();
-        line.push_str(&format!(" ({})", named.join(", ")));
-    }
+        format!(" ({})", named.join(", "))
+    };
+    let mut line = format!(
+        "cluster: engine \"swarm\", manager {}, node API {}{}",
+        swarm.manager,
+        swarm.node_api.as_str(),
+        apart(&swarm.nodes)
+    );
     match &swarm.node_agent {
         Some(agent) => line.push_str(&format!(", node agents {}", agent.as_str())),
         None if swarm.agents.is_empty() => {
@@ -112,14 +116,7 @@ fn describe(swarm: &SwarmConfig) -> String {
         }
         None => line.push_str(", node agents"),
     }
-    if !swarm.agents.is_empty() {
-        let named: Vec<String> = swarm
-            .agents
-            .iter()
-            .map(|(host, agent)| format!("{host} at {agent}"))
-            .collect();
-        line.push_str(&format!(" ({})", named.join(", ")));
-    }
+    line.push_str(&apart(&swarm.agents));
     if swarm.uses_tcp() {
         line.push_str(&format!(", TLS from {}", swarm.tls_dir.display()));
     }

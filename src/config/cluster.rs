@@ -402,12 +402,17 @@ impl<'de> Deserialize<'de> for Engine {
 #[derive(Debug, Clone)]
 pub(super) struct RawAddr(pub(super) EngineAddr);
 
+/// A string, checked by `parse` as it is read (its error is the key's).
+fn parsed<'de, D: Deserializer<'de>, T>(
+    d: D,
+    parse: impl FnOnce(&str) -> Result<T, String>,
+) -> Result<T, D::Error> {
+    parse(&String::deserialize(d)?).map_err(de::Error::custom)
+}
+
 impl<'de> Deserialize<'de> for RawAddr {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        EngineAddr::parse(&s)
-            .map(RawAddr)
-            .map_err(de::Error::custom)
+        parsed(d, EngineAddr::parse).map(RawAddr)
     }
 }
 
@@ -417,10 +422,7 @@ pub(super) struct RawNodeApi(pub(super) NodeApi);
 
 impl<'de> Deserialize<'de> for RawNodeApi {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        NodeApi::parse(&s)
-            .map(RawNodeApi)
-            .map_err(de::Error::custom)
+        parsed(d, NodeApi::parse).map(RawNodeApi)
     }
 }
 
@@ -430,10 +432,7 @@ pub(super) struct RawNodeAgent(pub(super) NodeApi);
 
 impl<'de> Deserialize<'de> for RawNodeAgent {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        NodeApi::parse_with_port(&s, AGENT_PORT)
-            .map(RawNodeAgent)
-            .map_err(de::Error::custom)
+        parsed(d, |s| NodeApi::parse_with_port(s, AGENT_PORT)).map(RawNodeAgent)
     }
 }
 
@@ -443,10 +442,7 @@ pub(super) struct RawAgentAddr(pub(super) EngineAddr);
 
 impl<'de> Deserialize<'de> for RawAgentAddr {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        EngineAddr::parse_with_port(&s, AGENT_PORT)
-            .map(RawAgentAddr)
-            .map_err(de::Error::custom)
+        parsed(d, |s| EngineAddr::parse_with_port(s, AGENT_PORT)).map(RawAgentAddr)
     }
 }
 
