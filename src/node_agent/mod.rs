@@ -285,16 +285,10 @@ fn bind_private(path: &Path) -> io::Result<UnixListener> {
 
 /// The agent's TLS: its certificate, and client certificates required, signed by `ca`.
 fn server_tls(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, String> {
-    use crate::runtime::docker::dial::{read_certs, read_key, ring};
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in read_certs(&files.ca)? {
-        roots
-            .add(ca)
-            .map_err(|e| format!("{}: {e}", files.ca.display()))?;
-    }
+    use crate::runtime::docker::dial::{read_certs, read_key, read_roots, ring};
     let provider = ring();
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots),
+        Arc::new(read_roots(&files.ca)?),
         provider.clone(),
     )
     .build()

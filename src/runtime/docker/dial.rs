@@ -97,16 +97,13 @@ impl Dial {
                     let tcp = TcpStream::connect((host.as_str(), *port)).await?;
                     keepalive(&tcp)?;
                     tcp.set_nodelay(true)?;
-                    if bulk {
+                    let s: BoxedStream = if bulk {
                         let tcp = tokio::io::BufReader::with_capacity(BULK_READ, tcp);
-                        let s: BoxedStream =
-                            Box::new(connector.connect(server.clone(), tcp).await?);
-                        Ok(s)
+                        Box::new(connector.connect(server.clone(), tcp).await?)
                     } else {
-                        let s: BoxedStream =
-                            Box::new(connector.connect(server.clone(), tcp).await?);
-                        Ok(s)
-                    }
+                        Box::new(connector.connect(server.clone(), tcp).await?)
+                    };
+                    Ok(s)
                 };
                 tokio::time::timeout(timeout, open)
                     .await
@@ -180,12 +177,7 @@ pub(crate) fn keepalive(tcp: &TcpStream) -> io::Result<()> {
 /// `DOCKER_CERT_PATH` layout); an error names the file and what is wrong with it.
 pub fn tls_config(dir: &Path) -> Result<Arc<rustls::ClientConfig>, String> {
     let file = |name: &str| dir.join(name);
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in read_certs(&file("ca.pem"))? {
-        roots
-            .add(ca)
-            .map_err(|e| format!("{}: {e}", file("ca.pem").display()))?;
-    }
+    let roots = read_roots(&file("ca.pem"))?;
     let chain = read_certs(&file("cert.pem"))?;
     let key = read_key(&file("key.pem"))?;
     let config = rustls::ClientConfig::builder_with_provider(ring())
@@ -206,6 +198,17 @@ pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
         return Err(format!("{}: no certificate in it", path.display()));
     }
     Ok(certs)
+}
+
+/// The CA certificates in the PEM file at `path`, as trust roots.
+pub fn read_roots(path: &Path) -> Result<rustls::RootCertStore, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in read_certs(path)? {
+        roots
+            .add(ca)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(roots)
 }
 
 /// The private key in the PEM file at `path`.

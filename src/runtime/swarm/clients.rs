@@ -79,29 +79,29 @@ impl Clients {
             .cloned()
     }
 
+    /// How to open connections to `addr` (TLS from `tls_dir` for `tcp://`).
+    async fn dial(&self, addr: &EngineAddr) -> Result<Dial, RuntimeError> {
+        match addr {
+            EngineAddr::Unix(path) => Ok(Dial::Unix(path.clone())),
+            EngineAddr::Tcp { host, port } => Dial::tls(host, *port, self.tls().await?)
+                .map_err(|e| RuntimeError::Unavailable(format!("{addr}: {e}"))),
+        }
+    }
+
     /// A negotiated client of the API at `addr`, and how to dial it.
     async fn connect(&self, addr: &EngineAddr) -> Result<(Docker, Dial, String), RuntimeError> {
         let secs = self.timeout.as_secs().max(1);
         let unreachable = |e: BollardError| RuntimeError::Unavailable(format!("{addr}: {e}"));
-        let (docker, dial) = match addr {
-            EngineAddr::Unix(path) => (
-                Docker::connect_with_unix(
-                    &path.to_string_lossy(),
-                    secs,
-                    bollard::API_DEFAULT_VERSION,
-                )
-                .map_err(unreachable)?,
-                Dial::Unix(path.clone()),
+        let dial = self.dial(addr).await?;
+        let docker = match addr {
+            EngineAddr::Unix(path) => Docker::connect_with_unix(
+                &path.to_string_lossy(),
+                secs,
+                bollard::API_DEFAULT_VERSION,
             ),
-            EngineAddr::Tcp { host, port } => {
-                let dial = Dial::tls(host, *port, self.tls().await?)
-                    .map_err(|e| RuntimeError::Unavailable(format!("{addr}: {e}")))?;
-                (
-                    docker_over(dial.clone(), self.timeout).map_err(unreachable)?,
-                    dial,
-                )
-            }
-        };
+            EngineAddr::Tcp { .. } => docker_over(dial.clone(), self.timeout),
+        }
+        .map_err(unreachable)?;
         let docker = docker.negotiate_version().await.map_err(unreachable)?;
         let v = docker.client_version();
         let version = format!("v{}.{}", v.major_version, v.minor_version);
@@ -225,14 +225,7 @@ impl Clients {
                 return None;
             }
         };
-        let dial = match &at {
-            EngineAddr::Unix(path) => Ok(Dial::Unix(path.clone())),
-            EngineAddr::Tcp { host, port } => match self.tls().await {
-                Ok(tls) => Dial::tls(host, *port, tls),
-                Err(e) => Err(e.to_string()),
-            },
-        };
-        match dial {
+        match self.dial(&at).await {
             Ok(dial) => Some(Arc::new(super::tunnel::NodeAgent::new(
                 hostname.to_owned(),
                 dial,
