@@ -1022,6 +1022,42 @@ pub fn cpu_ms(pid: u32) -> u64 {
     ticks * 10
 }
 
+/// Host PIDs of the processes of container `name` on the machine's engine (its cgroup).
+pub fn container_processes(name: &str) -> Vec<u32> {
+    let out = Command::new("docker")
+        .args(["inspect", "-f", "{{.Id}}", name])
+        .output()
+        .unwrap();
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(!id.is_empty(), "no container {name}");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|c| c.contains(&id))
+        })
+        .collect()
+}
+
+/// Restricts every thread of process `pid` to `cpus` (children it forks later inherit it).
+/// A process that ended meanwhile is skipped.
+pub fn pin(pid: u32, cpus: &[usize]) {
+    let mut set = nix::sched::CpuSet::new();
+    for &c in cpus {
+        set.set(c).unwrap();
+    }
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) {
+            let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(tid), &set);
+        }
+    }
+}
+
 /// The median of `v` (NaN when empty).
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);

@@ -1,8 +1,9 @@
-//! Connections of labgate's own to a Docker API, for what bollard's client does not carry
-//! (the hijacked exec stream): the engine's unix socket, or a swarm node's `tcp://` API with
-//! TLS (client certificate from `[cluster] tls_dir`). A TCP connection gets keepalives and a
-//! user timeout, so one to a node whose network vanished ends within about
-//! [`DEAD_PEER_AFTER`] instead of hanging for the kernel's minutes.
+//! Connections of labgate's own to a Docker API: the engine's unix socket, or a swarm node's
+//! `tcp://` API with TLS (client certificate from `[cluster] tls_dir`). [`Dial`] opens one
+//! (the hijacked exec stream, a forward's bulk bytes); [`Api`] keeps a pool of them for
+//! bollard's calls and labgate's own requests. A TCP connection gets keepalives and a user
+//! timeout, so one to a node whose network vanished ends within about [`DEAD_PEER_AFTER`]
+//! instead of hanging for the kernel's minutes.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -114,52 +115,210 @@ impl Dial {
     }
 }
 
-/// A bollard client whose requests go over connections of `dial`'s (one per request: TLS
-/// with `TCP_NODELAY` and session resumption costs about a round trip, where bollard's own
-/// TLS transport, with Nagle's algorithm on, waited for a delayed ACK on every call).
-pub fn docker_over(
-    dial: Dial,
+/// The request body of bollard's calls, which [`Api`]'s pool also carries for labgate's own.
+type Body = http_body_util::Either<
+    http_body_util::Full<bytes::Bytes>,
+    http_body_util::StreamBody<
+        std::pin::Pin<
+            Box<
+                dyn futures::Stream<Item = Result<hyper::body::Frame<bytes::Bytes>, io::Error>>
+                    + Send,
+            >,
+        >,
+    >,
+>;
+
+/// A Docker API reached by a [`Dial`], its HTTP/1.1 connections kept open between calls
+/// (idle ones closed after [`POOL_IDLE`]): a new TLS connection costs a handshake of several
+/// milliseconds, and a warm login makes four calls to its node. Connections get
+/// `TCP_NODELAY` and the keepalives of [`keepalive`] (see [`Dial`]), so a pooled connection
+/// to a node that vanished errs instead of hanging. Bollard's calls ([`Api::docker`]) and
+/// labgate's own ([`Api::call`]) share the pool.
+#[derive(Clone)]
+pub struct Api {
+    client: hyper_util::client::legacy::Client<Connector, Body>,
+    dial: Arc<Dial>,
     timeout: Duration,
-) -> Result<bollard::Docker, bollard::errors::Error> {
-    let dial = Arc::new(dial);
-    bollard::Docker::connect_with_custom_transport(
-        move |req: bollard::BollardRequest| {
-            let dial = dial.clone();
-            async move {
-                let io_err = |err: io::Error| bollard::errors::Error::IOError { err };
-                let (mut parts, body) = req.into_parts();
-                // Origin form and a Host header, as the Engine's HTTP/1.1 server expects.
-                let path = parts
-                    .uri
-                    .path_and_query()
-                    .map_or("/", |p| p.as_str())
-                    .parse::<hyper::Uri>()
-                    .map_err(|e| io_err(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
-                parts.uri = path;
-                parts.headers.insert(
-                    hyper::header::HOST,
-                    hyper::header::HeaderValue::from_static("docker"),
-                );
-                let stream = dial.connect(timeout).await.map_err(io_err)?;
-                let (mut sender, conn) =
-                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                        .await
-                        .map_err(|err| bollard::errors::Error::HyperResponseError { err })?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!("engine connection ended: {e}");
-                    }
+}
+
+impl std::fmt::Debug for Api {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.dial.fmt(f)
+    }
+}
+
+/// An answer of [`Api::call`]: status, headers, body.
+pub struct Answer {
+    /// The HTTP status.
+    pub status: hyper::StatusCode,
+    /// The headers.
+    pub headers: hyper::HeaderMap,
+    /// The whole body.
+    pub body: bytes::Bytes,
+}
+
+impl Api {
+    /// The API at `dial`; every call within `timeout`. Nothing is connected yet.
+    pub fn new(dial: Dial, timeout: Duration) -> Api {
+        let dial = Arc::new(dial);
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .pool_idle_timeout(POOL_IDLE)
+                .pool_max_idle_per_host(POOL_MAX_IDLE)
+                .build(Connector {
+                    dial: dial.clone(),
+                    timeout,
                 });
-                sender
-                    .send_request(hyper::Request::from_parts(parts, body))
-                    .await
-                    .map_err(|err| bollard::errors::Error::HyperResponseError { err })
+        Api {
+            client,
+            dial,
+            timeout,
+        }
+    }
+
+    /// A bollard client whose calls go over the pool.
+    pub fn docker(&self) -> Result<bollard::Docker, bollard::errors::Error> {
+        let api = self.clone();
+        bollard::Docker::connect_with_custom_transport(
+            move |req: bollard::BollardRequest| {
+                let api = api.clone();
+                async move {
+                    api.send(req)
+                        .await
+                        .map_err(|err| bollard::errors::Error::HyperLegacyError { err })
+                }
+            },
+            Some("http://docker"),
+            self.timeout.as_secs().max(1),
+            bollard::API_DEFAULT_VERSION,
+        )
+    }
+
+    /// `method path` (origin form, `/v1.41/...`) with no body, its whole answer read, within
+    /// the timeout.
+    pub async fn call(&self, method: hyper::Method, path: &str) -> io::Result<Answer> {
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .body(http_body_util::Either::Left(http_body_util::Full::new(
+                bytes::Bytes::new(),
+            )))
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let ask = async {
+            use http_body_util::BodyExt;
+            let resp = self.send(req).await.map_err(io::Error::other)?;
+            let (parts, body) = resp.into_parts();
+            let body = body.collect().await.map_err(io::Error::other)?.to_bytes();
+            Ok(Answer {
+                status: parts.status,
+                headers: parts.headers,
+                body,
+            })
+        };
+        tokio::time::timeout(self.timeout, ask)
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no answer"))?
+    }
+
+    /// Sends `req` on a pooled connection (its authority replaced: one pool key whatever
+    /// bollard wrote; the engine reads no Host).
+    async fn send(
+        &self,
+        mut req: hyper::Request<Body>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error> {
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        if let Ok(uri) = format!("http://docker{path}").parse() {
+            *req.uri_mut() = uri;
+        }
+        self.client.request(req).await
+    }
+}
+
+/// `s` escaped for a URL's query.
+pub fn escape_query(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
             }
-        },
-        Some("http://docker"),
-        timeout.as_secs().max(1),
-        bollard::API_DEFAULT_VERSION,
-    )
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}
+
+/// How long a pooled API connection may sit idle before it is closed.
+pub const POOL_IDLE: Duration = Duration::from_secs(30);
+
+/// Idle API connections kept per engine.
+const POOL_MAX_IDLE: usize = 4;
+
+/// Opens the connections of an [`Api`]'s pool.
+#[derive(Clone)]
+struct Connector {
+    dial: Arc<Dial>,
+    timeout: Duration,
+}
+
+impl tower_service::Service<hyper::Uri> for Connector {
+    type Response = hyper_util::rt::TokioIo<Pooled>;
+    type Error = io::Error;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: hyper::Uri) -> Self::Future {
+        let (dial, timeout) = (self.dial.clone(), self.timeout);
+        Box::pin(async move {
+            let stream = dial.connect(timeout).await?;
+            Ok(hyper_util::rt::TokioIo::new(Pooled(stream)))
+        })
+    }
+}
+
+/// A connection in an [`Api`]'s pool.
+struct Pooled(BoxedStream);
+
+impl hyper_util::client::legacy::connect::Connection for Pooled {
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        hyper_util::client::legacy::connect::Connected::new()
+    }
+}
+
+impl tokio::io::AsyncRead for Pooled {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Pooled {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
 }
 
 /// Keepalives and a user timeout on `tcp` (see [`DEAD_PEER_AFTER`]).

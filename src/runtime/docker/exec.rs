@@ -88,7 +88,7 @@ pub(crate) async fn start_attached(
             .map(|r| r.map(ExecOutput::Stdout))
             .boxed()
     } else {
-        FramedRead::with_capacity(read, Demux, 64 * 1024).boxed()
+        FramedRead::with_capacity(read, Demux::default(), FIRST_READ).boxed()
     };
     Ok((output, write))
 }
@@ -97,16 +97,48 @@ fn serde_json_body(tty: bool) -> String {
     format!("{{\"Detach\":false,\"Tty\":{tty}}}")
 }
 
+/// The first read buffer of an exec's output: what an idle session holds (a fixed 64 KiB
+/// buffer cost each idle session about 60 KiB of the gateway's memory).
+const FIRST_READ: usize = 8 * 1024;
+
+/// The most an exec's output is read at once: reads that keep filling the buffer double it
+/// up to this.
+const MAX_READ: usize = 64 * 1024;
+
 /// Decoder of the Engine's multiplexed stdout/stderr stream: frames of
-/// `[stream, 0, 0, 0, len (u32 big-endian)]` followed by `len` bytes.
-#[derive(Debug, Default)]
-pub struct Demux;
+/// `[stream, 0, 0, 0, len (u32 big-endian)]` followed by `len` bytes. It keeps room for the
+/// next read: [`FIRST_READ`], doubled up to [`MAX_READ`] each time a read fills the buffer.
+#[derive(Debug)]
+pub struct Demux {
+    /// Room kept for the next read.
+    read: usize,
+}
+
+impl Default for Demux {
+    fn default() -> Self {
+        Demux { read: FIRST_READ }
+    }
+}
 
 impl Decoder for Demux {
     type Item = ExecOutput;
     type Error = io::Error;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<ExecOutput>, io::Error> {
+        if src.len() == src.capacity() {
+            self.read = (self.read * 2).min(MAX_READ);
+        }
+        let frame = Self::frame(src);
+        if src.capacity() - src.len() < self.read {
+            src.reserve(self.read);
+        }
+        frame
+    }
+}
+
+impl Demux {
+    /// The next whole frame of `src`, stdin echoes skipped.
+    fn frame(src: &mut BytesMut) -> Result<Option<ExecOutput>, io::Error> {
         loop {
             let Some(header) = src.get(..8) else {
                 return Ok(None);
@@ -337,7 +369,7 @@ mod tests {
         let mut buf = BytesMut::new();
         buf.extend_from_slice(&frame(1, b"\x01\x02\x03abc"));
         buf.extend_from_slice(&frame(2, b"oops\n"));
-        let mut d = Demux;
+        let mut d = Demux::default();
         assert_eq!(
             d.decode(&mut buf).unwrap(),
             Some(ExecOutput::Stdout(Bytes::from_static(b"\x01\x02\x03abc")))
@@ -353,7 +385,7 @@ mod tests {
     fn demux_waits_for_whole_frames() {
         let all = frame(1, b"hello world");
         let mut buf = BytesMut::from(&all[..5]);
-        let mut d = Demux;
+        let mut d = Demux::default();
         assert_eq!(d.decode(&mut buf).unwrap(), None);
         buf.extend_from_slice(&all[5..12]);
         assert_eq!(d.decode(&mut buf).unwrap(), None);
@@ -365,8 +397,30 @@ mod tests {
     }
 
     #[test]
+    fn demux_reads_more_at_once_while_reads_fill_its_buffer_and_an_idle_one_stays_small() {
+        // Idle: an empty buffer keeps the first read's room.
+        let mut d = Demux::default();
+        let mut idle = BytesMut::with_capacity(FIRST_READ);
+        assert!(d.decode(&mut idle).unwrap().is_none());
+        assert!(idle.capacity() < 2 * FIRST_READ);
+        // Bulk: each read that filled the buffer doubles the room kept, up to MAX_READ.
+        let mut room = Vec::new();
+        for _ in 0..6 {
+            let mut full = BytesMut::from(&frame(1, &[7; 100])[..]);
+            assert_eq!(full.len(), full.capacity());
+            assert!(d.decode(&mut full).unwrap().is_some());
+            room.push(full.capacity() - full.len());
+        }
+        assert_eq!(
+            room,
+            [16, 32, 64, 64, 64, 64].map(|k| k * 1024),
+            "room kept after each full read"
+        );
+    }
+
+    #[test]
     fn demux_rejects_garbage_stream_ids() {
         let mut buf = BytesMut::from(&frame(7, b"x")[..]);
-        assert!(Demux.decode(&mut buf).is_err());
+        assert!(Demux::default().decode(&mut buf).is_err());
     }
 }

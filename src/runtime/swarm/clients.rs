@@ -11,15 +11,12 @@ use bollard::Docker;
 use bollard::errors::Error as BollardError;
 use bollard::models::{Service, Task};
 use bollard::query_parameters::{ListNodesOptions, ListServicesOptions};
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
 use tokio::sync::OnceCell;
 
 use super::cluster::View;
 use crate::config::cluster::{EngineAddr, SwarmConfig};
 use crate::runtime::RuntimeError;
-use crate::runtime::docker::dial::{Dial, docker_over, tls_config};
+use crate::runtime::docker::dial::{Api, Dial, escape_query, tls_config};
 use crate::runtime::docker::labels::LABEL_MANAGED;
 
 /// A node's own API.
@@ -30,6 +27,8 @@ pub struct NodeClient {
     pub docker: Docker,
     /// Where labgate opens exec streams.
     pub dial: Dial,
+    /// Its API's pooled connections, for the calls bollard does not make.
+    pub api: Api,
     /// The negotiated API version prefix (`v1.41`).
     pub version: String,
     /// Its `labgate node-agent`, where `[cluster] node_agent` says the nodes run one.
@@ -40,9 +39,21 @@ pub struct NodeClient {
 pub struct Clients {
     config: SwarmConfig,
     timeout: Duration,
-    manager: OnceCell<(Docker, Dial, String)>,
+    manager: OnceCell<Connected>,
     tls: OnceCell<Arc<rustls::ClientConfig>>,
     nodes: tokio::sync::Mutex<HashMap<String, Arc<NodeClient>>>,
+}
+
+/// A negotiated client of one Docker API.
+struct Connected {
+    /// Bollard's client.
+    docker: Docker,
+    /// How to open connections of labgate's own (exec streams).
+    dial: Dial,
+    /// The pooled connections, for the calls bollard does not make.
+    api: Api,
+    /// The negotiated API version prefix (`v1.41`).
+    version: String,
 }
 
 /// Maps a bollard error from `what`: an engine's answer stays an engine error, the rest
@@ -89,31 +100,37 @@ impl Clients {
     }
 
     /// A negotiated client of the API at `addr`, and how to dial it.
-    async fn connect(&self, addr: &EngineAddr) -> Result<(Docker, Dial, String), RuntimeError> {
+    async fn connect(&self, addr: &EngineAddr) -> Result<Connected, RuntimeError> {
         let secs = self.timeout.as_secs().max(1);
         let unreachable = |e: BollardError| RuntimeError::Unavailable(format!("{addr}: {e}"));
         let dial = self.dial(addr).await?;
+        let api = Api::new(dial.clone(), self.timeout);
         let docker = match addr {
             EngineAddr::Unix(path) => Docker::connect_with_unix(
                 &path.to_string_lossy(),
                 secs,
                 bollard::API_DEFAULT_VERSION,
             ),
-            EngineAddr::Tcp { .. } => docker_over(dial.clone(), self.timeout),
+            EngineAddr::Tcp { .. } => api.docker(),
         }
         .map_err(unreachable)?;
         let docker = docker.negotiate_version().await.map_err(unreachable)?;
         let v = docker.client_version();
         let version = format!("v{}.{}", v.major_version, v.minor_version);
-        Ok((docker, dial, version))
+        Ok(Connected {
+            docker,
+            dial,
+            api,
+            version,
+        })
     }
 
     /// The manager's client, how to dial it, its API version.
-    async fn manager_api(&self) -> Result<&(Docker, Dial, String), RuntimeError> {
+    async fn manager_api(&self) -> Result<&Connected, RuntimeError> {
         self.manager
             .get_or_try_init(|| async {
                 let api = self.connect(&self.config.manager).await?;
-                tracing::info!(api = %api.2, manager = %self.config.manager, "connected to the swarm manager");
+                tracing::info!(api = %api.version, manager = %self.config.manager, "connected to the swarm manager");
                 Ok(api)
             })
             .await
@@ -121,25 +138,33 @@ impl Clients {
 
     /// The manager's client.
     pub async fn manager(&self) -> Result<&Docker, RuntimeError> {
-        Ok(&self.manager_api().await?.0)
+        Ok(&self.manager_api().await?.docker)
     }
 
     /// The tasks of service `name` that should run (one manager call: a warm login's).
     pub async fn tasks_to_run(&self, name: &str) -> Result<Vec<Task>, RuntimeError> {
-        let (_, dial, version) = self.manager_api().await?;
+        let manager = self.manager_api().await?;
         let filters =
             serde_json::json!({ "service": [name], "desired-state": ["running"] }).to_string();
-        let path = format!("/{version}/tasks?filters={}", url_escape(&filters));
-        tasks_of(get_json(dial, &path, self.timeout).await?)
+        let path = format!(
+            "/{}/tasks?filters={}",
+            manager.version,
+            escape_query(&filters)
+        );
+        tasks_of(get_json(&manager.api, &path).await?)
     }
 
     /// The tasks of `services`. Asked without bollard: Engine API before 1.42 names a task's
     /// GPUs `GenericResources`, later ones `AssignedGenericResources` (bollard's only name).
     async fn tasks(&self, services: Vec<String>) -> Result<Vec<Task>, RuntimeError> {
-        let (_, dial, version) = self.manager_api().await?;
+        let manager = self.manager_api().await?;
         let filters = serde_json::json!({ "service": services }).to_string();
-        let path = format!("/{version}/tasks?filters={}", url_escape(&filters));
-        tasks_of(get_json(dial, &path, self.timeout).await?)
+        let path = format!(
+            "/{}/tasks?filters={}",
+            manager.version,
+            escape_query(&filters)
+        );
+        tasks_of(get_json(&manager.api, &path).await?)
     }
 
     /// The services labgate manages.
@@ -193,7 +218,12 @@ impl Clients {
             .config
             .node_addr(&hostname, &addr)
             .map_err(|e| RuntimeError::Unavailable(format!("node {hostname}'s API: {e}")))?;
-        let (docker, dial, version) = self.connect(&api).await.map_err(|e| match e {
+        let Connected {
+            docker,
+            dial,
+            api: pool,
+            version,
+        } = self.connect(&api).await.map_err(|e| match e {
             RuntimeError::Unavailable(why) => {
                 RuntimeError::Unavailable(format!("node {hostname} ({why})"))
             }
@@ -205,6 +235,7 @@ impl Clients {
             hostname,
             docker,
             dial,
+            api: pool,
             version,
             agent,
         });
@@ -258,62 +289,20 @@ fn tasks_of(mut json: serde_json::Value) -> Result<Vec<Task>, RuntimeError> {
         .map_err(|e| RuntimeError::Engine(format!("swarm manager: tasks: {e}")))
 }
 
-/// `s` escaped for a URL's query.
-fn url_escape(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            other => format!("%{other:02X}"),
-        })
-        .collect()
-}
-
-/// `GET path` of the API at `dial`, as JSON, within `timeout`.
-async fn get_json(
-    dial: &Dial,
-    path: &str,
-    timeout: Duration,
-) -> Result<serde_json::Value, RuntimeError> {
-    let unreachable =
-        |e: &dyn std::fmt::Display| RuntimeError::Unavailable(format!("{dial:?}: {e}"));
-    let ask = async {
-        let stream = dial.connect(timeout).await.map_err(|e| unreachable(&e))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| unreachable(&e))?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!("engine connection ended: {e}");
-            }
-        });
-        let req = hyper::Request::get(path)
-            .header(hyper::header::HOST, "docker")
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| RuntimeError::Engine(e.to_string()))?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| unreachable(&e))?;
-        let status = resp.status();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| unreachable(&e))?
-            .to_bytes();
-        if !status.is_success() {
-            return Err(RuntimeError::Engine(format!(
-                "{dial:?}: {status}: {}",
-                String::from_utf8_lossy(&body).trim()
-            )));
-        }
-        serde_json::from_slice(&body).map_err(|e| RuntimeError::Engine(format!("{dial:?}: {e}")))
-    };
-    tokio::time::timeout(timeout, ask)
+/// `GET path` of `api`, as JSON.
+async fn get_json(api: &Api, path: &str) -> Result<serde_json::Value, RuntimeError> {
+    let answer = api
+        .call(hyper::Method::GET, path)
         .await
-        .map_err(|_| unreachable(&"no answer in time"))?
+        .map_err(|e| RuntimeError::Unavailable(format!("{api:?}: {e}")))?;
+    if !answer.status.is_success() {
+        return Err(RuntimeError::Engine(format!(
+            "{api:?}: {}: {}",
+            answer.status,
+            String::from_utf8_lossy(&answer.body).trim()
+        )));
+    }
+    serde_json::from_slice(&answer.body).map_err(|e| RuntimeError::Engine(format!("{api:?}: {e}")))
 }
 
 #[cfg(test)]
@@ -343,7 +332,7 @@ mod tests {
     #[test]
     fn filters_are_escaped_for_the_query() {
         assert_eq!(
-            url_escape(r#"{"service":["a b"]}"#),
+            escape_query(r#"{"service":["a b"]}"#),
             "%7B%22service%22%3A%5B%22a%20b%22%5D%7D"
         );
     }

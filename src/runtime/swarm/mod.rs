@@ -182,7 +182,8 @@ impl SwarmRuntime {
         }
     }
 
-    /// The login shell of `container` on `node` (see `Shells`), asked with an exec.
+    /// The login shell of `container` on `node` (see `Shells`): from the node's stat of
+    /// `/bin/bash`, else asked with an exec.
     async fn shell_of(
         &self,
         node: &NodeClient,
@@ -190,7 +191,13 @@ impl SwarmRuntime {
         spec: &ContainerSpec,
     ) -> Result<String, RuntimeError> {
         let has_bash = async {
-            crate::runtime::docker::shell::has_bash(&node.docker, container)
+            use crate::runtime::docker::shell;
+            if let Some(bash) =
+                shell::executable_by_stat(&node.api, &node.version, container, "/bin/bash").await
+            {
+                return Ok(bash);
+            }
+            shell::has_bash(&node.docker, container)
                 .await
                 .map_err(|e| match e {
                     crate::runtime::docker::exec::DetachedError::Engine(e) => {

@@ -341,6 +341,30 @@ impl SwarmRuntime {
         })
     }
 
+    /// `task`'s ID and where it will run, when it is on its node but not yet running (its
+    /// container's ID is not known yet: the node's start event gives it).
+    fn assigned(&self, task: &bollard::models::Task) -> Option<(String, Placed)> {
+        let state = task.status.as_ref()?.state?;
+        if !(TaskState::ASSIGNED..TaskState::RUNNING).contains(&state) {
+            return None;
+        }
+        Some((
+            task.id.clone().filter(|id| !id.is_empty())?,
+            Placed {
+                node: task.node_id.clone().filter(|n| !n.is_empty())?,
+                container: String::new(),
+                outcome: EnsureOutcome::Running,
+                gpus: super::cluster::named_of_kind(
+                    task.assigned_generic_resources.as_ref(),
+                    &self.config.gpu_resource,
+                ),
+                recreated_from: None,
+                remade_for: Vec::new(),
+                pending_image: None,
+            },
+        ))
+    }
+
     /// Where `task` runs, when it runs (its container made, on a node).
     fn placed(&self, task: &bollard::models::Task) -> Option<Placed> {
         let status = task.status.as_ref()?;
@@ -406,19 +430,18 @@ impl SwarmRuntime {
         let mut said = String::new();
         let mut next_look = started + Duration::from_millis(300);
         let mut failed_before = None;
+        let mut watch = StartWatch::default();
         loop {
             // One light call per poll; the whole swarm (why it waits) twice a second.
-            if let Some(placed) = self
-                .clients
-                .tasks_to_run(&spec.name)
-                .await?
-                .iter()
-                .find_map(|t| self.placed(t))
-            {
+            let tasks = self.clients.tasks_to_run(&spec.name).await?;
+            if let Some(placed) = tasks.iter().find_map(|t| self.placed(t)) {
                 return Ok(placed);
             }
+            watch.follow(&self.clients, tasks.iter().find_map(|t| self.assigned(t)));
             if Instant::now() < next_look {
-                tokio::time::sleep(POLL).await;
+                if let Some(placed) = watch.pause(POLL).await {
+                    return Ok(placed);
+                }
                 continue;
             }
             next_look = Instant::now() + Duration::from_millis(500);
@@ -499,7 +522,87 @@ impl SwarmRuntime {
                 });
                 said = reason;
             }
-            tokio::time::sleep(POLL).await;
+            if let Some(placed) = watch.pause(POLL).await {
+                return Ok(placed);
+            }
         }
     }
+}
+
+/// A task's container start, watched on its node's own event stream: the node knows it
+/// tens of milliseconds (sometimes over a hundred) before the manager's task list says so.
+/// The manager's list still decides when the watch has nothing to say.
+#[derive(Default)]
+struct StartWatch {
+    /// The task watched.
+    task: Option<String>,
+    /// Where its container runs, once its node says it started; `None` when the watch ended
+    /// without news (the node did not answer...).
+    seen: Option<std::pin::Pin<Box<dyn std::future::Future<Output = Option<Placed>> + Send>>>,
+}
+
+impl StartWatch {
+    /// Watches `assigned` (a task on its node, and where it will run) unless it already does.
+    fn follow(&mut self, clients: &Arc<Clients>, assigned: Option<(String, Placed)>) {
+        let Some((task, placed)) = assigned else {
+            return;
+        };
+        if self.task.as_deref() == Some(task.as_str()) {
+            return;
+        }
+        self.task = Some(task.clone());
+        let clients = clients.clone();
+        self.seen = Some(Box::pin(async move {
+            let node = clients.node(&placed.node).await.ok()?;
+            let container = started_container(&node, &task).await?;
+            Some(Placed {
+                container,
+                ..placed
+            })
+        }));
+    }
+
+    /// Waits `pause`, or less when the watched container starts meanwhile.
+    async fn pause(&mut self, pause: Duration) -> Option<Placed> {
+        let Some(seen) = self.seen.as_mut() else {
+            tokio::time::sleep(pause).await;
+            return None;
+        };
+        tokio::select! {
+            () = tokio::time::sleep(pause) => None,
+            placed = seen => {
+                self.seen = None;
+                placed
+            }
+        }
+    }
+}
+
+/// The ID of task `task`'s container on `node` once it has started: the node's `start`
+/// event for it, replayed when it came before the question (the engine keeps its recent
+/// events; the last five minutes are asked, for clocks that differ between machines).
+async fn started_container(node: &super::clients::NodeClient, task: &str) -> Option<String> {
+    use futures::StreamExt;
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs()
+        .saturating_sub(300);
+    let filters = std::collections::HashMap::from([
+        ("type".to_owned(), vec!["container".to_owned()]),
+        ("event".to_owned(), vec!["start".to_owned()]),
+        (
+            "label".to_owned(),
+            vec![format!("com.docker.swarm.task.id={task}")],
+        ),
+    ]);
+    let mut events = node
+        .docker
+        .events(Some(bollard::query_parameters::EventsOptions {
+            since: Some(since.to_string()),
+            until: None,
+            filters: Some(filters),
+        }));
+    let event = events.next().await?.ok()?;
+    event.actor?.id.filter(|id| !id.is_empty())
 }
