@@ -74,6 +74,8 @@ fn an_edit_applies_to_new_logins_and_a_broken_one_keeps_the_old_config() {
 #[test]
 fn sighup_reloads_too() {
     let gw = Gateway::start(1, "accept_env = [\"TERM\"]", "");
+    // Made first, so the wait below is for the reload, not for a first login's container.
+    assert_eq!(sent_env(&gw), "[]");
     // Change the file without the watcher noticing a difference in timing: then SIGHUP.
     edit(
         &gw,
@@ -92,7 +94,11 @@ fn sighup_reloads_too() {
         "{}",
         gw.log()
     );
-    assert!(eventually(Duration::from_secs(10), || sent_env(&gw) == "[vision]"));
+    assert!(
+        eventually(Duration::from_secs(30), || sent_env(&gw) == "[vision]"),
+        "the reload was not applied; log:\n{}",
+        gw.log()
+    );
 }
 
 #[test]

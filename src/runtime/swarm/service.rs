@@ -348,21 +348,8 @@ impl SwarmRuntime {
         if !(TaskState::ASSIGNED..TaskState::RUNNING).contains(&state) {
             return None;
         }
-        Some((
-            task.id.clone().filter(|id| !id.is_empty())?,
-            Placed {
-                node: task.node_id.clone().filter(|n| !n.is_empty())?,
-                container: String::new(),
-                outcome: EnsureOutcome::Running,
-                gpus: super::cluster::named_of_kind(
-                    task.assigned_generic_resources.as_ref(),
-                    &self.config.gpu_resource,
-                ),
-                recreated_from: None,
-                remade_for: Vec::new(),
-                pending_image: None,
-            },
-        ))
+        let id = task.id.clone().filter(|id| !id.is_empty())?;
+        Some((id, self.on_node(task, String::new())?))
     }
 
     /// Where `task` runs, when it runs (its container made, on a node).
@@ -371,14 +358,15 @@ impl SwarmRuntime {
         if status.state != Some(TaskState::RUNNING) {
             return None;
         }
+        let container = status.container_status.as_ref()?.container_id.clone();
+        self.on_node(task, container.filter(|c| !c.is_empty())?)
+    }
+
+    /// `task` as it runs in `container` on its node, with the GPUs the engine gave it.
+    fn on_node(&self, task: &bollard::models::Task, container: String) -> Option<Placed> {
         Some(Placed {
             node: task.node_id.clone().filter(|n| !n.is_empty())?,
-            container: status
-                .container_status
-                .as_ref()?
-                .container_id
-                .clone()
-                .filter(|c| !c.is_empty())?,
+            container,
             outcome: EnsureOutcome::Running,
             gpus: super::cluster::named_of_kind(
                 task.assigned_generic_resources.as_ref(),
