@@ -1255,10 +1255,11 @@ fn cluster_figures() {
     if cpus.len() >= 2 {
         let (front, back) = cpus.split_at(cpus.len() / 2);
         let mut node_side: Vec<u32> = rig.processes().into_iter().map(|p| p as u32).collect();
-        node_side.extend(common::container_processes(&format!(
-            "labgate-{}",
-            one.users[0]
-        )));
+        node_side.extend(
+            common::container_processes(&format!("labgate-{}", one.users[0]))
+                .into_iter()
+                .map(|p| p as u32),
+        );
         let front_side = [
             c.gw.pid(),
             one.pid(),

@@ -1023,19 +1023,25 @@ pub fn cpu_ms(pid: u32) -> u64 {
 }
 
 /// Host PIDs of the processes of container `name` on the machine's engine (its cgroup).
-pub fn container_processes(name: &str) -> Vec<u32> {
+pub fn container_processes(name: &str) -> Vec<i32> {
     let out = Command::new("docker")
         .args(["inspect", "-f", "{{.Id}}", name])
         .output()
         .unwrap();
     let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     assert!(!id.is_empty(), "no container {name}");
+    processes_in_cgroups_named(&id)
+}
+
+/// Host PIDs of the processes in a cgroup (of any hierarchy) whose path contains `tag`.
+pub fn processes_in_cgroups_named(tag: &str) -> Vec<i32> {
     std::fs::read_dir("/proc")
-        .unwrap()
+        .into_iter()
         .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
         .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|c| c.contains(&id))
+            std::fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|c| c.contains(tag))
         })
         .collect()
 }

@@ -176,6 +176,11 @@ impl Api {
         }
     }
 
+    /// How its connections are opened (also for the streams it does not pool: an exec's).
+    pub fn dial(&self) -> &Dial {
+        &self.dial
+    }
+
     /// A bollard client whose calls go over the pool.
     pub fn docker(&self) -> Result<bollard::Docker, bollard::errors::Error> {
         let api = self.clone();

@@ -25,9 +25,8 @@ pub struct NodeClient {
     pub hostname: String,
     /// The client for ordinary calls.
     pub docker: Docker,
-    /// Where labgate opens exec streams.
-    pub dial: Dial,
-    /// Its API's pooled connections, for the calls bollard does not make.
+    /// Its API's pooled connections, for the calls bollard does not make; its `dial` opens
+    /// the exec streams.
     pub api: Api,
     /// The negotiated API version prefix (`v1.41`).
     pub version: String,
@@ -48,8 +47,6 @@ pub struct Clients {
 struct Connected {
     /// Bollard's client.
     docker: Docker,
-    /// How to open connections of labgate's own (exec streams).
-    dial: Dial,
     /// The pooled connections, for the calls bollard does not make.
     api: Api,
     /// The negotiated API version prefix (`v1.41`).
@@ -99,7 +96,7 @@ impl Clients {
         }
     }
 
-    /// A negotiated client of the API at `addr`, and how to dial it.
+    /// A negotiated client of the API at `addr`, and its pooled connections.
     async fn connect(&self, addr: &EngineAddr) -> Result<Connected, RuntimeError> {
         let secs = self.timeout.as_secs().max(1);
         let unreachable = |e: BollardError| RuntimeError::Unavailable(format!("{addr}: {e}"));
@@ -119,13 +116,12 @@ impl Clients {
         let version = format!("v{}.{}", v.major_version, v.minor_version);
         Ok(Connected {
             docker,
-            dial,
             api,
             version,
         })
     }
 
-    /// The manager's client, how to dial it, its API version.
+    /// The manager's client, its pooled connections, its API version.
     async fn manager_api(&self) -> Result<&Connected, RuntimeError> {
         self.manager
             .get_or_try_init(|| async {
@@ -143,26 +139,25 @@ impl Clients {
 
     /// The tasks of service `name` that should run (one manager call: a warm login's).
     pub async fn tasks_to_run(&self, name: &str) -> Result<Vec<Task>, RuntimeError> {
-        let manager = self.manager_api().await?;
-        let filters =
-            serde_json::json!({ "service": [name], "desired-state": ["running"] }).to_string();
-        let path = format!(
-            "/{}/tasks?filters={}",
-            manager.version,
-            escape_query(&filters)
-        );
-        tasks_of(get_json(&manager.api, &path).await?)
+        self.tasks_where(serde_json::json!({ "service": [name], "desired-state": ["running"] }))
+            .await
     }
 
-    /// The tasks of `services`. Asked without bollard: Engine API before 1.42 names a task's
-    /// GPUs `GenericResources`, later ones `AssignedGenericResources` (bollard's only name).
+    /// The tasks of `services`.
     async fn tasks(&self, services: Vec<String>) -> Result<Vec<Task>, RuntimeError> {
+        self.tasks_where(serde_json::json!({ "service": services }))
+            .await
+    }
+
+    /// The tasks `filters` select. Asked without bollard: Engine API before 1.42 names a
+    /// task's GPUs `GenericResources`, later ones `AssignedGenericResources` (bollard's only
+    /// name).
+    async fn tasks_where(&self, filters: serde_json::Value) -> Result<Vec<Task>, RuntimeError> {
         let manager = self.manager_api().await?;
-        let filters = serde_json::json!({ "service": services }).to_string();
         let path = format!(
             "/{}/tasks?filters={}",
             manager.version,
-            escape_query(&filters)
+            escape_query(&filters.to_string())
         );
         tasks_of(get_json(&manager.api, &path).await?)
     }
@@ -220,7 +215,6 @@ impl Clients {
             .map_err(|e| RuntimeError::Unavailable(format!("node {hostname}'s API: {e}")))?;
         let Connected {
             docker,
-            dial,
             api: pool,
             version,
         } = self.connect(&api).await.map_err(|e| match e {
@@ -234,7 +228,6 @@ impl Clients {
         let client = Arc::new(NodeClient {
             hostname,
             docker,
-            dial,
             api: pool,
             version,
             agent,

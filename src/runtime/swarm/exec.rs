@@ -72,8 +72,13 @@ pub async fn start(
             other => RuntimeError::Unavailable(format!("node {}: {other}", node.hostname)),
         })?;
     let created_ms = t0.elapsed().as_millis() as u64;
-    let (output, stdin) =
-        start_attached(&node.dial, &node.version, &created.id, req.tty.is_some()).await?;
+    let (output, stdin) = start_attached(
+        node.api.dial(),
+        &node.version,
+        &created.id,
+        req.tty.is_some(),
+    )
+    .await?;
     let control = RemoteExecControl {
         node,
         container: container.to_owned(),

@@ -1,6 +1,6 @@
 //! The host side of the swarm rig: commands (`docker` without the caller's `DOCKER_*`
-//! settings, `ip`), the test process's own cgroups, processes by cgroup, and the checks that
-//! a node answers or a range is free.
+//! settings, `ip`), the test process's own cgroups, and the checks that a node answers or a
+//! range is free. (Processes by cgroup: `common::processes_in_cgroups_named`.)
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -66,19 +66,6 @@ pub(super) fn run(program: &str, args: &[&str]) -> Result<String, String> {
 /// `ip ARGS`, or why it failed.
 pub(super) fn ip(args: &[&str]) -> Result<(), String> {
     run("ip", args).map(drop)
-}
-
-/// Host PIDs of the processes in a cgroup (of any hierarchy) whose path contains `tag`.
-pub(super) fn processes_in_cgroups_named(tag: &str) -> Vec<i32> {
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .filter_map(Result::ok)
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|c| c.contains(tag))
-        })
-        .collect()
 }
 
 /// The start time of process `pid` (field 22 of its `stat`), to tell it from a later process

@@ -77,7 +77,7 @@
 //! - `names`: [`RigNames`], the teardown script and what is left of a rig; the sweep of stale
 //!   rigs;
 //! - `tls`: the CA and the certificates;
-//! - `host`: commands, the test process's cgroups, processes by cgroup, readiness checks.
+//! - `host`: commands, the test process's cgroups, readiness checks.
 
 mod host;
 mod names;
@@ -90,10 +90,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use super::dockerd::subnet_in_use;
+use super::processes_in_cgroups_named;
 use super::{IMAGE, eventually};
 use host::{
-    covered_by_a_route, docker_command, docker_plain, ip, load, own_cgroups, pings,
-    processes_in_cgroups_named, run, sq, start_time,
+    covered_by_a_route, docker_command, docker_plain, ip, load, own_cgroups, pings, run, sq,
+    start_time,
 };
 pub use names::RigNames;
 use names::sweep_stale_rigs;

@@ -6,8 +6,9 @@
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-use super::host::{processes_in_cgroups_named, sq, start_time};
+use super::host::{sq, start_time};
 use super::{NODES, PREFIX};
+use crate::common::processes_in_cgroups_named;
 
 /// The names of everything a rig makes, kept apart from the rig so a test can check, after
 /// dropping it, that none of it is left.
