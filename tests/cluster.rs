@@ -349,36 +349,7 @@ fn a_nodes_agent_serves_only_the_labs_certificate_and_only_labgates_containers()
     let _gone = scopeguard(|| {
         let _ = rig.docker_result(node, &["rm", "-f", &name]);
     });
-    let tls = rig.tls_dir();
-    let ask = |with_cert: bool, line: &str| {
-        let mut cmd = std::process::Command::new("openssl");
-        cmd.args(["s_client", "-quiet", "-verify_return_error", "-connect"])
-            .arg(format!("{}:{}", node.addr, common::swarm::AGENT_PORT))
-            .arg("-CAfile")
-            .arg(tls.join("ca.pem"));
-        if with_cert {
-            cmd.arg("-cert")
-                .arg(tls.join("cert.pem"))
-                .arg("-key")
-                .arg(tls.join("key.pem"));
-        }
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut stdin = child.stdin.take().unwrap();
-        stdin.write_all(line.as_bytes()).unwrap();
-        // Kept open until the answer is in: s_client ends its side when stdin ends.
-        let out = std::thread::scope(|s| {
-            let waiter = s.spawn(|| child.wait_with_output().unwrap());
-            std::thread::sleep(Duration::from_secs(2));
-            drop(stdin);
-            waiter.join().unwrap()
-        });
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let ask = |with_cert: bool, line: &str| ask_agent(rig, node, with_cert, line);
     let request = |container: &str| {
         format!(
             "{{\"v\":1,\"container\":\"{container}\",\"to\":{{\"tcp\":[\"127.0.0.1:22\"]}},\"within_ms\":2000}}\n"
@@ -394,9 +365,188 @@ fn a_nodes_agent_serves_only_the_labs_certificate_and_only_labgates_containers()
     assert!(answer.contains("no_container"), "{answer}");
     let answer = ask(true, "{\"v\":9}\n");
     assert!(answer.contains("bad_request"), "{answer}");
+    // Nor does it start an exec of a container that is not labgate's.
+    let exec = create_exec(node, &id, &["echo", "carried"]);
+    let answer = ask(true, &exec_request(&id, &exec));
+    assert!(
+        answer.contains("no_container") && answer.contains("not one labgate manages"),
+        "{answer}"
+    );
     // Without the lab's client certificate nothing is answered.
     let answer = ask(false, &request(&id));
     assert_eq!(answer, "", "{}", node.agent_log());
+}
+
+/// What `node`'s agent answers to `line` (a request), asked with `openssl s_client` as a
+/// client with the lab's certificate or without one; its stdin is held open 2 s.
+fn ask_agent(rig: &SwarmRig, node: &common::swarm::Node, with_cert: bool, line: &str) -> String {
+    let tls = rig.tls_dir();
+    let mut cmd = std::process::Command::new("openssl");
+    cmd.args(["s_client", "-quiet", "-verify_return_error", "-connect"])
+        .arg(format!("{}:{}", node.addr, common::swarm::AGENT_PORT))
+        .arg("-CAfile")
+        .arg(tls.join("ca.pem"));
+    if with_cert {
+        cmd.arg("-cert")
+            .arg(tls.join("cert.pem"))
+            .arg("-key")
+            .arg(tls.join("key.pem"));
+    }
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(line.as_bytes()).unwrap();
+    // Kept open until the answer is in: s_client ends its side when stdin ends.
+    let out = std::thread::scope(|s| {
+        let waiter = s.spawn(|| child.wait_with_output().unwrap());
+        std::thread::sleep(Duration::from_secs(2));
+        drop(stdin);
+        waiter.join().unwrap()
+    });
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Makes (does not start) an exec of `cmd` in `container` through `node`'s own socket, as
+/// anyone holding the node's API could; its id.
+fn create_exec(node: &common::swarm::Node, container: &str, cmd: &[&str]) -> String {
+    let body = serde_json::json!({"Cmd": cmd, "AttachStdout": true, "AttachStderr": true});
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--unix-socket"])
+        .arg(node.socket())
+        .args(["-H", "Content-Type: application/json", "-d"])
+        .arg(body.to_string())
+        .arg(format!("http://docker/containers/{container}/exec"))
+        .output()
+        .unwrap();
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    answer["Id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{answer}"))
+        .to_owned()
+}
+
+/// The agent request that starts exec `exec` of `container` attached.
+fn exec_request(container: &str, exec: &str) -> String {
+    format!(
+        "{{\"v\":1,\"container\":\"{container}\",\"to\":{{\"exec\":{{\"id\":\"{exec}\",\"tty\":true}}}},\"within_ms\":5000}}\n"
+    )
+}
+
+#[test]
+fn a_nodes_agent_starts_only_execs_of_the_labgate_container_it_is_asked_about() {
+    let _serial = one_at_a_time();
+    let Some(rig) = shared_rig() else { return };
+    let c = gateway(rig, 1, "");
+    let gw = &c.gw;
+    gw.ok(0, "true");
+    let service = format!("labgate-{}", gw.users[0]);
+    let node = rig.node(&c.node_of(0));
+    let labgate = rig
+        .docker(
+            node,
+            &[
+                "ps",
+                "-q",
+                "--no-trunc",
+                "--filter",
+                &format!("label=com.docker.swarm.service.name={service}"),
+            ],
+        )
+        .trim()
+        .to_owned();
+    assert_eq!(labgate.len(), 64, "{labgate:?}");
+    let name = format!("not-labgate-{}", std::process::id());
+    let other = rig
+        .docker(
+            node,
+            &["run", "-d", "--name", &name, common::IMAGE, "sleep", "600"],
+        )
+        .trim()
+        .to_owned();
+    let _gone = scopeguard(|| {
+        let _ = rig.docker_result(node, &["rm", "-f", &name]);
+    });
+    // An exec of labgate's container, asked for by that container: started, its output
+    // carried (a terminal's: no frame headers).
+    let own = create_exec(node, &labgate, &["echo", "carried"]);
+    let answer = ask_agent(rig, node, true, &exec_request(&labgate, &own));
+    assert!(
+        answer.starts_with("\"ok\"\n") && answer.contains("carried"),
+        "{answer:?}\n{}",
+        node.agent_log()
+    );
+    // An exec of another container, asked for under labgate's container: refused, and not
+    // started.
+    let foreign = create_exec(node, &other, &["touch", "/started"]);
+    let answer = ask_agent(rig, node, true, &exec_request(&labgate, &foreign));
+    assert!(
+        answer.contains("no_container") && answer.contains("is not one of container"),
+        "{answer}"
+    );
+    let started = rig.docker_output(node, &["exec", &name, "test", "-e", "/started"]);
+    assert!(!started.status.success(), "the foreign exec ran");
+    // No such exec.
+    let answer = ask_agent(rig, node, true, &exec_request(&labgate, "0123456789abcdef"));
+    assert!(answer.contains("not_found"), "{answer}");
+}
+
+#[test]
+fn a_nodes_sessions_share_one_connection_to_its_agent() {
+    let _serial = one_at_a_time();
+    let Some(rig) = shared_rig() else { return };
+    let c = gateway(rig, 1, "");
+    let gw = &c.gw;
+    gw.ok(0, "true");
+    let node = rig.node(&c.node_of(0));
+    let execs = gw.log().matches("exec started").count();
+    let mut sessions: Vec<_> = (0..6).map(|_| gw.spawn_silent(0, "sleep 600")).collect();
+    let _end = scopeguard(move || {
+        for s in &mut sessions {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+    });
+    assert!(
+        eventually(Duration::from_secs(60), || gw
+            .log()
+            .matches("exec started")
+            .count()
+            >= execs + 6),
+        "{}",
+        gw.log()
+    );
+    // The agent started each exec and carries its stream.
+    let carried = node
+        .agent_log()
+        .lines()
+        .filter(|l| l.contains("joined") && l.contains("Exec"))
+        .count();
+    assert!(carried >= 7, "{carried}\n{}", node.agent_log());
+    // The gateway's connections to the node: one to its agent for all of them, and fewer to
+    // its engine than it has sessions there.
+    let connections = |port: u16| {
+        let out = std::process::Command::new("ss")
+            .args(["-Htnp", "state", "established", "dst"])
+            .arg(format!("{}:{port}", node.addr))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains(&format!("pid={},", gw.pid())))
+            .count()
+    };
+    assert_eq!(connections(common::swarm::AGENT_PORT), 1);
+    let engine = connections(common::swarm::TLS_PORT);
+    assert!(engine < 6, "{engine} connections to the node's engine");
+    // A session through the agent behaves as any: its exit status and output come back.
+    let out = gw.run(0, "echo through; exit 3");
+    assert_eq!(out.status.code(), Some(3));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "through\n");
 }
 
 /// Runs `f` when dropped.
@@ -1133,7 +1283,7 @@ fn cluster_figures() {
     // C4 first, on gateways that carried no traffic yet: memory per idle session.
     let (cluster_kib, host_kib) = (kib_per_idle_session(&c.gw), kib_per_idle_session(&one));
     println!(
-        "cluster: C4 gateway memory per idle session: cluster {cluster_kib:.0} KiB, one host {host_kib:.0} KiB, ratio {:.2} (goal <= 1.0)",
+        "cluster: C4 gateway memory per idle session: cluster {cluster_kib:.1} KiB, one host {host_kib:.1} KiB, ratio {:.2} (goal <= 1.0)",
         cluster_kib / host_kib.max(1.0)
     );
     let warm = |gw: &Gateway| {

@@ -6,14 +6,18 @@
 //! It owns one thing: on a request from the gateway ([`wire`]: one request line, one answer
 //! line, then raw bytes), it connects from inside a running labgate container on its node
 //! (TCP from the container's network namespace, or a unix socket in its mount namespace as
-//! the user) and joins that socket to the gateway's connection until both ends close.
+//! the user) and joins that socket to the gateway's connection until both ends close. It
+//! also carries the gateway's exec streams: asked to start an exec the gateway created in
+//! such a container, it starts it attached on its own engine and joins that stream instead.
+//! The gateway sends those over one multiplexed connection ([`mux`]), each stream with a
+//! request of its own.
 //!
 //! **Who may ask.** On `tcp://` it speaks TLS and requires a client certificate signed by
 //! its CA: the same CA and the same client certificate as the node's Docker API
 //! (`[cluster] tls_dir`), which already lets their holder do anything on the node; the agent
 //! grants less than that. On `unix://` the socket is made 0600 (root). It serves only
-//! containers carrying labgate's label, running on its own engine, and it never listens inside
-//! a container or touches files: forwards the gateway would refuse never reach it, since the
+//! containers carrying labgate's label, running on its own engine (an exec only of the
+//! container the request names), and it never listens inside a container or touches files: forwards the gateway would refuse never reach it, since the
 //! forward policy is the gateway's.
 //!
 //! Each operation enters namespaces on a thread of its own (`runtime::docker::netns`), so
@@ -27,6 +31,7 @@ use std::time::Duration;
 
 use bollard::Docker;
 use bollard::query_parameters::InspectContainerOptions;
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
@@ -35,8 +40,10 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::cluster::EngineAddr;
+use crate::runtime::docker::exec::hijack;
 use crate::runtime::docker::labels::LABEL_MANAGED;
 use crate::runtime::docker::netns;
+use crate::runtime::swarm::mux::{self, MuxStream};
 use crate::runtime::swarm::wire::{self, Answer, Failure, Request, Target};
 
 /// How long a client has for its TLS handshake and its request line together.
@@ -54,6 +61,13 @@ const PUMP_BUFFER: usize = 256 * 1024;
 
 /// Bytes read from the gateway at a time, for the target.
 const UP_BUFFER: usize = 64 * 1024;
+
+/// Bytes read at a time each way of an exec's stream (a multiplexed stream carries at most
+/// 16 KiB in a frame).
+const EXEC_BUFFER: usize = 16 * 1024;
+
+/// The read buffer of a multiplexed stream's request line.
+const STREAM_REQUEST_BUFFER: usize = 1024;
 
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
@@ -143,7 +157,7 @@ pub async fn serve(options: AgentOptions, stop: CancellationToken) -> Result<(),
         let stop = stop.clone();
         connections.spawn(async move {
             tokio::select! {
-                () = serve_one(stream, &peer, &engine) => {}
+                () = serve_one(stream, peer, engine) => {}
                 () = stop.cancelled() => {}
             }
             drop(slot);
@@ -302,8 +316,9 @@ fn server_tls(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, String> {
     Ok(Arc::new(config))
 }
 
-/// Serves one connection: its request, the answer, then the bytes both ways.
-async fn serve_one(pending: Pending, peer: &str, engine: &Engine) {
+/// Serves one connection: its request, the answer, then the bytes both ways; or, asked to
+/// multiplex, each of its streams so.
+async fn serve_one(pending: Pending, peer: String, engine: Arc<Engine>) {
     let started = Instant::now();
     let opened = tokio::time::timeout(REQUEST_WAIT, async {
         let mut io = BufReader::new(pending.open().await?);
@@ -322,28 +337,77 @@ async fn serve_one(pending: Pending, peer: &str, engine: &Engine) {
             return;
         }
     };
-    let req = match req {
-        Ok(req) if req.v == wire::VERSION => req,
+    let Some(req) = understood(&mut io, &peer, req).await else {
+        return;
+    };
+    if req.to == Target::Mux {
+        if let Err(e) = wire::write_line(&mut io, &Answer::Ok).await {
+            tracing::debug!(%peer, error = %e, "the gateway went before the answer");
+            return;
+        }
+        tracing::debug!(%peer, "multiplexing");
+        mux::serve(io, &peer, |s| serve_stream(s, peer.clone(), engine.clone())).await;
+        tracing::debug!(%peer, "multiplexed connection closed");
+        return;
+    }
+    serve_request(io, req, &peer, &engine, started).await;
+}
+
+/// Serves one stream of a multiplexed connection: its request, the answer, the bytes.
+async fn serve_stream(stream: MuxStream, peer: String, engine: Arc<Engine>) {
+    let started = Instant::now();
+    // Small: a request line, and what the gateway sends before the answer (nothing).
+    let mut io = BufReader::with_capacity(STREAM_REQUEST_BUFFER, stream);
+    let Ok(req) = tokio::time::timeout(REQUEST_WAIT, wire::read_line::<_, Request>(&mut io)).await
+    else {
+        tracing::info!(%peer, "no request in time on a stream");
+        return;
+    };
+    let Some(req) = understood(&mut io, &peer, req).await else {
+        return;
+    };
+    if req.to == Target::Mux {
+        let message = "mux only as a connection's first request".to_owned();
+        refuse(&mut io, &peer, Failure::BadRequest, message).await;
+        return;
+    }
+    serve_request(io, req, &peer, &engine, started).await;
+}
+
+/// `req` when it was read and speaks this agent's version; otherwise the refusal sent.
+async fn understood<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    peer: &str,
+    req: io::Result<Request>,
+) -> Option<Request> {
+    match req {
+        Ok(req) if req.v == wire::VERSION => Some(req),
         Ok(req) => {
             let message = format!(
                 "this agent speaks version {} of the protocol, the gateway version {}: run the same labgate release on the gateway and the nodes",
                 wire::VERSION,
                 req.v
             );
-            refuse(&mut io, peer, Failure::BadRequest, message).await;
-            return;
+            refuse(io, peer, Failure::BadRequest, message).await;
+            None
         }
         Err(e) => {
-            refuse(
-                &mut io,
-                peer,
-                Failure::BadRequest,
-                format!("bad request: {e}"),
-            )
-            .await;
-            return;
+            refuse(io, peer, Failure::BadRequest, format!("bad request: {e}")).await;
+            None
         }
-    };
+    }
+}
+
+/// Connects where `req` asks, answers, and carries the bytes until both ends close.
+async fn serve_request<T>(
+    mut io: BufReader<T>,
+    req: Request,
+    peer: &str,
+    engine: &Engine,
+    started: Instant,
+) where
+    T: AsyncRead + AsyncWrite + Send + Unpin,
+{
     let within = Duration::from_millis(req.within_ms).min(CONNECT_MOST);
     let target = match connect(engine, &req, Instant::now() + within).await {
         Ok(t) => t,
@@ -358,7 +422,12 @@ async fn serve_one(pending: Pending, peer: &str, engine: &Engine) {
     }
     let ms = started.elapsed().as_millis();
     tracing::debug!(%peer, container = %req.container, to = ?req.to, ms, "joined");
-    match join(io, target).await {
+    let joined = if matches!(req.to, Target::Exec { .. }) {
+        join_exec(io, target).await
+    } else {
+        join(io, target).await
+    };
+    match joined {
         Ok((up, down)) => tracing::debug!(%peer, up, down, "closed"),
         Err(e) => tracing::debug!(%peer, error = %e, "ended"),
     }
@@ -377,7 +446,7 @@ async fn connect(
     deadline: Instant,
 ) -> Result<Accepted, (Failure, String)> {
     let docker = engine.client().await.map_err(|e| (Failure::Other, e))?;
-    let pid = container_pid(docker, &req.container).await?;
+    let (id, pid) = running_container(docker, &req.container).await?;
     let failed = |e: io::Error| (Failure::of(&e), e.to_string());
     // Nothing waits on the gateway's side of a connect: the deadline bounds it.
     let gone = CancellationToken::new();
@@ -404,11 +473,39 @@ async fn connect(
                 .map_err(failed)?;
             Ok(Box::new(s))
         }
+        Target::Exec { id: exec, tty } => {
+            let inspected = docker.inspect_exec(exec).await.map_err(|e| match e {
+                bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404, ..
+                } => (Failure::NotFound, format!("no exec {exec} on this node")),
+                other => (Failure::Other, format!("the node's Docker Engine: {other}")),
+            })?;
+            // Only a process of the container asked about, which is labgate's.
+            if inspected.container_id.as_deref() != Some(id.as_str()) {
+                return Err((
+                    Failure::NoContainer,
+                    format!("exec {exec} is not one of container {}", req.container),
+                ));
+            }
+            let dial = crate::runtime::docker::dial::Dial::Unix(engine.socket.clone());
+            let started = tokio::time::timeout_at(deadline, hijack(&dial, None, exec, *tty))
+                .await
+                .map_err(|_| {
+                    (
+                        Failure::TimedOut,
+                        "the engine did not start the exec in time".to_owned(),
+                    )
+                })?
+                .map_err(|e| (Failure::Other, e.to_string()))?;
+            Ok(Box::new(TokioIo::new(started)))
+        }
+        Target::Mux => Err((Failure::BadRequest, "mux is not a place to connect".into())),
     }
 }
 
-/// The host PID of container `id`'s init, when it is a running labgate container.
-async fn container_pid(docker: &Docker, id: &str) -> Result<i32, (Failure, String)> {
+/// The full id and the host PID of container `id`'s init, when it is a running labgate
+/// container.
+async fn running_container(docker: &Docker, id: &str) -> Result<(String, i32), (Failure, String)> {
     let no = |why: String| (Failure::NoContainer, why);
     let c = docker
         .inspect_container(id, None::<InspectContainerOptions>)
@@ -430,7 +527,9 @@ async fn container_pid(docker: &Docker, id: &str) -> Result<i32, (Failure, Strin
     }
     let state = c.state.unwrap_or_default();
     match state.pid {
-        Some(pid) if state.running == Some(true) && pid > 0 => Ok(pid as i32),
+        Some(pid) if state.running == Some(true) && pid > 0 => {
+            Ok((c.id.unwrap_or_else(|| id.to_owned()), pid as i32))
+        }
         _ => Err(no(format!("container {id} is not running"))),
     }
 }
@@ -459,6 +558,17 @@ where
         Ok::<_, io::Error>(n)
     };
     tokio::try_join!(up, down)
+}
+
+/// Carries an exec's stream both ways (stdin up, output down) until both directions have
+/// ended: small buffers, since most sessions sit idle and each holds its own.
+async fn join_exec<A, B>(mut gateway: A, mut target: B) -> io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Send + Unpin,
+    B: AsyncRead + AsyncWrite + Send + Unpin,
+{
+    tokio::io::copy_bidirectional_with_sizes(&mut gateway, &mut target, EXEC_BUFFER, EXEC_BUFFER)
+        .await
 }
 
 /// Where in a buffer reads land, relative to a 64-byte line: rustls copies each record's
@@ -535,6 +645,47 @@ mod tests {
         };
         let e = serve(unix, CancellationToken::new()).await.unwrap_err();
         assert!(e.to_string().contains("TLS applies to tcp:// only"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_multiplexed_stream_cannot_multiplex_again_and_says_why_an_exec_failed() {
+        let (gateway, agent) = tokio::io::duplex(1 << 16);
+        let engine = Arc::new(Engine::new("/nonexistent/docker.sock".into()));
+        tokio::spawn(async move {
+            mux::serve(agent, "test", |s| {
+                serve_stream(s, "test".into(), engine.clone())
+            })
+            .await;
+        });
+        let mux = mux::Mux::start(Box::new(gateway), "test".into());
+        let ask = |to: Target| {
+            let mux = &mux;
+            async move {
+                let mut s = BufReader::new(mux.open().await.unwrap());
+                let req = Request {
+                    v: wire::VERSION,
+                    container: "c".into(),
+                    to,
+                    within_ms: 1000,
+                };
+                wire::write_line(&mut s, &req).await.unwrap();
+                wire::read_line::<_, Answer>(&mut s).await.unwrap()
+            }
+        };
+        let Answer::Failed { kind, message } = ask(Target::Mux).await else {
+            panic!("a second mux was accepted");
+        };
+        assert_eq!(kind, Failure::BadRequest);
+        assert!(message.contains("first request"), "{message}");
+        let exec = Target::Exec {
+            id: "e".into(),
+            tty: false,
+        };
+        let Answer::Failed { kind, message } = ask(exec).await else {
+            panic!("an exec without an engine was started");
+        };
+        assert_eq!(kind, Failure::Other);
+        assert!(message.contains("Docker Engine"), "{message}");
     }
 
     #[tokio::test]

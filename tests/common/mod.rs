@@ -292,7 +292,7 @@ impl Gateway {
             .arg(self.config_path())
             .env(
                 "LABGATE_LOG",
-                "debug,russh=info,bollard=info,hyper=info,rustls=info",
+                "debug,russh=info,bollard=info,hyper=info,rustls=info,yamux=info",
             )
             .stdout(Stdio::piped())
             .stderr(log)

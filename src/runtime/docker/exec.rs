@@ -41,6 +41,19 @@ pub(crate) async fn start_attached(
     ),
     RuntimeError,
 > {
+    let stream = hijack(dial, Some(api_version), exec_id, tty).await?;
+    Ok(attach(TokioIo::new(stream), tty))
+}
+
+/// Starts exec `exec_id` attached, over a fresh connection to `dial`, and returns the
+/// engine's hijacked connection: stdin one way, the output the other (multiplexed unless
+/// `tty`). Without `api_version` the engine's own current version serves the request.
+pub(crate) async fn hijack(
+    dial: &super::dial::Dial,
+    api_version: Option<&str>,
+    exec_id: &str,
+    tty: bool,
+) -> Result<hyper::upgrade::Upgraded, RuntimeError> {
     let err = |what: &str, e: &dyn std::fmt::Display| RuntimeError::Exec(format!("{what}: {e}"));
     let stream = dial
         .connect(CONNECT_TIMEOUT)
@@ -55,7 +68,11 @@ pub(crate) async fn start_attached(
         }
     });
     let body = serde_json_body(tty);
-    let req = Request::post(format!("/{api_version}/exec/{exec_id}/start"))
+    let path = match api_version {
+        Some(v) => format!("/{v}/exec/{exec_id}/start"),
+        None => format!("/exec/{exec_id}/start"),
+    };
+    let req = Request::post(path)
         .header(header::HOST, "docker")
         .header(header::CONTENT_TYPE, "application/json")
         .header(header::CONNECTION, "Upgrade")
@@ -79,10 +96,24 @@ pub(crate) async fn start_attached(
             text.trim()
         )));
     }
-    let upgraded = hyper::upgrade::on(resp)
+    hyper::upgrade::on(resp)
         .await
-        .map_err(|e| err("upgrade", &e))?;
-    let (read, write) = tokio::io::split(TokioIo::new(upgraded));
+        .map_err(|e| err("upgrade", &e))
+}
+
+/// An attached exec's output stream and stdin, from its connection `stream` (the engine's
+/// hijacked connection, or a node agent's stream carrying it).
+pub(crate) fn attach<S>(
+    stream: S,
+    tty: bool,
+) -> (
+    futures::stream::BoxStream<'static, io::Result<ExecOutput>>,
+    tokio::io::WriteHalf<S>,
+)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
+    let (read, write) = tokio::io::split(stream);
     let output = if tty {
         ReaderStream::with_capacity(read, 32 * 1024)
             .map(|r| r.map(ExecOutput::Stdout))
@@ -90,7 +121,7 @@ pub(crate) async fn start_attached(
     } else {
         FramedRead::with_capacity(read, Demux::default(), FIRST_READ).boxed()
     };
-    Ok((output, write))
+    (output, write)
 }
 
 fn serde_json_body(tty: bool) -> String {
@@ -343,7 +374,7 @@ pub(super) fn assemble(
 /// Assembles an [`Exec`] from its parts, with any backend's controls.
 pub(crate) fn assemble_boxed(
     output: futures::stream::BoxStream<'static, io::Result<ExecOutput>>,
-    stdin: tokio::io::WriteHalf<TokioIo<hyper::upgrade::Upgraded>>,
+    stdin: impl tokio::io::AsyncWrite + Send + 'static,
     control: Box<dyn ExecControl>,
 ) -> Exec {
     Exec {

@@ -1,19 +1,25 @@
-//! A process in a container on a remote node: started through the node's own API (the
-//! manager cannot exec), its stream over a connection of labgate's own (TLS, keepalives),
-//! and its controls. The gateway sees no PID of a remote container, so every process it
+//! A process in a container on a remote node: created through the node's own API (the
+//! manager cannot exec), its stream carried by the node's agent over the gateway's one
+//! connection to it where the node runs one, else over a connection of labgate's own to the
+//! node's engine (TLS, keepalives), and its controls. The gateway sees no PID of a remote container, so every process it
 //! starts carries a mark (`LABGATE_EXEC=...` in its environment) and signals and hangups are
 //! delivered from inside the container by the relay helper (`labgate-relay signal|hangup`),
 //! run as the same user: never more than the user could do themselves.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bollard::exec::CreateExecOptions;
+use tokio::io::AsyncWrite;
 
 use super::clients::NodeClient;
-use crate::runtime::docker::exec::{DetachedError, assemble_boxed, run_detached, start_attached};
+use super::tunnel::AgentFailure;
+use crate::runtime::docker::exec::{
+    DetachedError, assemble_boxed, attach, run_detached, start_attached,
+};
 use crate::runtime::docker::shell::sized_terminal;
 use crate::runtime::{
     Exec, ExecControl, ExecRequest, ExitStatus, RELAY_PATH, RuntimeError, TtySize,
@@ -72,13 +78,34 @@ pub async fn start(
             other => RuntimeError::Unavailable(format!("node {}: {other}", node.hostname)),
         })?;
     let created_ms = t0.elapsed().as_millis() as u64;
-    let (output, stdin) = start_attached(
-        node.api.dial(),
-        &node.version,
-        &created.id,
-        req.tty.is_some(),
-    )
-    .await?;
+    let tty = req.tty.is_some();
+    let carried = match &node.agent {
+        Some(agent) => match agent.exec_stream(container, &created.id, tty).await {
+            Ok(stream) => Some(stream),
+            Err(AgentFailure::Unreachable(e)) => {
+                tracing::debug!(node = %node.hostname, error = %e, "exec stream through the node's engine");
+                None
+            }
+            Err(AgentFailure::Answered(e)) => {
+                return Err(RuntimeError::Exec(format!(
+                    "node {}'s agent: {e}",
+                    node.hostname
+                )));
+            }
+        },
+        None => None,
+    };
+    let (output, stdin): (_, Pin<Box<dyn AsyncWrite + Send>>) = match carried {
+        Some(stream) => {
+            let (output, stdin) = attach(stream, tty);
+            (output, Box::pin(stdin))
+        }
+        None => {
+            let (output, stdin) =
+                start_attached(node.api.dial(), &node.version, &created.id, tty).await?;
+            (output, Box::pin(stdin))
+        }
+    };
     let control = RemoteExecControl {
         node,
         container: container.to_owned(),

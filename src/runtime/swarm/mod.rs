@@ -3,17 +3,21 @@
 //! with room, GPUs given by count as the nodes' generic resource; labgate never schedules.
 //! Stopping scales the service to zero (its writable layer goes; the home and mounts stay).
 //! Exec and the way in go to the node that runs the task, through its own Docker API
-//! (`[cluster] node_api`, TLS), and every forward through the relay exec, since the gateway
-//! sees no process of a remote node.
+//! (`[cluster] node_api`, TLS) and, where the nodes run `labgate node-agent`, through it
+//! (exec streams multiplexed over one connection per node, forwards' connects); the rest of
+//! the forwards go through the relay exec, since the gateway sees no process of a remote
+//! node.
 //!
 //! Layout: this module holds [`SwarmRuntime`] and its [`ContainerRuntime`] impl; [`spec`]
 //! makes the service, [`cluster`] reads the swarm (nodes, tasks, GPUs), `clients` reaches the
 //! manager and the nodes, `service` makes a service run and waits for its task, and `exec`
-//! controls a process on a remote node.
+//! controls a process on a remote node, `tunnel` reaches a node's agent and `mux` carries
+//! many streams over one connection to it.
 
 mod clients;
 pub mod cluster;
 mod exec;
+pub mod mux;
 mod service;
 pub mod spec;
 mod tunnel;

@@ -4,11 +4,17 @@
 //! the nodes run no agent, or a node's agent does not answer, forwards take the relay over
 //! the node's exec stream ([`RelayReach`]), as they always did; listeners (`-R`, the agent
 //! socket), name lookups and commands always do.
+//!
+//! The agent also carries the exec streams of the node's sessions ([`NodeAgent::exec_stream`]):
+//! all of them over one multiplexed connection ([`super::mux`]) instead of a TLS connection
+//! each to the node's engine. Where the agent does not answer, or is of a release that does
+//! not multiplex, exec streams go to the node's engine as before.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -16,6 +22,7 @@ use async_trait::async_trait;
 use tokio::io::{AsyncRead, AsyncWrite, BufReader, ReadBuf};
 use tokio::time::Instant;
 
+use super::mux::Mux;
 use super::wire::{self, Answer, Request, Target, WireIdentity};
 use crate::runtime::docker::dial::Dial;
 use crate::runtime::reach::{Acceptor, BoxedStream, Reach, ReachError};
@@ -30,6 +37,13 @@ const PASS_OVER: Duration = Duration::from_secs(30);
 /// the forward's own deadline: past it the forward takes the relay.
 const AGENT_CONNECT: Duration = Duration::from_secs(3);
 
+/// How long the agent may take to start an exec it was asked to carry.
+const EXEC_ANSWER: Duration = Duration::from_secs(10);
+
+/// The read buffer of a carried exec stream, for the agent's answer line (the output is
+/// read into the caller's larger buffers, past this one).
+const ANSWER_BUFFER: usize = 64;
+
 /// One node's agent.
 pub struct NodeAgent {
     /// The node's hostname (logs).
@@ -38,10 +52,15 @@ pub struct NodeAgent {
     dial: Dial,
     /// Until when it is passed over, after it did not answer.
     passed_over: std::sync::Mutex<Option<Instant>>,
+    /// The multiplexed connection for exec streams, once made.
+    mux: tokio::sync::Mutex<Option<Arc<Mux>>>,
+    /// Set when the agent refused to multiplex (an older release): exec streams go to the
+    /// node's engine.
+    no_mux: AtomicBool,
 }
 
-/// Why a forward did not go through the agent.
-enum AgentFailure {
+/// Why a forward or an exec stream did not go through the agent.
+pub enum AgentFailure {
     /// The agent could not be reached or spoke nonsense: try the relay.
     Unreachable(io::Error),
     /// The agent answered: this is the forward's result.
@@ -55,6 +74,110 @@ impl NodeAgent {
             hostname,
             dial,
             passed_over: std::sync::Mutex::new(None),
+            mux: tokio::sync::Mutex::new(None),
+            no_mux: AtomicBool::new(false),
+        }
+    }
+
+    /// A stream carrying exec `exec` of `container`, started attached by the agent (see the
+    /// module doc). `Unreachable` means nothing was started: the caller may start it through
+    /// the node's engine instead.
+    pub async fn exec_stream(
+        &self,
+        container: &str,
+        exec: &str,
+        tty: bool,
+    ) -> Result<BoxedStream, AgentFailure> {
+        if self.no_mux.load(Ordering::Relaxed) || self.is_passed_over() {
+            return Err(AgentFailure::Unreachable(io::Error::other(
+                "the agent does not carry exec streams now",
+            )));
+        }
+        let mux = self.mux().await.map_err(AgentFailure::Unreachable)?;
+        let stream = mux.open().await.map_err(AgentFailure::Unreachable)?;
+        let mut stream = BufReader::with_capacity(ANSWER_BUFFER, stream);
+        let req = Request {
+            v: wire::VERSION,
+            container: container.to_owned(),
+            to: Target::Exec {
+                id: exec.to_owned(),
+                tty,
+            },
+            within_ms: EXEC_ANSWER.as_millis() as u64,
+        };
+        // Once the request is out, the exec may have started: whatever happens is the answer.
+        let answer = tokio::time::timeout(EXEC_ANSWER + AGENT_CONNECT, async {
+            wire::write_line(&mut stream, &req).await?;
+            wire::read_line::<_, Answer>(&mut stream).await
+        })
+        .await;
+        let failed = |e: io::Error| {
+            self.pass_over(&e);
+            AgentFailure::Answered(e)
+        };
+        match answer {
+            Ok(Ok(Answer::Ok)) => Ok(Box::new(stream)),
+            Ok(Ok(Answer::Failed { kind, message })) => Err(AgentFailure::Answered(
+                io::Error::new(kind.io_kind(), message),
+            )),
+            Ok(Err(e)) => Err(failed(e)),
+            Err(_) => Err(failed(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the node's agent did not start the exec in time",
+            ))),
+        }
+    }
+
+    /// The agent's multiplexed connection, made when there is none (or it ended).
+    async fn mux(&self) -> io::Result<Arc<Mux>> {
+        let mut held = self.mux.lock().await;
+        if let Some(m) = held.as_ref().filter(|m| !m.is_closed()) {
+            return Ok(m.clone());
+        }
+        let made = async {
+            let stream = self.dial.connect_bulk(AGENT_CONNECT).await?;
+            let mut stream = BufReader::new(stream);
+            let req = Request {
+                v: wire::VERSION,
+                container: String::new(),
+                to: Target::Mux,
+                within_ms: 0,
+            };
+            let answer = tokio::time::timeout(AGENT_CONNECT, async {
+                wire::write_line(&mut stream, &req).await?;
+                wire::read_line::<_, Answer>(&mut stream).await
+            })
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no answer from the node's agent in time"))??;
+            match answer {
+                Answer::Ok => Ok(stream),
+                Answer::Failed { kind, message } => {
+                    if kind == wire::Failure::BadRequest {
+                        tracing::warn!(
+                            node = %self.hostname,
+                            agent = ?self.dial,
+                            %message,
+                            "the node's agent does not carry exec streams (an older release?): they go to the node's engine"
+                        );
+                        self.no_mux.store(true, Ordering::Relaxed);
+                    }
+                    Err(io::Error::new(kind.io_kind(), message))
+                }
+            }
+        }
+        .await;
+        match made {
+            Ok(stream) => {
+                let mux = Arc::new(Mux::start(Box::new(stream), self.hostname.clone()));
+                *held = Some(mux.clone());
+                Ok(mux)
+            }
+            Err(e) => {
+                if !self.no_mux.load(Ordering::Relaxed) {
+                    self.pass_over(&e);
+                }
+                Err(e)
+            }
         }
     }
 

@@ -1,7 +1,11 @@
 //! What the gateway and a node agent say to each other on one connection: a request line
 //! (JSON), an answer line (JSON), then, after an `ok` answer, the connection's bytes both
-//! ways, raw. One connection is one forward: nothing is multiplexed, so a slow target slows
-//! only its own connection, and closing the connection closes the socket in the container.
+//! ways, raw. A forward's connect has a connection of its own, so a slow target slows only
+//! its own connection, and closing the connection closes the socket in the container.
+//!
+//! One request, [`Target::Mux`], turns its connection into many streams ([`super::mux`]),
+//! each of which then starts with a request line of its own: the gateway carries the exec
+//! streams of a node's sessions ([`Target::Exec`]) over one connection that way.
 
 use std::io;
 use std::net::SocketAddr;
@@ -24,7 +28,8 @@ pub const LINE_LIMIT: usize = 16 * 1024;
 pub struct Request {
     /// [`VERSION`].
     pub v: u32,
-    /// The container's id on the node (as the node's engine knows it).
+    /// The container's id on the node (as the node's engine knows it); empty for
+    /// [`Target::Mux`].
     pub container: String,
     /// What to connect to.
     pub to: Target,
@@ -46,6 +51,18 @@ pub enum Target {
         /// Who connects.
         user: Option<WireIdentity>,
     },
+    /// The container's exec `id` (made by the gateway through the node's API), started
+    /// attached: the stream carries its stdin one way and its output the other, as the
+    /// engine's hijacked connection does (multiplexed stdout/stderr unless `tty`).
+    Exec {
+        /// The exec's id.
+        id: String,
+        /// Whether the exec has a terminal.
+        tty: bool,
+    },
+    /// Carry many streams over this connection from now on (yamux), each with a request of
+    /// its own. Only as a connection's first request.
+    Mux,
 }
 
 /// [`Identity`] on the wire.
