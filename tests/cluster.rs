@@ -17,7 +17,7 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
-use std::process::Stdio;
+use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::swarm::{NETWORK as NETWORK_NAME, SwarmRig};
@@ -1451,4 +1451,94 @@ fn cluster_figures() {
         per_mb(cpu[1]),
         per_mb(cpu[2])
     );
+}
+
+#[test]
+fn a_session_whose_nodes_agent_stops_ends_with_one_line_and_the_next_login_goes_to_the_engine() {
+    let _serial = one_at_a_time();
+    // Its own rig: the agents stay stopped.
+    let Some(rig) = own_rig() else { return };
+    let c = gateway(&rig, 1, "");
+    let gw = &c.gw;
+    gw.ok(0, "true");
+    let node = rig.node(&c.node_of(0));
+    let execs = gw.log().matches("exec started").count();
+    let session = gw
+        .ssh(0)
+        .arg("echo up; exec sleep 601")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let service = format!("labgate-{}", gw.users[0]);
+    let container = rig
+        .docker(
+            node,
+            &[
+                "ps",
+                "-q",
+                "--filter",
+                &format!("label=com.docker.swarm.service.name={service}"),
+            ],
+        )
+        .trim()
+        .to_owned();
+    let sleeping = || {
+        rig.docker(node, &["exec", &container, "ps"])
+            .contains("sleep 601")
+    };
+    assert!(eventually(Duration::from_secs(30), || gw
+        .log()
+        .matches("exec started")
+        .count()
+        > execs
+        && sleeping()));
+    for pid in rig.agent_pids() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    // The session ends at once (well within the 10 s a node that does not answer gets),
+    // with one line that says what happened, and its program goes.
+    let out = wait_for_output(session, Duration::from_secs(8));
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "up\n");
+    assert_eq!(out.status.code(), Some(255), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "connection to your program on server {}",
+            node.name
+        )) && stderr.contains("was cut")
+            && !stderr.contains("stopped answering"),
+        "{stderr}"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || !sleeping()),
+        "the program still runs"
+    );
+    // The next login works: its stream goes to the node's engine.
+    assert_eq!(gw.ok(0, "echo again"), "again\n");
+    assert!(
+        gw.log().contains("the node's agent does not answer"),
+        "{}",
+        gw.log()
+    );
+}
+
+/// The output of `child` once it has exited; killed (and the test failed) after `within`.
+fn wait_for_output(mut child: std::process::Child, within: Duration) -> Output {
+    let ended = eventually(within, || matches!(child.try_wait(), Ok(Some(_))));
+    if !ended {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        ended,
+        "still running after {within:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
 }

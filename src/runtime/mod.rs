@@ -469,6 +469,17 @@ pub enum RuntimeError {
         /// What failed.
         reason: String,
     },
+    /// The stream of a process on a cluster node was cut while the node still answers (its
+    /// agent restarted, say): the process was hung up.
+    #[error(
+        "the connection to your program on server {node} was cut ({reason}); it was ended, as when you disconnect. Log in again to continue (your container still runs)"
+    )]
+    StreamCut {
+        /// The node's hostname.
+        node: String,
+        /// What failed.
+        reason: String,
+    },
 }
 
 impl crate::codes::Coded for RuntimeError {
@@ -488,7 +499,7 @@ impl crate::codes::Coded for RuntimeError {
             RuntimeError::Unsafe(_) => Code::UnsafeBind,
             RuntimeError::Gpu(e) => e.code(),
             RuntimeError::Engine(_) => Code::EngineError,
-            RuntimeError::NodeLost { .. } => Code::EngineLost,
+            RuntimeError::NodeLost { .. } | RuntimeError::StreamCut { .. } => Code::EngineLost,
         }
     }
 }

@@ -33,7 +33,9 @@ pub fn not_started(e: &RuntimeError, tty: bool) -> String {
 /// the engine stopped answering.
 pub fn ended(e: &RuntimeError, tty: bool) -> String {
     match e {
-        RuntimeError::Start(_) | RuntimeError::NodeLost { .. } => line(&e.to_string(), tty),
+        RuntimeError::Start(_) | RuntimeError::NodeLost { .. } | RuntimeError::StreamCut { .. } => {
+            line(&e.to_string(), tty)
+        }
         e => line(
             &format!("lost contact with the container engine; the session ended ({e})"),
             tty,

@@ -16,6 +16,7 @@ use bollard::exec::CreateExecOptions;
 use tokio::io::AsyncWrite;
 
 use super::clients::NodeClient;
+use super::mux::Link;
 use super::tunnel::AgentFailure;
 use crate::runtime::docker::exec::{
     DetachedError, assemble_boxed, attach, run_detached, start_attached,
@@ -31,6 +32,10 @@ pub const HANGUP_GRACE: Duration = Duration::from_secs(2);
 /// How long the exit status of a process whose output ended may take: longer means its
 /// node is gone.
 const WAIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long the exit status of a process whose stream was cut may take: longer means it
+/// still runs.
+const CUT_WAIT: Duration = Duration::from_secs(1);
 
 /// Whether `node`'s API answers a ping within a few seconds.
 pub async fn node_answers(node: &NodeClient) -> bool {
@@ -95,6 +100,7 @@ pub async fn start(
         },
         None => None,
     };
+    let link = carried.as_ref().and_then(|s| s.get_ref().link());
     let (output, stdin): (_, Pin<Box<dyn AsyncWrite + Send>>) = match carried {
         Some(stream) => {
             let (output, stdin) = attach(stream, tty);
@@ -113,6 +119,7 @@ pub async fn start(
         mark,
         user: req.user,
         delivered: Arc::new(AtomicI32::new(0)),
+        link,
     };
     if let Some(size) = req.tty
         && let Err(e) = control.resize(size).await
@@ -134,6 +141,8 @@ struct RemoteExecControl {
     user: Option<(u32, u32)>,
     /// The last signal labgate delivered (0: none).
     delivered: Arc<AtomicI32>,
+    /// Where the node's agent carries its stream: whether that connection failed.
+    link: Option<Link>,
 }
 
 impl RemoteExecControl {
@@ -186,8 +195,15 @@ impl ExecControl for RemoteExecControl {
             node: self.node.hostname.clone(),
             reason,
         };
+        // A stream cut under the process (its agent connection failed) says nothing of the
+        // process: it may have ended just then, or still run.
+        let within = if self.link.as_ref().is_some_and(Link::is_severed) {
+            CUT_WAIT
+        } else {
+            WAIT_TIMEOUT
+        };
         let waited = tokio::time::timeout(
-            WAIT_TIMEOUT,
+            within,
             crate::runtime::docker::exec::wait_exec(
                 &self.node.docker,
                 &self.exec_id,
@@ -202,9 +218,27 @@ impl ExecControl for RemoteExecControl {
                 Err(lost(e))
             }
             Ok(other) => other,
+            Err(_) if node_answers(&self.node).await => {
+                // The node is up and the process runs on without its stream: nobody can
+                // reach it any more, so it goes, as when its client leaves.
+                self.hangup().await;
+                let reason = match &self.link {
+                    Some(link) if link.is_severed() => {
+                        "the connection to the server's labgate agent failed".to_owned()
+                    }
+                    _ => format!(
+                        "its output ended but it did not exit within {}",
+                        humantime::format_duration(within)
+                    ),
+                };
+                Err(RuntimeError::StreamCut {
+                    node: self.node.hostname.clone(),
+                    reason,
+                })
+            }
             Err(_) => Err(lost(format!(
                 "no exit status within {}",
-                humantime::format_duration(WAIT_TIMEOUT)
+                humantime::format_duration(within)
             ))),
         }
     }

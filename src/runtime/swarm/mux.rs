@@ -13,7 +13,7 @@ use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
 use futures::task::AtomicWaker;
@@ -47,11 +47,25 @@ pub struct Mux {
     live: Arc<Live>,
 }
 
-/// How many of a connection's streams are open, and the task to wake when one closes.
+/// How many of a connection's streams are open, the task to wake when one closes, and
+/// whether the connection failed.
 #[derive(Default)]
 struct Live {
     streams: AtomicUsize,
     driver: AtomicWaker,
+    severed: AtomicBool,
+}
+
+/// Tells whether the connection under a stream failed (the agent went away, or the node's
+/// network): a stream that ended so was cut, not closed by its far end.
+#[derive(Clone)]
+pub struct Link(Arc<Live>);
+
+impl Link {
+    /// Whether the connection failed.
+    pub fn is_severed(&self) -> bool {
+        self.0.severed.load(Ordering::Acquire)
+    }
 }
 
 impl Mux {
@@ -123,7 +137,8 @@ async fn drive(
                 // The agent opens no streams: one it did is refused by dropping it.
                 Poll::Ready(Some(Ok(_))) => continue,
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
-                Poll::Ready(None) => return Poll::Ready(Ok(())),
+                // The agent closed it: as good as failed for the streams on it.
+                Poll::Ready(None) => return Poll::Ready(Err(yamux::ConnectionError::Closed)),
                 Poll::Pending => return Poll::Pending,
             }
         }
@@ -139,18 +154,17 @@ async fn drive(
         }
         Err(e) => e,
     };
+    live.severed.store(true, Ordering::Release);
     tracing::info!(agent = %name, error = %why, "the agent's connection ended");
-    for tx in waiting.drain(..) {
+    let fail = |tx: OpenRequest| {
         let _ = tx.send(Err(io::Error::new(
             io::ErrorKind::BrokenPipe,
             format!("the agent's connection ended: {why}"),
         )));
-    }
+    };
+    waiting.drain(..).for_each(fail);
     while let Ok(tx) = requests.try_recv() {
-        let _ = tx.send(Err(io::Error::new(
-            io::ErrorKind::BrokenPipe,
-            format!("the agent's connection ended: {why}"),
-        )));
+        fail(tx);
     }
 }
 
@@ -160,6 +174,13 @@ pub struct MuxStream {
     inner: Compat<yamux::Stream>,
     /// Counted while open, on the gateway's end.
     live: Option<Arc<Live>>,
+}
+
+impl MuxStream {
+    /// What tells whether this stream's connection failed (the gateway's end only).
+    pub fn link(&self) -> Option<Link> {
+        self.live.clone().map(Link)
+    }
 }
 
 impl Drop for MuxStream {
@@ -289,8 +310,10 @@ mod tests {
             .await;
         });
         let mut s = mux.open().await.unwrap();
+        let link = s.link().unwrap();
         s.write_all(b"x").await.unwrap();
         s.flush().await.unwrap();
+        assert!(!link.is_severed());
         agent.abort();
         let mut buf = [0u8; 1];
         // The read ends (an error or the end), it does not hang.
@@ -309,6 +332,7 @@ mod tests {
         .await
         .expect("the handle noticed the end");
         assert!(reopened.is_some());
+        assert!(link.is_severed());
     }
 
     #[tokio::test]

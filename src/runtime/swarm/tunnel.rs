@@ -22,7 +22,7 @@ use async_trait::async_trait;
 use tokio::io::{AsyncRead, AsyncWrite, BufReader, ReadBuf};
 use tokio::time::Instant;
 
-use super::mux::Mux;
+use super::mux::{Mux, MuxStream};
 use super::wire::{self, Answer, Request, Target, WireIdentity};
 use crate::runtime::docker::dial::Dial;
 use crate::runtime::reach::{Acceptor, BoxedStream, Reach, ReachError};
@@ -87,7 +87,7 @@ impl NodeAgent {
         container: &str,
         exec: &str,
         tty: bool,
-    ) -> Result<BoxedStream, AgentFailure> {
+    ) -> Result<BufReader<MuxStream>, AgentFailure> {
         if self.no_mux.load(Ordering::Relaxed) || self.is_passed_over() {
             return Err(AgentFailure::Unreachable(io::Error::other(
                 "the agent does not carry exec streams now",
@@ -116,7 +116,7 @@ impl NodeAgent {
             AgentFailure::Answered(e)
         };
         match answer {
-            Ok(Ok(Answer::Ok)) => Ok(Box::new(stream)),
+            Ok(Ok(Answer::Ok)) => Ok(stream),
             Ok(Ok(Answer::Failed { kind, message })) => Err(AgentFailure::Answered(
                 io::Error::new(kind.io_kind(), message),
             )),
