@@ -951,23 +951,95 @@ fn the_login_shell_on_a_node_is_bash_where_the_image_runs_it_and_sh_elsewhere() 
     );
 }
 
+/// The table that gives user `{u0}` the Debian lab image (bash, python3, rsync in it) on
+/// n2, where it is loaded, since no registry serves the rig.
+fn debian_on_n2(rig: &SwarmRig) -> String {
+    common::ensure_debian_image();
+    static LOADED: std::sync::Once = std::sync::Once::new();
+    LOADED.call_once(|| rig.load_image(rig.node("n2"), common::DEBIAN_IMAGE));
+    format!(
+        "[users.{{u0}}]\nimage = \"{}\"\nuid = 1000\ngid = 1001\nconstraints = [\"node.hostname == n2\"]\n",
+        common::DEBIAN_IMAGE
+    )
+}
+
+#[test]
+fn vscode_remote_ssh_reaches_its_server_in_a_container_on_a_node_across_reconnects() {
+    use common::vscode::{Connection, INSTALL_SOCKET, INSTALL_TCP, ask, socket_forward};
+    let _serial = one_at_a_time();
+    let Some(rig) = shared_rig() else { return };
+    let c = gateway_with(rig, 1, "", &debian_on_n2(rig));
+    let gw = &c.gw;
+
+    // The install script over `ssh -T -D PORT host bash` starts a detached server on the
+    // container's loopback; it is reached through the SOCKS tunnel.
+    let first = Connection::open(gw, INSTALL_TCP);
+    assert!(first.said.starts_with("started server "), "{}", first.said);
+    assert_eq!(c.node_of(0), "n2");
+    let port: u16 = first.listening.parse().unwrap();
+    let pid = first.server_pid();
+    let token = std::fs::read_to_string(
+        gw.dir
+            .path()
+            .join(format!("home/{}/.vscode-server/token.txt", gw.users[0])),
+    )
+    .unwrap();
+    assert_eq!(token.len(), 32, "{token:?}");
+    assert_eq!(
+        first.get(&format!("http://localhost:{port}/token.txt")),
+        token
+    );
+    // A second window meanwhile finds the same server.
+    let mut second = Connection::open(gw, INSTALL_TCP);
+    assert_eq!(second.said, format!("found running server {pid}"));
+    // The first window's client vanishes: its bash is hung up, the server lives on.
+    let first_shell = first.shell_pid.clone();
+    first.vanish();
+    assert!(
+        eventually(Duration::from_secs(15), || second
+            .run(&format!(
+                "kill -0 {first_shell} 2>/dev/null && echo alive || echo gone"
+            ))
+            .trim()
+            == "gone"),
+        "the first connection's bash was not hung up"
+    );
+    second.close();
+    let third = Connection::open(gw, INSTALL_TCP);
+    assert_eq!(third.said, format!("found running server {pid}"));
+    assert_eq!(
+        third.get(&format!("http://127.0.0.1:{port}/token.txt")),
+        token
+    );
+
+    // `remoteServerListenOnSocket`: the server on a unix socket under the home, reached with
+    // `-L PORT:SOCKET`, across a reconnect.
+    let mut third = third;
+    third.run(&format!("kill {pid}"));
+    third.close();
+    let first = Connection::open(gw, INSTALL_SOCKET);
+    assert!(first.said.starts_with("started server "), "{}", first.said);
+    let socket = first.listening.clone();
+    assert_eq!(
+        socket,
+        format!("/home/{}/.vscode-server/server.sock", gw.users[0])
+    );
+    let pid = first.server_pid();
+    let forward = socket_forward(gw, &socket);
+    assert_eq!(ask(forward.port, "hello"), format!("server {pid}: hello"));
+    first.vanish();
+    drop(forward);
+    let again = Connection::open(gw, INSTALL_SOCKET);
+    assert_eq!(again.said, format!("found running server {pid}"));
+    let forward = socket_forward(gw, &socket);
+    assert_eq!(ask(forward.port, "again"), format!("server {pid}: again"));
+}
+
 #[test]
 fn rsync_copies_a_tree_into_a_container_on_a_node_and_a_second_run_transfers_nothing() {
     let _serial = one_at_a_time();
     let Some(rig) = shared_rig() else { return };
-    // The Debian lab image (rsync in it), which no registry serves the rig: loaded on n2.
-    common::ensure_debian_image();
-    static LOADED: std::sync::Once = std::sync::Once::new();
-    LOADED.call_once(|| rig.load_image(rig.node("n2"), common::DEBIAN_IMAGE));
-    let c = gateway_with(
-        rig,
-        1,
-        "",
-        &format!(
-            "[users.{{u0}}]\nimage = \"{}\"\nuid = 1000\ngid = 1001\nconstraints = [\"node.hostname == n2\"]\n",
-            common::DEBIAN_IMAGE
-        ),
-    );
+    let c = gateway_with(rig, 1, "", &debian_on_n2(rig));
     let gw = &c.gw;
     let local = tempfile::tempdir().unwrap();
     let tree = local.path().join("tree");

@@ -10,6 +10,7 @@ pub mod client;
 pub mod dockerd;
 pub mod nvml;
 pub mod swarm;
+pub mod vscode;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
