@@ -421,7 +421,7 @@ fn check_on_a_swarm_describes_it_fails_without_its_tls_files_and_warns_of_unshar
     assert_eq!(out.status.code(), Some(0), "{err}");
     assert!(
         stdout.contains(&format!(
-            "cluster: engine \"swarm\", manager unix:///var/run/docker.sock, node API tcp://{{addr}}:2376, no node agents (forwards through the relay exec), TLS from {}\n",
+            "cluster: engine \"swarm\", manager unix:///var/run/docker.sock, node API tcp://{{addr}}:2376, no node agents (forwards through the relay exec, each session's stream over a connection of its own), TLS from {}\n",
             dir.path().join("tls").display()
         )),
         "{stdout}"

@@ -112,7 +112,7 @@ fn describe(swarm: &SwarmConfig) -> String {
     match &swarm.node_agent {
         Some(agent) => line.push_str(&format!(", node agents {}", agent.as_str())),
         None if swarm.agents.is_empty() => {
-            line.push_str(", no node agents (forwards through the relay exec)");
+            line.push_str(", no node agents (forwards through the relay exec, each session's stream over a connection of its own)");
         }
         None => line.push_str(", node agents"),
     }
@@ -294,7 +294,7 @@ mod tests {
             found.info.as_deref(),
             Some(
                 format!(
-                    "cluster: engine \"swarm\", manager unix:///var/run/docker.sock, node API tcp://{{addr}}:2376, no node agents (forwards through the relay exec), TLS from {}",
+                    "cluster: engine \"swarm\", manager unix:///var/run/docker.sock, node API tcp://{{addr}}:2376, no node agents (forwards through the relay exec, each session's stream over a connection of its own), TLS from {}",
                     tls.display()
                 )
                 .as_str()
@@ -332,7 +332,7 @@ mod tests {
         assert_eq!(
             unix.info.as_deref(),
             Some(
-                "cluster: engine \"swarm\", manager unix:///var/run/docker.sock, node API unix:///run/docker-{hostname}.sock (n2 at unix:///run/n2.sock), no node agents (forwards through the relay exec)"
+                "cluster: engine \"swarm\", manager unix:///var/run/docker.sock, node API unix:///run/docker-{hostname}.sock (n2 at unix:///run/n2.sock), no node agents (forwards through the relay exec, each session's stream over a connection of its own)"
             )
         );
         // A tcp:// node named apart needs them too, and is named.

@@ -245,7 +245,7 @@ impl Clients {
         let at = match self.config.agent_addr(hostname, addr)? {
             Ok(at) => at,
             Err(e) => {
-                tracing::warn!(node = %hostname, error = %e, "the node's agent address: its forwards use the relay exec");
+                tracing::warn!(node = %hostname, error = %e, "the node's agent address: its forwards use the relay exec, its sessions' streams the node's engine");
                 return None;
             }
         };
@@ -255,7 +255,7 @@ impl Clients {
                 dial,
             ))),
             Err(e) => {
-                tracing::warn!(node = %hostname, agent = %at, error = %e, "the node's agent: its forwards use the relay exec");
+                tracing::warn!(node = %hostname, agent = %at, error = %e, "the node's agent: its forwards use the relay exec, its sessions' streams the node's engine");
                 None
             }
         }
