@@ -370,6 +370,56 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    /// An agent of an older release at a unix socket: it refuses every request as one it
+    /// does not understand, and counts the connections it got.
+    fn older_agent(dir: &std::path::Path) -> (Dial, Arc<std::sync::atomic::AtomicUsize>) {
+        let path = dir.join("agent.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = count.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                let mut s = BufReader::new(s);
+                let _ = wire::read_line::<_, serde_json::Value>(&mut s).await;
+                let answer = Answer::Failed {
+                    kind: wire::Failure::BadRequest,
+                    message: "bad request: unknown variant `mux`".into(),
+                };
+                let _ = wire::write_line(&mut s, &answer).await;
+            }
+        });
+        (Dial::Unix(path), count)
+    }
+
+    #[tokio::test]
+    async fn an_agent_that_does_not_multiplex_is_asked_once_and_exec_streams_go_elsewhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let (dial, asked) = older_agent(dir.path());
+        let agent = NodeAgent::new("n1".into(), dial);
+        for _ in 0..3 {
+            match agent.exec_stream("c", "e", false).await {
+                Err(AgentFailure::Unreachable(_)) => {}
+                Err(AgentFailure::Answered(e)) => panic!("answered: {e}"),
+                Ok(_) => panic!("carried"),
+            }
+        }
+        assert_eq!(asked.load(Ordering::SeqCst), 1);
+        // Its forwards are not passed over for it: it still serves connects.
+        assert!(!agent.is_passed_over());
+    }
+
+    #[tokio::test]
+    async fn an_agent_that_does_not_answer_is_passed_over_for_exec_streams_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = NodeAgent::new("n1".into(), Dial::Unix(dir.path().join("none.sock")));
+        assert!(matches!(
+            agent.exec_stream("c", "e", true).await,
+            Err(AgentFailure::Unreachable(_))
+        ));
+        assert!(agent.is_passed_over());
+    }
+
     #[tokio::test]
     async fn greedy_reads_gather_what_is_ready_and_keep_the_end() {
         let (a, mut b) = tokio::io::duplex(1 << 20);
