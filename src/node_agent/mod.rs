@@ -17,8 +17,9 @@
 //! (`[cluster] tls_dir`), which already lets their holder do anything on the node; the agent
 //! grants less than that. On `unix://` the socket is made 0600 (root). It serves only
 //! containers carrying labgate's label, running on its own engine (an exec only of the
-//! container the request names), and it never listens inside a container or touches files: forwards the gateway would refuse never reach it, since the
-//! forward policy is the gateway's.
+//! container the request names), and it never listens inside a container or touches files:
+//! forwards the gateway would refuse never reach it, since the forward policy is the
+//! gateway's.
 //!
 //! Each operation enters namespaces on a thread of its own (`runtime::docker::netns`), so
 //! the agent needs root (CAP_SYS_ADMIN) and the host's PID namespace, as the gateway does on

@@ -1,10 +1,11 @@
 //! A process in a container on a remote node: created through the node's own API (the
 //! manager cannot exec), its stream carried by the node's agent over the gateway's one
 //! connection to it where the node runs one, else over a connection of labgate's own to the
-//! node's engine (TLS, keepalives), and its controls. The gateway sees no PID of a remote container, so every process it
-//! starts carries a mark (`LABGATE_EXEC=...` in its environment) and signals and hangups are
-//! delivered from inside the container by the relay helper (`labgate-relay signal|hangup`),
-//! run as the same user: never more than the user could do themselves.
+//! node's engine (TLS, keepalives), and its controls. The gateway sees no PID of a remote
+//! container, so every process it starts carries a mark (`LABGATE_EXEC=...` in its
+//! environment) and signals and hangups are delivered from inside the container by the relay
+//! helper (`labgate-relay signal|hangup`), run as the same user: never more than the user
+//! could do themselves.
 
 use std::pin::Pin;
 use std::sync::Arc;
