@@ -83,6 +83,24 @@ impl Cluster<'_> {
             .unwrap_or_default()
     }
 
+    /// The full id of user `i`'s container, as its node knows it (empty when none runs).
+    fn container_of(&self, i: usize) -> String {
+        let service = format!("labgate-{}", self.gw.users[i]);
+        self.rig
+            .docker(
+                self.rig.node(&self.node_of(i)),
+                &[
+                    "ps",
+                    "-q",
+                    "--no-trunc",
+                    "--filter",
+                    &format!("label=com.docker.swarm.service.name={service}"),
+                ],
+            )
+            .trim()
+            .to_owned()
+    }
+
     /// The replicas user `i`'s service asks for.
     fn replicas(&self, i: usize) -> String {
         let service = format!("labgate-{}", self.gw.users[i]);
@@ -338,17 +356,7 @@ fn a_nodes_agent_serves_only_the_labs_certificate_and_only_labgates_containers()
     let _serial = one_at_a_time();
     let Some(rig) = shared_rig() else { return };
     let node = rig.node("n1");
-    let name = format!("not-labgate-{}", std::process::id());
-    let id = rig
-        .docker(
-            node,
-            &["run", "-d", "--name", &name, common::IMAGE, "sleep", "600"],
-        )
-        .trim()
-        .to_owned();
-    let _gone = scopeguard(|| {
-        let _ = rig.docker_result(node, &["rm", "-f", &name]);
-    });
+    let (id, _gone) = foreign_container(rig, node);
     let ask = |with_cert: bool, line: &str| ask_agent(rig, node, with_cert, line);
     let request = |container: &str| {
         format!(
@@ -444,33 +452,10 @@ fn a_nodes_agent_starts_only_execs_of_the_labgate_container_it_is_asked_about() 
     let c = gateway(rig, 1, "");
     let gw = &c.gw;
     gw.ok(0, "true");
-    let service = format!("labgate-{}", gw.users[0]);
     let node = rig.node(&c.node_of(0));
-    let labgate = rig
-        .docker(
-            node,
-            &[
-                "ps",
-                "-q",
-                "--no-trunc",
-                "--filter",
-                &format!("label=com.docker.swarm.service.name={service}"),
-            ],
-        )
-        .trim()
-        .to_owned();
+    let labgate = c.container_of(0);
     assert_eq!(labgate.len(), 64, "{labgate:?}");
-    let name = format!("not-labgate-{}", std::process::id());
-    let other = rig
-        .docker(
-            node,
-            &["run", "-d", "--name", &name, common::IMAGE, "sleep", "600"],
-        )
-        .trim()
-        .to_owned();
-    let _gone = scopeguard(|| {
-        let _ = rig.docker_result(node, &["rm", "-f", &name]);
-    });
+    let (other, _gone) = foreign_container(rig, node);
     // An exec of labgate's container, asked for by that container: started, its output
     // carried (a terminal's: no frame headers).
     let own = create_exec(node, &labgate, &["echo", "carried"]);
@@ -488,7 +473,7 @@ fn a_nodes_agent_starts_only_execs_of_the_labgate_container_it_is_asked_about() 
         answer.contains("no_container") && answer.contains("is not one of container"),
         "{answer}"
     );
-    let started = rig.docker_output(node, &["exec", &name, "test", "-e", "/started"]);
+    let started = rig.docker_output(node, &["exec", &other, "test", "-e", "/started"]);
     assert!(!started.status.success(), "the foreign exec ran");
     // No such exec.
     let answer = ask_agent(rig, node, true, &exec_request(&labgate, "0123456789abcdef"));
@@ -547,6 +532,26 @@ fn a_nodes_sessions_share_one_connection_to_its_agent() {
     let out = gw.run(0, "echo through; exit 3");
     assert_eq!(out.status.code(), Some(3));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "through\n");
+}
+
+/// A container on `node` that labgate did not make (`sleep 600` in the test image): its
+/// id, and a guard that removes it.
+fn foreign_container<'a>(
+    rig: &'a SwarmRig,
+    node: &'a common::swarm::Node,
+) -> (String, impl Drop + 'a) {
+    let name = format!("not-labgate-{}", std::process::id());
+    let id = rig
+        .docker(
+            node,
+            &["run", "-d", "--name", &name, common::IMAGE, "sleep", "600"],
+        )
+        .trim()
+        .to_owned();
+    let gone = scopeguard(move || {
+        let _ = rig.docker_result(node, &["rm", "-f", &name]);
+    });
+    (id, gone)
 }
 
 /// Runs `f` when dropped.
@@ -1163,19 +1168,7 @@ fn a_reload_applies_new_limits_to_a_running_container_on_its_node() {
     let gw = &c.gw;
     gw.ok(0, "true");
     let node = c.node_of(0);
-    let service = format!("labgate-{}", gw.users[0]);
-    let container = rig
-        .docker(
-            rig.node(&node),
-            &[
-                "ps",
-                "-q",
-                "--filter",
-                &format!("label=com.docker.swarm.service.name={service}"),
-            ],
-        )
-        .trim()
-        .to_owned();
+    let container = c.container_of(0);
     let memory = || {
         rig.docker(
             rig.node(&node),
@@ -1543,19 +1536,7 @@ fn a_session_whose_nodes_agent_stops_ends_with_one_line_and_the_next_login_goes_
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let service = format!("labgate-{}", gw.users[0]);
-    let container = rig
-        .docker(
-            node,
-            &[
-                "ps",
-                "-q",
-                "--filter",
-                &format!("label=com.docker.swarm.service.name={service}"),
-            ],
-        )
-        .trim()
-        .to_owned();
+    let container = c.container_of(0);
     let sleeping = || {
         rig.docker(node, &["exec", &container, "ps"])
             .contains("sleep 601")
