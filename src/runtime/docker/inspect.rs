@@ -49,7 +49,7 @@ impl DockerRuntime {
     }
 
     /// `Some(error)` when the container is not running, describing how it ended.
-    async fn not_running(&self, docker: &Docker, id: &str) -> Option<RuntimeError> {
+    pub(super) async fn not_running(&self, docker: &Docker, id: &str) -> Option<RuntimeError> {
         let info = docker
             .inspect_container(id, None::<InspectContainerOptions>)
             .await

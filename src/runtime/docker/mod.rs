@@ -289,13 +289,19 @@ impl ContainerRuntime for DockerRuntime {
             Ok(c) => c,
             Err(e) => return Err(self.exec_failure(docker, &container.id, e).await),
         };
-        let (output, stdin) = exec::start_attached(
+        let started = exec::start_attached(
             &dial::Dial::Unix(self.socket.clone()),
             version,
             &created.id,
             req.tty.is_some(),
         )
-        .await?;
+        .await;
+        let (output, stdin) = match started {
+            Ok(s) => s,
+            // The container died between the exec's create and its start (an image
+            // without a shell, say): that is what the user is told.
+            Err(e) => return Err(self.not_running(docker, &container.id).await.unwrap_or(e)),
+        };
         let control = exec::DockerExecControl {
             docker: docker.clone(),
             exec_id: created.id,
