@@ -106,25 +106,24 @@ impl NodeAgent {
             within_ms: EXEC_ANSWER.as_millis() as u64,
         };
         // Once the request is out, the exec may have started: whatever happens is the answer.
-        let answer = tokio::time::timeout(EXEC_ANSWER + AGENT_CONNECT, async {
-            wire::write_line(&mut stream, &req).await?;
-            wire::read_line::<_, Answer>(&mut stream).await
-        })
-        .await;
-        let failed = |e: io::Error| {
-            self.pass_over(&e);
-            AgentFailure::Answered(e)
-        };
-        match answer {
-            Ok(Ok(Answer::Ok)) => Ok(stream),
-            Ok(Ok(Answer::Failed { kind, message })) => Err(AgentFailure::Answered(
-                io::Error::new(kind.io_kind(), message),
-            )),
-            Ok(Err(e)) => Err(failed(e)),
-            Err(_) => Err(failed(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the node's agent did not start the exec in time",
+        let within = EXEC_ANSWER + AGENT_CONNECT;
+        match ask(
+            &mut stream,
+            &req,
+            within,
+            "the node's agent did not start the exec in time",
+        )
+        .await
+        {
+            Ok(Answer::Ok) => Ok(stream),
+            Ok(Answer::Failed { kind, message }) => Err(AgentFailure::Answered(io::Error::new(
+                kind.io_kind(),
+                message,
             ))),
+            Err(e) => {
+                self.pass_over(&e);
+                Err(AgentFailure::Answered(e))
+            }
         }
     }
 
@@ -143,13 +142,7 @@ impl NodeAgent {
                 to: Target::Mux,
                 within_ms: 0,
             };
-            let answer = tokio::time::timeout(AGENT_CONNECT, async {
-                wire::write_line(&mut stream, &req).await?;
-                wire::read_line::<_, Answer>(&mut stream).await
-            })
-            .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no answer from the node's agent in time"))??;
-            match answer {
+            match ask(&mut stream, &req, AGENT_CONNECT, NO_ANSWER).await? {
                 Answer::Ok => Ok(stream),
                 Answer::Failed { kind, message } => {
                     if kind == wire::Failure::BadRequest {
@@ -220,18 +213,10 @@ impl NodeAgent {
             to,
             within_ms: left.as_millis() as u64,
         };
-        let answer = tokio::time::timeout_at(deadline + AGENT_CONNECT, async {
-            wire::write_line(&mut stream, &req).await?;
-            wire::read_line::<_, Answer>(&mut stream).await
-        })
-        .await
-        .map_err(|_| {
-            AgentFailure::Unreachable(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "no answer from the node's agent in time",
-            ))
-        })?
-        .map_err(AgentFailure::Unreachable)?;
+        let within = (deadline + AGENT_CONNECT).saturating_duration_since(Instant::now());
+        let answer = ask(&mut stream, &req, within, NO_ANSWER)
+            .await
+            .map_err(AgentFailure::Unreachable)?;
         match answer {
             Answer::Ok => Ok(Box::new(Greedy(stream))),
             Answer::Failed { kind, message } => {
@@ -245,6 +230,23 @@ impl NodeAgent {
             }
         }
     }
+}
+
+/// What an agent that did not answer a request in time is said to have done.
+const NO_ANSWER: &str = "no answer from the node's agent in time";
+
+/// Sends `req` on `stream` and reads the agent's answer line, within `within`; past it, a
+/// `TimedOut` error saying `late`. Bytes after the answer stay in `stream`'s buffer.
+async fn ask<S>(stream: &mut S, req: &Request, within: Duration, late: &str) -> io::Result<Answer>
+where
+    S: tokio::io::AsyncBufRead + AsyncWrite + Unpin,
+{
+    tokio::time::timeout(within, async {
+        wire::write_line(stream, req).await?;
+        wire::read_line::<_, Answer>(stream).await
+    })
+    .await
+    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, late))?
 }
 
 /// The way into a container on a node that runs an agent: connects through the agent,
